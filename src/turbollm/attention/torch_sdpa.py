@@ -1,0 +1,85 @@
+"""Reference attention on the paged KV cache in plain PyTorch (CPU and CUDA).
+
+Decodes are batched: each sequence's blocks are gathered into a padded [B, L, KVH, D] view and
+attended in one einsum. Prefill chunks are attended one sequence at a time with SDPA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from turbollm.attention.backend import AttentionBackend, AttentionMetadata
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store new K/V at their slots. k, v: [T, KVH, D]; caches: [num_blocks, bs, KVH, D]."""
+    kvh, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """One sequence's first `length` cached tokens: [length, KVH, D]."""
+    bs = cache.shape[1]
+    n_blocks = -(-length // bs)
+    return cache[block_ids[:n_blocks]].flatten(0, 1)[:length]
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
+        for start, qlen, ctx_len, block_ids in meta.prefills:
+            end = start + qlen
+            if ctx_len == qlen:  # the whole context is new: attend to the fresh K/V directly
+                kc, vc = k[start:end], v[start:end]
+            else:
+                kc = gather_context(k_cache, block_ids, ctx_len)
+                vc = gather_context(v_cache, block_ids, ctx_len)
+            out[start:end] = self._prefill(q[start:end], kc, vc, scale, sliding_window)
+        return out
+
+    @staticmethod
+    def _prefill(q, k, v, scale, window) -> torch.Tensor:
+        # q: [n, H, D] are the last n positions of a context of k/v: [L, KVH, D]
+        n, L = q.shape[0], k.shape[0]
+        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+        if window is None and n == L:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                               enable_gqa=True)
+        else:
+            q_pos = torch.arange(L - n, L, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(L, device=q.device).unsqueeze(0)
+            mask = k_pos <= q_pos
+            if window is not None:
+                mask &= k_pos > q_pos - window
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
+                                               enable_gqa=True)
+        return o.transpose(0, 1)
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window) -> torch.Tensor:
+        # q: [B, H, D]; one new token per sequence, at position seq_len - 1.
+        B, H, D = q.shape
+        kvh = k_cache.shape[2]
+        tables, seq_lens = meta.decode_block_tables, meta.decode_seq_lens
+        k = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D], L = max_blocks * block_size
+        v = v_cache[tables].flatten(1, 2)
+        L = k.shape[1]
+        qg = q.view(B, kvh, H // kvh, D)  # query heads grouped by the KV head they share
+        scores = torch.einsum("bkgd,blkd->bkgl", qg, k.to(q.dtype)).float() * scale
+        pos = torch.arange(L, device=q.device).unsqueeze(0)
+        invalid = pos >= seq_lens.unsqueeze(1)  # [B, L]: padding and unwritten slots
+        if window is not None:
+            invalid |= pos <= seq_lens.unsqueeze(1) - 1 - window
+        scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
+        out = torch.einsum("bkgl,blkd->bkgd", probs, v.to(q.dtype))
+        return out.reshape(B, H, D)

@@ -1,0 +1,143 @@
+"""Engine configuration: dataclasses validated in __post_init__; the CLI is generated from them.
+
+Each field's `metadata["help"]` becomes the `--flag` help text (see `cli_args.py`).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from turbollm.sizing import parse_memory_size
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class ModelConfig:
+    """What model to run and how to load it."""
+
+    model: str = field(default=DEFAULT_MODEL, metadata=_help(
+        "model: 'smollm2-135m' (bundled GGUF), an HF directory, a .gguf file, or a Hub id"))
+    tokenizer: str | None = field(default=None, metadata=_help(
+        "tokenizer directory or file (default: the model's own)"))
+    dtype: str = field(default="auto", metadata=_help(
+        "compute dtype; auto = the checkpoint's 16-bit dtype (bf16 on CPU), fp32 for fp32 checkpoints",
+        choices=DTYPES))
+    load_format: str = field(default="auto", metadata=_help(
+        "weights format; 'dummy' = random weights of the config's shapes", choices=LOAD_FORMATS))
+    max_model_len: int | None = field(default=None, metadata=_help(
+        "context length (prompt + output); default: the model's, capped by the KV cache"))
+    seed: int = field(default=0, metadata=_help("seed for random weights and unseeded sampling"))
+    hf_config_overrides: dict | None = field(default=None, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass
+class CacheConfig:
+    """Paged KV cache: block size, memory budget, prefix caching."""
+
+    block_size: int = field(default=16, metadata=_help("tokens per KV block"))
+    kv_cache_memory: str | None = field(default=None, metadata=_help(
+        "KV cache budget, e.g. '2GiB' (default: 2GiB on CPU; on CUDA 90%% of free memory after "
+        "weights and a warm-up pass)"))
+    enable_prefix_caching: bool = field(default=True, metadata=_help(
+        "reuse KV blocks of repeated prompt prefixes"))
+    num_gpu_blocks_override: int | None = field(default=None, metadata={"cli": False})
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if self.kv_cache_memory is not None and parse_memory_size(self.kv_cache_memory) <= 0:
+            raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+
+    @property
+    def kv_cache_memory_bytes(self) -> int | None:
+        return None if self.kv_cache_memory is None else parse_memory_size(self.kv_cache_memory)
+
+
+@dataclass
+class SchedulerConfig:
+    """Continuous batching limits."""
+
+    max_num_seqs: int = field(default=128, metadata=_help("most sequences in one batch"))
+    max_num_batched_tokens: int = field(default=1024, metadata=_help(
+        "token budget of one step (prefill chunks + decodes)"))
+    enable_chunked_prefill: bool = field(default=True, metadata=_help(
+        "split long prompts across steps so running decodes never stall"))
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class DeviceConfig:
+    """Where to run."""
+
+    device: str = field(default="auto", metadata=_help(
+        "cpu, cuda, cuda:N, or auto (cuda when available)"))
+    num_threads: int | None = field(default=None, metadata=_help(
+        "CPU threads for torch (default: all cores)"))
+
+    def __post_init__(self) -> None:
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be cpu, cuda[:N] or auto, got {self.device!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
+
+    def resolved_device(self) -> str:
+        import torch
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' was asked for but CUDA is not available")
+        return self.device
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs, grouped by concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+
+    SECTIONS = ("model", "cache", "scheduler", "device")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Build from flat keyword arguments (LLM(...) and the CLI) by field name."""
+        from dataclasses import fields
+        parts = {}
+        for name, klass in (("model", ModelConfig), ("cache", CacheConfig),
+                            ("scheduler", SchedulerConfig), ("device", DeviceConfig)):
+            own = {f.name for f in fields(klass)}
+            parts[name] = klass(**{k: kwargs.pop(k) for k in list(kwargs) if k in own})
+        if kwargs:
+            raise TypeError(f"unknown engine arguments: {', '.join(sorted(kwargs))}")
+        return cls(**parts)
+
+
+def default_num_threads() -> int:
+    """All cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1

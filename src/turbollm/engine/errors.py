@@ -1,0 +1,15 @@
+"""Errors the engine raises for bad requests (the server maps them to 4xx bodies)."""
+
+
+class RequestValidationError(ValueError):
+    """A request the engine cannot take; `param` names the offending field."""
+
+    code = "invalid_request"
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthExceededError(RequestValidationError):
+    code = "context_length_exceeded"

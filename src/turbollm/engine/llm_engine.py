@@ -1,0 +1,184 @@
+"""LLMEngine: requests in, one scheduled forward pass per step(), outputs back."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from turbollm.attention.backend import get_attention_backend
+from turbollm.config import EngineConfig, default_num_threads
+from turbollm.engine.errors import ContextLengthExceededError, RequestValidationError
+from turbollm.engine.kv_cache_manager import KVCacheManager
+from turbollm.engine.output_processor import OutputProcessor, RequestGroup
+from turbollm.engine.outputs import RequestOutput
+from turbollm.engine.request import Request, RequestStatus
+from turbollm.engine.scheduler import Scheduler
+from turbollm.loader.model_loader import load_model
+from turbollm.sampling_params import SamplingParams
+from turbollm.worker.kv_cache import allocate_kv_cache, blocks_for_budget, kv_budget_bytes
+from turbollm.worker.model_runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+
+
+@dataclass
+class EngineStats:
+    """Counters since start, read by /metrics and the benchmarks."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    step_errors: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class LLMEngine:
+    """Continuous-batching engine over a paged KV cache."""
+
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        device = config.device.resolved_device()
+        self.device = device
+        if device == "cpu":
+            torch.set_num_threads(config.device.num_threads or default_num_threads())
+        torch.manual_seed(config.model.seed)
+        t0 = time.perf_counter()
+        loaded = load_model(config.model, device, get_attention_backend("torch"))
+        self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
+        self.dtype = loaded.dtype
+        self.model_name = loaded.source.name
+        self.load_time_s = time.perf_counter() - t0
+
+        cc = config.cache
+        num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
+            self.arch, kv_budget_bytes(cc.kv_cache_memory_bytes, device), cc.block_size, self.dtype)
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget is too small for a single block")
+        capacity = num_blocks * cc.block_size
+        if config.model.max_model_len and config.model.max_model_len > capacity:
+            raise ValueError(f"max_model_len {config.model.max_model_len} exceeds the KV cache "
+                             f"capacity of {capacity} tokens; raise --kv-cache-memory")
+        self.max_model_len = min(loaded.max_model_len, capacity)
+        self.num_kv_blocks = num_blocks
+        self.kv_cache = allocate_kv_cache(self.arch, num_blocks, cc.block_size, self.dtype, device)
+        self.eos_token_ids = self._eos_ids()
+        self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, device,
+                                  self.arch.vocab_size, self.eos_token_ids)
+        self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats()
+        log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
+                 "loaded in %.1fs", self.model_name, device, self.dtype, num_blocks,
+                 cc.block_size, self.max_model_len, self.load_time_s)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(**kwargs))
+
+    def _eos_ids(self) -> list[int]:
+        ids = list(self.arch.eos_token_id)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
+        if not ids and tok_eos is not None:
+            ids = [tok_eos]
+        return ids
+
+    # ----- requests -----
+    def encode_prompt(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise RequestValidationError("this model has no tokenizer: pass prompt token ids",
+                                         "prompt")
+        return list(self.tokenizer(prompt).input_ids)
+
+    def add_request(self, request_id: str, prompt: str | list[int] | None,
+                    params: SamplingParams | None = None, arrival_time: float | None = None
+                    ) -> None:
+        """Queue a request (a prompt string or token ids); raises RequestValidationError."""
+        params = params or SamplingParams()
+        if self.outputs.has(request_id):
+            raise RequestValidationError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt or [])
+        max_tokens = self._validate(ids, params)
+        group = RequestGroup(request_id, text, ids, params, arrival_time or time.monotonic())
+        leader = None
+        for i in range(params.n):
+            child_params = replace(params, n=1, seed=None if params.seed is None
+                                   else params.seed + i)
+            child = Request(f"{request_id}#{i}", ids, child_params, self.eos_token_ids,
+                            max_tokens, group.metrics.arrival_time, prefix_leader=leader)
+            if self.config.cache.enable_prefix_caching and leader is None:
+                leader = child
+            group.add_child(child, self.outputs.make_detokenizer(ids, child_params))
+            self.scheduler.add_request(child)
+        self.outputs.add_group(group)
+        self.stats.prompt_tokens += len(ids)
+
+    def _validate(self, ids: list[int], params: SamplingParams) -> int:
+        if not ids:
+            raise RequestValidationError("the prompt is empty", "prompt")
+        if min(ids) < 0 or max(ids) >= self.arch.vocab_size:
+            raise RequestValidationError(
+                f"prompt token ids must be in [0, {self.arch.vocab_size})", "prompt")
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise RequestValidationError(f"logprobs must be <= {MAX_LOGPROBS}", "logprobs")
+        room = self.max_model_len - len(ids)
+        if room <= 0:
+            raise ContextLengthExceededError(
+                f"the prompt has {len(ids)} tokens but this model's context is "
+                f"{self.max_model_len} tokens", "prompt")
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise ContextLengthExceededError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context length of {self.max_model_len} tokens", "max_tokens")
+        return params.max_tokens if params.max_tokens is not None else room
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""
+        group = self.outputs.pop_group(request_id)
+        if group is None:
+            return
+        ids = [c.request_id for c in group.children]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        self.runner.release(ids)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ----- the step -----
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, advance requests, and report what changed."""
+        so = self.scheduler.schedule()
+        if so.is_empty:
+            return []
+        try:
+            ro = self.runner.execute(so)
+        except Exception as exc:  # fail only this step's requests; the engine goes on
+            return self._fail_step(so, exc)
+        new, finished = self.scheduler.update(so, ro.sampled_token_ids)
+        self.stats.steps += 1
+        self.stats.generation_tokens += len(new)
+        outs = self.outputs.process(so, ro, new, finished, self.scheduler)
+        self.runner.release(r.request_id for r in self.outputs.released)
+        return outs
+
+    def _fail_step(self, so, exc: Exception) -> list[RequestOutput]:
+        log.exception("engine step failed; failing its %d requests", len(so.requests))
+        self.stats.step_errors += 1
+        # A group with a failed child fails whole: its other children stop too.
+        groups = {id(r.extra[0]): r.extra[0] for r in so.requests}.values()
+        ids = [c.request_id for g in groups for c in g.children]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
+        self.runner.release(ids)
+        return self.outputs.fail(list(groups), f"{type(exc).__name__}: {exc}")
+
+    def run_until_done(self) -> list[RequestOutput]:
+        """Step until no request is left; the finished outputs in completion order."""
+        done = []
+        while self.has_unfinished_requests():
+            done.extend(o for o in self.step() if o.finished)
+        return done

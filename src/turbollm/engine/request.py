@@ -1,0 +1,111 @@
+"""Request: one sequence's token state as the scheduler sees it (no torch here)."""
+from __future__ import annotations
+
+import enum
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from turbollm.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    # Finished states come last so `status > PREEMPTED` means finished.
+    FINISHED_STOPPED = 3  # EOS, stop token id or stop string
+    FINISHED_LENGTH = 4  # max_tokens or context length
+    FINISHED_ABORTED = 5  # client went away or abort_request()
+    FINISHED_ERROR = 6  # the engine failed while running it
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+class Request:
+    """A single sequence: prompt + generated tokens, and how many of them have KV computed.
+
+    The scheduler's one rule: each step, a request is given up to
+    `num_tokens - num_computed_tokens` tokens of work. A prefill chunk, a decode step and a
+    recompute after preemption are all that same thing.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: "SamplingParams",
+                 eos_token_ids: list[int], max_tokens: int, arrival_time: float | None = None,
+                 prefix_leader: "Request | None" = None, extra: Any = None) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        # all_token_ids = prompt + output; kept as one list so slicing for block hashes is cheap.
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.params = params
+        self.eos_token_ids = [] if params.ignore_eos else list(eos_token_ids)
+        self.stop_token_ids = set(params.stop_token_ids or ())
+        self.max_tokens = max_tokens
+        self.status = RequestStatus.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = -1  # prefix-cache hit on first schedule; -1 = not yet looked up
+        self.num_preemptions = 0
+        self.stop_reason: int | str | None = None
+        self.arrival_time = arrival_time if arrival_time is not None else time.monotonic()
+        # n > 1: siblings wait until the leader's prompt blocks are cached, then share them.
+        self.prefix_leader = prefix_leader
+        self.extra = extra  # opaque per-request data owned by the engine (detokenizer, ...)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until the prompt's KV is complete (a partial chunk samples nothing)."""
+        return self.num_computed_tokens < self.num_prompt_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def check_stop(self) -> bool:
+        """Set a finished status if the last token ends the request; True when it does."""
+        if self.num_output_tokens < self.params.min_tokens:
+            return False
+        last = self.output_token_ids[-1]
+        if last in self.eos_token_ids:
+            self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
+        elif last in self.stop_token_ids:
+            self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, last
+        elif self.num_output_tokens >= self.max_tokens:
+            self.status = RequestStatus.FINISHED_LENGTH
+        else:
+            return False
+        return True
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASONS.get(self.status)
+
+    def __repr__(self) -> str:
+        return (f"Request({self.request_id!r}, status={self.status.name}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed_tokens})")

@@ -1,0 +1,215 @@
+"""Scheduler: decides, every step, which requests run and how many tokens each (no torch).
+
+One rule (vLLM v1): a request is given up to `num_tokens - num_computed_tokens` tokens per step
+within a token budget. Chunked prefill, decode, prefix-cache hits and recompute after preemption
+all follow from it, and prefill and decode tokens share one forward pass.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from turbollm.config import SchedulerConfig
+from turbollm.engine.kv_cache_manager import KVCacheManager
+from turbollm.engine.request import Request, RequestStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """What one step computes: handed from the scheduler to the model runner."""
+
+    # Requests in batch order; their tokens are laid out back to back in the flat batch.
+    requests: list[Request] = field(default_factory=list)
+    # Tokens to compute for each request this step (same order as `requests`).
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    # Block ids of each request's KV (its block table), same order.
+    block_tables: list[list[int]] = field(default_factory=list)
+    # Requests preempted this step (their KV was dropped; they will recompute).
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.requests
+
+
+@dataclass
+class SchedulerStats:
+    """Counters the metrics endpoint and benchmarks read."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+
+
+class Scheduler:
+    """Continuous batching over a paged KV cache."""
+
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+        self.config = config
+        self.kv = kv
+        self.max_model_len = max_model_len
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order; the last one is preempted first
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ----- intake -----
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    # ----- the step -----
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work: running requests first (decodes before prefill chunks)."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        scheduled_ids: set[str] = set()
+
+        # Decodes are one token each: serving them before any prefill chunk means a long
+        # prompt can only take the budget that is left, never stall the running streams.
+        order = [r for r in self.running if not r.is_prefilling]
+        order += [r for r in self.running if r.is_prefilling]
+        for req in order:
+            if budget == 0:
+                break
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            if n <= 0:
+                continue
+            while not self.kv.allocate_slots(req, n):
+                victim = self._pick_victim(scheduled_ids)
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is req:
+                    break
+            if req.status != RequestStatus.RUNNING:
+                continue
+            self._add(out, req, n)
+            scheduled_ids.add(req.request_id)
+            budget -= n
+
+        # Admit waiting requests, unless this step had to preempt (no room anyway).
+        if not out.preempted:
+            budget = self._admit_waiting(out, budget)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        skipped: list[Request] = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            leader = req.prefix_leader
+            if leader is not None and not leader.is_finished and leader.is_prefilling:
+                # n > 1: wait until the leader's prompt blocks are cached, then share them.
+                skipped.append(self.waiting.popleft())
+                continue
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            n = req.num_tokens - num_hit
+            if n > budget and not self.config.enable_chunked_prefill:
+                break
+            n = min(n, budget)
+            if not self.kv.allocate_slots(req, n, hits):
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            self._add(out, req, n)
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        return budget
+
+    def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
+        out.requests.append(req)
+        out.num_scheduled_tokens.append(n)
+        out.block_tables.append(self.kv.block_ids(req.request_id))
+
+    def _pick_victim(self, scheduled_ids: set[str]) -> Request:
+        """The most recently admitted running request not already given work this step."""
+        for req in reversed(self.running):
+            if req.request_id not in scheduled_ids:
+                return req
+        raise AssertionError("no request left to preempt")  # the current one is always a candidate
+
+    def _preempt(self, req: Request) -> None:
+        """Drop a request's KV (recompute later) and put it first in line."""
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # ----- after the forward pass -----
+    def update(self, out: SchedulerOutput, sampled_token_ids: list[int | None]
+               ) -> tuple[list[Request], list[Request]]:
+        """Advance each scheduled request; returns (requests with a new token, finished ones).
+
+        `sampled_token_ids[i]` is the token sampled for `out.requests[i]`, or None where the
+        step was a partial prefill chunk.
+        """
+        with_new_token, finished = [], []
+        for req, n, token in zip(out.requests, out.num_scheduled_tokens, sampled_token_ids):
+            if req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += n
+            self.kv.cache_full_blocks(req)
+            if req.num_computed_tokens < req.num_tokens or token is None:
+                continue  # a prefill chunk: nothing sampled yet
+            req.append_output_token(token)
+            with_new_token.append(req)
+            stopped = req.check_stop()
+            if not stopped and req.num_tokens >= self.max_model_len:
+                req.status = RequestStatus.FINISHED_LENGTH
+                stopped = True
+            if stopped:
+                self._remove_finished(req)
+                finished.append(req)
+        return with_new_token, finished
+
+    def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
+        """Finish (stop string, abort, error) requests wherever they are; frees their blocks."""
+        done = []
+        for rid in request_ids:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._remove_finished(req)
+            done.append(req)
+        return done
+
+    def _remove_finished(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+
+    def stats(self) -> SchedulerStats:
+        return SchedulerStats(
+            num_running=len(self.running), num_waiting=len(self.waiting),
+            kv_usage=self.kv.usage, num_preemptions=self.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries, prefix_cache_hits=self.kv.prefix_hits)

@@ -1,0 +1,87 @@
+"""Linear layers with HF-shard weight loaders and a quantization hook.
+
+Every projection in a model is one of these, so quantization, pruning and LoRA can replace
+how a layer computes (`quant_method`) without touching the model file.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class UnquantizedLinearMethod:
+    """Plain dense weights: y = x W^T + b."""
+
+    name = "none"
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight, layer.bias)
+
+
+class LinearBase(nn.Module):
+    """y = x W^T (+ b) with W: [out_features, in_features], as in HF checkpoints."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype,
+                                               device=device), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                     requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+        self.quant_method = UnquantizedLinearMethod()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x)
+
+    def shard_offset(self, shard_id) -> tuple[int, int]:
+        """(row offset, rows) of a fused shard in this layer's output dimension."""
+        return 0, self.out_features
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        """Copy one checkpoint tensor (or one shard of a fused layer) into place."""
+        offset, rows = self.shard_offset(shard_id)
+        target = param.data.narrow(0, offset, rows)
+        if target.shape != loaded.shape:
+            raise ValueError(f"shape mismatch for shard {shard_id!r}: checkpoint "
+                             f"{tuple(loaded.shape)} vs parameter {tuple(target.shape)}")
+        target.copy_(loaded)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"quant={self.quant_method.name}")
+
+
+class ReplicatedLinear(LinearBase):
+    """A single projection (o_proj, down_proj, lm_head)."""
+
+
+class QKVLinear(LinearBase):
+    """q, k and v projections fused into one matmul: output = [q | k | v]."""
+
+    def __init__(self, hidden_size: int, q_size: int, kv_size: int, bias: bool = False, **kw):
+        super().__init__(hidden_size, q_size + 2 * kv_size, bias, **kw)
+        self.q_size, self.kv_size = q_size, kv_size
+
+    def shard_offset(self, shard_id) -> tuple[int, int]:
+        return {"q": (0, self.q_size),
+                "k": (self.q_size, self.kv_size),
+                "v": (self.q_size + self.kv_size, self.kv_size)}[shard_id]
+
+
+class MergedLinear(LinearBase):
+    """Several projections of the same input fused (gate_proj and up_proj): output = [s0 | s1]."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool = False, **kw):
+        super().__init__(in_features, sum(out_sizes), bias, **kw)
+        self.out_sizes = out_sizes
+
+    def shard_offset(self, shard_id) -> tuple[int, int]:
+        return sum(self.out_sizes[:shard_id]), self.out_sizes[shard_id]

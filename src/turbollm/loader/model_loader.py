@@ -1,0 +1,99 @@
+"""Build the model for a ModelConfig: resolve, read its config, construct, fill weights."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from turbollm.config import ModelConfig
+from turbollm.loader.resolve import ResolvedModel, resolve_model
+from turbollm.model_arch import ModelArch
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    arch: ModelArch
+    tokenizer: Any  # a transformers PreTrainedTokenizerFast, or None (dummy presets)
+    source: ResolvedModel
+    dtype: torch.dtype
+    max_model_len: int
+
+
+def read_arch(source: ResolvedModel, overrides: dict | None = None) -> tuple[ModelArch, dict]:
+    """The architecture of a resolved model, from config.json, GGUF metadata or a preset."""
+    if source.kind == "gguf":
+        from turbollm.loader.gguf import GGUFCheckpoint
+        hf_config = GGUFCheckpoint(source.path).hf_config
+    elif source.kind == "hf_dir":
+        from turbollm.loader.safetensors import read_hf_config
+        hf_config = read_hf_config(source.path)
+    else:
+        from turbollm.plan.models import find_preset
+        hf_config = dict(find_preset(source.name))
+    hf_config = {**hf_config, **(overrides or {})}
+    return ModelArch.from_hf_config(hf_config), hf_config
+
+
+def resolve_dtype(requested: str, arch: ModelArch, device: str) -> torch.dtype:
+    """'auto': fp32 for fp32 checkpoints, else the 16-bit dtype (bf16 on CPU: AMX runs it fast)."""
+    if requested != "auto":
+        return _DTYPES[requested]
+    saved = str(arch.torch_dtype or "").replace("torch.", "")
+    if saved == "float32":
+        return torch.float32
+    if device.startswith("cuda") and saved == "float16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
+    """(hf_name, tensor) pairs of a checkpoint, whatever its format."""
+    if source.kind == "gguf":
+        from turbollm.loader.gguf import GGUFCheckpoint
+        return GGUFCheckpoint(source.path).iter_tensors(dtype)
+    from turbollm.loader.safetensors import iter_safetensors
+    return iter_safetensors(source.path, dtype)
+
+
+def load_tokenizer_for(source: ResolvedModel, tokenizer: str | None):
+    from turbollm.tokenizer import load_tokenizer
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    if source.kind == "preset":
+        return None
+    return load_tokenizer(source.path)
+
+
+def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
+    """Resolve, construct on `device` and fill the model (random weights for load_format=dummy)."""
+    from turbollm.loader.dummy import init_dummy_weights
+    from turbollm.models.registry import get_model_class
+
+    source = resolve_model(cfg.model, cfg.load_format)
+    if cfg.load_format == "gguf" and source.kind != "gguf":
+        raise ValueError(f"load_format 'gguf' but {cfg.model!r} is not a GGUF file")
+    if cfg.load_format == "safetensors" and source.kind != "hf_dir":
+        raise ValueError(f"load_format 'safetensors' but {cfg.model!r} is not an HF directory")
+    if source.kind == "preset" and cfg.load_format != "dummy":
+        raise ValueError(f"{cfg.model!r} is a config preset: it only loads with load_format='dummy'")
+    arch, _ = read_arch(source, cfg.hf_config_overrides)
+    dtype = resolve_dtype(cfg.dtype, arch, device)
+    max_len = cfg.max_model_len or arch.max_position_embeddings
+    model_cls = get_model_class(arch)
+    # Constructing under torch.device puts rotary tables and weights straight on the target.
+    with torch.device(device):
+        model = model_cls(arch, backend, max_position=max_len, dtype=dtype, device=device)
+    if cfg.load_format == "dummy":
+        init_dummy_weights(model, seed=cfg.seed)
+    else:
+        model.load_weights(iter_checkpoint(source, dtype))
+    model.eval()
+    tok = load_tokenizer_for(source, cfg.tokenizer)
+    return LoadedModel(model, arch, tok, source, dtype, max_len)

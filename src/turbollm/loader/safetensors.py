@@ -1,0 +1,39 @@
+"""Hugging Face directory checkpoints: config.json + (sharded) *.safetensors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+
+def read_hf_config(model_dir: Path) -> dict:
+    """Parsed config.json of an HF model directory."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json")
+    return json.loads(path.read_text())
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The shard files, from model.safetensors.index.json when present."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir} has no *.safetensors files")
+    return files
+
+
+def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every tensor of every shard, cast to dtype (floats only)."""
+    for file in safetensors_files(model_dir):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                yield name, (t.to(dtype) if t.is_floating_point() else t)

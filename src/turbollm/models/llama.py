@@ -1,0 +1,165 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM2) with HF parameter names.
+
+q/k/v and gate/up are fused into one matmul each; checkpoint tensors are routed to their shard
+by `load_weights`, so any format that yields (hf_name, tensor) pairs loads.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from turbollm.attention.backend import AttentionBackend, AttentionMetadata
+from turbollm.layers.activation import silu_and_mul
+from turbollm.layers.layernorm import RMSNorm
+from turbollm.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
+from turbollm.layers.rotary import RotaryEmbedding
+from turbollm.model_arch import ModelArch
+
+# checkpoint name piece -> (our fused parameter name piece, shard id)
+FUSED_SHARDS = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, rotary: RotaryEmbedding, **kw):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = arch.num_attention_heads, arch.num_key_value_heads
+        self.head_dim = arch.head_dim
+        self.q_size, self.kv_size = arch.q_size, arch.kv_size
+        self.scale = self.head_dim ** -0.5
+        self.sliding_window = arch.sliding_window
+        self.qkv_proj = QKVLinear(arch.hidden_size, self.q_size, self.kv_size,
+                                  bias=arch.attention_bias, **kw)
+        self.o_proj = ReplicatedLinear(self.q_size, arch.hidden_size, **kw)
+        self.rotary = rotary
+        self.backend = backend
+
+    def forward(self, positions, x, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden] -> qkv: [T, q_size + 2 * kv_size]
+        T = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(T, self.num_heads, self.head_dim)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
+        q, k = self.rotary(positions, q, k)
+        o = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
+                                 self.sliding_window)
+        return self.o_proj(o.reshape(T, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, arch: ModelArch, **kw):
+        super().__init__()
+        self.gate_up_proj = MergedLinear(arch.hidden_size, [arch.intermediate_size] * 2, **kw)
+        self.down_proj = ReplicatedLinear(arch.intermediate_size, arch.hidden_size, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArch, backend, rotary, **kw):
+        super().__init__()
+        self.self_attn = LlamaAttention(arch, backend, rotary, **kw)
+        self.mlp = LlamaMLP(arch, **kw)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+
+    def forward(self, positions, h, kv_cache, meta) -> torch.Tensor:
+        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, arch: ModelArch, backend, max_position: int, dtype, device):
+        super().__init__()
+        kw = {"dtype": dtype, "device": device}
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **kw)
+        self.embed_tokens.weight.requires_grad_(False)
+        rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling,
+                                 dtype=dtype, device=device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, rotary, **kw)
+                                    for _ in range(arch.num_hidden_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        h = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            h = layer(positions, h, kv_cache, meta)
+        return self.norm(h)
+
+
+class LlamaForCausalLM(nn.Module):
+    """input_ids/positions of the flat batch -> hidden states; `compute_logits` on chosen rows."""
+
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, max_position: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        self.arch = arch
+        self.model = LlamaModel(arch, backend, max_position, dtype, device)
+        self.lm_head = ReplicatedLinear(arch.hidden_size, arch.vocab_size, dtype=dtype,
+                                        device=device)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [R, hidden] -> logits: [R, vocab] in fp32 (sampling wants full precision)
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Put each (hf_name, tensor) in place; raise if a parameter was never loaded."""
+        params = dict(self.named_parameters(remove_duplicate=False))
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name:
+                continue
+            if name == "lm_head.weight" and self.arch.tie_word_embeddings:
+                continue  # tied: the embedding is the head
+            shard = None
+            for piece, (fused, shard_id) in FUSED_SHARDS.items():
+                if f".{piece}." in name:
+                    name, shard = name.replace(f".{piece}.", f".{fused}."), shard_id
+                    break
+            param = params.get(name)
+            if param is None:
+                raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor.to(param.dtype), shard)
+            else:
+                if param.shape != tensor.shape:
+                    raise ValueError(f"shape mismatch for {name}: checkpoint "
+                                     f"{tuple(tensor.shape)} vs model {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            loaded.add(name if shard is None else f"{name}[{shard}]")
+        self._check_complete(loaded)
+        return loaded
+
+    def _check_complete(self, loaded: set[str]) -> None:
+        expected = set()
+        for name, module in self.named_modules():
+            for pname, _ in module.named_parameters(recurse=False):
+                full = f"{name}.{pname}" if name else pname
+                if full == "lm_head.weight" and self.arch.tie_word_embeddings:
+                    continue
+                if isinstance(module, QKVLinear):
+                    expected.update(f"{full}[{s}]" for s in ("q", "k", "v"))
+                elif isinstance(module, MergedLinear):
+                    expected.update(f"{full}[{s}]" for s in range(len(module.out_sizes)))
+                else:
+                    expected.add(full)
+        missing = expected - loaded
+        if missing:
+            raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. "
+                             f"{sorted(missing)[:3]}")

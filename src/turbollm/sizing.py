@@ -1,0 +1,51 @@
+"""The one sizing function for KV-cache bytes, shared by the engine's cache and the planner."""
+from __future__ import annotations
+
+import torch
+
+from turbollm.model_arch import ModelArch
+
+_DTYPE_BYTES = {
+    "float32": 4, "fp32": 4,
+    "float16": 2, "fp16": 2, "half": 2,
+    "bfloat16": 2, "bf16": 2,
+    "fp8": 1, "fp8_e4m3": 1, "int8": 1,
+}
+
+
+def dtype_bytes(dtype: str | torch.dtype) -> int:
+    """Bytes per element of a dtype given as a torch dtype or a name."""
+    if isinstance(dtype, torch.dtype):
+        return torch.empty((), dtype=dtype).element_size()
+    try:
+        return _DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}") from None
+
+
+def kv_cache_bytes_per_token(arch: ModelArch, kv_dtype: str | torch.dtype,
+                             scale_bytes_per_head: int = 0) -> int:
+    """Bytes of K and V one token occupies: 2 x layers x kv_heads x head_dim x bytes.
+
+    `scale_bytes_per_head` adds the per-token, per-head scale of a quantized cache (K and V each).
+    """
+    per_head = arch.head_dim * dtype_bytes(kv_dtype) + scale_bytes_per_head
+    return 2 * arch.num_hidden_layers * arch.num_key_value_heads * per_head
+
+
+def num_kv_blocks(memory_bytes: int, block_size: int, bytes_per_token: int) -> int:
+    """How many KV blocks of `block_size` tokens fit in a memory budget."""
+    return int(memory_bytes // (block_size * bytes_per_token))
+
+
+def parse_memory_size(text: str | int | float) -> int:
+    """'2GiB', '512MB', '1.5G', 1073741824 -> bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    s = text.strip().lower().replace(" ", "")
+    units = [("gib", 2**30), ("mib", 2**20), ("kib", 2**10), ("gb", 10**9), ("mb", 10**6),
+             ("kb", 10**3), ("g", 2**30), ("m", 2**20), ("k", 2**10), ("b", 1)]
+    for suffix, mult in units:
+        if s.endswith(suffix):
+            return int(float(s[: -len(suffix)]) * mult)
+    return int(float(s))
