@@ -71,6 +71,12 @@ class ModelArch:
         if model_type == "qwen2" and not cfg.get("use_sliding_window", False):
             window = None
         eos = cfg.get("eos_token_id")
+        # transformers >= 5 writes `rope_parameters` (theta inside); older configs write
+        # `rope_theta` and `rope_scaling` side by side.
+        rope = dict(cfg.get("rope_parameters") or {})
+        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default")
+                                              != "default" else None)
         return cls(
             model_type=model_type,
             hidden_size=cfg["hidden_size"],
@@ -82,8 +88,8 @@ class ModelArch:
             head_dim=cfg.get("head_dim") or 0,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", model_type == "qwen2")),
             sliding_window=window,

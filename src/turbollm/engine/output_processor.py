@@ -102,7 +102,9 @@ class OutputProcessor:
                 state.logprobs.append(pos)
                 state.cumulative_logprob += pos.sampled.logprob
             if state.detok is not None:
-                stop = state.detok.update([req.output_token_ids[-1]])
+                # EOS / stop token ids end the request and leave their text out of the output.
+                by_token = req.status == RequestStatus.FINISHED_STOPPED
+                stop = state.detok.update([req.output_token_ids[-1]], stop_terminated=by_token)
                 if stop is not None:
                     self._stop_on_string(req, stop, scheduler)
             changed[group.request_id] = group
@@ -132,7 +134,8 @@ class OutputProcessor:
         for i, (req, st) in enumerate(zip(group.children, group.states)):
             text, delta = "", ""
             if st.detok is not None:
-                delta = st.detok.get_next_delta(streaming=not req.is_finished)
+                delta = st.detok.get_next_delta(streaming=not req.is_finished,
+                                                finished=req.is_finished)
                 text = st.detok.output_text
             outs.append(CompletionOutput(
                 index=i, text=text, token_ids=list(req.output_token_ids),

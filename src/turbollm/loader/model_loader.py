@@ -42,15 +42,17 @@ def read_arch(source: ResolvedModel, overrides: dict | None = None) -> tuple[Mod
 
 
 def resolve_dtype(requested: str, arch: ModelArch, device: str) -> torch.dtype:
-    """'auto': fp32 for fp32 checkpoints, else the 16-bit dtype (bf16 on CPU: AMX runs it fast)."""
+    """'auto': fp32 for fp32 checkpoints; else the checkpoint's 16-bit dtype on CUDA, and on CPU
+    bf16 where the CPU has bf16 instructions (AMX / AVX-512 BF16), fp32 where it does not."""
     if requested != "auto":
         return _DTYPES[requested]
     saved = str(arch.torch_dtype or "").replace("torch.", "")
     if saved == "float32":
         return torch.float32
-    if device.startswith("cuda") and saved == "float16":
-        return torch.float16
-    return torch.bfloat16
+    if device.startswith("cuda"):
+        return torch.float16 if saved == "float16" else torch.bfloat16
+    from turbollm.platform_info import cpu_has_native_bf16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
 
 
 def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):

@@ -1,0 +1,88 @@
+"""`turbollm` command line: one entry point, one subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _add_generate(sub) -> None:
+    from turbollm.cli_args import add_engine_args
+    p = sub.add_parser("generate", help="generate a completion for a prompt and print tokens/s")
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text (repeat for a batch)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", dest="sample_seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from turbollm import LLM, SamplingParams
+    from turbollm.cli_args import engine_kwargs
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed,
+                            ignore_eos=args.ignore_eos)
+    llm = LLM(**engine_kwargs(args))
+    prompts = args.prompt
+    if args.chat:
+        prompts = [llm.apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t0
+    n = sum(o.num_generated_tokens for o in outs)
+    for o in outs:
+        print(o.outputs[0].text)
+    print(f"[{n} tokens in {dt:.2f}s: {n / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def _add_serve(sub) -> None:
+    try:
+        from turbollm.server.cli import add_serve_parser
+    except ImportError:
+        return
+    add_serve_parser(sub)
+
+
+def _add_plan(sub) -> None:
+    try:
+        from turbollm.plan.cli import add_plan_parser, run_plan
+    except ImportError:
+        return
+    p = add_plan_parser(sub)
+    if p is not None:
+        p.set_defaults(func=run_plan)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="turbollm", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    _add_generate(sub)
+    _add_plan(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, NotImplementedError) as e:
+        print(f"turbollm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

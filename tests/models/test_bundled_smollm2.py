@@ -1,0 +1,70 @@
+"""The bundled SmolLM2-135M (GGUF Q4_1) against Hugging Face transformers in fp32.
+
+The reference loads the same file with transformers' own GGUF reader and runs transformers'
+own Llama forward, so both the weights path and the model math are checked independently.
+"""
+import pytest
+import torch
+
+from turbollm import LLM, SamplingParams
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    ",
+    "<|im_start|>user\nWhat is the boiling point of water?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, a small robot",
+]
+
+
+@pytest.fixture(scope="module")
+def ours():
+    return LLM("smollm2-135m", dtype="float32", kv_cache_memory="64MiB")
+
+
+@pytest.fixture(scope="module")
+def reference(bundled_gguf, ours):
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from turbollm.loader.gguf import GGUFCheckpoint
+    cfg = {k: v for k, v in GGUFCheckpoint(bundled_gguf).hf_config.items()
+           if k not in ("architectures", "model_type", "torch_dtype")}
+    config = transformers.LlamaConfig(**cfg)
+    with torch.device("meta"):
+        skeleton = transformers.LlamaForCausalLM(config)
+    state = load_gguf_checkpoint(str(bundled_gguf), return_tensors=True,
+                                 model_to_load=skeleton)["tensors"]
+    model = transformers.LlamaForCausalLM(config).to(torch.float32)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    model.tie_weights()
+    return model.eval()
+
+
+def test_greedy_64_tokens_identical_to_transformers(ours, reference):
+    params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
+    outs = ours.generate(PROMPTS, params)
+    for prompt, out in zip(PROMPTS, outs):
+        ids = torch.tensor([out.prompt_token_ids])
+        with torch.no_grad():
+            gen = reference.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=None,
+                                     pad_token_id=0)
+        assert out.outputs[0].token_ids == gen[0, ids.shape[1]:].tolist(), prompt
+
+
+def test_chat_answers_with_template(ours):
+    out = ours.chat([{"role": "user", "content": "What is the capital of France?"}],
+                    SamplingParams(max_tokens=32, temperature=0))[0].outputs[0]
+    assert "Paris" in out.text
+    assert out.finish_reason == "stop"  # ends on <|im_end|>, which is not in the text
+    assert "<|im_end|>" not in out.text
+
+
+def test_bundled_default_dtype_and_config(ours):
+    arch = ours.engine.arch
+    assert (arch.num_hidden_layers, arch.hidden_size, arch.num_attention_heads,
+            arch.num_key_value_heads, arch.head_dim, arch.vocab_size) == (30, 576, 9, 3, 64, 49152)
+    assert arch.tie_word_embeddings and arch.rope_theta == 100000.0
+    # The context is the model's 8192, capped by what the 64 MiB fp32 KV cache holds.
+    per_token = 2 * 30 * 3 * 64 * 4
+    assert ours.engine.max_model_len == min(8192, (64 * 2**20 // (16 * per_token)) * 16)
