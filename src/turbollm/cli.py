@@ -17,7 +17,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", dest="sample_seed", type=int, default=None)
+    p.add_argument("--sampling-seed", dest="sample_seed", type=int, default=None,
+                   help="seed for sampling (--seed seeds the engine)")
     p.add_argument("--ignore-eos", action="store_true")
     add_engine_args(p)
     p.set_defaults(func=_run_generate)

@@ -24,21 +24,9 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def reference(bundled_gguf, ours):
-    import transformers
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-    from turbollm.loader.gguf import GGUFCheckpoint
-    cfg = {k: v for k, v in GGUFCheckpoint(bundled_gguf).hf_config.items()
-           if k not in ("architectures", "model_type", "torch_dtype")}
-    config = transformers.LlamaConfig(**cfg)
-    with torch.device("meta"):
-        skeleton = transformers.LlamaForCausalLM(config)
-    state = load_gguf_checkpoint(str(bundled_gguf), return_tensors=True,
-                                 model_to_load=skeleton)["tensors"]
-    model = transformers.LlamaForCausalLM(config).to(torch.float32)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    model.tie_weights()
-    return model.eval()
+def reference(bundled_gguf):
+    from turbollm.bench.peers import hf_model_from_gguf
+    return hf_model_from_gguf(bundled_gguf, torch.float32)
 
 
 def test_greedy_64_tokens_identical_to_transformers(ours, reference):

@@ -6,7 +6,7 @@ then sequences with several (prefill chunks, recomputes). The paged KV cache of 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,6 +27,8 @@ class AttentionMetadata:
     # (first token index in the flat batch, query length, context length, block ids tensor).
     prefills: list[tuple[int, int, int, torch.Tensor]]
     block_size: int
+    # Tensors a backend derives from the fields above once per step and reuses in every layer.
+    derived: dict = field(default_factory=dict)
 
 
 class AttentionBackend:

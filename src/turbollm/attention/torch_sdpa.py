@@ -72,14 +72,17 @@ class TorchAttentionBackend(AttentionBackend):
         tables, seq_lens = meta.decode_block_tables, meta.decode_seq_lens
         k = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D], L = max_blocks * block_size
         v = v_cache[tables].flatten(1, 2)
-        L = k.shape[1]
         qg = q.view(B, kvh, H // kvh, D)  # query heads grouped by the KV head they share
         scores = torch.einsum("bkgd,blkd->bkgl", qg, k.to(q.dtype)).float() * scale
-        pos = torch.arange(L, device=q.device).unsqueeze(0)
-        invalid = pos >= seq_lens.unsqueeze(1)  # [B, L]: padding and unwritten slots
-        if window is not None:
-            invalid |= pos <= seq_lens.unsqueeze(1) - 1 - window
-        scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+        key = ("decode_invalid", window)
+        invalid = meta.derived.get(key)
+        if invalid is None:  # same for every layer: build once per step
+            pos = torch.arange(k.shape[1], device=q.device).unsqueeze(0)
+            invalid = pos >= seq_lens.unsqueeze(1)  # [B, L]: padding and unwritten slots
+            if window is not None:
+                invalid |= pos <= seq_lens.unsqueeze(1) - 1 - window
+            invalid = meta.derived[key] = invalid[:, None, None, :]
+        scores.masked_fill_(invalid, float("-inf"))
         probs = scores.softmax(-1).to(q.dtype)
         out = torch.einsum("bkgl,blkd->bkgd", probs, v.to(q.dtype))
         return out.reshape(B, H, D)

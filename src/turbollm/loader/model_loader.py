@@ -35,8 +35,8 @@ def read_arch(source: ResolvedModel, overrides: dict | None = None) -> tuple[Mod
         from turbollm.loader.safetensors import read_hf_config
         hf_config = read_hf_config(source.path)
     else:
-        from turbollm.plan.models import find_preset
-        hf_config = dict(find_preset(source.name))
+        from turbollm.plan.models import preset_config
+        hf_config = preset_config(source.name)
     hf_config = {**hf_config, **(overrides or {})}
     return ModelArch.from_hf_config(hf_config), hf_config
 

@@ -28,7 +28,7 @@ FUSED_SHARDS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend, rotary: RotaryEmbedding, **kw):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, **kw):
         super().__init__()
         self.num_heads, self.num_kv_heads = arch.num_attention_heads, arch.num_key_value_heads
         self.head_dim = arch.head_dim
@@ -38,10 +38,9 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = QKVLinear(arch.hidden_size, self.q_size, self.kv_size,
                                   bias=arch.attention_bias, **kw)
         self.o_proj = ReplicatedLinear(self.q_size, arch.hidden_size, **kw)
-        self.rotary = rotary
         self.backend = backend
 
-    def forward(self, positions, x, kv_cache: tuple[torch.Tensor, torch.Tensor],
+    def forward(self, rope, x, kv_cache: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden] -> qkv: [T, q_size + 2 * kv_size]
         T = x.shape[0]
@@ -49,7 +48,7 @@ class LlamaAttention(nn.Module):
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = RotaryEmbedding.apply(rope, q, k)
         o = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
                                  self.sliding_window)
         return self.o_proj(o.reshape(T, self.q_size))
@@ -66,15 +65,15 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, backend, rotary, **kw):
+    def __init__(self, arch: ModelArch, backend, **kw):
         super().__init__()
-        self.self_attn = LlamaAttention(arch, backend, rotary, **kw)
+        self.self_attn = LlamaAttention(arch, backend, **kw)
         self.mlp = LlamaMLP(arch, **kw)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
 
-    def forward(self, positions, h, kv_cache, meta) -> torch.Tensor:
-        h = h + self.self_attn(positions, self.input_layernorm(h), kv_cache, meta)
+    def forward(self, rope, h, kv_cache, meta) -> torch.Tensor:
+        h = h + self.self_attn(rope, self.input_layernorm(h), kv_cache, meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -84,16 +83,17 @@ class LlamaModel(nn.Module):
         kw = {"dtype": dtype, "device": device}
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **kw)
         self.embed_tokens.weight.requires_grad_(False)
-        rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta, arch.rope_scaling,
-                                 dtype=dtype, device=device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, rotary, **kw)
+        self.rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta,
+                                      arch.rope_scaling, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, **kw)
                                     for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions)  # shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
-            h = layer(positions, h, kv_cache, meta)
+            h = layer(rope, h, kv_cache, meta)
         return self.norm(h)
 
 

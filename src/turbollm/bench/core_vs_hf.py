@@ -1,0 +1,187 @@
+"""Engine-core benchmark: our engine vs Hugging Face transformers, same machine, same run.
+
+    python -m turbollm.bench.core_vs_hf [--threads 2] [--json out.json]
+
+Measures on the bundled SmolLM2-135M: batch-1 decode (achieved GB/s vs measured read bandwidth),
+512-token prefill, and 64 concurrent requests (128-token prompts, 16..256 output tokens,
+ignore_eos) — ours with continuous batching, transformers with padded batched generate().
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from turbollm import LLM, SamplingParams
+from turbollm.loader.resolve import bundled_model_path
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def read_bandwidth_gbs(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
+    """Streaming read bandwidth: best of `reps` sums over a buffer far larger than the caches."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best / 1e9
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
+
+
+# ----- ours -----
+def ours_decode(llm: LLM, new_tokens: int = 128) -> float:
+    """Batch-1 decode tok/s: time of N+1 tokens minus time of 1 token (the prefill)."""
+    prompt = random_prompts(1, 16, llm.engine.arch.vocab_size, seed=1)[0]
+    def run(n):
+        t = time.perf_counter()
+        llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
+                     use_tqdm=False)
+        return time.perf_counter() - t
+    run(8)  # warm-up
+    return new_tokens / (run(new_tokens + 1) - run(1))
+
+
+def ours_prefill(llm: LLM, length: int = 512, reps: int = 3) -> float:
+    """Seconds to prefill one `length`-token prompt (prefix cache off for this engine)."""
+    prompts = random_prompts(reps + 1, length, llm.engine.arch.vocab_size, seed=2)
+    p = SamplingParams(max_tokens=1, temperature=0)
+    llm.generate([prompts[0]], p, use_tqdm=False)
+    best = float("inf")
+    for prompt in prompts[1:]:
+        t = time.perf_counter()
+        llm.generate([prompt], p, use_tqdm=False)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def ours_batch(llm: LLM, prompts, lengths) -> float:
+    """Aggregate output tok/s over all requests submitted at once."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    dt = time.perf_counter() - t
+    assert [len(o.outputs[0].token_ids) for o in outs] == lengths
+    return sum(lengths) / dt
+
+
+# ----- transformers -----
+@torch.inference_mode()
+def hf_decode(model, new_tokens: int = 128) -> float:
+    ids = torch.tensor(random_prompts(1, 16, model.config.vocab_size, seed=1))
+    def run(n):
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        return time.perf_counter() - t
+    run(8)
+    return new_tokens / (run(new_tokens + 1) - run(1))
+
+
+@torch.inference_mode()
+def hf_prefill(model, length: int = 512, reps: int = 3) -> float:
+    prompts = random_prompts(reps + 1, length, model.config.vocab_size, seed=2)
+    model(torch.tensor([prompts[0]]))
+    best = float("inf")
+    for prompt in prompts[1:]:
+        t = time.perf_counter()
+        model(torch.tensor([prompt]), logits_to_keep=1)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+@torch.inference_mode()
+def hf_batch(model, prompts, lengths) -> float:
+    """Useful output tok/s of one padded batched generate() to the longest requested length."""
+    ids = torch.tensor(prompts)  # equal prompt lengths: no padding needed on the input side
+    t = time.perf_counter()
+    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(lengths),
+                   min_new_tokens=max(lengths), do_sample=False, pad_token_id=0)
+    return sum(lengths) / (time.perf_counter() - t)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="our dtypes to measure")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--skip-hf-batch", action="store_true", help="skip the slowest peer run")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from turbollm.bench.peers import hf_model_from_gguf
+    gguf = bundled_model_path()
+    res: dict = {"threads": args.threads, "read_bandwidth_gbs": read_bandwidth_gbs()}
+    rng = random.Random(3)
+    lengths = [rng.randint(16, 256) for _ in range(args.batch)]
+    prompts = random_prompts(args.batch, 128, 49152, seed=4)
+
+    for name in args.dtypes.split(","):
+        llm = LLM("smollm2-135m", dtype=name, num_threads=args.threads,
+                  max_num_seqs=max(64, args.batch), max_num_batched_tokens=2048,
+                  enable_prefix_caching=False)
+        wb = weight_bytes(llm.engine.model)
+        dec = ours_decode(llm)
+        res[f"ours_{name}"] = {
+            "decode_tok_s": dec, "decode_gbs": dec * wb / 1e9, "weight_bytes": wb,
+            "prefill_512_s": ours_prefill(llm),
+            "batch_tok_s": ours_batch(llm, prompts, lengths)}
+        print(name, res[f"ours_{name}"], flush=True)
+        del llm
+
+    for name in ("float32", "bfloat16"):
+        model = hf_model_from_gguf(gguf, DTYPES[name])
+        r = {"decode_tok_s": hf_decode(model), "prefill_512_s": hf_prefill(model)}
+        if name == "float32" and not args.skip_hf_batch:
+            r["batch_tok_s"] = hf_batch(model, prompts, lengths)
+        res[f"hf_{name}"] = r
+        print("hf", name, r, flush=True)
+        del model
+    print(report(res))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+def report(res: dict) -> str:
+    """Markdown table of the targets of the engine-core issue, with ratios."""
+    hf32, hf16 = res["hf_float32"], res["hf_bfloat16"]
+    lines = [f"read bandwidth: {res['read_bandwidth_gbs']:.1f} GB/s, threads: {res['threads']}", "",
+             "| config | decode tok/s | decode GB/s | vs HF fp32 decode | prefill 512 (s) | "
+             "vs HF bf16 prefill | batch tok/s | vs our decode | vs HF batched |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in [k for k in res if k.startswith("ours_")]:
+        r = res[key]
+        hb = hf32.get("batch_tok_s")
+        lines.append(
+            f"| {key} | {r['decode_tok_s']:.1f} | {r['decode_gbs']:.1f} | "
+            f"{r['decode_tok_s'] / hf32['decode_tok_s']:.2f}x | {r['prefill_512_s']:.3f} | "
+            f"{hf16['prefill_512_s'] / r['prefill_512_s']:.2f}x | {r['batch_tok_s']:.0f} | "
+            f"{r['batch_tok_s'] / r['decode_tok_s']:.1f}x | "
+            f"{(r['batch_tok_s'] / hb) if hb else float('nan'):.2f}x |")
+    for key in ("hf_float32", "hf_bfloat16"):
+        r = res[key]
+        lines.append(f"| {key} | {r['decode_tok_s']:.1f} | | | {r['prefill_512_s']:.3f} | | "
+                     f"{r.get('batch_tok_s', float('nan')):.0f} | | |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

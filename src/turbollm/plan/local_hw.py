@@ -1,0 +1,99 @@
+"""`--hardware local`: measure this machine's read bandwidth and matmul rate per dtype.
+
+The numbers are what torch actually reaches here (not a datasheet), so the default MFU/MBU for
+a measured device describe only how far a real model's smaller ops fall short of these
+ideal ones. Results are cached per process: measuring takes a few seconds at most.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+from turbollm.plan.hardware import GPUSpec
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def measure_read_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
+    """Bytes/s of a streaming read (sum over a tensor larger than the last-level cache)."""
+    x = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    x.sum()  # warm-up: page faults and first-touch happen here, not in the timing
+    _sync(device)
+    # best of a few: other processes only ever slow a run down
+    return x.numel() * 4 / min(_timed(x.sum, device) for _ in range(reps))
+
+
+def measure_matmul(device: torch.device, dtype: torch.dtype, max_n: int,
+                   step_s: float = 0.05, budget_s: float = 0.25) -> float:
+    """FLOP/s of square matmuls, growing n until one takes `step_s` (some CPUs emulate
+    bf16/fp16 at <1 GFLOP/s, so a fixed large n could take a minute)."""
+    n = 128
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        mm = functools.partial(torch.matmul, a, b)
+        _timed(mm, device)  # warm-up (kernel selection, weight packing)
+        dt = _timed(mm, device)
+        if dt >= step_s or n >= max_n:
+            break
+        n *= 2
+    best, deadline = dt, time.perf_counter() + budget_s
+    for _ in range(50):
+        if time.perf_counter() + best > deadline:
+            break
+        best = min(best, _timed(mm, device))
+    return 2 * n**3 / best
+
+
+def _total_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory / 1e9
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+
+
+@functools.lru_cache(maxsize=8)
+def measure_local(device: str | None = None, bandwidth_bytes: int | None = None,
+                  max_matmul_n: int | None = None) -> GPUSpec:
+    """Measure this machine (CUDA device 0 if present, else the CPU) as a GPUSpec."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = dev.type == "cuda"
+    # 256 MiB defeats CPU L3 caches (tens of MB); GPUs need more to hide launch latency.
+    nbytes = bandwidth_bytes or ((2 << 30) if on_gpu else (256 << 20))
+    max_n = max_matmul_n or (8192 if on_gpu else 2048)
+    bw = measure_read_bandwidth(dev, nbytes)
+    dtypes = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16")
+    tflops = {d: measure_matmul(dev, _DTYPES[d], max_n) / 1e12 for d in dtypes}
+    if on_gpu:
+        label = torch.cuda.get_device_name(dev)
+    else:
+        label = f"CPU x{torch.get_num_threads()} threads"
+    # Plan in the fastest measured float dtype: a CPU without bf16 instructions runs fp32.
+    preferred = max(tflops, key=tflops.get)
+    return GPUSpec(
+        name=f"local ({label})",
+        memory_gb=_total_memory_gb(dev),
+        bandwidth_gbps=bw / 1e9,
+        tflops=tflops,
+        interconnect_gbps=0.0,  # one device: tensor parallelism is not planned locally
+        price_per_hour=0.0,
+        notes="measured with torch (sum over a large tensor; square matmuls)",
+        # measured rates are already achieved ones; real layers are smaller and less regular
+        default_mfu=0.7,
+        default_mbu=0.8,
+        preferred_dtype=preferred,
+    )
