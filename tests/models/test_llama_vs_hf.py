@@ -68,3 +68,17 @@ def test_parameter_count_matches_arch(tiny_model_factory):
     n = sum(p.numel() for p in llm.engine.model.parameters())  # tied: counted once
     assert n == llm.engine.arch.num_parameters()
     assert n == sum(p.numel() for p in hf_model(path).parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the same code is tested on CPU above")
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_logits_match_transformers_on_cuda(kind, tiny_model_factory):
+    path = tiny_model_factory(kind)
+    ref = hf_model(path)
+    ids = torch.randint(3, 49152, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits[0].float()
+    llm = LLM(str(path), dtype="float32", device="cuda", kv_cache_memory="8MiB", block_size=4)
+    for chunks in ([40], [5] + [1] * 35):
+        got = our_logits(llm, ids, chunks).cpu()
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)

@@ -17,7 +17,8 @@ from turbollm.engine.request import Request, RequestStatus
 from turbollm.engine.scheduler import Scheduler
 from turbollm.loader.model_loader import load_model
 from turbollm.sampling_params import SamplingParams
-from turbollm.worker.kv_cache import allocate_kv_cache, blocks_for_budget, kv_budget_bytes
+from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
+                                      profile_peak_bytes)
 from turbollm.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,15 @@ class LLMEngine:
         self.load_time_s = time.perf_counter() - t0
 
         cc = config.cache
+        peak = None
+        if device.startswith("cuda") and cc.kv_cache_memory_bytes is None:
+            # Measure, then size: the cache gets what a full-size step leaves free.
+            step = min(config.scheduler.max_num_batched_tokens, loaded.max_model_len)
+            peak = profile_peak_bytes(self.model, self.arch, step, cc.block_size, self.dtype,
+                                      device)
         num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
-            self.arch, kv_budget_bytes(cc.kv_cache_memory_bytes, device), cc.block_size, self.dtype)
+            self.arch, kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak), cc.block_size,
+            self.dtype)
         if num_blocks < 1:
             raise ValueError("the KV cache budget is too small for a single block")
         capacity = num_blocks * cc.block_size

@@ -40,3 +40,35 @@ def kv_budget_bytes(requested: int | None, device: str, reserved_after_warmup: i
 def blocks_for_budget(arch: ModelArch, budget: int, block_size: int, dtype: torch.dtype) -> int:
     """How many blocks the budget holds, by the one sizing function."""
     return num_kv_blocks(budget, block_size, kv_cache_bytes_per_token(arch, dtype))
+
+
+@torch.inference_mode()
+def profile_peak_bytes(model: torch.nn.Module, arch: ModelArch, num_tokens: int, block_size: int,
+                       dtype: torch.dtype, device: str) -> int:
+    """Run one prefill of `num_tokens` tokens (the largest step) and return the device's peak
+    allocated bytes (weights + activations), so the KV cache can take what is left.
+
+    On CPU the pass still runs (it checks the path end to end) and 0 is returned.
+    """
+    from turbollm.attention.backend import AttentionMetadata
+    n_blocks = -(-num_tokens // block_size)
+    cache = allocate_kv_cache(arch, n_blocks, block_size, dtype, device)
+    ids = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    pos = torch.arange(num_tokens, device=device)
+    meta = AttentionMetadata(slot_mapping=pos.clone(), num_decodes=0, decode_block_tables=None,
+                             decode_seq_lens=None,
+                             prefills=[(0, num_tokens, num_tokens,
+                                        torch.arange(n_blocks, device=device))],
+                             block_size=block_size)
+    is_cuda = device.startswith("cuda")
+    if is_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    hidden = model(ids, pos, layer_views(cache), meta)
+    model.compute_logits(hidden[-1:])
+    del cache, hidden
+    if not is_cuda:
+        return 0
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.empty_cache()
+    return peak
