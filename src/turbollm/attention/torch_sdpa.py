@@ -43,11 +43,12 @@ class TorchAttentionBackend(AttentionBackend):
             else:
                 kc = gather_context(k_cache, block_ids, ctx_len)
                 vc = gather_context(v_cache, block_ids, ctx_len)
-            out[start:end] = self._prefill(q[start:end], kc, vc, scale, sliding_window)
+            out[start:end] = self._prefill(q[start:end], kc, vc, scale, sliding_window,
+                                           meta.derived, start)
         return out
 
     @staticmethod
-    def _prefill(q, k, v, scale, window) -> torch.Tensor:
+    def _prefill(q, k, v, scale, window, derived: dict, seq_key: int) -> torch.Tensor:
         # q: [n, H, D] are the last n positions of a context of k/v: [L, KVH, D]
         n, L = q.shape[0], k.shape[0]
         qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
@@ -55,11 +56,15 @@ class TorchAttentionBackend(AttentionBackend):
             o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
                                                enable_gqa=True)
         else:
-            q_pos = torch.arange(L - n, L, device=q.device).unsqueeze(1)
-            k_pos = torch.arange(L, device=q.device).unsqueeze(0)
-            mask = k_pos <= q_pos
-            if window is not None:
-                mask &= k_pos > q_pos - window
+            key = ("prefill_mask", seq_key, window)
+            mask = derived.get(key)
+            if mask is None:  # same for every layer: build once per step
+                q_pos = torch.arange(L - n, L, device=q.device).unsqueeze(1)
+                k_pos = torch.arange(L, device=q.device).unsqueeze(0)
+                mask = k_pos <= q_pos
+                if window is not None:
+                    mask &= k_pos > q_pos - window
+                derived[key] = mask
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
                                                enable_gqa=True)
         return o.transpose(0, 1)
