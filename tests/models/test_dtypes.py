@@ -1,0 +1,37 @@
+"""bf16 and fp16 run through the same code and stay close to fp32."""
+import pytest
+import torch
+
+from turbollm import LLM
+from turbollm.loader.model_loader import resolve_dtype
+from turbollm.model_arch import ModelArch
+
+from test_llama_vs_hf import our_logits  # noqa: E402 (same directory)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_close_to_fp32(dtype, tiny_llama):
+    ids = torch.randint(3, 49152, (24,), generator=torch.Generator().manual_seed(3)).tolist()
+    ref = our_logits(LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB"), ids, [24])
+    llm = LLM(str(tiny_llama), dtype=dtype, kv_cache_memory="4MiB")
+    assert llm.engine.kv_cache.dtype == getattr(torch, dtype)
+    got = our_logits(llm, ids, [16] + [1] * 8)
+    assert got.dtype == torch.float32
+    # 16-bit rounding of weights and activations: close, not equal; same top token mostly.
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_auto_dtype_rules(monkeypatch):
+    arch = ModelArch(model_type="llama", hidden_size=8, intermediate_size=16,
+                     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                     vocab_size=10, torch_dtype="bfloat16")
+    import turbollm.platform_info as pi
+    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto", arch, "cpu") == torch.float32
+    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", arch, "cpu") == torch.bfloat16
+    assert resolve_dtype("auto", arch, "cuda") == torch.bfloat16
+    arch.torch_dtype = "float32"
+    assert resolve_dtype("auto", arch, "cuda") == torch.float32
+    assert resolve_dtype("float16", arch, "cpu") == torch.float16
