@@ -1,0 +1,463 @@
+"""AsyncLLMEngine: one background thread owns the (not thread-safe) LLMEngine; asyncio code
+submits requests, streams their outputs and aborts them.
+
+Hand-offs between the two sides:
+  asyncio -> engine thread   a thread-safe inbox of ("add" | "abort" | "wake") commands,
+                             drained between steps, so new requests join the running batch
+  engine thread -> asyncio   one `loop.call_soon_threadsafe` per step carrying that step's
+                             outputs, routed to each request's RequestStream
+
+The model's forward pass releases the GIL for most of its time, so the event loop stays
+responsive while a step runs.
+"""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from turbollm.engine.outputs import RequestOutput
+
+if TYPE_CHECKING:
+    from turbollm.engine.llm_engine import LLMEngine
+    from turbollm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+# How long the idle engine thread sleeps on its inbox before looking at the stop flag again.
+_IDLE_WAIT_S = 0.5
+# How long it waits for news after a step that had nothing to schedule.
+_STALL_WAIT_S = 0.002
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"    # the model is being loaded; nothing is accepted yet
+    READY = "ready"        # taking work
+    DRAINING = "draining"  # finishing in-flight requests, refusing new ones (shutdown)
+    BROKEN = "broken"      # the engine loop died or never loaded; nothing will be served
+    STOPPED = "stopped"    # shut down cleanly
+
+
+class EngineNotReadyError(RuntimeError):
+    """New work refused: the engine is loading or draining (HTTP 503)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop died; no request can be served any more (HTTP 500/503)."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (HTTP 429)."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted by the server (shutdown timeout) before it finished."""
+
+
+@dataclass
+class EngineSnapshot:
+    """Engine counters copied by the engine thread after each step (read by /metrics)."""
+
+    num_running: int = 0  # sequences in the running batch
+    num_waiting: int = 0  # sequences waiting for a slot (including preempted ones)
+    kv_usage: float = 0.0  # fraction of KV blocks held by running sequences
+    num_preemptions: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of which found
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    steps: int = 0
+    step_errors: int = 0
+
+
+def _merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
+    """Fold a consumer's unread output into the newer one (text and logprobs are cumulative;
+    only delta_text is per output, so deltas are concatenated)."""
+    merged = [replace(n, delta_text=o.delta_text + n.delta_text)
+              for o, n in zip(old.outputs, new.outputs)]
+    return replace(new, outputs=merged)
+
+
+class RequestStream:
+    """Outputs of one request for one asyncio consumer.
+
+    Holds at most one unread output: a newer one is merged into it, so a slow reader costs no
+    memory and catches up in one read.
+    """
+
+    def __init__(self, request_id: str, engine: "AsyncLLMEngine"):
+        self.request_id = request_id
+        self._engine = engine
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._event = asyncio.Event()
+        self.finished = False  # the final output (or an error) has been delivered
+
+    def _put(self, out: RequestOutput) -> None:
+        if self.finished:
+            return
+        self._pending = out if self._pending is None else _merge_outputs(self._pending, out)
+        self.finished = out.finished
+        self._event.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.finished:
+            return
+        self._error = exc
+        self.finished = True
+        self._event.set()
+
+    async def get(self) -> RequestOutput:
+        """The next output (all unread progress merged); raises the request's error."""
+        while self._pending is None:
+            if self._error is not None:
+                raise self._error
+            self._event.clear()
+            await self._event.wait()
+        out, self._pending = self._pending, None
+        return out
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iter()
+
+    async def _iter(self) -> AsyncIterator[RequestOutput]:
+        while True:
+            out = await self.get()
+            yield out
+            if out.finished:
+                return
+
+    def abort(self) -> None:
+        """Stop the request in the engine if it is still running (idempotent)."""
+        if not self.finished:
+            self._engine.abort(self.request_id)
+
+
+class AsyncLLMEngine:
+    """Runs an LLMEngine in a background thread and serves it to asyncio code.
+
+    `engine` is an LLMEngine or a zero-argument factory building one (called in the engine
+    thread, so the server can answer /health while the model loads).
+    """
+
+    def __init__(self, engine: "LLMEngine | Callable[[], LLMEngine]",
+                 max_queued_requests: int = 256,
+                 on_fatal: Callable[[BaseException], None] | None = None):
+        if max_queued_requests < 0:
+            raise ValueError("max_queued_requests must be >= 0")
+        is_engine = hasattr(engine, "step")
+        self._factory = None if is_engine else engine
+        self.engine: LLMEngine | None = engine if is_engine else None  # type: ignore[assignment]
+        self.max_queued_requests = max_queued_requests
+        self.on_fatal = on_fatal  # called on the event loop when the engine loop dies
+        self.state = EngineState.LOADING
+        self.fatal_error: BaseException | None = None
+        self.snapshot = EngineSnapshot()
+        self.finished_listeners: list[Callable[[RequestOutput], None]] = []
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ready: asyncio.Event | None = None  # created by start() (needs the loop)
+        # Event-loop side: live streams and adds waiting for the engine thread's answer.
+        self._streams: dict[str, RequestStream] = {}
+        self._pending_adds: dict[str, asyncio.Future] = {}
+        self._idle: asyncio.Event | None = None
+        # Requests submitted but not yet scheduled: bounded by max_queued_requests. Written
+        # by both threads, hence the lock.
+        self._queued_lock = threading.Lock()
+        self._num_queued = 0
+        # Engine-thread side: ids added to the engine but not yet seen scheduled.
+        self._unscheduled: set[str] = set()
+
+    # ----- lifecycle -----
+    def start(self) -> None:
+        """Start the engine thread (loads the model first when given a factory)."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._ready = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="turbollm-engine", daemon=True)
+        self._thread.start()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the model is loaded; raises EngineDeadError if loading failed."""
+        assert self._ready is not None, "start() first"
+        await asyncio.wait_for(self._ready.wait(), timeout)
+        if self.state == EngineState.BROKEN:
+            raise EngineDeadError(f"the engine failed: {self.fatal_error!r}")
+
+    @property
+    def is_ready(self) -> bool:
+        return self.state == EngineState.READY
+
+    def has_capacity(self) -> bool:
+        """True while the waiting queue has room (a cheap check before tokenizing)."""
+        return self._num_queued < self.max_queued_requests
+
+    @property
+    def num_queued(self) -> int:
+        """Requests submitted and not yet scheduled."""
+        return self._num_queued
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests submitted and not yet finished."""
+        return len(self._streams)
+
+    async def drain(self, timeout: float) -> int:
+        """Refuse new work and wait up to `timeout` s for in-flight requests; abort the rest.
+
+        Returns how many requests had to be aborted.
+        """
+        if self.state in (EngineState.READY, EngineState.LOADING):
+            self.state = EngineState.DRAINING
+        if self._idle is not None and self.num_in_flight:
+            try:
+                await asyncio.wait_for(self._idle.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        left = list(self._streams.values())
+        for stream in left:
+            stream._fail(RequestAbortedError("the server is shutting down"))
+            self.abort(stream.request_id)
+        return len(left)
+
+    def stop(self, join_timeout: float = 10.0) -> None:
+        """Stop the engine thread (after the current step)."""
+        self._stop = True
+        self._inbox.put(("wake",))
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(join_timeout)
+        if self.state != EngineState.BROKEN:
+            self.state = EngineState.STOPPED
+        if self._loop is not None:  # nothing will answer requests still waiting: fail them
+            self._post(self._fail_all, RequestAbortedError("the server stopped"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        for fut in self._pending_adds.values():
+            self._fail_future(fut, exc)
+        for stream in self._streams.values():
+            stream._fail(exc)
+        self._streams.clear()
+        self._update_idle()
+
+    # ----- requests (event-loop side) -----
+    def _check_accepting(self) -> None:
+        if self.state == EngineState.BROKEN:
+            raise EngineDeadError("the engine is not running")
+        if self.state != EngineState.READY:
+            raise EngineNotReadyError(f"the server is {self.state.value}")
+
+    async def add_request(self, request_id: str, prompt: str | list[int],
+                          params: "SamplingParams", arrival_time: float | None = None
+                          ) -> RequestStream:
+        """Queue a request; returns its stream once the engine took it.
+
+        Raises EngineOverloadedError / EngineNotReadyError / EngineDeadError right away, and
+        the engine's RequestValidationError once the engine thread looked at the request.
+        """
+        self._check_accepting()
+        if request_id in self._streams or request_id in self._pending_adds:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        with self._queued_lock:
+            if self._num_queued >= self.max_queued_requests:
+                raise EngineOverloadedError("too many requests are waiting; retry later")
+            self._num_queued += 1
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        # The stream exists before the engine sees the request: its first output (or a step
+        # failure) may be posted right behind the "added" answer, before this coroutine resumes.
+        stream = RequestStream(request_id, self)
+        self._streams[request_id] = stream
+        self._pending_adds[request_id] = fut
+        self._idle.clear()
+        self._inbox.put(("add", request_id, prompt, params, arrival_time or time.monotonic()))
+        if self.state == EngineState.BROKEN:  # died between the check and the put
+            self._fail_future(fut, EngineDeadError("the engine is not running"))
+        try:
+            await fut
+        except BaseException as exc:
+            self._streams.pop(request_id, None)
+            stream.finished = True
+            if not isinstance(exc, (ValueError, EngineDeadError)):
+                # Cancelled while the engine took it: make sure it does not run for no one.
+                self._inbox.put(("abort", request_id))
+            raise
+        finally:
+            self._pending_adds.pop(request_id, None)
+            self._update_idle()
+        return stream
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: "SamplingParams", arrival_time: float | None = None
+                       ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; aborts it when the consumer stops early or is cancelled."""
+        stream = await self.add_request(request_id, prompt, params, arrival_time)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (event-loop thread only); its blocks are freed before the next step."""
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._fail(RequestAbortedError("the request was aborted"))
+        self._inbox.put(("abort", request_id))
+        self._update_idle()
+
+    def _update_idle(self) -> None:
+        if self._idle is not None and not self.num_in_flight:
+            self._idle.set()
+
+    @staticmethod
+    def _fail_future(fut: asyncio.Future, exc: BaseException) -> None:
+        if not fut.done():
+            fut.set_exception(exc)
+
+    # ----- event-loop callbacks posted by the engine thread -----
+    def _on_loaded(self) -> None:
+        if self.state == EngineState.LOADING:
+            self.state = EngineState.READY
+        self._ready.set()
+
+    def _on_added(self, request_id: str, exc: BaseException | None) -> None:
+        fut = self._pending_adds.get(request_id)
+        if fut is None or fut.done():
+            return
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
+
+    def _on_outputs(self, outs: list[RequestOutput]) -> None:
+        for out in outs:
+            if out.finished:
+                for listener in self.finished_listeners:
+                    try:
+                        listener(out)
+                    except Exception:  # a metrics bug must not break serving
+                        log.exception("finished-request listener failed")
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            stream._put(out)
+            if out.finished:
+                del self._streams[out.request_id]
+        self._update_idle()
+
+    def _on_dead(self, exc: BaseException) -> None:
+        self._fail_all(EngineDeadError(f"the engine stopped: {type(exc).__name__}: {exc}"))
+        self._ready.set()
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    def _post(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    # ----- the engine thread -----
+    def _run(self) -> None:
+        try:
+            if self.engine is None:
+                self.engine = self._factory()
+            self._post(self._on_loaded)
+            idle_step = False
+            while not self._stop:
+                busy = self.engine.has_unfinished_requests()
+                # Block on the inbox when there is nothing to run, and also, briefly, after a
+                # step that ran nothing, so that a stuck queue does not spin holding the GIL.
+                self._handle(self._take_commands(
+                    timeout=None if not busy else _STALL_WAIT_S if idle_step else 0.0))
+                if self._stop:
+                    break
+                if self.engine.has_unfinished_requests():
+                    steps = self.engine.stats.steps + self.engine.stats.step_errors
+                    outs = self.engine.step()
+                    idle_step = steps == self.engine.stats.steps + self.engine.stats.step_errors
+                    self._track_scheduled(outs)
+                    if outs:
+                        self._post(self._on_outputs, outs)
+                self._take_snapshot()
+        except BaseException as exc:  # noqa: BLE001 - anything here means the loop is gone
+            log.exception("the engine loop died")
+            self.fatal_error = exc
+            self.state = EngineState.BROKEN
+            self._post(self._on_dead, exc)
+
+    def _take_commands(self, timeout: float | None) -> list[tuple]:
+        """Every queued command; waits up to `timeout` s for the first (None: the idle wait)."""
+        cmds = []
+        if timeout is None or timeout > 0:
+            try:
+                cmds.append(self._inbox.get(timeout=timeout or _IDLE_WAIT_S))
+            except queue.Empty:
+                return cmds
+        while True:
+            try:
+                cmds.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return cmds
+
+    def _handle(self, cmds: list[tuple]) -> None:
+        from turbollm.engine.errors import RequestValidationError
+        for cmd in cmds:
+            if cmd[0] == "add":
+                _, rid, prompt, params, arrival = cmd
+                try:
+                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                except (RequestValidationError, ValueError) as exc:
+                    self._dequeue(1)
+                    self._post(self._on_added, rid, exc)
+                    continue
+                except Exception as exc:  # a bug in one request must not stop the loop
+                    log.exception("add_request failed for %s", rid)
+                    self._dequeue(1)
+                    self._post(self._on_added, rid, exc)
+                    continue
+                self._unscheduled.add(rid)
+                self._post(self._on_added, rid, None)
+            elif cmd[0] == "abort":
+                rid = cmd[1]
+                self.engine.abort_request(rid)
+                if rid in self._unscheduled:
+                    self._unscheduled.discard(rid)
+                    self._dequeue(1)
+
+    def _dequeue(self, n: int) -> None:
+        with self._queued_lock:
+            self._num_queued -= n
+
+    def _track_scheduled(self, outs: list[RequestOutput]) -> None:
+        """Release queue slots of requests that left the waiting queue in this step."""
+        if not self._unscheduled:
+            return
+        waiting = {r.extra[0].request_id for r in self.engine.scheduler.waiting
+                   if r.extra is not None}
+        left = [rid for rid in self._unscheduled if rid not in waiting]
+        for rid in left:
+            self._unscheduled.discard(rid)
+        if left:
+            self._dequeue(len(left))
+
+    def _take_snapshot(self) -> None:
+        e = self.engine
+        s = e.scheduler.stats()
+        self.snapshot = EngineSnapshot(
+            num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,
+            num_preemptions=s.num_preemptions, prefix_cache_queries=s.prefix_cache_queries,
+            prefix_cache_hits=s.prefix_cache_hits, prompt_tokens=e.stats.prompt_tokens,
+            generation_tokens=e.stats.generation_tokens, steps=e.stats.steps,
+            step_errors=e.stats.step_errors)

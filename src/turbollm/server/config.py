@@ -1,0 +1,68 @@
+"""ServerConfig: the HTTP server's options (the `turbollm serve` flags are generated from it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from turbollm.sizing import parse_memory_size
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+@dataclass
+class ServerConfig:
+    """Network exposure, admission limits and per-request limits of the server."""
+
+    host: str = field(default="127.0.0.1", metadata=_help(
+        "address to bind; 0.0.0.0 exposes the server to the network"))
+    port: int = field(default=8000, metadata=_help("TCP port (0 = any free port)"))
+    api_key: str | None = field(default=None, metadata=_help(
+        "require 'Authorization: Bearer <key>' on every route but /health; falls back to "
+        "$TURBOLLM_API_KEY; no auth when neither is set"))
+    allowed_origins: str | None = field(default=None, metadata=_help(
+        "comma-separated CORS origins ('*' for any); no CORS headers when unset"))
+    served_model_name: str | None = field(default=None, metadata=_help(
+        "model name clients must send; the --model value when unset"))
+    max_queued_requests: int = field(default=256, metadata=_help(
+        "requests waiting for a batch slot before new ones get 429"))
+    shutdown_timeout: float = field(default=30.0, metadata=_help(
+        "seconds in-flight requests get to finish after SIGTERM"))
+    max_request_bytes: str = field(default="1MiB", metadata=_help(
+        "largest request body accepted (413 above), e.g. '1MiB'"))
+    allow_request_chat_template: bool = field(default=False, metadata=_help(
+        "accept a chat_template field in chat requests (rendered in a sandbox)"))
+    max_n: int = field(default=16, metadata=_help("largest n (completions per prompt)"))
+    max_logprobs: int = field(default=20, metadata=_help("largest logprobs / top_logprobs"))
+    max_stop_strings: int = field(default=16, metadata=_help("most stop strings per request"))
+    max_stop_length: int = field(default=256, metadata=_help("longest stop string (characters)"))
+    max_prompts: int = field(default=64, metadata=_help(
+        "most sequences (prompts x n) in one /v1/completions request with a prompt list"))
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        for name in ("max_queued_requests",):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_n", "max_stop_strings", "max_stop_length", "max_prompts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.shutdown_timeout < 0:
+            raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
+        if self.max_request_bytes_int < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes!r}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")
+
+    @property
+    def max_request_bytes_int(self) -> int:
+        return parse_memory_size(self.max_request_bytes)
+
+    @property
+    def origins(self) -> list[str]:
+        if not self.allowed_origins:
+            return []
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]

@@ -1,0 +1,149 @@
+"""POST /v1/chat/completions: render the conversation with the chat template, then generate."""
+from __future__ import annotations
+
+import time
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from turbollm.chat import render_chat
+from turbollm.engine.outputs import RequestOutput
+from turbollm.server.engine_client import (CLIENT_CLOSED_STATUS, EngineClient, engine_error,
+                                           output_error)
+from turbollm.server.errors import APIError, error_event, from_validation_error
+from turbollm.server.logprobs import chat_logprobs
+from turbollm.server.params import chat_params
+from turbollm.server.protocol import ChatCompletionRequest, ChatMessage
+from turbollm.server.request_body import read_json_object
+from turbollm.server.sse import DONE, SSEResponse, sse_event
+
+
+def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template expects them (text parts joined; other parts refused)."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(400, f"only text content parts are supported, got "
+                                   f"{part.type[:50]!r}", f"messages.[{i}].content",
+                                   "unsupported")
+                texts.append(part.text)
+            content = "".join(texts)
+        d = {"role": m.role, "content": content or ""}
+        if m.name is not None:
+            d["name"] = m.name
+        out.append(d)
+    return out
+
+
+def _render_and_encode(tokenizer, messages: list[dict], template: str | None) -> list[int]:
+    """Token ids of the conversation, exactly as the offline LLM.chat builds them."""
+    try:
+        text = render_chat(tokenizer, messages, template)
+    except Exception as e:  # template errors (raise_exception, sandbox violations) are the
+        # request's fault: a bad role order, or a template the operator let clients send
+        raise APIError(400, f"could not apply the chat template: {type(e).__name__}: {e}",
+                       "messages", "invalid_chat") from None
+    return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def _usage(out: RequestOutput) -> dict:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+async def create_chat_completion(request: Request, client: EngineClient) -> Response:
+    """Handle /v1/chat/completions."""
+    arrival = time.monotonic()
+    body = await read_json_object(request, client.cfg.max_request_bytes_int)
+    try:
+        req = ChatCompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+    model = client.check_model(req.model)
+    params = chat_params(req, client.cfg)
+    messages = _message_dicts(req.messages)
+    client.check_accepting()
+    ids = await client.run_tokenizer(_render_and_encode, client.tokenizer, messages,
+                                     req.chat_template)
+    rid = client.new_id("chatcmpl")
+    stream = await client.submit(rid, ids, params, arrival)
+    ctx = _Ctx(client, rid, model, req)
+    if req.stream:
+        return SSEResponse(_stream(ctx, stream), on_close=stream.abort)
+    finals = await client.wait_final(request, [stream])
+    if finals is None:
+        return Response(status_code=CLIENT_CLOSED_STATUS)
+    return JSONResponse(ctx.full_response(finals[0]))
+
+
+class _Ctx:
+    """Per-request values the response builders share."""
+
+    def __init__(self, client: EngineClient, rid: str, model: str, req: ChatCompletionRequest):
+        self.id, self.model, self.req = rid, model, req
+        self.created = int(time.time())
+        self.text_of = client.token_text
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+    def _envelope(self, obj: str, choices: list, usage: dict | None) -> dict:
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None or (obj.endswith("chunk") and self.include_usage):
+            body["usage"] = usage
+        return body
+
+    def full_response(self, out: RequestOutput) -> dict:
+        err = output_error(out)
+        if err is not None:
+            raise err
+        choices = [{"index": c.index,
+                    "message": {"role": "assistant", "content": c.text},
+                    "logprobs": chat_logprobs(c.logprobs, self.text_of)
+                    if c.logprobs is not None else None,
+                    "finish_reason": c.finish_reason} for c in out.outputs]
+        return self._envelope("chat.completion", choices, _usage(out))
+
+    def chunk(self, index: int, delta: dict, logprobs: dict | None, finish: str | None) -> bytes:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return sse_event(self._envelope("chat.completion.chunk", [choice], None))
+
+
+async def _stream(ctx: _Ctx, stream):
+    """SSE chunks: the role first, then content deltas, a finish chunk, usage, [DONE]."""
+    n = ctx.req.n
+    done = [False] * n
+    sent_lp = [0] * n
+    try:
+        for i in range(n):
+            yield ctx.chunk(i, {"role": "assistant", "content": ""}, None, None)
+        async for out in stream:
+            err = output_error(out)
+            if err is not None:
+                yield error_event(err)
+                break
+            for c in out.outputs:
+                if done[c.index]:
+                    continue
+                lp = None
+                if c.logprobs is not None and len(c.logprobs) > sent_lp[c.index]:
+                    lp = chat_logprobs(c.logprobs[sent_lp[c.index]:], ctx.text_of)
+                    sent_lp[c.index] = len(c.logprobs)
+                if c.delta_text or lp:
+                    yield ctx.chunk(c.index, {"content": c.delta_text}, lp, None)
+                if c.finish_reason is not None:
+                    yield ctx.chunk(c.index, {}, None, c.finish_reason)
+                    done[c.index] = True
+            if out.finished:
+                if ctx.include_usage:
+                    yield sse_event(ctx._envelope("chat.completion.chunk", [], _usage(out)))
+                break
+    except Exception as e:  # the engine died or the server is shutting down
+        yield error_event(engine_error(e))
+    yield DONE
