@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from turbollm import LLM
-from turbollm.loader.model_loader import resolve_dtype
+from turbollm.loader.model_loader import compute_dtype_for, resolve_dtype
 from turbollm.model_arch import ModelArch
 
 from test_llama_vs_hf import our_logits  # noqa: E402 (same directory)
@@ -25,13 +25,30 @@ def test_reduced_precision_close_to_fp32(dtype, tiny_llama):
 def test_auto_dtype_rules(monkeypatch):
     arch = ModelArch(model_type="llama", hidden_size=8, intermediate_size=16,
                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                     vocab_size=10, torch_dtype="bfloat16")
+                     vocab_size=10, torch_dtype="float16")
     import turbollm.platform_info as pi
-    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: False)
-    assert resolve_dtype("auto", arch, "cpu") == torch.float32
-    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", arch, "cpu") == torch.bfloat16
-    assert resolve_dtype("auto", arch, "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", arch, "cuda") == torch.float16
+    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: False)
+    assert compute_dtype_for(torch.bfloat16, "cpu") == torch.float32  # stored bf16, fp32 math
+    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: True)
+    assert compute_dtype_for(torch.bfloat16, "cpu") == torch.bfloat16
+    assert compute_dtype_for(torch.bfloat16, "cuda") == torch.bfloat16
     arch.torch_dtype = "float32"
     assert resolve_dtype("auto", arch, "cuda") == torch.float32
     assert resolve_dtype("float16", arch, "cpu") == torch.float16
+
+
+def test_bf16_storage_fp32_compute_layout(tiny_llama, monkeypatch):
+    import turbollm.platform_info as pi
+    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: False)
+    llm = LLM(str(tiny_llama), dtype="bfloat16", kv_cache_memory="4MiB")
+    m = llm.engine.model
+    assert m.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
+    assert m.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert m.model.norm.weight.dtype == torch.float32
+    assert llm.engine.kv_cache.dtype == torch.bfloat16
+    ids = torch.randint(3, 49152, (12,), generator=torch.Generator().manual_seed(5)).tolist()
+    ref = our_logits(LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB"), ids, [12])
+    got = our_logits(llm, ids, [8] + [1] * 4)  # multi-row (upcast) and one-row (bf16 GEMV)
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()

@@ -22,7 +22,8 @@ class LoadedModel:
     arch: ModelArch
     tokenizer: Any  # a transformers PreTrainedTokenizerFast, or None (dummy presets)
     source: ResolvedModel
-    dtype: torch.dtype
+    dtype: torch.dtype  # storage of weights and the KV cache
+    compute_dtype: torch.dtype  # activations
     max_model_len: int
 
 
@@ -42,17 +43,28 @@ def read_arch(source: ResolvedModel, overrides: dict | None = None) -> tuple[Mod
 
 
 def resolve_dtype(requested: str, arch: ModelArch, device: str) -> torch.dtype:
-    """'auto': fp32 for fp32 checkpoints; else the checkpoint's 16-bit dtype on CUDA, and on CPU
-    bf16 where the CPU has bf16 instructions (AMX / AVX-512 BF16), fp32 where it does not."""
+    """Storage dtype. 'auto': fp32 for fp32 checkpoints, fp16 for fp16 ones on CUDA, else bf16
+    (on CPUs without bf16 math it is stored bf16 and computed in fp32: see compute_dtype_for)."""
     if requested != "auto":
         return _DTYPES[requested]
     saved = str(arch.torch_dtype or "").replace("torch.", "")
     if saved == "float32":
         return torch.float32
-    if device.startswith("cuda"):
-        return torch.float16 if saved == "float16" else torch.bfloat16
+    if device.startswith("cuda") and saved == "float16":
+        return torch.float16
+    return torch.bfloat16
+
+
+def compute_dtype_for(dtype: torch.dtype, device: str) -> torch.dtype:
+    """Activations' dtype: the storage dtype, except 16-bit on a CPU without 16-bit math.
+
+    There (e.g. AVX2-only CPUs) bf16/fp16 are storage formats: weights and KV cache keep half the
+    bytes, matmuls run in fp32 — as llama.cpp does with F16 weights on such CPUs.
+    """
+    if dtype == torch.float32 or device.startswith("cuda"):
+        return dtype
     from turbollm.platform_info import cpu_has_native_bf16
-    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    return dtype if cpu_has_native_bf16() else torch.float32
 
 
 def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
@@ -87,15 +99,17 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         raise ValueError(f"{cfg.model!r} is a config preset: it only loads with load_format='dummy'")
     arch, _ = read_arch(source, cfg.hf_config_overrides)
     dtype = resolve_dtype(cfg.dtype, arch, device)
+    compute = compute_dtype_for(dtype, device)
     max_len = cfg.max_model_len or arch.max_position_embeddings
     model_cls = get_model_class(arch)
     # Constructing under torch.device puts rotary tables and weights straight on the target.
     with torch.device(device):
-        model = model_cls(arch, backend, max_position=max_len, dtype=dtype, device=device)
+        model = model_cls(arch, backend, max_position=max_len, dtype=compute, device=device,
+                          weight_dtype=dtype)
     if cfg.load_format == "dummy":
         init_dummy_weights(model, seed=cfg.seed)
     else:
         model.load_weights(iter_checkpoint(source, dtype))
     model.eval()
     tok = load_tokenizer_for(source, cfg.tokenizer)
-    return LoadedModel(model, arch, tok, source, dtype, max_len)
+    return LoadedModel(model, arch, tok, source, dtype, compute, max_len)

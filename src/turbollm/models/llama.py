@@ -28,7 +28,7 @@ FUSED_SHARDS = {
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend, **kw):
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, wkw: dict):
         super().__init__()
         self.num_heads, self.num_kv_heads = arch.num_attention_heads, arch.num_key_value_heads
         self.head_dim = arch.head_dim
@@ -36,8 +36,8 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim ** -0.5
         self.sliding_window = arch.sliding_window
         self.qkv_proj = QKVLinear(arch.hidden_size, self.q_size, self.kv_size,
-                                  bias=arch.attention_bias, **kw)
-        self.o_proj = ReplicatedLinear(self.q_size, arch.hidden_size, **kw)
+                                  bias=arch.attention_bias, **wkw)
+        self.o_proj = ReplicatedLinear(self.q_size, arch.hidden_size, **wkw)
         self.backend = backend
 
     def forward(self, rope, x, kv_cache: tuple[torch.Tensor, torch.Tensor],
@@ -55,20 +55,20 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArch, **kw):
+    def __init__(self, arch: ModelArch, wkw: dict):
         super().__init__()
-        self.gate_up_proj = MergedLinear(arch.hidden_size, [arch.intermediate_size] * 2, **kw)
-        self.down_proj = ReplicatedLinear(arch.intermediate_size, arch.hidden_size, **kw)
+        self.gate_up_proj = MergedLinear(arch.hidden_size, [arch.intermediate_size] * 2, **wkw)
+        self.down_proj = ReplicatedLinear(arch.intermediate_size, arch.hidden_size, **wkw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, backend, **kw):
+    def __init__(self, arch: ModelArch, backend, kw: dict, wkw: dict):
         super().__init__()
-        self.self_attn = LlamaAttention(arch, backend, **kw)
-        self.mlp = LlamaMLP(arch, **kw)
+        self.self_attn = LlamaAttention(arch, backend, wkw)
+        self.mlp = LlamaMLP(arch, wkw)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
 
@@ -78,19 +78,23 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, arch: ModelArch, backend, max_position: int, dtype, device):
+    def __init__(self, arch: ModelArch, backend, max_position: int, dtype, device, weight_dtype):
         super().__init__()
+        # Activations, norms and rotary tables in `dtype`; embedding and linear weights stored
+        # in `weight_dtype` (narrower where the device stores bf16 but computes fp32).
         kw = {"dtype": dtype, "device": device}
-        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **kw)
+        wkw = {"dtype": weight_dtype, "device": device}
+        self.compute_dtype = dtype
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size, **wkw)
         self.embed_tokens.weight.requires_grad_(False)
         self.rotary = RotaryEmbedding(arch.head_dim, max_position, arch.rope_theta,
                                       arch.rope_scaling, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, **kw)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, kw, wkw)
                                     for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens(input_ids).to(self.compute_dtype)
         rope = self.rotary.cos_sin(positions)  # shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = layer(rope, h, kv_cache, meta)
@@ -101,11 +105,13 @@ class LlamaForCausalLM(nn.Module):
     """input_ids/positions of the flat batch -> hidden states; `compute_logits` on chosen rows."""
 
     def __init__(self, arch: ModelArch, backend: AttentionBackend, max_position: int,
-                 dtype: torch.dtype, device: torch.device | str):
+                 dtype: torch.dtype, device: torch.device | str,
+                 weight_dtype: torch.dtype | None = None):
         super().__init__()
         self.arch = arch
-        self.model = LlamaModel(arch, backend, max_position, dtype, device)
-        self.lm_head = ReplicatedLinear(arch.hidden_size, arch.vocab_size, dtype=dtype,
+        weight_dtype = weight_dtype or dtype
+        self.model = LlamaModel(arch, backend, max_position, dtype, device, weight_dtype)
+        self.lm_head = ReplicatedLinear(arch.hidden_size, arch.vocab_size, dtype=weight_dtype,
                                         device=device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
