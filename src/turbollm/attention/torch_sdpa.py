@@ -51,10 +51,14 @@ class TorchAttentionBackend(AttentionBackend):
     def _prefill(q, k, v, scale, window, derived: dict, seq_key: int) -> torch.Tensor:
         # q: [n, H, D] are the last n positions of a context of k/v: [L, KVH, D]
         n, L = q.shape[0], k.shape[0]
-        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+        # [1, heads, tokens, D] with K/V heads expanded: with 3-D inputs or enable_gqa=True,
+        # CPU SDPA falls back to its math path, which materializes [H, n, L] scores.
+        group = q.shape[1] // k.shape[1]
+        qt = q.transpose(0, 1).unsqueeze(0)
+        kt = k.to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
+        vt = v.to(q.dtype).repeat_interleave(group, dim=1).transpose(0, 1).unsqueeze(0)
         if window is None and n == L:
-            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
-                                               enable_gqa=True)
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale)
         else:
             key = ("prefill_mask", seq_key, window)
             mask = derived.get(key)
@@ -65,9 +69,8 @@ class TorchAttentionBackend(AttentionBackend):
                 if window is not None:
                     mask &= k_pos > q_pos - window
                 derived[key] = mask
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
-                                               enable_gqa=True)
-        return o.transpose(0, 1)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
+        return o[0].transpose(0, 1)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window) -> torch.Tensor:

@@ -28,7 +28,8 @@ class UnquantizedLinearMethod:
         if b is not None:
             b = b.to(x.dtype)
         if x.numel() == x.shape[-1]:  # one row: y = (x in bf16) W^T, accumulated in fp32
-            return F.linear(x.to(w.dtype), w).to(x.dtype) + (0 if b is None else b)
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)
+            return y if b is None else y + b
         return F.linear(x, w.to(x.dtype), b)
 
 

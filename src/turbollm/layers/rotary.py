@@ -55,11 +55,13 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     @staticmethod
-    def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], q: torch.Tensor, k: torch.Tensor
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, num_heads, head_dim], k: [T, num_kv_heads, head_dim], rotated by position."""
+    def apply(cos_sin: tuple[torch.Tensor, torch.Tensor], qk: torch.Tensor) -> torch.Tensor:
+        """qk: [T, num_heads + num_kv_heads, head_dim] (q and k heads side by side), rotated.
+
+        Rotating q and k as one tensor halves the number of small ops per layer.
+        """
         cos, sin = cos_sin
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return _rotate(qk, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -44,11 +44,12 @@ class LlamaAttention(nn.Module):
                 meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden] -> qkv: [T, q_size + 2 * kv_size]
         T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(T, self.num_heads, self.head_dim)
-        k = k.view(T, self.num_kv_heads, self.head_dim)
-        v = v.view(T, self.num_kv_heads, self.head_dim)
-        q, k = RotaryEmbedding.apply(rope, q, k)
+        qkv = self.qkv_proj(x)
+        qk = qkv[:, :self.q_size + self.kv_size].view(T, self.num_heads + self.num_kv_heads,
+                                                      self.head_dim)
+        qk = RotaryEmbedding.apply(rope, qk)  # [T, H + KVH, D]
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale,
                                  self.sliding_window)
         return self.o_proj(o.reshape(T, self.q_size))

@@ -4,9 +4,10 @@ from __future__ import annotations
 import json
 import re
 
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from turbollm.server.errors import APIError
+from turbollm.server.errors import APIError, from_validation_error
 
 # A \uD800-\uDFFF escape in the raw text: json.loads turns an unpaired one into a lone
 # surrogate, which is not a character and cannot be encoded back to UTF-8.
@@ -70,3 +71,20 @@ def parse_json_object(raw: bytes) -> dict:
 async def read_json_object(request: Request, max_bytes: int) -> dict:
     """Size-checked, strictly decoded JSON object body."""
     return parse_json_object(await read_body(request, max_bytes))
+
+
+async def read_request_model(request: Request, max_bytes: int, model: type[BaseModel]):
+    """The body parsed strictly and validated into `model` (400 with `param` on failure)."""
+    body = await read_json_object(request, max_bytes)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+def usage_of(outputs) -> dict:
+    """OpenAI `usage` over one or more RequestOutputs."""
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}

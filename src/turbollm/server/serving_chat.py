@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import time
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -11,11 +10,11 @@ from turbollm.chat import render_chat
 from turbollm.engine.outputs import RequestOutput
 from turbollm.server.engine_client import (CLIENT_CLOSED_STATUS, EngineClient, engine_error,
                                            output_error)
-from turbollm.server.errors import APIError, error_event, from_validation_error
+from turbollm.server.errors import APIError, error_event
 from turbollm.server.logprobs import chat_logprobs
 from turbollm.server.params import chat_params
 from turbollm.server.protocol import ChatCompletionRequest, ChatMessage
-from turbollm.server.request_body import read_json_object
+from turbollm.server.request_body import read_request_model, usage_of
 from turbollm.server.sse import DONE, SSEResponse, sse_event
 
 
@@ -51,21 +50,11 @@ def _render_and_encode(tokenizer, messages: list[dict], template: str | None) ->
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-def _usage(out: RequestOutput) -> dict:
-    prompt = len(out.prompt_token_ids)
-    completion = sum(len(c.token_ids) for c in out.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
 async def create_chat_completion(request: Request, client: EngineClient) -> Response:
     """Handle /v1/chat/completions."""
     arrival = time.monotonic()
-    body = await read_json_object(request, client.cfg.max_request_bytes_int)
-    try:
-        req = ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
+    req = await read_request_model(request, client.cfg.max_request_bytes_int,
+                                   ChatCompletionRequest)
     model = client.check_model(req.model)
     params = chat_params(req, client.cfg)
     messages = _message_dicts(req.messages)
@@ -108,7 +97,7 @@ class _Ctx:
                     "logprobs": chat_logprobs(c.logprobs, self.text_of)
                     if c.logprobs is not None else None,
                     "finish_reason": c.finish_reason} for c in out.outputs]
-        return self._envelope("chat.completion", choices, _usage(out))
+        return self._envelope("chat.completion", choices, usage_of([out]))
 
     def chunk(self, index: int, delta: dict, logprobs: dict | None, finish: str | None) -> bytes:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -142,7 +131,7 @@ async def _stream(ctx: _Ctx, stream):
                     done[c.index] = True
             if out.finished:
                 if ctx.include_usage:
-                    yield sse_event(ctx._envelope("chat.completion.chunk", [], _usage(out)))
+                    yield sse_event(ctx._envelope("chat.completion.chunk", [], usage_of([out])))
                 break
     except Exception as e:  # the engine died or the server is shutting down
         yield error_event(engine_error(e))

@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import time
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from turbollm.engine.outputs import RequestOutput
 from turbollm.server.engine_client import (CLIENT_CLOSED_STATUS, EngineClient, engine_error,
                                            merge_streams, output_error)
-from turbollm.server.errors import APIError, error_event, from_validation_error
+from turbollm.server.errors import APIError, error_event
 from turbollm.server.logprobs import completion_logprobs
 from turbollm.server.params import completion_params
 from turbollm.server.protocol import CompletionRequest
-from turbollm.server.request_body import read_json_object
+from turbollm.server.request_body import read_request_model, usage_of
 from turbollm.server.sse import DONE, SSEResponse, sse_event
 
 
@@ -42,21 +41,10 @@ def _prompts(req: CompletionRequest, max_prompts: int) -> list[str | list[int]]:
     return prompts
 
 
-def _usage(finals: list[RequestOutput]) -> dict:
-    prompt = sum(len(o.prompt_token_ids) for o in finals)
-    completion = sum(len(c.token_ids) for o in finals for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
-
-
 async def create_completion(request: Request, client: EngineClient) -> Response:
     """Handle /v1/completions."""
     arrival = time.monotonic()
-    body = await read_json_object(request, client.cfg.max_request_bytes_int)
-    try:
-        req = CompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
+    req = await read_request_model(request, client.cfg.max_request_bytes_int, CompletionRequest)
     model = client.check_model(req.model)
     prompts = _prompts(req, client.cfg.max_prompts)
     params = completion_params(req, client.cfg)
@@ -117,7 +105,7 @@ class _Ctx:
                     lp = completion_logprobs(c.logprobs, self.text_of, len(prefix))
                 choices.append({"index": i * n + c.index, "text": prefix + c.text,
                                 "logprobs": lp, "finish_reason": c.finish_reason})
-        return self._envelope(choices, _usage(finals))
+        return self._envelope(choices, usage_of(finals))
 
     def chunk(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -164,7 +152,7 @@ async def _stream(ctx: _Ctx, streams):
                 finals[i] = out
         else:
             if ctx.include_usage:
-                yield sse_event(ctx._envelope([], _usage(finals)))  # type: ignore[arg-type]
+                yield sse_event(ctx._envelope([], usage_of(finals)))  # type: ignore[arg-type]
     except Exception as e:  # the engine died or the server is shutting down
         yield error_event(engine_error(e))
     yield DONE

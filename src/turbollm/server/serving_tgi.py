@@ -3,18 +3,17 @@ from __future__ import annotations
 
 import time
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from turbollm.engine.outputs import CompletionOutput, RequestOutput
 from turbollm.server.engine_client import (CLIENT_CLOSED_STATUS, EngineClient, engine_error,
                                            output_error)
-from turbollm.server.errors import error_event, from_validation_error
+from turbollm.server.errors import error_event
 from turbollm.server.logprobs import TokenText
 from turbollm.server.params import tgi_params
 from turbollm.server.protocol import TGIRequest
-from turbollm.server.request_body import read_json_object
+from turbollm.server.request_body import read_request_model
 from turbollm.server.sse import SSEResponse, sse_event
 
 
@@ -31,11 +30,7 @@ def _token(token_id: int, text: str, c: CompletionOutput, special_ids: set[int])
 
 
 async def _parse(request: Request, client: EngineClient) -> TGIRequest:
-    body = await read_json_object(request, client.cfg.max_request_bytes_int)
-    try:
-        return TGIRequest.model_validate(body)
-    except ValidationError as e:
-        raise from_validation_error(e) from None
+    return await read_request_model(request, client.cfg.max_request_bytes_int, TGIRequest)
 
 
 async def _submit(request: Request, client: EngineClient):
