@@ -119,8 +119,6 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
 
-    SECTIONS = ("model", "cache", "scheduler", "device")
-
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
         """Build from flat keyword arguments (LLM(...) and the CLI) by field name."""

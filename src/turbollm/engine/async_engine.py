@@ -444,8 +444,7 @@ class AsyncLLMEngine:
         """Release queue slots of requests that left the waiting queue in this step."""
         if not self._unscheduled:
             return
-        waiting = {r.extra[0].request_id for r in self.engine.scheduler.waiting
-                   if r.extra is not None}
+        waiting = self.engine.waiting_request_ids()
         left = [rid for rid in self._unscheduled if rid not in waiting]
         for rid in left:
             self._unscheduled.discard(rid)

@@ -157,6 +157,10 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def waiting_request_ids(self) -> set[str]:
+        """Ids (as given to add_request) of requests with a sequence not yet admitted."""
+        return {r.extra[0].request_id for r in self.scheduler.waiting if r.extra is not None}
+
     # ----- the step -----
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, advance requests, and report what changed."""

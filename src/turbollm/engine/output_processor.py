@@ -30,7 +30,7 @@ class RequestGroup:
     arrival_time: float
     children: list[Request] = field(default_factory=list)
     states: list[ChildState] = field(default_factory=list)
-    metrics: RequestMetrics = None  # type: ignore[assignment]
+    metrics: RequestMetrics = field(init=False)
     error: str | None = None
 
     def __post_init__(self) -> None:
