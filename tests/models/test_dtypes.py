@@ -33,6 +33,7 @@ def test_auto_dtype_rules(monkeypatch):
     assert compute_dtype_for(torch.bfloat16, "cpu") == torch.float32  # stored bf16, fp32 math
     monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: True)
     assert compute_dtype_for(torch.bfloat16, "cpu") == torch.bfloat16
+    assert compute_dtype_for(torch.float16, "cpu") == torch.float32  # bf16 math is not fp16 math
     assert compute_dtype_for(torch.bfloat16, "cuda") == torch.bfloat16
     arch.torch_dtype = "float32"
     assert resolve_dtype("auto", arch, "cuda") == torch.float32

@@ -22,8 +22,7 @@ class LoadedModel:
     arch: ModelArch
     tokenizer: Any  # a transformers PreTrainedTokenizerFast, or None (dummy presets)
     source: ResolvedModel
-    dtype: torch.dtype  # storage of weights and the KV cache
-    compute_dtype: torch.dtype  # activations
+    dtype: torch.dtype  # storage of weights and the KV cache (activations: model.compute_dtype)
     max_model_len: int
 
 
@@ -56,15 +55,16 @@ def resolve_dtype(requested: str, arch: ModelArch, device: str) -> torch.dtype:
 
 
 def compute_dtype_for(dtype: torch.dtype, device: str) -> torch.dtype:
-    """Activations' dtype: the storage dtype, except 16-bit on a CPU without 16-bit math.
+    """Activations' dtype: the storage dtype, except 16-bit on a CPU without math for it.
 
-    There (e.g. AVX2-only CPUs) bf16/fp16 are storage formats: weights and KV cache keep half the
-    bytes, matmuls run in fp32 — as llama.cpp does with F16 weights on such CPUs.
+    On CPU only bf16 has detected hardware math (AMX / AVX-512 BF16); elsewhere bf16 and fp16 are
+    storage formats: weights and KV cache keep half the bytes, matmuls run in fp32 — as llama.cpp
+    does with F16 weights on such CPUs.
     """
     if dtype == torch.float32 or device.startswith("cuda"):
         return dtype
     from turbollm.platform_info import cpu_has_native_bf16
-    return dtype if cpu_has_native_bf16() else torch.float32
+    return dtype if dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
 def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
@@ -112,4 +112,4 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         model.load_weights(iter_checkpoint(source, dtype))
     model.eval()
     tok = load_tokenizer_for(source, cfg.tokenizer)
-    return LoadedModel(model, arch, tok, source, dtype, compute, max_len)
+    return LoadedModel(model, arch, tok, source, dtype, max_len)
