@@ -60,7 +60,7 @@ class LLMEngine:
             # Measure, then size: the cache gets what a full-size step leaves free.
             step = min(config.scheduler.max_num_batched_tokens, loaded.max_model_len)
             peak = profile_peak_bytes(self.model, self.arch, step, cc.block_size, self.dtype,
-                                      device)
+                                      device, config.scheduler.max_num_seqs)
         num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
             self.arch, kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak), cc.block_size,
             self.dtype)

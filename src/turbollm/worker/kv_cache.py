@@ -44,8 +44,9 @@ def blocks_for_budget(arch: ModelArch, budget: int, block_size: int, dtype: torc
 
 @torch.inference_mode()
 def profile_peak_bytes(model: torch.nn.Module, arch: ModelArch, num_tokens: int, block_size: int,
-                       dtype: torch.dtype, device: str) -> int:
-    """Run one prefill of `num_tokens` tokens (the largest step) and return the device's peak
+                       dtype: torch.dtype, device: str, num_sampled_rows: int = 1) -> int:
+    """Run one prefill of `num_tokens` tokens (the largest step), with logits and probabilities
+    for `num_sampled_rows` rows (the most a step samples), and return the device's peak
     allocated bytes (weights + activations), so the KV cache can take what is left.
 
     On CPU the pass still runs (it checks the path end to end) and 0 is returned.
@@ -64,7 +65,8 @@ def profile_peak_bytes(model: torch.nn.Module, arch: ModelArch, num_tokens: int,
     if is_cuda:
         torch.cuda.reset_peak_memory_stats(device)
     hidden = model(ids, pos, layer_views(cache), meta)
-    model.compute_logits(hidden[-1:])
+    rows = max(1, min(num_sampled_rows, num_tokens))
+    model.compute_logits(hidden[-rows:]).softmax(-1)  # [rows, vocab] fp32, like the sampler
     del cache, hidden
     if not is_cuda:
         return 0
