@@ -17,19 +17,9 @@ import torch
 
 from turbollm import LLM, SamplingParams
 from turbollm.loader.resolve import bundled_model_path
+from turbollm.plan.local_hw import measure_read_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def read_bandwidth_gbs(nbytes: int = 512 * 2**20, reps: int = 5) -> float:
-    """Streaming read bandwidth: best of `reps` sums over a buffer far larger than the caches."""
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t)
-    return nbytes / best / 1e9
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -127,7 +117,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from turbollm.bench.peers import hf_model_from_gguf
     gguf = bundled_model_path()
-    res: dict = {"threads": args.threads, "read_bandwidth_gbs": read_bandwidth_gbs()}
+    read_bw = measure_read_bandwidth(torch.device("cpu"), 512 * 2**20)
+    res: dict = {"threads": args.threads, "read_bandwidth_gbs": read_bw / 1e9}
     rng = random.Random(3)
     lengths = [rng.randint(16, 256) for _ in range(args.batch)]
     prompts = random_prompts(args.batch, 128, 49152, seed=4)
