@@ -91,18 +91,11 @@ def test_permutation_indices_are_inverse():
 
 
 @pytest.fixture(scope="module")
-def transformers_state_dict(ckpt):
+def transformers_state_dict():
     """What transformers itself loads from the bundled GGUF (it un-permutes q/k on its own)."""
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    # AutoModelForCausalLM.from_pretrained(gguf_file=) needs `accelerate`; the checkpoint loader
-    # only needs a model skeleton to map names (transformers reads the head counts it un-permutes
-    # with from the file itself), so a meta-device Llama with the right layer count will do.
-    cfg = {k: v for k, v in ckpt.hf_config.items() if k not in ("architectures", "model_type", "torch_dtype")}
-    with torch.device("meta"):
-        skeleton = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
-    return load_gguf_checkpoint(str(BUNDLED), return_tensors=True, model_to_load=skeleton)["tensors"]
+    pytest.importorskip("transformers")
+    from turbollm.bench.peers import hf_state_dict_from_gguf
+    return hf_state_dict_from_gguf(BUNDLED)[0]
 
 
 @pytest.mark.slow
