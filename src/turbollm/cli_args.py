@@ -6,9 +6,10 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from turbollm.config import CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig
+from turbollm.config import (CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig,
+                             SpeculativeConfig)
 
-ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig)
+ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, SpeculativeConfig)
 
 
 def _base_type(hint):

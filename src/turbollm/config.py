@@ -11,6 +11,9 @@ from turbollm.sizing import parse_memory_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf")
+KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+SPECULATIVE_METHODS = ("none", "ngram", "draft")
 DEFAULT_MODEL = "smollm2-135m"
 
 
@@ -34,6 +37,11 @@ class ModelConfig:
     max_model_len: int | None = field(default=None, metadata=_help(
         "context length (prompt + output); default: the model's, capped by the KV cache"))
     seed: int = field(default=0, metadata=_help("seed for random weights and unseeded sampling"))
+    quantization: str | None = field(default=None, metadata=_help(
+        "weight quantization applied at load (default: the checkpoint's own)",
+        choices=QUANTIZATION_METHODS))
+    quantization_group_size: int = field(default=128, metadata=_help(
+        "group size of int4 / AWQ / GPTQ quantization at load"))
     hf_config_overrides: dict | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -43,6 +51,12 @@ class ModelConfig:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, "
+                             f"got {self.quantization!r}")
+        if self.quantization_group_size not in (32, 64, 128):
+            raise ValueError("quantization_group_size must be 32, 64 or 128, got "
+                             f"{self.quantization_group_size}")
 
 
 @dataclass
@@ -55,6 +69,9 @@ class CacheConfig:
         "weights and a warm-up pass)"))
     enable_prefix_caching: bool = field(default=True, metadata=_help(
         "reuse KV blocks of repeated prompt prefixes"))
+    kv_cache_dtype: str = field(default="auto", metadata=_help(
+        "KV cache storage: auto = the model's dtype; int8 = per-token, per-head scales (half "
+        "the bytes)", choices=KV_CACHE_DTYPES))
     num_gpu_blocks_override: int | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -62,6 +79,9 @@ class CacheConfig:
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
         if self.kv_cache_memory is not None and parse_memory_size(self.kv_cache_memory) <= 0:
             raise ValueError(f"kv_cache_memory must be positive, got {self.kv_cache_memory!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
 
     @property
     def kv_cache_memory_bytes(self) -> int | None:
@@ -84,6 +104,42 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+
+
+@dataclass
+class SpeculativeConfig:
+    """Speculative decoding: propose K tokens cheaply, verify them in one target forward."""
+
+    speculative_method: str = field(default="none", metadata=_help(
+        "ngram = prompt lookup; draft = a smaller model with the same tokenizer",
+        choices=SPECULATIVE_METHODS))
+    num_speculative_tokens: int = field(default=4, metadata=_help(
+        "most tokens proposed per step (adapted to the acceptance rate)"))
+    draft_model: str | None = field(default=None, metadata=_help(
+        "draft model (same forms as --model); default: the target itself, see --draft-layers"))
+    draft_layers: int | None = field(default=None, metadata=_help(
+        "self-speculation: the draft is the target's first k layers"))
+    draft_quantization: str | None = field(default=None, metadata=_help(
+        "quantization of the draft model", choices=QUANTIZATION_METHODS))
+    ngram_max: int = field(default=4, metadata=_help("longest n-gram matched by prompt lookup"))
+    ngram_min: int = field(default=1, metadata=_help("shortest n-gram matched by prompt lookup"))
+
+    def __post_init__(self) -> None:
+        if self.speculative_method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be one of {SPECULATIVE_METHODS}, "
+                             f"got {self.speculative_method!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError("num_speculative_tokens must be in [1, 16], got "
+                             f"{self.num_speculative_tokens}")
+        if self.draft_layers is not None and self.draft_layers < 1:
+            raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
+        if not 1 <= self.ngram_min <= self.ngram_max:
+            raise ValueError("need 1 <= ngram_min <= ngram_max, got "
+                             f"{self.ngram_min}, {self.ngram_max}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.speculative_method != "none"
 
 
 @dataclass
@@ -118,6 +174,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -125,7 +182,8 @@ class EngineConfig:
         from dataclasses import fields
         parts = {}
         for name, klass in (("model", ModelConfig), ("cache", CacheConfig),
-                            ("scheduler", SchedulerConfig), ("device", DeviceConfig)):
+                            ("scheduler", SchedulerConfig), ("device", DeviceConfig),
+                            ("speculative", SpeculativeConfig)):
             own = {f.name for f in fields(klass)}
             parts[name] = klass(**{k: kwargs.pop(k) for k in list(kwargs) if k in own})
         if kwargs:

@@ -37,10 +37,24 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
+def _check_available(config: EngineConfig) -> None:
+    """Refuse options whose implementation has not landed, rather than silently ignoring them."""
+    missing = []
+    if config.model.quantization not in (None, "none"):
+        missing.append(f"quantization={config.model.quantization}")
+    if config.cache.kv_cache_dtype != "auto":
+        missing.append(f"kv_cache_dtype={config.cache.kv_cache_dtype}")
+    if config.speculative.enabled:
+        missing.append(f"speculative_method={config.speculative.speculative_method}")
+    if missing:
+        raise ValueError(f"not available yet in this engine: {', '.join(missing)}")
+
+
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache."""
 
     def __init__(self, config: EngineConfig):
+        _check_available(config)
         self.config = config
         device = config.device.resolved_device()
         self.device = device
