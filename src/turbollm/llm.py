@@ -48,6 +48,10 @@ class LLM:
         prompts = [self.apply_chat_template(c, chat_template) for c in convs]  # type: ignore[arg-type]
         return self.generate(prompts, sampling_params, use_tqdm)
 
+    def score_logits(self, token_ids: list[int]):
+        """Next-token logits at every position of a token sequence: [len, vocab] fp32."""
+        return self.engine.score_logits(token_ids)
+
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None
                             ) -> list[int]:
         """Token ids of a conversation rendered with the chat template, ready for a reply."""

@@ -175,6 +175,34 @@ class LLMEngine:
         """Ids (as given to add_request) of requests with a sequence not yet admitted."""
         return {r.extra[0].request_id for r in self.scheduler.waiting if r.extra is not None}
 
+    def score_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Next-token logits at every position of `token_ids`: [len, vocab] fp32.
+
+        Row i is the model's prediction for token i + 1 given tokens[:i + 1]. Runs outside the
+        scheduler on blocks borrowed from the pool (no prefix-cache reuse, so every position is
+        computed), for perplexity, agreement and calibration.
+        """
+        if not token_ids:
+            raise RequestValidationError("nothing to score: the token list is empty", "prompt")
+        if len(token_ids) > self.max_model_len:
+            raise ContextLengthExceededError(
+                f"{len(token_ids)} tokens exceed the context length of {self.max_model_len}",
+                "prompt")
+        if min(token_ids) < 0 or max(token_ids) >= self.arch.vocab_size:
+            raise RequestValidationError(
+                f"token ids must be in [0, {self.arch.vocab_size})", "prompt")
+        pool = self.kv_manager.pool
+        need = -(-len(token_ids) // self.config.cache.block_size)
+        if need > pool.num_available:
+            raise RuntimeError(f"scoring {len(token_ids)} tokens needs {need} free KV blocks; "
+                               f"{pool.num_available} are free")
+        blocks = pool.allocate(need)
+        try:
+            return self.runner.forward_logits(list(token_ids), [b.block_id for b in blocks],
+                                              self.config.scheduler.max_num_batched_tokens)
+        finally:
+            pool.release(blocks)
+
     # ----- the step -----
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, advance requests, and report what changed."""

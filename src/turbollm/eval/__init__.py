@@ -1,1 +1,1 @@
-"""turbollm.eval."""
+"""Quality evaluation: perplexity and agreement between model configurations."""

@@ -132,3 +132,25 @@ class ModelRunner:
                 sampled[i] = out.sampled_token_ids[j]
                 logprobs[i] = out.logprobs[j] if out.logprobs else None
         return ModelRunnerOutput(sampled, logprobs)
+
+    @torch.inference_mode()
+    def forward_logits(self, token_ids: list[int], block_ids: list[int], chunk: int
+                       ) -> torch.Tensor:
+        """Logits at every position of one sequence, prefilled `chunk` tokens at a time into
+        the given blocks: [len(token_ids), vocab] fp32. For scoring (perplexity, calibration),
+        not for serving."""
+        bs = self.block_size
+        dev = self.device
+        table = torch.tensor(block_ids, dtype=torch.long, device=dev)
+        outs = []
+        for start in range(0, len(token_ids), chunk):
+            end = min(start + chunk, len(token_ids))
+            pos = torch.arange(start, end, device=dev)
+            slots = table[pos // bs] * bs + pos % bs
+            meta = AttentionMetadata(slot_mapping=slots, num_decodes=0,
+                                     decode_block_tables=None, decode_seq_lens=None,
+                                     prefills=[(0, end - start, end, table)], block_size=bs)
+            ids = torch.tensor(token_ids[start:end], dtype=torch.long, device=dev)
+            hidden = self.model(ids, pos, self.kv_views, meta)
+            outs.append(self.model.compute_logits(hidden))
+        return torch.cat(outs)
