@@ -1,0 +1,1 @@
+"""Weight and KV-cache quantization: interchange forms, linear methods and their kernels."""

@@ -1,0 +1,63 @@
+"""Weight-only int8, per-output-channel symmetric: the interchange form and its linear method.
+
+Contract:
+    qweight: int8    [out, in]   values -127..127
+    scales:  float32 [out]
+    w[o, i] = qweight[o, i] * scales[o]
+
+- `quantize_int8(weight)` -> (qweight, scales)
+- `dequantize_int8(qweight, scales)` -> float32 weight (the test reference)
+- `install_int8(layer, qweight, scales)` swaps a LinearBase's dense weight for int8 served by a
+  low-bit kernel (bias kept).
+"""
+from __future__ import annotations
+
+import torch
+
+from turbollm.quantization import kernels
+from turbollm.quantization.int4 import _drop_dense_weight
+
+
+def quantize_int8(weight: torch.Tensor):
+    """Symmetric per-row int8: scale = max|w_row| / 127."""
+    w = weight.detach().float()
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10)
+    q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return qweight.float() * scales.float()[:, None]
+
+
+class Int8LinearMethod:
+    """Serves y = x W^T + b from per-channel int8 weights through `kernels.int8_linear`."""
+
+    name = "int8"
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = kernels.int8_linear(x.reshape(-1, shape[-1]), layer.int8_state)
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def canonical(self, layer):
+        """(qweight, scales) in the interchange form."""
+        return kernels.int8_unpack(layer.int8_state)
+
+    def weight_bytes(self, layer) -> int:
+        return kernels.state_bytes(layer.int8_state)
+
+
+def install_int8(layer, qweight: torch.Tensor, scales: torch.Tensor) -> None:
+    """Replace `layer`'s dense weight by per-channel int8 served by a kernel."""
+    out_f, in_f = layer.out_features, layer.in_features
+    if tuple(qweight.shape) != (out_f, in_f) or qweight.dtype != torch.int8:
+        raise ValueError(f"qweight must be int8 ({out_f}, {in_f}), got {qweight.dtype} "
+                         f"{tuple(qweight.shape)}")
+    if tuple(scales.shape) != (out_f,):
+        raise ValueError(f"scales shape {tuple(scales.shape)} != ({out_f},)")
+    _drop_dense_weight(layer)
+    layer.int8_state = kernels.int8_pack(qweight, scales.float())
+    layer.quant_method = Int8LinearMethod()
