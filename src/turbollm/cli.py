@@ -62,6 +62,13 @@ def _add_plan(sub) -> None:
         p.set_defaults(func=run_plan)
 
 
+def _add_bench_eval(sub) -> None:
+    from turbollm.bench.cli import add_bench_parser
+    from turbollm.eval.cli import add_eval_parser
+    add_bench_parser(sub)
+    add_eval_parser(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="turbollm", description=__doc__)
     parser.add_argument("--log-level", default="INFO")
@@ -69,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve(sub)
     _add_generate(sub)
     _add_plan(sub)
+    _add_bench_eval(sub)
     return parser
 
 

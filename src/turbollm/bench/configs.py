@@ -1,0 +1,110 @@
+"""Engine configurations to compare, as plain engine keyword arguments.
+
+A configuration is (name, kwargs) where kwargs go straight to `LLM(...)`; the matrix lists every
+technique the engine has a switch for, whether or not it is implemented yet: the engine itself
+says "not available" (a ValueError at construction), so a technique shows up in the bench the
+moment its implementation lands, with no edit here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class BenchConfig:
+    name: str
+    kwargs: dict = field(default_factory=dict)
+    peer: str | None = None  # "hf" / "llamacpp": measured by a peer engine, not ours
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "kwargs": self.kwargs, "peer": self.peer}
+
+
+def parse_value(text: str):
+    """'4' -> 4, '0.5' -> 0.5, 'true'/'false' -> bool, 'null' -> None, else the string
+    ('none' stays a string: it is a value of several options, e.g. quantization=none)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "null":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_overrides(items: list[str] | str | None) -> dict:
+    """['dtype=float32', 'quantization=int4,kv_cache_dtype=int8'] -> engine kwargs."""
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    out = {}
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"expected KEY=VALUE, got {part!r}")
+            out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
+
+
+def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
+    """Every technique the engine has an option for, one switch at a time, default dtype."""
+    draft_layers = max(1, (num_layers or 4) // 4)  # self-speculation on a quarter of the layers
+    return [
+        BenchConfig("int8", {"quantization": "int8"}),
+        BenchConfig("int4", {"quantization": "int4"}),
+        BenchConfig("awq", {"quantization": "awq"}),
+        BenchConfig("gptq", {"quantization": "gptq"}),
+        BenchConfig("gguf-native", {"quantization": "gguf"}),
+        BenchConfig("kv-int8", {"kv_cache_dtype": "int8"}),
+        BenchConfig("kv-fp8", {"kv_cache_dtype": "fp8_e4m3"}),
+        BenchConfig("no-prefix-cache", {"enable_prefix_caching": False}),
+        BenchConfig("spec-ngram", {"speculative_method": "ngram", "num_speculative_tokens": 4}),
+        BenchConfig("spec-draft", {"speculative_method": "draft", "num_speculative_tokens": 4,
+                                   "draft_layers": draft_layers}),
+    ]
+
+
+DTYPE_CONFIGS = [BenchConfig("fp32", {"dtype": "float32"}),
+                 BenchConfig("bf16", {"dtype": "bfloat16"}),
+                 BenchConfig("fp16", {"dtype": "float16"})]
+
+PEER_DTYPES = {"quick": ["float32"], "full": ["float32", "bfloat16"]}
+
+
+def build_matrix(num_layers: int | None, only: list[str] | None = None,
+                 extra: dict[str, dict] | None = None) -> list[BenchConfig]:
+    """fp32 (the quality baseline) first, then bf16, fp16, every technique, then `extra`."""
+    configs = [BenchConfig(c.name, dict(c.kwargs)) for c in DTYPE_CONFIGS]
+    configs += technique_configs(num_layers)
+    configs += [BenchConfig(name, kw) for name, kw in (extra or {}).items()]
+    if only:
+        known = {c.name: c for c in configs}
+        unknown = [n for n in only if n not in known]
+        if unknown:
+            raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(known)}")
+        configs = [known[n] for n in only]
+    return configs
+
+
+def peer_configs(peers: list[str], dtypes: list[str]) -> list[BenchConfig]:
+    """Peers at the same dtypes as ours (llama.cpp runs the GGUF file as it is)."""
+    out = []
+    for peer in peers:
+        if peer == "hf":
+            out += [BenchConfig(f"hf-{_short(d)}", {"dtype": d}, peer="hf") for d in dtypes]
+        elif peer == "llamacpp":
+            out.append(BenchConfig("llamacpp", {}, peer="llamacpp"))
+        else:
+            raise ValueError(f"unknown peer {peer!r}: choose from hf, llamacpp")
+    return out
+
+
+def _short(dtype: str) -> str:
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(dtype, dtype)
