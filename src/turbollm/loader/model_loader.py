@@ -89,6 +89,7 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
     """Resolve, construct on `device` and fill the model (random weights for load_format=dummy)."""
     from turbollm.loader.dummy import init_dummy_weights
     from turbollm.models.registry import get_model_class
+    from turbollm.quantization.hf_checkpoint import load_prequantized, prequantized_config
 
     source = resolve_model(cfg.model, cfg.load_format)
     if cfg.load_format == "gguf" and source.kind != "gguf":
@@ -108,6 +109,8 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
                           weight_dtype=dtype)
     if cfg.load_format == "dummy":
         init_dummy_weights(model, seed=cfg.seed)
+    elif source.kind == "hf_dir" and (qcfg := prequantized_config(source.path)) is not None:
+        load_prequantized(model, source.path, dtype, qcfg)  # AutoAWQ / GPTQ layouts
     else:
         model.load_weights(iter_checkpoint(source, dtype))
     model.eval()
