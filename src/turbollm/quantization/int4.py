@@ -5,9 +5,13 @@ Contract (stable; RTN, AWQ, GPTQ and GGUF Q4_0/Q4_1 all hand weights over in thi
     qweight: uint8   [out, in]        values 0..15
     scales:  float32 [out, in // G]
     zeros:   float32 [out, in // G]   zero point in quantized units (may be fractional)
-    G:       group size, in % G == 0
+    G:       group size, a multiple of 32; in % 32 == 0. If G does not divide `in`, the last
+             group is shorter and scales/zeros have ceil(in / G) columns (576 = 4*128 + 64).
 
     w[o, i] = (qweight[o, i] - zeros[o, i // G]) * scales[o, i // G]
+
+The kernels store scales and zeros as float16 (like AWQ, GPTQ and GGUF do), so values that are
+not float16-representable are rounded once at install (RTN below returns fp16-exact scales).
 
 - `quantize_int4_rtn(weight, G)` -> (qweight, scales, zeros): round-to-nearest, integer zeros.
 - `dequantize_int4(qweight, scales, zeros, G)` -> float32 weight (the test reference).
@@ -25,29 +29,35 @@ from turbollm.quantization import kernels
 def quantize_int4_rtn(weight: torch.Tensor, group_size: int):
     """Round-to-nearest asymmetric int4 per group of `group_size` input columns."""
     out_f, in_f = weight.shape
-    _check_groups(in_f, group_size)
-    w = weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+    ng = _num_groups(in_f, group_size)
+    w = weight.detach().float()
+    if ng * group_size != in_f:  # a shorter last group: zero padding leaves its range unchanged
+        w = torch.nn.functional.pad(w, (0, ng * group_size - in_f))
+    w = w.reshape(out_f, ng, group_size)
     lo = w.amin(-1).clamp(max=0.0)  # include 0 so that zero weights stay exactly representable
     hi = w.amax(-1).clamp(min=0.0)
-    scales = ((hi - lo) / 15.0).clamp(min=1e-10)
+    # float16-representable scales: the kernels store them in fp16, so the round trip is exact
+    scales = ((hi - lo) / 15.0).clamp(min=1e-6).half().float()
     zeros = torch.round(-lo / scales).clamp(0, 15)
     q = torch.round(w / scales[..., None] + zeros[..., None]).clamp(0, 15)
-    return q.to(torch.uint8).reshape(out_f, in_f), scales, zeros
+    return q.to(torch.uint8).reshape(out_f, -1)[:, :in_f].contiguous(), scales, zeros
 
 
 def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     group_size: int) -> torch.Tensor:
     """w = (q - zero) * scale, as float32 [out, in] (the reference for kernels)."""
-    out_f, in_f = qweight.shape
-    _check_groups(in_f, group_size)
-    q = qweight.float().reshape(out_f, in_f // group_size, group_size)
-    w = (q - zeros.float()[..., None]) * scales.float()[..., None]
-    return w.reshape(out_f, in_f)
+    in_f = qweight.shape[1]
+    _num_groups(in_f, group_size)
+    cols = torch.arange(in_f) // group_size  # group of each input column
+    return (qweight.float() - zeros.float()[:, cols]) * scales.float()[:, cols]
 
 
-def _check_groups(in_f: int, group_size: int) -> None:
-    if group_size <= 0 or in_f % group_size:
-        raise ValueError(f"in_features {in_f} is not a multiple of group size {group_size}")
+def _num_groups(in_f: int, group_size: int) -> int:
+    """Groups per row; the last one may be shorter (e.g. 576 columns in groups of 128)."""
+    if group_size <= 0 or group_size % 32 or in_f % 32:
+        raise ValueError(f"int4 needs a group size that is a multiple of 32 and in_features a "
+                         f"multiple of 32, got group size {group_size}, in_features {in_f}")
+    return -(-in_f // group_size)
 
 
 class Int4LinearMethod:
@@ -76,18 +86,33 @@ class Int4LinearMethod:
 def install_int4(layer, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int) -> None:
     """Replace `layer`'s dense weight by int4 (interchange form above) served by a kernel."""
+    _check_install(layer, qweight, scales, zeros, group_size)
+    install_int4_state(layer, kernels.int4_pack(qweight, scales, zeros, group_size))
+
+
+def install_int4_minform(layer, qweight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+                         group_size: int) -> None:
+    """Same, from w = q * scale + min (GGUF Q4_1's form: exact even where a scale is 0)."""
+    _check_install(layer, qweight, scales, mins, group_size)
+    install_int4_state(layer, kernels.int4_pack_minform(qweight, scales, mins, group_size))
+
+
+def install_int4_state(layer, state: "kernels.Int4State") -> None:
+    _drop_dense_weight(layer)
+    layer.int4_state = state
+    layer.quant_method = Int4LinearMethod(state.group_size)
+
+
+def _check_install(layer, qweight, scales, zeros, group_size) -> None:
     out_f, in_f = layer.out_features, layer.in_features
     if tuple(qweight.shape) != (out_f, in_f):
         raise ValueError(f"qweight shape {tuple(qweight.shape)} != layer ({out_f}, {in_f})")
-    _check_groups(in_f, group_size)
+    ng = _num_groups(in_f, group_size)
     for t, name in ((scales, "scales"), (zeros, "zeros")):
-        if tuple(t.shape) != (out_f, in_f // group_size):
-            raise ValueError(f"{name} shape {tuple(t.shape)} != ({out_f}, {in_f // group_size})")
+        if tuple(t.shape) != (out_f, ng):
+            raise ValueError(f"{name} shape {tuple(t.shape)} != ({out_f}, {ng})")
     if int(qweight.max()) > 15 or int(qweight.min()) < 0:
         raise ValueError("qweight values must lie in 0..15")
-    _drop_dense_weight(layer)
-    layer.int4_state = kernels.int4_pack(qweight, scales.float(), zeros.float(), group_size)
-    layer.quant_method = Int4LinearMethod(group_size)
 
 
 def _drop_dense_weight(layer) -> None:

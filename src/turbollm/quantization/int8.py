@@ -50,14 +50,20 @@ class Int8LinearMethod:
         return kernels.state_bytes(layer.int8_state)
 
 
-def install_int8(layer, qweight: torch.Tensor, scales: torch.Tensor) -> None:
-    """Replace `layer`'s dense weight by per-channel int8 served by a kernel."""
+def install_int8(layer, qweight: torch.Tensor, scales: torch.Tensor,
+                 group_size: int | None = None) -> None:
+    """Replace `layer`'s dense weight by int8 served by a kernel.
+
+    scales: [out] (per channel) or, with `group_size`, [out, in // group_size] (GGUF Q8_0).
+    """
     out_f, in_f = layer.out_features, layer.in_features
     if tuple(qweight.shape) != (out_f, in_f) or qweight.dtype != torch.int8:
         raise ValueError(f"qweight must be int8 ({out_f}, {in_f}), got {qweight.dtype} "
                          f"{tuple(qweight.shape)}")
-    if tuple(scales.shape) != (out_f,):
-        raise ValueError(f"scales shape {tuple(scales.shape)} != ({out_f},)")
+    g = group_size or in_f
+    if in_f % g or scales.numel() != out_f * (in_f // g):
+        raise ValueError(f"scales shape {tuple(scales.shape)} does not fit {out_f} rows with "
+                         f"group size {g}")
     _drop_dense_weight(layer)
-    layer.int8_state = kernels.int8_pack(qweight, scales.float())
+    layer.int8_state = kernels.int8_pack(qweight, scales, g)
     layer.quant_method = Int8LinearMethod()

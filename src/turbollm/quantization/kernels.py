@@ -1,67 +1,211 @@
-"""Low-bit matmul kernels behind the int8/int4 linear methods.
+"""Low-bit matmul kernels behind the int8/int4 linear methods, and the per-call path choice.
 
-A kernel state is a small dataclass holding the weight in the layout its kernel reads.
+A kernel state holds the weight in the layout the kernels read (see csrc/lowbit.c):
+- few rows (decode): the AVX2 kernels read the packed weight directly (0.5 / 1 byte per weight);
+- many rows (prefill, big batches): the weight is widened to fp32 chunk by chunk into a reused
+  scratch buffer and a dense fp32 GEMM runs on it — on CPUs without bf16/int8 matrix units that
+  beats any low-bit kernel once the weight is reused by enough rows.
+Without the C library (no AVX2 or no compiler) torch's own kernels serve.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from turbollm.quantization import native
+
+# Rows up to which the packed-weight kernel beats widen-then-GEMM (measured on the SmolLM2 shapes
+# with 2 Zen3 threads; see docs/quantization.md).
+MAX_ROWS_PACKED = {"int4": 24, "int8": 24}
+_SCRATCH_FLOATS = 1 << 22  # 16 MiB of fp32 weight rows per widening chunk
+
 
 @dataclass
 class Int4State:
-    packed: torch.Tensor   # uint8 [out, in // 2]: column 2j in the low nibble, 2j+1 in the high
-    scales: torch.Tensor   # float32 [out, in // G]
-    zeros: torch.Tensor    # float32 [out, in // G]
+    packed: torch.Tensor   # uint8 [out, in // 2]: per 32 columns, 16 bytes (lo: j, hi: j + 16)
+    scales: torch.Tensor   # float16 [out, ceil(in / G)]
+    offsets: torch.Tensor  # float16 [out, ceil(in / G)]: zeros (zero_form) or mins
     group_size: int
+    zero_form: bool        # True: w = (q - offset) * scale; False: w = q * scale + offset
+    fallback: dict = field(default_factory=dict)  # torch-kernel forms, built only when used
 
-
-def int4_pack(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              group_size: int) -> Int4State:
-    q = qweight.to(torch.uint8)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return Int4State(packed, scales.contiguous(), zeros.contiguous(), group_size)
-
-
-def int4_unpack(state: Int4State):
-    p = state.packed
-    q = torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], p.shape[1] * 2)
-    return q, state.scales, state.zeros
-
-
-def int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
-    """y = x W^T for x: [M, in] (no bias)."""
-    from turbollm.quantization.int4 import dequantize_int4
-    q, s, z = int4_unpack(state)
-    return F.linear(x, dequantize_int4(q, s, z, state.group_size).to(x.dtype))
-
-
-def state_bytes(state) -> int:
-    """Bytes of the tensors a kernel state holds."""
-    return sum(t.numel() * t.element_size() for t in vars(state).values()
-               if isinstance(t, torch.Tensor))
+    def scale_min(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 (scale, min) per group with w = q * scale + min."""
+        s, f = self.scales.float(), self.offsets.float()
+        return s, (-f * s if self.zero_form else f)
 
 
 @dataclass
 class Int8State:
     qweight: torch.Tensor  # int8 [out, in]
-    scales: torch.Tensor   # float32 [out]
+    scales: torch.Tensor   # float32 [out, in // G] (G = in: per output channel)
+    group_size: int
+    fallback: dict = field(default_factory=dict)
 
 
-def int8_pack(qweight: torch.Tensor, scales: torch.Tensor) -> Int8State:
-    return Int8State(qweight.contiguous(), scales.contiguous())
+def int4_pack(qweight, scales, zeros, group_size) -> Int4State:
+    """Interchange (q, scale, zero) -> kernel state (scales and zeros kept as float16)."""
+    return _pack(qweight, scales, zeros, group_size, zero_form=True)
+
+
+def int4_pack_minform(qweight, scales, mins, group_size) -> Int4State:
+    """(q, scale, min) with w = q * scale + min (GGUF Q4_1's own form) -> kernel state."""
+    return _pack(qweight, scales, mins, group_size, zero_form=False)
+
+
+def _pack(qweight, scales, offsets, group_size, zero_form) -> Int4State:
+    n, k = qweight.shape
+    q = qweight.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    return Int4State(packed, scales.to(torch.float16).contiguous(),
+                     offsets.to(torch.float16).contiguous(), group_size, zero_form)
+
+
+def int4_unpack_q(state: Int4State) -> torch.Tensor:
+    n, half = state.packed.shape
+    p = state.packed.reshape(n, half // 16, 1, 16)
+    return torch.cat([p & 15, p >> 4], dim=2).reshape(n, half * 2)
+
+
+def int4_unpack(state: Int4State):
+    """Kernel state -> interchange (qweight, scales, zeros) in float32."""
+    s, mn = state.scale_min()
+    if state.zero_form:
+        zeros = state.offsets.float()
+    else:
+        zeros = torch.where(s != 0, -mn / torch.where(s != 0, s, 1.0), 0.0)
+    return int4_unpack_q(state), s, zeros
+
+
+def int8_pack(qweight, scales, group_size: int | None = None) -> Int8State:
+    k = qweight.shape[1]
+    g = group_size or k
+    return Int8State(qweight.contiguous(), scales.float().reshape(qweight.shape[0], k // g)
+                     .contiguous(), g)
 
 
 def int8_unpack(state: Int8State):
-    return state.qweight, state.scales
+    """(qweight, per-channel scales [out]) for per-channel states; group scales otherwise."""
+    s = state.scales
+    return state.qweight, (s[:, 0] if s.shape[1] == 1 else s)
+
+
+def int4_dequant_rows(state: Int4State, row0: int, row1: int, out=None) -> torch.Tensor:
+    """fp32 weight rows [row0, row1)."""
+    k, g = state.packed.shape[1] * 2, state.group_size
+    if out is None:
+        out = torch.empty(row1 - row0, k)
+    L = native.lib()
+    if L is not None and _q4_ok(k, g):
+        L.q4_dequant(state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
+                     int(state.zero_form), out.data_ptr(), row0, row1, k, g)
+        return out
+    s, mn = state.scale_min()
+    cols = torch.arange(k) // g
+    q = int4_unpack_q(state)[row0:row1].float()
+    return out.copy_(q * s[row0:row1, cols] + mn[row0:row1, cols])
+
+
+def int8_dequant_rows(state: Int8State, row0: int, row1: int, out=None) -> torch.Tensor:
+    k, g = state.qweight.shape[1], state.group_size
+    if out is None:
+        out = torch.empty(row1 - row0, k)
+    L = native.lib()
+    if L is not None and _q8_ok(k, g):
+        L.q8_dequant(state.qweight.data_ptr(), state.scales.data_ptr(), out.data_ptr(),
+                     row0, row1, k, g)
+        return out
+    q = state.qweight[row0:row1].float().reshape(row1 - row0, k // g, g)
+    return out.copy_((q * state.scales[row0:row1, :, None]).reshape(row1 - row0, k))
+
+
+def _q4_ok(k: int, g: int) -> bool:
+    return k % 32 == 0 and g % 32 == 0 and -(-k // g) <= 1024  # MAX_GROUPS in lowbit.c
+
+
+def _q8_ok(k: int, g: int) -> bool:
+    return k % 16 == 0 and g % 16 == 0
+
+
+def int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
+    """y = x W^T for x: [M, in] (no bias), in x's dtype."""
+    M, k = x.shape
+    n, g = state.packed.shape[0], state.group_size
+    L = native.lib()
+    if M <= MAX_ROWS_PACKED["int4"]:
+        if L is not None and _q4_ok(k, g):
+            xf = x.float().contiguous()
+            y = torch.empty(M, n)
+            L.q4_gemm(xf.data_ptr(), M, state.packed.data_ptr(), state.scales.data_ptr(),
+                      state.offsets.data_ptr(), int(state.zero_form), y.data_ptr(), n, k, g)
+            return y.to(x.dtype)
+        if M == 1 and L is None and k % g == 0:
+            return _torch_int4_gemv(x, state)
+    return _widened_linear(x, n, lambda r0, r1, out: int4_dequant_rows(state, r0, r1, out))
 
 
 def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
-    """y = x W^T for x: [M, in] (no bias)."""
-    if x.dtype == torch.bfloat16 or x.shape[0] == 1:
-        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state.qweight,
-                                              state.scales.to(torch.bfloat16))
-        return y.to(x.dtype)
-    return F.linear(x, state.qweight.to(x.dtype)) * state.scales.to(x.dtype)
+    """y = x W^T for x: [M, in] (no bias), in x's dtype."""
+    M, k = x.shape
+    n, g = state.qweight.shape[0], state.group_size
+    L = native.lib()
+    if M <= MAX_ROWS_PACKED["int8"]:
+        if L is not None and _q8_ok(k, g):
+            xf = x.float().contiguous()
+            y = torch.empty(M, n)
+            L.q8_gemm(xf.data_ptr(), M, state.qweight.data_ptr(), state.scales.data_ptr(),
+                      y.data_ptr(), n, k, g)
+            return y.to(x.dtype)
+        if M == 1 and g == k:  # torch's per-channel int8 kernel (bf16 activations)
+            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state.qweight,
+                                                  _cached_bf16_scales(state))
+            return y.to(x.dtype)
+    return _widened_linear(x, n, lambda r0, r1, out: int8_dequant_rows(state, r0, r1, out))
+
+
+_scratch = torch.empty(0)
+
+
+def _widened_linear(x: torch.Tensor, n: int, dequant_rows) -> torch.Tensor:
+    """Many rows: widen the weight to fp32 chunk by chunk (reused scratch) and run a dense GEMM."""
+    global _scratch
+    M, k = x.shape
+    xf = x.float()
+    rows = max(1, min(n, _SCRATCH_FLOATS // k))
+    if _scratch.numel() < rows * k:
+        _scratch = torch.empty(rows * k)
+    if rows == n:
+        return F.linear(xf, dequant_rows(0, n, _scratch[:n * k].view(n, k))).to(x.dtype)
+    y = torch.empty(M, n)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        w = dequant_rows(r0, r1, _scratch[:(r1 - r0) * k].view(r1 - r0, k))
+        y[:, r0:r1] = F.linear(xf, w)
+    return y.to(x.dtype)
+
+
+def _cached_bf16_scales(state: Int8State) -> torch.Tensor:
+    if "bf16_scales" not in state.fallback:
+        state.fallback["bf16_scales"] = state.scales[:, 0].to(torch.bfloat16)
+    return state.fallback["bf16_scales"]
+
+
+def _torch_int4_gemv(x: torch.Tensor, state: Int4State) -> torch.Tensor:
+    """torch's int4 kernel (bf16 activations); its form is w = (q - 8) * scale + zero'."""
+    fb = state.fallback
+    if "int4pack" not in fb:
+        q = int4_unpack_q(state).to(torch.int32)
+        fb["int4pack"] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        s, mn = state.scale_min()
+        fb["sz"] = torch.stack([s.t(), (mn + 8 * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), fb["int4pack"],
+                                                   state.group_size, fb["sz"])
+    return y.to(x.dtype)
+
+
+def state_bytes(state) -> int:
+    """Bytes of the weight tensors a kernel state serves from (fallback forms not counted)."""
+    return sum(t.numel() * t.element_size() for t in vars(state).values()
+               if isinstance(t, torch.Tensor))

@@ -1,0 +1,224 @@
+// Low-bit weight x fp32 activation matmuls for x86 CPUs with AVX2 + FMA + F16C.
+//
+// Weights stay packed in memory and are widened to fp32 in registers, so a matmul reads
+// ~0.56 (int4) or 1 (int8) byte per weight instead of 2 (bf16) or 4 (fp32); activations and
+// accumulation are fp32, so results match dequantize-then-matmul to float rounding.
+//
+// int4: row o, 32-column chunk c -> 16 bytes; byte j holds column 32c+j in its low nibble and
+// column 32c+j+16 in its high nibble (the GGUF Q4_0/Q4_1 block order). Per group g of G columns
+// (G a multiple of 32; the last group may be shorter) an fp16 scale s and an fp16 offset f:
+// zero form (AWQ/GPTQ/RTN): w = (q - f) * s;  min form (GGUF Q4_1): w = q * s + f.
+// int8: row-major int8 [N, K]; w = q * scale (fp32) per group of G columns (G = K: per channel).
+//
+// Output rows are split over OpenMP threads (the same libgomp runtime torch uses).
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROWS 4        // output rows computed together so that each x load feeds several rows
+#define MAX_GROUPS 1024
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// 16 packed bytes -> the 32 weights of one chunk as four fp32 vectors (columns 0-7 ... 24-31)
+static inline void unpack_q4(const uint8_t *p, __m256 out[4]) {
+    __m128i v = _mm_loadu_si128((const __m128i *)p);
+    __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(v, mask);
+    __m128i hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+}
+
+// fp32 scale and min of each group of row o (w = q * sc + mn)
+static inline void q4_row_params(const uint16_t *sh, const uint16_t *oh, int zero_form, int64_t o,
+                                 int64_t ng, float *sc, float *mn) {
+    for (int64_t g = 0; g < ng; g++) {
+        float s = _cvtsh_ss(sh[o * ng + g]), f = _cvtsh_ss(oh[o * ng + g]);
+        sc[g] = s;
+        mn[g] = zero_form ? -f * s : f;
+    }
+}
+
+static void q4_widen_row(const uint8_t *packed, const float *sc, const float *mn, float *dst,
+                         int64_t o, int64_t K, int64_t G) {
+    const int64_t nchunks = K / 32, cpg = G / 32;
+    for (int64_t c = 0; c < nchunks; c++) {
+        const int64_t g = c / cpg;
+        __m256 s = _mm256_set1_ps(sc[g]), m = _mm256_set1_ps(mn[g]);
+        __m256 w[4];
+        unpack_q4(packed + (o * nchunks + c) * 16, w);
+        for (int k = 0; k < 4; k++) _mm256_storeu_ps(dst + 32 * c + 8 * k, _mm256_fmadd_ps(w[k], s, m));
+    }
+}
+
+static void q8_widen_row(const int8_t *q, const float *scales, float *dst, int64_t o, int64_t K,
+                         int64_t G) {
+    const int64_t ng = K / G;
+    for (int64_t g = 0; g < ng; g++) {
+        __m256 s = _mm256_set1_ps(scales[o * ng + g]);
+        for (int64_t i = g * G; i < (g + 1) * G; i += 8) {
+            __m128i v = _mm_loadl_epi64((const __m128i *)(q + o * K + i));
+            _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), s));
+        }
+    }
+}
+
+// Several activation rows: widen ROWS weight rows once into an L1-resident fp32 buffer, then
+// every activation row reuses it (the fused one-row kernel would redo the widening per row).
+static void dot_rows(const float *w, int rows, const float *x, int64_t M, float *y, int64_t o0,
+                     int64_t N, int64_t K) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        __m256 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t i = 0; i < K; i += 8) {
+            __m256 xv = _mm256_loadu_ps(xm + i);
+            for (int r = 0; r < rows; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + i), xv, acc[r]);
+        }
+        for (int r = 0; r < rows; r++) y[m * N + o0 + r] = hsum256(acc[r]);
+    }
+}
+
+// y[m, o] = sum_c scale[o, g(c)] * (q[o, c] . x[m, c]) + sum_g min[o, g] * xsum[m, g]
+static void q4_gemv(const float *x, const uint8_t *packed, const uint16_t *sh, const uint16_t *oh,
+                    int zero_form, float *y, int64_t N, int64_t K, int64_t G) {
+    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
+    float xsum[MAX_GROUPS];
+    for (int64_t g = 0; g < ng; g++) {
+        float s = 0.f;
+        for (int64_t i = g * G; i < (g + 1) * G && i < K; i++) s += x[i];
+        xsum[g] = s;
+    }
+    const int64_t nblocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t o0 = b * ROWS;
+        const int rows = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+        float sc[ROWS][MAX_GROUPS], mn[ROWS][MAX_GROUPS];
+        __m256 acc[ROWS];
+        for (int r = 0; r < rows; r++) {
+            q4_row_params(sh, oh, zero_form, o0 + r, ng, sc[r], mn[r]);
+            acc[r] = _mm256_setzero_ps();
+        }
+        for (int64_t c = 0; c < nchunks; c++) {
+            __m256 x0 = _mm256_loadu_ps(x + 32 * c), x1 = _mm256_loadu_ps(x + 32 * c + 8);
+            __m256 x2 = _mm256_loadu_ps(x + 32 * c + 16), x3 = _mm256_loadu_ps(x + 32 * c + 24);
+            const int64_t g = c / cpg;
+            for (int r = 0; r < rows; r++) {
+                __m256 w[4];
+                unpack_q4(packed + ((o0 + r) * nchunks + c) * 16, w);
+                __m256 t = _mm256_mul_ps(w[0], x0);
+                t = _mm256_fmadd_ps(w[1], x1, t);
+                t = _mm256_fmadd_ps(w[2], x2, t);
+                t = _mm256_fmadd_ps(w[3], x3, t);
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(sc[r][g]), t, acc[r]);
+            }
+        }
+        for (int r = 0; r < rows; r++) {
+            float s = hsum256(acc[r]);
+            for (int64_t g = 0; g < ng; g++) s += mn[r][g] * xsum[g];
+            y[o0 + r] = s;
+        }
+    }
+}
+
+// y = x W^T for x: [M, K] fp32, W int4 as described at the top; K % 32 == 0, K / G <= MAX_GROUPS
+void q4_gemm(const float *x, int64_t M, const uint8_t *packed, const uint16_t *sh,
+             const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
+    if (M == 1) {
+        q4_gemv(x, packed, sh, oh, (int)zero_form, y, N, K, G);
+        return;
+    }
+    const int64_t ng = (K + G - 1) / G, nblocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel
+    {
+        float *buf = (float *)aligned_alloc(64, sizeof(float) * ROWS * K);
+        float sc[MAX_GROUPS], mn[MAX_GROUPS];
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t o0 = b * ROWS;
+            const int rows = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+            for (int r = 0; r < rows; r++) {
+                q4_row_params(sh, oh, (int)zero_form, o0 + r, ng, sc, mn);
+                q4_widen_row(packed, sc, mn, buf + r * K, o0 + r, K, G);
+            }
+            dot_rows(buf, rows, x, M, y, o0, N, K);
+        }
+        free(buf);
+    }
+}
+
+// y = x W^T for x: [M, K] fp32, W int8 with fp32 scales per group of G columns; G % 16 == 0
+void q8_gemm(const float *x, int64_t M, const int8_t *q, const float *scales, float *y,
+             int64_t N, int64_t K, int64_t G) {
+    const int64_t ng = K / G, nblocks = (N + ROWS - 1) / ROWS;
+    if (M > 1) {
+#pragma omp parallel
+        {
+            float *buf = (float *)aligned_alloc(64, sizeof(float) * ROWS * K);
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < nblocks; b++) {
+                const int64_t o0 = b * ROWS;
+                const int rows = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+                for (int r = 0; r < rows; r++) q8_widen_row(q, scales, buf + r * K, o0 + r, K, G);
+                dot_rows(buf, rows, x, M, y, o0, N, K);
+            }
+            free(buf);
+        }
+        return;
+    }
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < nblocks; b++) {
+        const int64_t o0 = b * ROWS;
+        const int rows = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+        __m256 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m256 t[ROWS];
+            for (int r = 0; r < ROWS; r++) t[r] = _mm256_setzero_ps();
+            for (int64_t i = g * G; i < (g + 1) * G; i += 16) {
+                __m256 xa = _mm256_loadu_ps(x + i), xb = _mm256_loadu_ps(x + i + 8);
+                for (int r = 0; r < rows; r++) {
+                    __m128i v = _mm_loadu_si128((const __m128i *)(q + (o0 + r) * K + i));
+                    __m256 wa = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+                    __m256 wb = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+                    t[r] = _mm256_fmadd_ps(wa, xa, t[r]);
+                    t[r] = _mm256_fmadd_ps(wb, xb, t[r]);
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(scales[(o0 + r) * ng + g]), t[r], acc[r]);
+        }
+        for (int r = 0; r < rows; r++) y[o0 + r] = hsum256(acc[r]);
+    }
+}
+
+// fp32 weight rows [row0, row1) for the many-rows path (a dense GEMM then does the math)
+void q4_dequant(const uint8_t *packed, const uint16_t *sh, const uint16_t *oh, int64_t zero_form,
+                float *out, int64_t row0, int64_t row1, int64_t K, int64_t G) {
+    const int64_t ng = (K + G - 1) / G;
+#pragma omp parallel
+    {
+        float sc[MAX_GROUPS], mn[MAX_GROUPS];
+#pragma omp for schedule(static)
+        for (int64_t o = row0; o < row1; o++) {
+            q4_row_params(sh, oh, (int)zero_form, o, ng, sc, mn);
+            q4_widen_row(packed, sc, mn, out + (o - row0) * K, o, K, G);
+        }
+    }
+}
+
+void q8_dequant(const int8_t *q, const float *scales, float *out, int64_t row0, int64_t row1,
+                int64_t K, int64_t G) {
+#pragma omp parallel for schedule(static)
+    for (int64_t o = row0; o < row1; o++) q8_widen_row(q, scales, out + (o - row0) * K, o, K, G);
+}
