@@ -103,7 +103,8 @@ def run_bench(args) -> int:
     results = run_matrix(configs, spec, common, isolate=args.isolate, baseline=args.baseline,
                          progress=not args.no_progress, timeout=args.timeout)
     meta = {"model": args.model, "preset": args.preset, "threads": threads,
-            "isolate": args.isolate, "spec": spec.as_dict(), "workloads": spec.workloads,
+            "isolate": args.isolate, "spec": spec.as_dict(),
+            "workloads": [w.name for w in spec.workload_list()],
             "batch_sizes": spec.batch_sizes, "baseline": args.baseline,
             "machine": _machine()}
     table = report.markdown(results, meta)

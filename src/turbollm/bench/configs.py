@@ -79,18 +79,19 @@ PEER_DTYPES = {"quick": ["float32"], "full": ["float32", "bfloat16"]}
 
 def build_matrix(num_layers: int | None, only: list[str] | None = None,
                  extra: dict[str, dict] | None = None) -> list[BenchConfig]:
-    """fp32 (the quality baseline) first, then bf16, fp16, every technique, then `extra`."""
+    """fp32 (the quality baseline) first, then bf16, fp16, every technique, then `extra`
+    (kept when `only` picks a subset)."""
     configs = [BenchConfig(c.name, dict(c.kwargs)) for c in DTYPE_CONFIGS]
     configs += technique_configs(num_layers)
-    configs += [BenchConfig(name, kw) for name, kw in (extra or {}).items()]
+    added = [BenchConfig(name, kw) for name, kw in (extra or {}).items()]
     if only:
-        known = {c.name: c for c in configs}
+        known = {c.name: c for c in configs + added}
         unknown = [n for n in only if n not in known]
         if unknown:
             raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: "
                              f"{', '.join(known)}")
         configs = [known[n] for n in only]
-    return configs
+    return configs + [c for c in added if c not in configs]
 
 
 def peer_configs(peers: list[str], dtypes: list[str]) -> list[BenchConfig]:

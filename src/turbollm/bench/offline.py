@@ -97,7 +97,7 @@ def _run_peer(job: dict, spec: BenchSpec, stage) -> dict:
         res = peers.measure_hf(model, spec, prompts, stage)
     else:
         if source.kind != "gguf":
-            raise ValueError("refused: llama.cpp runs GGUF files only")
+            raise ValueError("llama.cpp runs GGUF files only")
         llm = peers.load_llamacpp(source.path, threads, spec.max_context() + 8)
         load = time.perf_counter() - t
         res = peers.measure_llamacpp(llm, spec, prompts, stage)
