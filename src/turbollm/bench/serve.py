@@ -38,6 +38,7 @@ class RequestResult:
     e2e_s: float = 0.0
     itl_s: list[float] = field(default_factory=list)
     error: str | None = None
+    requested_tokens: int = 0  # max_tokens sent (with ignore_eos, what should come back)
 
     @property
     def tpot_s(self) -> float | None:
@@ -170,6 +171,7 @@ async def run_load(base_url: str, requests: list[ServeRequest], model: str | Non
 
         async def one(i: int) -> None:
             results[i] = await send_request(http, base + path, bodies[i], t_run)
+            results[i].requested_tokens = bodies[i]["max_tokens"]
             bar.update(1)
 
         if concurrency:

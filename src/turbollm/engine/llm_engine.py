@@ -40,7 +40,7 @@ class EngineStats:
 def _check_available(config: EngineConfig) -> None:
     """Refuse options whose implementation has not landed, rather than silently ignoring them."""
     missing = []
-    if config.model.quantization not in (None, "none"):
+    if config.model.quantization in ("awq", "gptq"):
         missing.append(f"quantization={config.model.quantization}")
     if config.cache.kv_cache_dtype != "auto":
         missing.append(f"kv_cache_dtype={config.cache.kv_cache_dtype}")
