@@ -113,6 +113,19 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         load_prequantized(model, source.path, dtype, qcfg)  # AutoAWQ / GPTQ layouts
     else:
         model.load_weights(iter_checkpoint(source, dtype))
+    _quantize_at_load(model, cfg, source)
     model.eval()
     tok = load_tokenizer_for(source, cfg.tokenizer)
     return LoadedModel(model, arch, tok, source, dtype, max_len)
+
+
+def _quantize_at_load(model, cfg: ModelConfig, source: ResolvedModel) -> None:
+    """Serve a GGUF file's low-bit linears natively, or quantize dense weights (int8/int4)."""
+    from turbollm.quantization.apply import LAYER_METHODS, quantize_model, resolve_method
+    method = resolve_method(cfg.quantization, source.kind)
+    if method == "gguf" and cfg.load_format != "dummy":
+        from turbollm.loader.gguf import GGUFCheckpoint
+        from turbollm.loader.gguf_native import install_gguf_native
+        install_gguf_native(model, GGUFCheckpoint(source.path))
+    elif method in LAYER_METHODS:
+        quantize_model(model, method, cfg.quantization_group_size)
