@@ -131,13 +131,14 @@ def engine_window_runner(engine):
 
 def apply_calibrated_quantization(engine, method: str, group_size: int,
                                   num_windows: int = 32, window_len: int = 256,
-                                  progress: bool = True, **method_kwargs) -> dict:
-    """Calibrate on the built-in corpus, then quantize the engine's decoder linears to int4 with
-    AWQ or GPTQ in place. Returns {layer name: int4 result} (what a checkpoint writer needs)."""
+                                  progress: bool = True, text: str | None = None,
+                                  **method_kwargs) -> dict:
+    """Calibrate on the built-in corpus (or `text`), then quantize the engine's decoder linears
+    to int4 with AWQ or GPTQ in place. Returns {layer name: int4 result}."""
     if engine.tokenizer is None:
         raise ValueError(f"{method} calibration needs a tokenizer (the model has none)")
     window_len = min(window_len, engine.max_model_len)
-    ids = corpus_token_ids(engine.tokenizer)
+    ids = corpus_token_ids(engine.tokenizer, text)
     windows = calibration_windows(ids, num_windows, window_len)
     model = engine.model
     linears = decoder_linears(model)
