@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m turbollm.bench.core_vs_hf $(ARGS)
+	$(BIN)/turbollm bench $(ARGS)
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

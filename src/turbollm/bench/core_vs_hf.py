@@ -2,6 +2,9 @@
 
     python -m turbollm.bench.core_vs_hf [--threads 2] [--json out.json]
 
+(`turbollm bench` measures the same and more over every configuration; this script keeps the
+engine-core issue's fixed workload and its table of targets.)
+
 Measures on the bundled SmolLM2-135M: batch-1 decode (achieved GB/s vs measured read bandwidth),
 512-token prefill, and 64 concurrent requests (128-token prompts, 16..256 output tokens,
 ignore_eos) — ours with continuous batching, transformers with padded batched generate().
@@ -16,54 +19,30 @@ import time
 import torch
 
 from turbollm import LLM, SamplingParams
+from turbollm.bench.measure import decode_tok_s, prefill_tok_s, random_prompts, tensor_bytes
+from turbollm.bench.peers import hf_batch_point, hf_decode_tok_s, hf_prefill_tok_s
 from turbollm.loader.resolve import bundled_model_path
 from turbollm.plan.local_hw import measure_read_bandwidth
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
-    return total
-
-
-def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(100, vocab - 100) for _ in range(length)] for _ in range(n)]
-
-
-# ----- ours -----
+# The measurements are the offline bench's own (bench/measure.py, bench/peers.py); this script
+# keeps the engine-core issue's fixed workload and table.
 def ours_decode(llm: LLM, new_tokens: int = 128) -> float:
-    """Batch-1 decode tok/s: time of N+1 tokens minus time of 1 token (the prefill)."""
+    """Batch-1 decode tok/s after a 16-token prompt."""
     prompt = random_prompts(1, 16, llm.engine.arch.vocab_size, seed=1)[0]
-    def run(n):
-        t = time.perf_counter()
-        llm.generate([prompt], SamplingParams(max_tokens=n, temperature=0, ignore_eos=True),
-                     use_tqdm=False)
-        return time.perf_counter() - t
-    run(8)  # warm-up
-    return new_tokens / (run(new_tokens + 1) - run(1))
+    return decode_tok_s(llm, prompt, new_tokens)
 
 
 def ours_prefill(llm: LLM, length: int = 512, reps: int = 3) -> float:
-    """Seconds to prefill one `length`-token prompt (prefix cache off for this engine)."""
-    prompts = random_prompts(reps + 1, length, llm.engine.arch.vocab_size, seed=2)
-    p = SamplingParams(max_tokens=1, temperature=0)
-    llm.generate([prompts[0]], p, use_tqdm=False)
-    best = float("inf")
-    for prompt in prompts[1:]:
-        t = time.perf_counter()
-        llm.generate([prompt], p, use_tqdm=False)
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Seconds to prefill one `length`-token prompt (best of `reps`, distinct prompts)."""
+    return length / prefill_tok_s(llm, random_prompts(reps + 1, length,
+                                                      llm.engine.arch.vocab_size, seed=2))
 
 
 def ours_batch(llm: LLM, prompts, lengths) -> float:
-    """Aggregate output tok/s over all requests submitted at once."""
+    """Aggregate output tok/s over all requests submitted at once (per-request lengths)."""
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in lengths]
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -72,38 +51,20 @@ def ours_batch(llm: LLM, prompts, lengths) -> float:
     return sum(lengths) / dt
 
 
-# ----- transformers -----
-@torch.inference_mode()
 def hf_decode(model, new_tokens: int = 128) -> float:
-    ids = torch.tensor(random_prompts(1, 16, model.config.vocab_size, seed=1))
-    def run(n):
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-        return time.perf_counter() - t
-    run(8)
-    return new_tokens / (run(new_tokens + 1) - run(1))
+    return hf_decode_tok_s(model, random_prompts(1, 16, model.config.vocab_size, seed=1)[0],
+                           new_tokens)
 
 
-@torch.inference_mode()
 def hf_prefill(model, length: int = 512, reps: int = 3) -> float:
-    prompts = random_prompts(reps + 1, length, model.config.vocab_size, seed=2)
-    model(torch.tensor([prompts[0]]))
-    best = float("inf")
-    for prompt in prompts[1:]:
-        t = time.perf_counter()
-        model(torch.tensor([prompt]), logits_to_keep=1)
-        best = min(best, time.perf_counter() - t)
-    return best
+    return length / hf_prefill_tok_s(model, random_prompts(reps + 1, length,
+                                                           model.config.vocab_size, seed=2))
 
 
-@torch.inference_mode()
 def hf_batch(model, prompts, lengths) -> float:
     """Useful output tok/s of one padded batched generate() to the longest requested length."""
-    ids = torch.tensor(prompts)  # equal prompt lengths: no padding needed on the input side
-    t = time.perf_counter()
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max(lengths),
-                   min_new_tokens=max(lengths), do_sample=False, pad_token_id=0)
-    return sum(lengths) / (time.perf_counter() - t)
+    point = hf_batch_point(model, prompts, max(lengths))
+    return sum(lengths) / point["wall_s"]
 
 
 def main(argv=None) -> int:
@@ -127,7 +88,7 @@ def main(argv=None) -> int:
         llm = LLM("smollm2-135m", dtype=name, num_threads=args.threads,
                   max_num_seqs=max(64, args.batch), max_num_batched_tokens=2048,
                   enable_prefix_caching=False)
-        wb = weight_bytes(llm.engine.model)
+        wb = tensor_bytes(llm.engine.model)
         dec = ours_decode(llm)
         res[f"ours_{name}"] = {
             "decode_tok_s": dec, "decode_gbs": dec * wb / 1e9, "weight_bytes": wb,

@@ -45,9 +45,8 @@ def tensor_bytes(*roots) -> int:
             for t in obj.buffers():
                 add(t)
             for m in obj.modules():
-                for v in vars(m).values():  # unregistered tensors and quant-method state
-                    if isinstance(v, torch.Tensor) or hasattr(v, "__dict__") and not \
-                            isinstance(v, (torch.nn.Module, type)):
+                for k, v in vars(m).items():  # unregistered tensors, quant-method state
+                    if not k.startswith("_") and not isinstance(v, torch.nn.Module):
                         walk(v, depth + 1)
         elif isinstance(obj, (list, tuple)):
             for v in obj:
@@ -55,10 +54,10 @@ def tensor_bytes(*roots) -> int:
         elif isinstance(obj, dict):
             for v in obj.values():
                 walk(v, depth + 1)
-        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (type, torch.nn.Module)) \
+                and not callable(obj):
             for v in vars(obj).values():
-                if isinstance(v, (torch.Tensor, list, tuple, dict)):
-                    walk(v, depth + 1)
+                walk(v, depth + 1)
 
     for r in roots:
         walk(r)

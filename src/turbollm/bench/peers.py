@@ -64,6 +64,47 @@ def _hf_generate(model, prompts: list[list[int]], n: int, streamer=None):
 
 
 @torch.inference_mode()
+def hf_prefill_tok_s(model, prompts: list[list[int]]) -> float:
+    """Best-of tok/s of one forward over each prompt (last-token logits only); [0] warms up."""
+    import time
+    model(torch.tensor([prompts[0]]), logits_to_keep=1)
+    best = float("inf")
+    for p in prompts[1:]:
+        t = time.perf_counter()
+        model(torch.tensor([p]), logits_to_keep=1)
+        best = min(best, time.perf_counter() - t)
+    return len(prompts[1]) / best
+
+
+@torch.inference_mode()
+def hf_decode_tok_s(model, prompt: list[int], n: int) -> float:
+    """Batch-1 decode tok/s of generate(): time of n+1 tokens minus time of 1."""
+    import time
+
+    def timed(k):
+        t = time.perf_counter()
+        _hf_generate(model, [prompt], k)
+        return time.perf_counter() - t
+    timed(4)
+    t1, tn = timed(1), timed(n + 1)
+    return n / max(tn - t1, 1e-9)
+
+
+@torch.inference_mode()
+def hf_batch_point(model, prompts: list[list[int]], n: int) -> dict:
+    """One padded batched generate() of n tokens each: aggregate tok/s and latencies."""
+    import time
+    s = _TimingStreamer()
+    t0 = time.perf_counter()
+    _hf_generate(model, prompts, n, s)
+    dt = time.perf_counter() - t0
+    tok = s.times[1:]
+    return {"batch": len(prompts), "tok_s": len(prompts) * n / dt, "wall_s": dt, "e2e_s": dt,
+            "ttft_s": tok[0] - t0 if tok else None,
+            "tpot_s": (tok[-1] - tok[0]) / (len(tok) - 1) if len(tok) > 1 else None}
+
+
+@torch.inference_mode()
 def measure_hf(model, spec, prompts, stage=lambda s: None) -> dict:
     """transformers on the same prompts: forward for prefill, generate() for the rest (padded
     static batches: every request of a batch runs to the batch's length)."""
@@ -79,22 +120,9 @@ def measure_hf(model, spec, prompts, stage=lambda s: None) -> dict:
         getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) * \
         model.dtype.itemsize
     stage("prefill")
-    model(torch.tensor([prompts.prefill[0]]), logits_to_keep=1)
-    best = float("inf")
-    for p in prompts.prefill[1:]:
-        t = time.perf_counter()
-        model(torch.tensor([p]), logits_to_keep=1)
-        best = min(best, time.perf_counter() - t)
-    res["prefill_tok_s"] = len(prompts.prefill[1]) / best
+    res["prefill_tok_s"] = hf_prefill_tok_s(model, prompts.prefill)
     stage("decode")
-
-    def timed(ps, n):
-        t = time.perf_counter()
-        _hf_generate(model, ps, n)
-        return time.perf_counter() - t
-    timed([prompts.decode], 4)
-    t1, tn = timed([prompts.decode], 1), timed([prompts.decode], spec.decode_tokens + 1)
-    res["decode_tok_s"] = spec.decode_tokens / max(tn - t1, 1e-9)
+    res["decode_tok_s"] = hf_decode_tok_s(model, prompts.decode, spec.decode_tokens)
     res["workloads"] = {}
     for w in spec.workload_list():
         stage(w.name)
@@ -116,15 +144,7 @@ def measure_hf(model, spec, prompts, stage=lambda s: None) -> dict:
     res["batch"] = []
     for b in spec.batch_sizes:
         stage(f"batch {b}")
-        s = _TimingStreamer()
-        t0 = time.perf_counter()
-        _hf_generate(model, prompts.batch[:b], spec.batch_output_tokens, s)
-        dt = time.perf_counter() - t0
-        tok = s.times[1:]
-        res["batch"].append({"batch": b, "tok_s": b * spec.batch_output_tokens / dt,
-                             "wall_s": dt, "e2e_s": dt, "ttft_s": tok[0] - t0 if tok else None,
-                             "tpot_s": (tok[-1] - tok[0]) / (len(tok) - 1) if len(tok) > 1
-                             else None})
+        res["batch"].append(hf_batch_point(model, prompts.batch[:b], spec.batch_output_tokens))
     stage("perplexity")
     res["perplexity"] = perplexity(lambda ids: model(torch.tensor([ids])).logits[0].float(),
                                    prompts.ppl, spec.ppl_max_length, spec.ppl_stride).perplexity
