@@ -40,8 +40,6 @@ class EngineStats:
 def _check_available(config: EngineConfig) -> None:
     """Refuse options whose implementation has not landed, rather than silently ignoring them."""
     missing = []
-    if config.model.quantization in ("awq", "gptq"):
-        missing.append(f"quantization={config.model.quantization}")
     if config.cache.kv_cache_dtype != "auto":
         missing.append(f"kv_cache_dtype={config.cache.kv_cache_dtype}")
     if config.speculative.enabled:
@@ -94,6 +92,10 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
+        if config.model.quantization in ("awq", "gptq"):  # calibration runs the built engine
+            from turbollm.quantization.calibration import quantize_engine_at_load
+            quantize_engine_at_load(self, config.model.quantization,
+                                    config.model.quantization_group_size)
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
                  "loaded in %.1fs", self.model_name, device, self.dtype, num_blocks,
                  cc.block_size, self.max_model_len, self.load_time_s)

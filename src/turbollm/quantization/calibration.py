@@ -161,3 +161,19 @@ def apply_calibrated_quantization(engine, method: str, group_size: int,
                               sample_rows_per_window=per_window, progress=progress)
         return awq_quantize_model(model, stats, group_size, progress=progress, **method_kwargs)
     raise ValueError(f"unknown calibrated quantization method {method!r} (awq or gptq)")
+
+
+def quantize_engine_at_load(engine, method: str, group_size: int) -> None:
+    """`--quantization awq|gptq`: calibrate and quantize, unless the checkpoint already came
+    quantized (an AutoAWQ/GPTQ directory loads as it is)."""
+    own = getattr(engine.model, "checkpoint_quantization", None)
+    if own is not None:
+        if own != method:
+            log.warning("the checkpoint is already %s-quantized; serving it as it is, not %s",
+                        own, method)
+        return
+    import time
+    t0 = time.perf_counter()
+    apply_calibrated_quantization(engine, method, group_size)
+    log.info("%s int4 calibration and quantization took %.1fs", method,
+             time.perf_counter() - t0)
