@@ -24,11 +24,14 @@ def dtype_bytes(dtype: str | torch.dtype) -> int:
 
 
 def kv_cache_bytes_per_token(arch: ModelArch, kv_dtype: str | torch.dtype,
-                             scale_bytes_per_head: int = 0) -> int:
-    """Bytes of K and V one token occupies: 2 x layers x kv_heads x head_dim x bytes.
+                             scale_bytes_per_head: int | None = None) -> int:
+    """Bytes of K and V one token occupies: 2 x layers x kv_heads x (head_dim x bytes + scale).
 
-    `scale_bytes_per_head` adds the per-token, per-head scale of a quantized cache (K and V each).
+    `scale_bytes_per_head` is the per-token, per-head scale of a quantized cache (K and V each);
+    by default the engine's own: an fp16 scale for 'int8', none for other dtypes.
     """
+    if scale_bytes_per_head is None:
+        scale_bytes_per_head = 2 if kv_dtype == "int8" else 0
     per_head = arch.head_dim * dtype_bytes(kv_dtype) + scale_bytes_per_head
     return 2 * arch.num_hidden_layers * arch.num_key_value_heads * per_head
 

@@ -9,21 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from turbollm.attention.backend import AttentionBackend, AttentionMetadata
+from turbollm.attention.kv_quant import QuantKV
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new K/V at their slots. k, v: [T, KVH, D]; caches: [num_blocks, bs, KVH, D]."""
+    if isinstance(k_cache, QuantKV):  # int8 / fp8 cache: quantize on write
+        k_cache.write(k, slot_mapping)
+        v_cache.write(v, slot_mapping)
+        return
     kvh, d = k.shape[1], k.shape[2]
     k_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
     v_cache.view(-1, kvh, d).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_ids: torch.Tensor, length: int,
+                   dtype: torch.dtype | None = None) -> torch.Tensor:
     """One sequence's first `length` cached tokens: [length, KVH, D]."""
     bs = cache.shape[1]
     n_blocks = -(-length // bs)
-    return cache[block_ids[:n_blocks]].flatten(0, 1)[:length]
+    return read_blocks(cache, block_ids[:n_blocks], dtype).flatten(0, 1)[:length]
+
+
+def read_blocks(cache, index: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """cache[index] ([..., bs, KVH, D]); a quantized cache is dequantized to `dtype` on read."""
+    if isinstance(cache, QuantKV):
+        return cache.read(index, dtype)
+    return cache[index]
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -41,8 +54,8 @@ class TorchAttentionBackend(AttentionBackend):
             if ctx_len == qlen:  # the whole context is new: attend to the fresh K/V directly
                 kc, vc = k[start:end], v[start:end]
             else:
-                kc = gather_context(k_cache, block_ids, ctx_len)
-                vc = gather_context(v_cache, block_ids, ctx_len)
+                kc = gather_context(k_cache, block_ids, ctx_len, q.dtype)
+                vc = gather_context(v_cache, block_ids, ctx_len, q.dtype)
             out[start:end] = self._prefill(q[start:end], kc, vc, scale, sliding_window,
                                            meta.derived, start)
         return out
@@ -78,8 +91,8 @@ class TorchAttentionBackend(AttentionBackend):
         B, H, D = q.shape
         kvh = k_cache.shape[2]
         tables, seq_lens = meta.decode_block_tables, meta.decode_seq_lens
-        k = k_cache[tables].flatten(1, 2)  # [B, L, KVH, D], L = max_blocks * block_size
-        v = v_cache[tables].flatten(1, 2)
+        k = read_blocks(k_cache, tables, q.dtype).flatten(1, 2)  # [B, L, KVH, D]
+        v = read_blocks(v_cache, tables, q.dtype).flatten(1, 2)  # L = max_blocks * block_size
         qg = q.view(B, kvh, H // kvh, D)  # query heads grouped by the KV head they share
         scores = torch.einsum("bkgd,blkd->bkgl", qg, k.to(q.dtype)).float() * scale
         key = ("decode_invalid", window)

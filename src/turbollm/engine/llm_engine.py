@@ -40,8 +40,6 @@ class EngineStats:
 def _check_available(config: EngineConfig) -> None:
     """Refuse options whose implementation has not landed, rather than silently ignoring them."""
     missing = []
-    if config.cache.kv_cache_dtype != "auto":
-        missing.append(f"kv_cache_dtype={config.cache.kv_cache_dtype}")
     if config.speculative.enabled:
         missing.append(f"speculative_method={config.speculative.speculative_method}")
     if missing:
@@ -75,7 +73,7 @@ class LLMEngine:
                                       device, config.scheduler.max_num_seqs)
         num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
             self.arch, kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak), cc.block_size,
-            self.dtype)
+            self.dtype, cc.kv_cache_dtype)
         if num_blocks < 1:
             raise ValueError("the KV cache budget is too small for a single block")
         capacity = num_blocks * cc.block_size
@@ -84,7 +82,8 @@ class LLMEngine:
                              f"capacity of {capacity} tokens; raise --kv-cache-memory")
         self.max_model_len = min(loaded.max_model_len, capacity)
         self.num_kv_blocks = num_blocks
-        self.kv_cache = allocate_kv_cache(self.arch, num_blocks, cc.block_size, self.dtype, device)
+        self.kv_cache = allocate_kv_cache(self.arch, num_blocks, cc.block_size, self.dtype, device,
+                                          cc.kv_cache_dtype)
         self.eos_token_ids = self._eos_ids()
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, device,
                                   self.arch.vocab_size, self.eos_token_ids)

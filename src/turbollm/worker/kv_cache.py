@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from turbollm.attention.kv_quant import QuantKVCache, allocate_quant_kv_cache
 from turbollm.model_arch import ModelArch
 from turbollm.sizing import kv_cache_bytes_per_token, num_kv_blocks
 
@@ -10,18 +11,25 @@ CPU_DEFAULT_KV_BYTES = 2 * 2**30
 
 
 def allocate_kv_cache(arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,
-                      device: str) -> torch.Tensor:
-    """One zeroed tensor [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim].
+                      device: str, kv_cache_dtype: str = "auto"):
+    """One zeroed tensor [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]
+    (kv_cache_dtype 'auto': in `dtype`), or for int8 / fp8_e4m3 a QuantKVCache of that shape.
 
     Zeroed because attention multiplies masked (zero-probability) slots by their values:
     uninitialized NaNs there would poison the output.
     """
+    if kv_cache_dtype != "auto":
+        return allocate_quant_kv_cache(arch.num_hidden_layers, num_blocks, block_size,
+                                       arch.num_key_value_heads, arch.head_dim, kv_cache_dtype,
+                                       device)
     return torch.zeros(arch.num_hidden_layers, 2, num_blocks, block_size,
                        arch.num_key_value_heads, arch.head_dim, dtype=dtype, device=device)
 
 
-def layer_views(cache: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def layer_views(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(k_cache, v_cache) of each layer, each [num_blocks, block_size, kv_heads, head_dim]."""
+    if isinstance(cache, QuantKVCache):
+        return cache.layer_views()
     return [(cache[i, 0], cache[i, 1]) for i in range(cache.shape[0])]
 
 
@@ -37,9 +45,11 @@ def kv_budget_bytes(requested: int | None, device: str, reserved_after_warmup: i
     return max(0, int(total * gpu_fraction) - used)
 
 
-def blocks_for_budget(arch: ModelArch, budget: int, block_size: int, dtype: torch.dtype) -> int:
+def blocks_for_budget(arch: ModelArch, budget: int, block_size: int, dtype: torch.dtype,
+                      kv_cache_dtype: str = "auto") -> int:
     """How many blocks the budget holds, by the one sizing function."""
-    return num_kv_blocks(budget, block_size, kv_cache_bytes_per_token(arch, dtype))
+    kv_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+    return num_kv_blocks(budget, block_size, kv_cache_bytes_per_token(arch, kv_dtype))
 
 
 @torch.inference_mode()
