@@ -17,6 +17,8 @@ from turbollm.engine.request import Request, RequestStatus
 from turbollm.engine.scheduler import Scheduler
 from turbollm.loader.model_loader import load_model
 from turbollm.sampling_params import SamplingParams
+from turbollm.spec_decode.draft import draft_kv_share, load_separate_draft
+from turbollm.spec_decode.proposer import make_speculative_decoder
 from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
                                       profile_peak_bytes)
 from turbollm.worker.model_runner import ModelRunner
@@ -37,20 +39,10 @@ class EngineStats:
     extra: dict = field(default_factory=dict)
 
 
-def _check_available(config: EngineConfig) -> None:
-    """Refuse options whose implementation has not landed, rather than silently ignoring them."""
-    missing = []
-    if config.speculative.enabled:
-        missing.append(f"speculative_method={config.speculative.speculative_method}")
-    if missing:
-        raise ValueError(f"not available yet in this engine: {', '.join(missing)}")
-
-
 class LLMEngine:
     """Continuous-batching engine over a paged KV cache."""
 
     def __init__(self, config: EngineConfig):
-        _check_available(config)
         self.config = config
         device = config.device.resolved_device()
         self.device = device
@@ -62,6 +54,7 @@ class LLMEngine:
         self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
         self.dtype = loaded.dtype
         self.model_name = loaded.source.name
+        draft = load_separate_draft(config, device, get_attention_backend("torch"))
         self.load_time_s = time.perf_counter() - t0
 
         cc = config.cache
@@ -71,9 +64,10 @@ class LLMEngine:
             step = min(config.scheduler.max_num_batched_tokens, loaded.max_model_len)
             peak = profile_peak_bytes(self.model, self.arch, step, cc.block_size, self.dtype,
                                       device, config.scheduler.max_num_seqs)
+        budget = kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak)
+        budget = int(budget * draft_kv_share(self.arch, draft))  # a draft's cache shares it
         num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
-            self.arch, kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak), cc.block_size,
-            self.dtype, cc.kv_cache_dtype)
+            self.arch, budget, cc.block_size, self.dtype, cc.kv_cache_dtype)
         if num_blocks < 1:
             raise ValueError("the KV cache budget is too small for a single block")
         capacity = num_blocks * cc.block_size
@@ -88,7 +82,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, device,
                                   self.arch.vocab_size, self.eos_token_ids)
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len)
+        self.spec = make_speculative_decoder(self, draft)
+        self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
+                                   self.spec.num_lookahead_tokens if self.spec else 0)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         if config.model.quantization in ("awq", "gptq"):  # calibration runs the built engine
@@ -210,15 +206,21 @@ class LLMEngine:
         so = self.scheduler.schedule()
         if so.is_empty:
             return []
+        num_proposed = [len(r.spec_token_ids) for r in so.requests]
         try:
             ro = self.runner.execute(so)
         except Exception as exc:  # fail only this step's requests; the engine goes on
             return self._fail_step(so, exc)
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
-        self.stats.generation_tokens += len(new)
+        self.stats.generation_tokens += sum(kept for _, kept in new)
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
-        self.runner.release(r.request_id for r in self.outputs.released)
+        released = [r.request_id for r in self.outputs.released]
+        self.runner.release(released)
+        if self.spec is not None:
+            self.spec.observe(so, ro.sampled_token_ids, num_proposed)
+            self.spec.forget(released)
+            self.spec.propose(self.scheduler.running)
         return outs
 
     def _fail_step(self, so, exc: Exception) -> list[RequestOutput]:

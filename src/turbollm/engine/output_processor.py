@@ -90,30 +90,38 @@ class OutputProcessor:
             group = req.extra[0] if req.extra else None
             if group is not None and group.metrics.first_scheduled_time is None:
                 group.metrics.first_scheduled_time = now
-        for req in new:
+        for req, kept in new:
             group, idx = req.extra
             state = group.states[idx]
             if group.metrics.first_token_time is None:
                 group.metrics.first_token_time = now
                 group.metrics.num_cached_tokens = max(req.num_cached_tokens, 0)
-            lp = lp_of.get(id(req))
-            if lp is not None and state.logprobs is not None:
-                pos = to_position_logprobs(lp, self.tokenizer)
-                state.logprobs.append(pos)
-                state.cumulative_logprob += pos.sampled.logprob
-            if state.detok is not None:
-                # EOS / stop token ids end the request and leave their text out of the output.
-                by_token = req.status == RequestStatus.FINISHED_STOPPED
-                stop = state.detok.update([req.output_token_ids[-1]], stop_terminated=by_token)
-                if stop is not None:
-                    self._stop_on_string(req, stop, scheduler)
+            lps = lp_of.get(id(req))
+            first = req.num_output_tokens - kept
+            for j in range(kept):
+                if lps is not None and state.logprobs is not None and j < len(lps):
+                    pos = to_position_logprobs(lps[j], self.tokenizer)
+                    state.logprobs.append(pos)
+                    state.cumulative_logprob += pos.sampled.logprob
+                if state.detok is not None:
+                    # EOS / stop token ids end the request and leave their text out.
+                    last = j == kept - 1
+                    by_token = last and req.status == RequestStatus.FINISHED_STOPPED
+                    stop = state.detok.update([req.output_token_ids[first + j]],
+                                              stop_terminated=by_token)
+                    if stop is not None:
+                        self._stop_on_string(req, stop, scheduler, first + j + 1)
+                        break
             changed[group.request_id] = group
         for req in finished:
             group = req.extra[0]
             changed[group.request_id] = group
         return [self._make_output(g, now) for g in changed.values()]
 
-    def _stop_on_string(self, req: Request, stop: str, scheduler) -> None:
+    def _stop_on_string(self, req: Request, stop: str, scheduler, num_outputs: int) -> None:
+        # Tokens a speculative step accepted after the stop string are not part of the output.
+        del req.output_token_ids[num_outputs:]
+        del req.all_token_ids[req.num_prompt_tokens + num_outputs:]
         if not req.is_finished:
             scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
             self.released.append(req)

@@ -61,6 +61,15 @@ class Request:
         # n > 1: siblings wait until the leader's prompt blocks are cached, then share them.
         self.prefix_leader = prefix_leader
         self.extra = extra  # opaque per-request data owned by the engine (detokenizer, ...)
+        # Speculative decoding: tokens proposed for the next step (verified by the target in
+        # one forward pass), the draft's probabilities of them when it sampled ([k, vocab]),
+        # and how many leading tokens have the draft model's KV (reset by preemption).
+        self.spec_token_ids: list[int] = []
+        self.spec_draft_probs = None
+        self.draft_num_computed = 0
+        self.num_draft_tokens = 0  # proposed and verified, over the request's life
+        self.num_accepted_tokens = 0
+        self.num_spec_steps = 0  # verification steps with at least one proposed token
 
     @property
     def num_tokens(self) -> int:
@@ -86,6 +95,14 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+
+    def clear_spec(self) -> None:
+        self.spec_token_ids = []
+        self.spec_draft_probs = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
 
     def check_stop(self) -> bool:
         """Set a finished status if the last token ends the request; True when it does."""

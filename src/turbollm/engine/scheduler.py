@@ -51,8 +51,12 @@ class SchedulerStats:
 class Scheduler:
     """Continuous batching over a paged KV cache."""
 
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
+                 num_lookahead_tokens: int = 0):
         self.config = config
+        # Extra KV slots a decoding request holds beyond this step's tokens, so a draft model
+        # can write its K proposals' KV after the step (speculative decoding with a draft).
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.kv = kv
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
@@ -90,10 +94,15 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = req.num_tokens - req.num_computed_tokens
+            if req.spec_token_ids:  # proposals fit the budget whole or are cut, never chunked
+                del req.spec_token_ids[max(0, budget - n):]
+                n += len(req.spec_token_ids)
+            n = min(n, budget)
             if n <= 0:
                 continue
-            while not self.kv.allocate_slots(req, n):
+            lookahead = self._lookahead(req, req.num_computed_tokens + n)
+            while not self.kv.allocate_slots(req, n + lookahead):
                 victim = self._pick_victim(scheduled_ids)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -124,7 +133,7 @@ class Scheduler:
             if n > budget and not self.config.enable_chunked_prefill:
                 break
             n = min(n, budget)
-            if not self.kv.allocate_slots(req, n, hits):
+            if not self.kv.allocate_slots(req, n + self._lookahead(req, num_hit + n), hits):
                 break
             self.waiting.popleft()
             if req.num_cached_tokens < 0:
@@ -136,6 +145,12 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         return budget
+
+    def _lookahead(self, req: Request, end: int) -> int:
+        """Draft slots for a request whose step ends at `end` (= decoding after the step)."""
+        if not self.num_lookahead_tokens or end < req.num_tokens:
+            return 0
+        return max(0, min(self.num_lookahead_tokens, self.max_model_len - end))
 
     def _add(self, out: SchedulerOutput, req: Request, n: int) -> None:
         out.requests.append(req)
@@ -155,36 +170,57 @@ class Scheduler:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
+        req.draft_num_computed = 0
+        req.clear_spec()
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # ----- after the forward pass -----
-    def update(self, out: SchedulerOutput, sampled_token_ids: list[int | None]
-               ) -> tuple[list[Request], list[Request]]:
-        """Advance each scheduled request; returns (requests with a new token, finished ones).
+    def update(self, out: SchedulerOutput, sampled_token_ids: list
+               ) -> tuple[list[tuple[Request, int]], list[Request]]:
+        """Advance each scheduled request by its new tokens.
 
-        `sampled_token_ids[i]` is the token sampled for `out.requests[i]`, or None where the
-        step was a partial prefill chunk.
+        `sampled_token_ids[i]` holds the tokens `out.requests[i]` gained this step: a list (a
+        speculative step yields its accepted proposals plus one token), a single int, or
+        None / [] for a partial prefill chunk. Returns ((request, number of new tokens kept),
+        ...) and the finished requests; tokens after a stop are dropped.
         """
-        with_new_token, finished = [], []
-        for req, n, token in zip(out.requests, out.num_scheduled_tokens, sampled_token_ids):
+        with_new_tokens, finished = [], []
+        for req, n, tokens in zip(out.requests, out.num_scheduled_tokens, sampled_token_ids):
             if req.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
+            tokens = [] if tokens is None else [tokens] if isinstance(tokens, int) else tokens
+            num_spec = len(req.spec_token_ids)
+            req.clear_spec()
+            if num_spec and tokens:
+                # KV of rejected proposals is dead: those slots are overwritten later.
+                n -= num_spec - (len(tokens) - 1)
+                req.num_spec_steps += 1
+                req.num_draft_tokens += num_spec
+                req.num_accepted_tokens += len(tokens) - 1
             req.num_computed_tokens += n
-            self.kv.cache_full_blocks(req)
-            if req.num_computed_tokens < req.num_tokens or token is None:
+            if req.num_computed_tokens < req.num_tokens or not tokens:
+                self.kv.cache_full_blocks(req)
                 continue  # a prefill chunk: nothing sampled yet
-            req.append_output_token(token)
-            with_new_token.append(req)
-            stopped = req.check_stop()
-            if not stopped and req.num_tokens >= self.max_model_len:
-                req.status = RequestStatus.FINISHED_LENGTH
-                stopped = True
+            kept, stopped = 0, False
+            for token in tokens:
+                req.append_output_token(token)
+                kept += 1
+                stopped = req.check_stop()
+                if not stopped and req.num_tokens >= self.max_model_len:
+                    req.status = RequestStatus.FINISHED_LENGTH
+                    stopped = True
+                if stopped:
+                    break
+            # The last token's KV is computed next step (a stop may also cut accepted ones).
+            req.num_computed_tokens = min(req.num_computed_tokens, req.num_tokens - 1)
+            self.kv.cache_full_blocks(req)
+            with_new_tokens.append((req, kept))
             if stopped:
                 self._remove_finished(req)
                 finished.append(req)
-        return with_new_token, finished
+        return with_new_tokens, finished
 
     def finish_requests(self, request_ids, status: RequestStatus) -> list[Request]:
         """Finish (stop string, abort, error) requests wherever they are; frees their blocks."""

@@ -322,8 +322,23 @@ class Sampler(torch.nn.Module):
         # logits: [R, V] float32 raw model output
         if meta.num_rows == 0:
             return SamplerOutput([], [])
-        raw = logits
-        # Clone only if a step below writes into the full [R, V] tensor in place.
+        x = self.process(logits, meta)
+        if meta.all_greedy:
+            tokens = x.argmax(dim=-1)
+        elif meta.all_random:
+            tokens = sample_with_generators(self.random_probs(x, meta), meta.generators)
+        else:
+            tokens = torch.empty(meta.num_rows, dtype=torch.long, device=x.device)
+            tokens[meta.greedy_rows] = x[meta.greedy_rows].argmax(dim=-1)
+            tokens[meta.random_rows] = sample_with_generators(
+                self.random_probs(x[meta.random_rows], meta), meta.generators)
+
+        sampled = tokens.tolist()
+        return SamplerOutput(sampled, compute_logprobs(logits, tokens, meta))
+
+    @staticmethod
+    def process(logits: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """logit_bias, the min_tokens mask and penalties; a copy where `logits` would change."""
         in_place = (
             meta.bias_rows is not None
             or meta.mask_rows is not None
@@ -333,28 +348,19 @@ class Sampler(torch.nn.Module):
         x = logits.float()
         if in_place and x is logits:
             x = x.clone()
-
         if meta.bias_rows is not None:
             x.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
         if meta.mask_rows is not None:
             x[meta.mask_rows, meta.mask_tokens] = float("-inf")
         apply_penalties(x, meta)
-
-        if meta.all_greedy:
-            tokens = x.argmax(dim=-1)
-        elif meta.all_random:
-            tokens = self._sample_random(x, meta)
-        else:
-            tokens = torch.empty(meta.num_rows, dtype=torch.long, device=x.device)
-            tokens[meta.greedy_rows] = x[meta.greedy_rows].argmax(dim=-1)
-            tokens[meta.random_rows] = self._sample_random(x[meta.random_rows], meta)
-
-        sampled = tokens.tolist()
-        return SamplerOutput(sampled, compute_logprobs(raw, tokens, meta))
+        return x
 
     @staticmethod
-    def _sample_random(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-        # x: [num_random, V], may be modified in place
+    def random_probs(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+        """The distribution each random row samples from: temperature, top_k, top_p, min_p.
+
+        x: [num_random, V] (random rows, in order), may be modified in place.
+        """
         if meta.temperature is not None:
             x.div_(meta.temperature.unsqueeze(1))
         if meta.top_k is not None or meta.top_p is not None:
@@ -363,7 +369,7 @@ class Sampler(torch.nn.Module):
         if meta.min_p is not None:
             threshold = meta.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
-        return sample_with_generators(probs, meta.generators)
+        return probs
 
 
 def compute_logprobs(

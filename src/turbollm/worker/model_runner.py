@@ -8,7 +8,9 @@ import torch
 
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.engine.scheduler import SchedulerOutput
-from turbollm.layers.sampler import Sampler, SamplingMetadata
+from turbollm.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
+from turbollm.spec_decode.verify import verify_greedy, verify_random
+from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
 
 
@@ -16,10 +18,11 @@ from turbollm.worker.kv_cache import layer_views
 class ModelRunnerOutput:
     """Per scheduled request (same order as SchedulerOutput.requests)."""
 
-    # The token sampled for each request, or None for a partial prefill chunk.
-    sampled_token_ids: list[int | None]
-    # Logprobs of the sampled token (and top-k) where the request asked for them.
-    logprobs: list[Any | None]
+    # The tokens each request gained: [] for a partial prefill chunk, one token for a plain
+    # step, accepted proposals + one token for a speculative step.
+    sampled_token_ids: list[list[int]]
+    # Logprobs of those tokens (and top-k), one entry per token, where the request asked.
+    logprobs: list[list[Any] | None]
 
 
 @dataclass
@@ -29,9 +32,12 @@ class FlatBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    # Row of `hidden` whose logits are sampled, and the index in SchedulerOutput it belongs to.
+    # Rows of `hidden` whose logits are sampled, and the index in SchedulerOutput each belongs
+    # to. A request verifying k proposals owns k + 1 consecutive rows.
     sample_rows: list[int]
     sample_owner: list[int]
+    # Proposals being verified, per index in SchedulerOutput (empty lists for plain requests).
+    proposals: list[list[int]]
 
 
 class ModelRunner:
@@ -66,72 +72,112 @@ class ModelRunner:
 
     def build_batch(self, so: SchedulerOutput) -> FlatBatch:
         """Flatten the scheduled work: token ids, positions, cache slots, attention groups."""
-        bs = self.block_size
-        counts = so.num_scheduled_tokens
-        order = sorted(range(len(so.requests)), key=lambda i: counts[i] != 1)
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        dec_tables, dec_lens, prefills = [], [], []
-        sample_rows, sample_owner = [], []
-        for i in order:
-            req, n, table = so.requests[i], counts[i], so.block_tables[i]
+        chunks: list[SeqChunk] = []
+        proposals: list[list[int]] = [[] for _ in so.requests]
+        for i, (req, n) in enumerate(zip(so.requests, so.num_scheduled_tokens)):
             start = req.num_computed_tokens
-            end = start + n
-            first = len(ids)
-            ids.extend(req.all_token_ids[start:end])
-            pos.extend(range(start, end))
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1:
-                dec_tables.append(table)
-                dec_lens.append(end)
-            else:
-                prefills.append((first, n, end, torch.tensor(table, dtype=torch.long)))
-            if end == req.num_tokens:  # the chunk reaches the end: its last logits are sampled
-                sample_rows.append(len(ids) - 1)
-                sample_owner.append(i)
-        dev = self.device
-        num_decodes = len(dec_lens)
-        dec_bt = dec_sl = None
-        if num_decodes:
-            width = max(len(t) for t in dec_tables)
-            dec_bt = torch.tensor([t + [0] * (width - len(t)) for t in dec_tables],
-                                  dtype=torch.long).to(dev, non_blocking=True)
-            dec_sl = torch.tensor(dec_lens, dtype=torch.long).to(dev, non_blocking=True)
-        if dev.type != "cpu":
-            prefills = [(a, b, c, t.to(dev, non_blocking=True)) for a, b, c, t in prefills]
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(dev, non_blocking=True),
-            num_decodes=num_decodes, decode_block_tables=dec_bt, decode_seq_lens=dec_sl,
-            prefills=prefills, block_size=bs)
-        return FlatBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(dev, non_blocking=True),
-            positions=torch.tensor(pos, dtype=torch.long).to(dev, non_blocking=True),
-            meta=meta, sample_rows=sample_rows, sample_owner=sample_owner)
+            tokens = req.all_token_ids[start:start + n]
+            if start + n > req.num_tokens:  # the scheduler keeps exactly the proposals that fit
+                proposals[i] = req.spec_token_ids[:start + n - req.num_tokens]
+                tokens = tokens + proposals[i]
+            chunks.append(SeqChunk(tokens, start, so.block_tables[i]))
+        packed = pack_sequences(chunks, self.block_size, self.device)
+        sample_rows, sample_owner = [], []
+        for i, (req, n) in enumerate(zip(so.requests, so.num_scheduled_tokens)):
+            if req.num_computed_tokens + n >= req.num_tokens:
+                # The chunk reaches the end: its last k + 1 rows are sampled (k proposals).
+                last = packed.offsets[i] + n - 1
+                k = len(proposals[i])
+                sample_rows.extend(range(last - k, last + 1))
+                sample_owner.extend([i] * (k + 1))
+        return FlatBatch(packed.input_ids, packed.positions, packed.meta, sample_rows,
+                         sample_owner, proposals)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step of the model and sample where a request's chunk reached its end."""
+        """Run one step of the model; sample (or verify proposals) where a chunk reached its end."""
         batch = self.build_batch(so)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)
-        sampled: list[int | None] = [None] * len(so.requests)
-        logprobs: list[Any | None] = [None] * len(so.requests)
-        if batch.sample_rows:
-            rows = torch.tensor(batch.sample_rows, device=self.device)
-            logits = self.model.compute_logits(hidden.index_select(0, rows))
-            reqs = [so.requests[i] for i in batch.sample_owner]
-            meta = SamplingMetadata.build(
-                params=[r.params for r in reqs],
-                prompt_token_ids=[r.prompt_token_ids for r in reqs],
-                output_token_ids=[r.output_token_ids for r in reqs],
-                generators=[self._generator(r) for r in reqs],
-                vocab_size=self.vocab_size, device=self.device,
-                eos_token_ids=self.eos_token_ids)
+        sampled: list[list[int]] = [[] for _ in so.requests]
+        logprobs: list[list[Any] | None] = [None] * len(so.requests)
+        if not batch.sample_rows:
+            return ModelRunnerOutput(sampled, logprobs)
+        rows = torch.tensor(batch.sample_rows, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        meta = self._sampling_metadata(so, batch)
+        if not any(batch.proposals):
             out = self.sampler(logits, meta)
             for j, i in enumerate(batch.sample_owner):
-                sampled[i] = out.sampled_token_ids[j]
-                logprobs[i] = out.logprobs[j] if out.logprobs else None
+                sampled[i] = [out.sampled_token_ids[j]]
+                if out.logprobs and out.logprobs[j] is not None:
+                    logprobs[i] = [out.logprobs[j]]
+            return ModelRunnerOutput(sampled, logprobs)
+        self._verify(so, batch, logits, meta, sampled, logprobs)
         return ModelRunnerOutput(sampled, logprobs)
+
+    def _sampling_metadata(self, so: SchedulerOutput, batch: FlatBatch) -> SamplingMetadata:
+        """One row per sampled position; row j of a verifying request sees proposals[:j] as
+        already generated, so penalties and min_tokens apply exactly as in plain decoding."""
+        params, prompts, outputs, gens = [], [], [], []
+        j_of: dict[int, int] = {}
+        for i in batch.sample_owner:
+            req = so.requests[i]
+            j = j_of[i] = j_of.get(i, -1) + 1
+            params.append(req.params)
+            prompts.append(req.prompt_token_ids)
+            outputs.append(req.output_token_ids + batch.proposals[i][:j] if j
+                           else req.output_token_ids)
+            gens.append(self._generator(req))
+        return SamplingMetadata.build(
+            params=params, prompt_token_ids=prompts, output_token_ids=outputs, generators=gens,
+            vocab_size=self.vocab_size, device=self.device, eos_token_ids=self.eos_token_ids)
+
+    def _verify(self, so, batch: FlatBatch, logits, meta: SamplingMetadata, sampled, logprobs
+                ) -> None:
+        """Accept/reject each request's proposals (spec_decode/verify.py) from its k + 1 rows."""
+        x = self.sampler.process(logits, meta)
+        greedy = x.argmax(dim=-1).tolist() if not meta.all_random else None
+        probs = None
+        if not meta.all_greedy:
+            rand = x if meta.all_random else x[meta.random_rows]
+            probs = self.sampler.random_probs(rand, meta)
+        # Random rows are numbered in row order inside `probs`.
+        random_index = {}
+        if probs is not None:
+            rr = range(meta.num_rows) if meta.all_random else meta.random_rows.tolist()
+            random_index = {r: k for k, r in enumerate(rr)}
+        first_row: dict[int, int] = {}
+        for r, i in enumerate(batch.sample_owner):
+            first_row.setdefault(i, r)
+        emitted_rows, emitted_tokens = [], []
+        for i, r0 in first_row.items():
+            req, props = so.requests[i], batch.proposals[i]
+            if req.params.greedy:
+                tokens = verify_greedy(props, greedy[r0:r0 + len(props) + 1])
+            else:
+                k0 = random_index[r0]
+                tokens = verify_random(props, probs[k0:k0 + len(props) + 1],
+                                       self._generator(req))
+            sampled[i] = tokens
+            emitted_rows.extend(range(r0, r0 + len(tokens)))
+            emitted_tokens.extend(tokens)
+        if meta.max_num_logprobs >= 0:
+            self._emitted_logprobs(logits, meta, batch, emitted_rows, emitted_tokens, logprobs)
+
+    @staticmethod
+    def _emitted_logprobs(logits, meta, batch, rows, tokens, logprobs) -> None:
+        """Raw-logit logprobs of every emitted token, from the row that produced it."""
+        full = torch.zeros(meta.num_rows, dtype=torch.long, device=logits.device)
+        full[torch.tensor(rows, device=logits.device)] = torch.tensor(tokens,
+                                                                      device=logits.device)
+        per_row = compute_logprobs(logits, full, meta)
+        for r in rows:
+            lp = per_row[r]
+            if lp is not None:
+                i = batch.sample_owner[r]
+                if logprobs[i] is None:
+                    logprobs[i] = []
+                logprobs[i].append(lp)
 
     @torch.inference_mode()
     def forward_logits(self, token_ids: list[int], block_ids: list[int], chunk: int

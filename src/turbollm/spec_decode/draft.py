@@ -1,0 +1,156 @@
+"""Draft-model proposals: a smaller model with the target's tokenizer proposes k tokens
+autoregressively (argmax), batched over requests, with its own paged KV cache.
+
+The draft's cache uses the target's block tables (same block ids, same block size), so the
+scheduler's block accounting covers both; the scheduler keeps `k` lookahead slots per decoding
+request for the draft's proposals. Two kinds of draft:
+- a separate model (`--draft-model`, e.g. the target quantized to int4): its own cache tensor,
+  caught up on each request's accepted tokens before proposing;
+- self-speculation (`--draft-layers k`): the target's first k layers with its final norm and
+  head. Their KV is exactly the target's first k layers' KV, so the draft reads and writes the
+  target's own cache: nothing to catch up, no extra memory.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from turbollm.config import SpeculativeConfig
+from turbollm.engine.request import Request
+from turbollm.worker.flat_batch import SeqChunk, pack_sequences
+
+
+class TruncatedDraft(nn.Module):
+    """The target's embedding, first `num_layers` decoder layers, final norm and head."""
+
+    def __init__(self, target: nn.Module, num_layers: int):
+        super().__init__()
+        n = len(target.model.layers)
+        if not 1 <= num_layers < n:
+            raise ValueError(f"draft_layers must be in [1, {n - 1}] for this {n}-layer model, "
+                             f"got {num_layers}")
+        self.target = target
+        self.num_layers = num_layers
+
+    def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        m = self.target.model
+        h = m.embed_tokens(input_ids).to(m.compute_dtype)
+        rope = m.rotary.cos_sin(positions)
+        for layer, kv in zip(m.layers[:self.num_layers], kv_caches):
+            h = layer(rope, h, kv, meta)
+        return m.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.target.compute_logits(hidden)
+
+
+class DraftProposer:
+    """Runs the draft model for every decoding request that asks for proposals."""
+
+    def __init__(self, config: SpeculativeConfig, model: nn.Module, kv_views, block_size: int,
+                 device: str, shares_target_kv: bool, cost_per_token: float):
+        self.model = model
+        self.kv_views = kv_views
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.shares_target_kv = shares_target_kv
+        self.cost_per_token = cost_per_token  # one draft forward, in target decode steps
+        self.block_tables = None  # set by the engine: request id -> block ids
+
+    @torch.inference_mode()
+    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
+        active = [(r, k) for r, k in zip(reqs, ks) if k > 0]
+        out = {id(r): [] for r in reqs}
+        if not active:
+            return [out[id(r)] for r in reqs]
+        # First forward: catch up on tokens the draft has not seen (at least the last one).
+        chunks = []
+        for r, _ in active:
+            start = r.num_tokens - 1 if self.shares_target_kv else \
+                min(r.draft_num_computed, r.num_tokens - 1)
+            chunks.append(SeqChunk(r.all_token_ids[start:], start,
+                                   self.block_tables(r.request_id)))
+        tokens = self._step(chunks)
+        for (r, k), c, t in zip(active, chunks, tokens):
+            out[id(r)].append(t)
+            r.draft_num_computed = c.start + len(c.token_ids)
+        # Then one token at a time, for the requests that want more.
+        for j in range(1, max(k for _, k in active)):
+            live = [(r, k) for r, k in active if k > j]
+            if not live:
+                break
+            chunks = [SeqChunk([out[id(r)][-1]], r.num_tokens - 1 + j,
+                               self.block_tables(r.request_id)) for r, _ in live]
+            for (r, _), t in zip(live, self._step(chunks)):
+                out[id(r)].append(t)
+                r.draft_num_computed += 1
+        return [out[id(r)] for r in reqs]
+
+    def _step(self, chunks: list[SeqChunk]) -> list[int]:
+        """One draft forward; the argmax after each chunk's last token."""
+        packed = pack_sequences(chunks, self.block_size, self.device)
+        hidden = self.model(packed.input_ids, packed.positions, self.kv_views, packed.meta)
+        last = torch.tensor([o + len(c.token_ids) - 1 for o, c in zip(packed.offsets, chunks)],
+                            device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, last)).argmax(-1).tolist()
+
+
+def load_separate_draft(config, device: str, backend):
+    """Load `--draft-model` (None for self-speculation or n-gram)."""
+    spec = config.speculative
+    if spec.speculative_method != "draft" or spec.draft_model is None:
+        return None
+    from dataclasses import replace
+
+    from turbollm.loader.model_loader import load_model
+    draft_cfg = replace(config.model, model=spec.draft_model, tokenizer=None,
+                        quantization=spec.draft_quantization, load_format="auto")
+    return load_model(draft_cfg, device, backend)
+
+
+def linear_bytes(module: nn.Module) -> int:
+    """Weight bytes of the linear layers in `module`, in whatever format each is served: a
+    proxy for the cost of a batch-1 forward, which reads every weight once."""
+    from turbollm.layers.linear import LinearBase
+    from turbollm.quantization.weight_bytes import linear_weight_bytes
+    return sum(linear_weight_bytes(m) for m in module.modules() if isinstance(m, LinearBase))
+
+
+def build_draft_proposer(engine, draft) -> DraftProposer:
+    """The draft proposer for an engine: `draft` (a LoadedModel) or the target's first layers."""
+    spec = engine.config.speculative
+    bs = engine.config.cache.block_size
+    if draft is not None:
+        if draft.arch.vocab_size != engine.arch.vocab_size:
+            raise ValueError(f"the draft model's vocabulary ({draft.arch.vocab_size}) differs "
+                             f"from the target's ({engine.arch.vocab_size})")
+        from turbollm.worker.kv_cache import allocate_kv_cache, layer_views
+        cache = allocate_kv_cache(draft.arch, engine.num_kv_blocks, bs, draft.dtype,
+                                  engine.device)
+        proposer = DraftProposer(spec, draft.model, layer_views(cache), bs, engine.device,
+                                 shares_target_kv=False,
+                                 cost_per_token=linear_bytes(draft.model)
+                                 / linear_bytes(engine.model))
+        proposer.cache = cache
+    else:
+        k = spec.draft_layers
+        if k is None:
+            raise ValueError("speculative_method 'draft' needs --draft-model or --draft-layers")
+        model = TruncatedDraft(engine.model, k)
+        layers = engine.model.model.layers
+        share = ((linear_bytes(layers[0]) * k + linear_bytes(engine.model.lm_head))
+                 / linear_bytes(engine.model))
+        proposer = DraftProposer(spec, model, engine.runner.kv_views[:k], bs, engine.device,
+                                 shares_target_kv=True, cost_per_token=share)
+    proposer.block_tables = engine.kv_manager.block_ids
+    return proposer
+
+
+def draft_kv_share(engine_arch, draft) -> float:
+    """Fraction of the KV budget the target gets when a separate draft keeps its own cache."""
+    if draft is None:
+        return 1.0
+    from turbollm.sizing import kv_cache_bytes_per_token
+    t = kv_cache_bytes_per_token(engine_arch, draft.dtype)
+    d = kv_cache_bytes_per_token(draft.arch, draft.dtype)
+    return t / (t + d)

@@ -1,0 +1,86 @@
+"""Proposers: where the tokens to verify come from, and the engine-side glue of one step."""
+from __future__ import annotations
+
+import numpy as np
+
+from turbollm.config import SpeculativeConfig
+from turbollm.engine.request import Request
+from turbollm.spec_decode.controller import SpecController
+from turbollm.spec_decode.ngram import propose_ngram
+
+# Verifying one more row, relative to a plain decode step (measured on CPU with the bundled
+# model: a step with 9 rows costs ~1.3 steps of 1 row; see docs/benchmarks.md).
+VERIFY_COST_PER_TOKEN = 0.04
+# Running decodes from which speculation is switched off (unless seeded sampling).
+DISABLE_BATCH_SIZE = 8
+
+
+class NgramProposer:
+    """Prompt lookup over each request's prompt and output so far."""
+
+    cost_per_token = 0.0  # no model runs: proposing is a few numpy comparisons
+
+    def __init__(self, config: SpeculativeConfig):
+        self.n_min, self.n_max = config.ngram_min, config.ngram_max
+
+    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
+        return [propose_ngram(np.asarray(r.all_token_ids), k, self.n_min, self.n_max) if k
+                else [] for r, k in zip(reqs, ks)]
+
+
+class SpeculativeDecoder:
+    """After each step: choose k per decoding request and fill its `spec_token_ids`."""
+
+    def __init__(self, config: SpeculativeConfig, proposer, max_model_len: int):
+        self.config = config
+        self.proposer = proposer
+        self.max_model_len = max_model_len
+        self.controller = SpecController(
+            max_k=config.num_speculative_tokens,
+            cost_per_token=VERIFY_COST_PER_TOKEN + proposer.cost_per_token,
+            disable_batch_size=DISABLE_BATCH_SIZE)
+        # KV slots a decoding request keeps free beyond its step, for a draft model's proposals.
+        self.num_lookahead_tokens = (config.num_speculative_tokens
+                                     if config.speculative_method == "draft" else 0)
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.num_spec_steps = 0
+
+    def observe(self, so, sampled: list[list[int]], num_proposed: list[int]) -> None:
+        """Learn from a verified step: request i proposed num_proposed[i], kept len - 1."""
+        for req, tokens, k in zip(so.requests, sampled, num_proposed):
+            if k and tokens:
+                accepted = len(tokens) - 1
+                self.controller.observe(req.request_id, k, accepted)
+                self.num_draft_tokens += k
+                self.num_accepted_tokens += accepted
+                self.num_spec_steps += 1
+
+    def propose(self, running: list[Request]) -> None:
+        decoding = [r for r in running if not r.is_prefilling and not r.is_finished]
+        ks = []
+        for r in decoding:
+            seeded_random = r.params.seed is not None and not r.params.greedy
+            k = self.controller.num_to_propose(r.request_id, len(decoding), seeded_random)
+            # Never past max_tokens (a step emits k + 1) or the context (the proposals' KV).
+            k = min(k, r.max_tokens - r.num_output_tokens - 1,
+                    self.max_model_len - r.num_tokens - 1)
+            ks.append(max(0, k))
+        for r, props in zip(decoding, self.proposer.propose(decoding, ks)):
+            r.spec_token_ids = list(props)
+
+    def forget(self, request_ids) -> None:
+        self.controller.forget(request_ids)
+
+
+def make_speculative_decoder(engine, draft=None) -> SpeculativeDecoder | None:
+    """The engine's speculative decoder (None when off); `draft` is a separately loaded draft
+    model (LoadedModel) for `--draft-model`."""
+    config = engine.config.speculative
+    if not config.enabled:
+        return None
+    if config.speculative_method == "ngram":
+        return SpeculativeDecoder(config, NgramProposer(config), engine.max_model_len)
+    from turbollm.spec_decode.draft import build_draft_proposer
+    proposer = build_draft_proposer(engine, draft)
+    return SpeculativeDecoder(config, proposer, engine.max_model_len)
