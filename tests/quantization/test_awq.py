@@ -73,3 +73,13 @@ def test_awq_perplexity_below_rtn_on_bundled_model(bundled_gguf):
     rtn = quantized_perplexity(bundled_gguf, "rtn")
     awq = quantized_perplexity(bundled_gguf, "awq")
     assert awq < rtn, (awq, rtn)
+
+
+def test_quantization_awq_at_load_refuses_quantized_weights_and_runs_on_dense(tiny_llama):
+    from turbollm import LLM
+    from turbollm.quantization.calibration import apply_calibrated_quantization
+    llm = LLM(str(tiny_llama), quantization="awq", quantization_group_size=32, **KW)
+    assert all(m.quant_method.name == "int4"
+               for m in decoder_linears(llm.engine.model).values())
+    with pytest.raises(ValueError, match="already quantized"):
+        apply_calibrated_quantization(llm.engine, "awq", 32)

@@ -81,3 +81,16 @@ def test_gptq_perplexity_below_rtn_on_bundled_model(bundled_gguf):
     rtn = quantized_perplexity(bundled_gguf, "rtn")
     gptq = quantized_perplexity(bundled_gguf, "gptq")
     assert gptq < rtn, (gptq, rtn)
+
+
+def test_quantization_gptq_at_load(tiny_llama):
+    """LLM(quantization='gptq') calibrates on the built-in corpus and serves int4."""
+    from turbollm import LLM
+    ref = LLM(str(tiny_llama), kv_cache_memory="16MiB", **KW)
+    llm = LLM(str(tiny_llama), kv_cache_memory="16MiB", quantization="gptq",
+              quantization_group_size=32, **KW)
+    layers = decoder_linears(llm.engine.model)
+    assert all(m.quant_method.name == "int4" and m.weight is None for m in layers.values())
+    probe = ref.tokenizer("class A:\n    def method(self):\n        pass").input_ids
+    got, want = llm.score_logits(probe), ref.score_logits(probe)
+    assert torch.nn.functional.cosine_similarity(got, want, dim=-1).min() > 0.95

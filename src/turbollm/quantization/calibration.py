@@ -142,6 +142,10 @@ def apply_calibrated_quantization(engine, method: str, group_size: int,
     windows = calibration_windows(ids, num_windows, window_len)
     model = engine.model
     linears = decoder_linears(model)
+    if any(m.weight is None for m in linears.values()):
+        raise ValueError(f"{method} needs the dense weights, but the model's linears are already "
+                         f"quantized (a GGUF file is served natively: load it with quantization "
+                         f"'{method}' or 'none')")
     from turbollm.quantization.int4_result import model_group_size
     g = model_group_size((m.in_features for m in linears.values()), group_size)
     if g != group_size:
