@@ -19,7 +19,7 @@ def quantized_perplexity(gguf_path, method: str) -> float:
     from turbollm.quantization.int4 import install_int4, quantize_int4_rtn
     from turbollm.quantization.int4_result import model_group_size
 
-    llm = LLM(str(gguf_path), dtype="float32", device="cpu")
+    llm = LLM(str(gguf_path), dtype="float32", device="cpu", quantization="none")
     ids = corpus_token_ids(llm.tokenizer)
     if method == "rtn":  # the same (model-wide) group size AWQ and GPTQ end up with
         linears = decoder_linears(llm.engine.model)

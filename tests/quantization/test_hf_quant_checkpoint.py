@@ -185,3 +185,19 @@ def test_checkpoint_loads_and_matches_dequantized_reference(tiny_llama, tmp_path
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     # and the source model (fp16 rounding of its norms/embeddings aside) agrees closely too
     torch.testing.assert_close(got, src.score_logits(ids), rtol=2e-2, atol=2e-2)
+
+
+def test_export_calibrated_checkpoint_writes_a_loadable_awq_directory(tiny_llama, tmp_path):
+    """What `turbollm quantize --method awq` runs: calibrate, quantize, write; LLM(dir) serves
+    it without calibrating again and with the same logits as the quantized source."""
+    from turbollm import LLM
+    from turbollm.quantization.hf_checkpoint import export_calibrated_checkpoint
+    kw = dict(device="cpu", num_threads=1, kv_cache_memory="16MiB")
+    out = export_calibrated_checkpoint(str(tiny_llama), "awq", 32, tmp_path / "awq", **kw)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
+                  "version": "gemm"}
+    assert (out / "tokenizer.json").is_file()
+    llm = LLM(str(out), dtype="float32", quantization="awq", **kw)  # already AWQ: no recalibration
+    assert llm.engine.model.checkpoint_quantization == "awq"
+    assert llm.generate("def", None)[0].outputs[0].text is not None
