@@ -89,6 +89,8 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
     """Resolve, construct on `device` and fill the model (random weights for load_format=dummy)."""
     from turbollm.loader.dummy import init_dummy_weights
     from turbollm.models.registry import get_model_class
+    from turbollm.quantization.checkpoint import checkpoint_config as turbollm_checkpoint_config
+    from turbollm.quantization.checkpoint import load_checkpoint as load_turbollm_checkpoint
     from turbollm.quantization.hf_checkpoint import load_prequantized, prequantized_config
 
     source = resolve_model(cfg.model, cfg.load_format)
@@ -111,6 +113,8 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         init_dummy_weights(model, seed=cfg.seed)
     elif source.kind == "hf_dir" and (qcfg := prequantized_config(source.path)) is not None:
         load_prequantized(model, source.path, dtype, qcfg)  # AutoAWQ / GPTQ layouts
+    elif source.kind == "hf_dir" and (tq := turbollm_checkpoint_config(source.path)) is not None:
+        load_turbollm_checkpoint(model, source.path, dtype, tq)  # `turbollm quantize` int8/int4
     else:
         model.load_weights(iter_checkpoint(source, dtype))
     _quantize_at_load(model, cfg, source)
