@@ -53,7 +53,7 @@ def parse_overrides(items: list[str] | str | None) -> dict:
 
 
 def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
-    """Every technique the engine has an option for, one switch at a time, default dtype."""
+    """Every technique the engine has an option for, one switch at a time over the defaults."""
     draft_layers = max(1, (num_layers or 4) // 4)  # self-speculation on a quarter of the layers
     return [
         BenchConfig("int8", {"quantization": "int8"}),
@@ -70,16 +70,20 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
     ]
 
 
-DTYPE_CONFIGS = [BenchConfig("fp32", {"dtype": "float32"}),
-                 BenchConfig("bf16", {"dtype": "bfloat16"}),
-                 BenchConfig("fp16", {"dtype": "float16"})]
+# Dense weights at each precision (quantization=none: a GGUF file is dequantized, not served in
+# its own format), then the engine's defaults as a user gets them (for the bundled GGUF: its
+# Q4_1/Q8_0 layers served natively), which the technique switches are applied on top of.
+DTYPE_CONFIGS = [BenchConfig("fp32", {"dtype": "float32", "quantization": "none"}),
+                 BenchConfig("bf16", {"dtype": "bfloat16", "quantization": "none"}),
+                 BenchConfig("fp16", {"dtype": "float16", "quantization": "none"}),
+                 BenchConfig("default", {})]
 
 PEER_DTYPES = {"quick": ["float32"], "full": ["float32", "bfloat16"]}
 
 
 def build_matrix(num_layers: int | None, only: list[str] | None = None,
                  extra: dict[str, dict] | None = None) -> list[BenchConfig]:
-    """fp32 (the quality baseline) first, then bf16, fp16, every technique, then `extra`
+    """fp32 (the quality baseline) first, bf16, fp16, defaults, every technique, then `extra`
     (kept when `only` picks a subset)."""
     configs = [BenchConfig(c.name, dict(c.kwargs)) for c in DTYPE_CONFIGS]
     configs += technique_configs(num_layers)

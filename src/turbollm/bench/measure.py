@@ -64,6 +64,16 @@ def tensor_bytes(*roots) -> int:
     return total
 
 
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Weight bytes as the quantization package counts them (packed values and scales, a tied
+    head once), else every distinct tensor the model holds."""
+    try:
+        from turbollm.quantization.weight_bytes import model_weight_bytes as by_part
+    except ImportError:
+        return tensor_bytes(model)
+    return by_part(model)["total"]
+
+
 def peak_rss_bytes() -> int:
     """This process's resident-set high-water mark (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -172,7 +182,7 @@ def measure_ours(llm, spec: BenchSpec, prompts: Prompts, stage=lambda s: None) -
     from turbollm.sizing import kv_cache_bytes_per_token
     eng = llm.engine
     res: dict = {"load_s": eng.load_time_s, "storage_dtype": str(eng.dtype).replace("torch.", ""),
-                 "weight_bytes": tensor_bytes(eng.model)}
+                 "weight_bytes": model_weight_bytes(eng.model)}
     kv_alloc = tensor_bytes(eng.kv_cache)
     slots = eng.num_kv_blocks * eng.config.cache.block_size
     res["kv_bytes_per_token"] = kv_alloc / slots if kv_alloc else \

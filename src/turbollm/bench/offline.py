@@ -105,29 +105,46 @@ def _run_peer(job: dict, spec: BenchSpec, stage) -> dict:
     return res
 
 
-def run_isolated(job: dict, timeout: float | None = None) -> dict:
-    """run_job in a fresh interpreter; its own peak RSS; a crash becomes a status."""
+def run_isolated(job: dict, timeout: float | None = None, stage=lambda s: None) -> dict:
+    """run_job in a fresh interpreter; its own peak RSS; a crash becomes a status. The worker
+    reports its stages on stderr ('@stage NAME' lines), passed on to `stage`."""
+    import threading
+    cfg = job["config"]
+
+    def failed(reason: str) -> dict:
+        return {"name": cfg["name"], "kwargs": cfg["kwargs"], "peer": cfg.get("peer"),
+                "status": NOT_AVAILABLE, "reason": f"failed: {reason}"[:300],
+                "seconds": time.perf_counter() - t0}
+
     with tempfile.TemporaryDirectory(prefix="turbollm-bench-") as tmp:
         job_path, out_path = os.path.join(tmp, "job.json"), os.path.join(tmp, "result.json")
         with open(job_path, "w") as f:
             json.dump(job, f)
         t0 = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "turbollm.bench.offline", job_path,
+                                 out_path], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        tail: list[str] = []
+
+        def read() -> None:
+            for line in proc.stderr:
+                if line.startswith("@stage "):
+                    stage(line[7:].strip())
+                elif line.strip():
+                    tail[:] = (tail + [line.strip()])[-3:]
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
         try:
-            proc = subprocess.run([sys.executable, "-m", "turbollm.bench.offline", job_path,
-                                   out_path], capture_output=True, text=True, timeout=timeout)
+            proc.wait(timeout)
         except subprocess.TimeoutExpired:
-            return {"name": job["config"]["name"], "kwargs": job["config"]["kwargs"],
-                    "peer": job["config"].get("peer"), "status": NOT_AVAILABLE,
-                    "reason": f"failed: over the {timeout:.0f}s time limit",
-                    "seconds": time.perf_counter() - t0}
+            proc.kill()
+            proc.wait()
+            return failed(f"over the {timeout:.0f}s time limit")
+        reader.join(5)
         if os.path.exists(out_path):
             with open(out_path) as f:
                 return json.load(f)
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-        return {"name": job["config"]["name"], "kwargs": job["config"]["kwargs"],
-                "peer": job["config"].get("peer"), "status": NOT_AVAILABLE,
-                "reason": f"failed: worker exited {proc.returncode}: {tail}"[:300],
-                "seconds": time.perf_counter() - t0}
+        return failed(f"worker exited {proc.returncode}: {' | '.join(tail)}")
 
 
 def run_matrix(configs: list[BenchConfig], spec: BenchSpec, common: dict, isolate: bool = True,
@@ -141,10 +158,9 @@ def run_matrix(configs: list[BenchConfig], spec: BenchSpec, common: dict, isolat
     for cfg in bar:
         bar.set_postfix_str(cfg.name)
         job = {"config": cfg.as_dict(), "spec": spec.as_dict(), "common": common}
-        if isolate:
-            res = run_isolated(job, timeout)
-        else:
-            res = run_job(job, lambda s: bar.set_postfix_str(f"{cfg.name}: {s}"))
+        def stage(s: str, name: str = cfg.name) -> None:
+            bar.set_postfix_str(f"{name}: {s}")
+        res = run_isolated(job, timeout, stage) if isolate else run_job(job, stage)
         results.append(res)
         if res["status"] != "ok":
             bar.write(f"{cfg.name}: {res['status']} ({res['reason']})")
@@ -170,7 +186,7 @@ def _worker_main(argv: list[str]) -> int:
     job_path, out_path = argv
     with open(job_path) as f:
         job = json.load(f)
-    res = run_job(job)
+    res = run_job(job, lambda s: print(f"@stage {s}", file=sys.stderr, flush=True))
     res["isolated"] = True
     with open(out_path, "w") as f:
         json.dump(res, f)

@@ -25,9 +25,10 @@ class Workload:
 WORKLOADS = {
     # The chatbot case: a 512-token conversation, a 313-token answer, end-to-end latency.
     "chatbot": Workload("chatbot", 512, 313, requests=2),
-    "chat-short": Workload("chat-short", 512, 64, requests=2),
+    "chat-short": Workload("chat-short", 512, 32),
     # Retrieval-style: one long shared context, short distinct questions (prefix caching).
     "rag": Workload("rag", 512, 16, requests=4, shared_prefix=448),
+    "rag-short": Workload("rag-short", 512, 8, requests=3, shared_prefix=448),
     "long-answer": Workload("long-answer", 64, 512),
 }
 
@@ -52,19 +53,19 @@ class BenchSpec:
     """Sizes of every measurement of one configuration."""
 
     prefill_tokens: int = 512
-    prefill_reps: int = 2
+    prefill_reps: int = 1
     decode_prompt_tokens: int = 16
-    decode_tokens: int = 32
-    workloads: list[str] = field(default_factory=lambda: ["chat-short", "rag"])
+    decode_tokens: int = 16
+    workloads: list[str] = field(default_factory=lambda: ["chat-short", "rag-short"])
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
-    batch_prompt_tokens: int = 128
-    batch_output_tokens: int = 32
-    ppl_tokens: int = 1024
+    batch_prompt_tokens: int = 64
+    batch_output_tokens: int = 16
+    ppl_tokens: int = 768
     ppl_max_length: int = 512
     ppl_stride: int = 256
     agree_prompts: int = 4
-    agree_prompt_tokens: int = 32
-    agree_tokens: int = 32
+    agree_prompt_tokens: int = 16
+    agree_tokens: int = 16
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,10 +106,11 @@ class BenchSpec:
 
 
 PRESETS = {
-    # A couple of minutes on 2 cores for the bundled 135M model (most time: the batch sweep).
+    # ~15-20 s per configuration for the bundled 135M model on 2 idle cores: every column
+    # filled, few repetitions (a smoke test of the matrix, not numbers to publish).
     "quick": BenchSpec(),
     "full": BenchSpec(prefill_reps=3, decode_tokens=128,
                       workloads=["chatbot", "rag", "long-answer"], batch_sizes=[1, 4, 16, 64],
-                      batch_output_tokens=128, ppl_tokens=16384, agree_prompts=16,
-                      agree_prompt_tokens=64, agree_tokens=64),
+                      batch_prompt_tokens=128, batch_output_tokens=128, ppl_tokens=16384,
+                      agree_prompts=16, agree_prompt_tokens=64, agree_tokens=64),
 }
