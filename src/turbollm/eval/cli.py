@@ -20,7 +20,8 @@ def add_eval_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true",
                    help="top-1 agreement, KL(a||b) and greedy agreement of --config-a vs -b")
     p.add_argument("--config-a", action="append", default=None, metavar="KEY=VALUE[,...]",
-                   help="engine options of side a on top of the flags (default dtype=float32)")
+                   help="engine options of side a on top of the flags (with --compare, "
+                        "default dtype=float32,quantization=none: dense fp32)")
     p.add_argument("--config-b", action="append", default=None, metavar="KEY=VALUE[,...]",
                    help="engine options of side b on top of the flags")
     p.add_argument("--text", help="a UTF-8 text file (default: the built-in corpus, "
@@ -97,7 +98,8 @@ def compare(args, progress: bool) -> dict:
     from turbollm.bench.configs import parse_overrides
     from turbollm.eval.agreement import greedy_agreement, greedy_continuations, logit_agreement
     from turbollm.eval.corpus import corpus_prompts
-    over_a = parse_overrides(args.config_a) if args.config_a else {"dtype": "float32"}
+    over_a = parse_overrides(args.config_a) if args.config_a else \
+        {"dtype": "float32", "quantization": "none"}  # the dense fp32 reference
     over_b = parse_overrides(args.config_b)
     if not over_b:
         raise ValueError("--compare needs --config-b (what differs from side a)")
