@@ -30,14 +30,14 @@ def _check_png(path):
 def test_bench_matrix_in_process(tiny_llama, tmp_path, monkeypatch):
     """fp32 / bf16 measured, a technique the engine refuses and a bad option shown as not
     available (the run goes on), HF as a peer with ratios, llama.cpp reported as missing."""
-    import turbollm.engine.llm_engine as le
-    real_check = le._check_available
+    from turbollm.engine.llm_engine import LLMEngine
+    real_init = LLMEngine.__init__
 
-    def check(config):  # an always-refused technique, whatever has landed meanwhile
+    def init(self, config):  # the engine's refusal of a technique not implemented (yet)
         if config.model.quantization == "gptq":
             raise ValueError("not available yet in this engine: quantization=gptq")
-        real_check(config)
-    monkeypatch.setattr(le, "_check_available", check)
+        real_init(self, config)
+    monkeypatch.setattr(LLMEngine, "__init__", init)
     res, md = _bench(tiny_llama, tmp_path, "--no-isolate", "--configs", "fp32,bf16,gptq",
                      "--add-config", "badgroup:quantization_group_size=7",
                      "--peers", "hf,llamacpp")
