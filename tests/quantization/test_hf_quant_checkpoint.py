@@ -187,17 +187,21 @@ def test_checkpoint_loads_and_matches_dequantized_reference(tiny_llama, tmp_path
     torch.testing.assert_close(got, src.score_logits(ids), rtol=2e-2, atol=2e-2)
 
 
-def test_export_calibrated_checkpoint_writes_a_loadable_awq_directory(tiny_llama, tmp_path):
-    """What `turbollm quantize --method awq` runs: calibrate, quantize, write; LLM(dir) serves
-    it without calibrating again and with the same logits as the quantized source."""
+@pytest.mark.parametrize("method", ["gptq"])  # the AWQ writer is covered above
+def test_quantize_cli_writes_a_loadable_directory(tiny_llama, tmp_path, method):
+    """`turbollm quantize --method awq|gptq`: calibrate, quantize, write the layout; LLM(dir)
+    serves it as int4 without calibrating again."""
     from turbollm import LLM
-    from turbollm.quantization.hf_checkpoint import export_calibrated_checkpoint
-    kw = dict(device="cpu", num_threads=1, kv_cache_memory="16MiB")
-    out = export_calibrated_checkpoint(str(tiny_llama), "awq", 32, tmp_path / "awq", **kw)
+    from turbollm.cli import main
+    out = tmp_path / method
+    assert main(["quantize", "--model", str(tiny_llama), "--method", method, "--group-size",
+                 "32", "--output", str(out)]) == 0
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc == {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True,
-                  "version": "gemm"}
+    assert qc["quant_method"] == method and qc["bits"] == 4 and qc["group_size"] == 32
     assert (out / "tokenizer.json").is_file()
-    llm = LLM(str(out), dtype="float32", quantization="awq", **kw)  # already AWQ: no recalibration
-    assert llm.engine.model.checkpoint_quantization == "awq"
-    assert llm.generate("def", None)[0].outputs[0].text is not None
+    llm = LLM(str(out), dtype="float32", quantization=method, num_threads=1,
+              kv_cache_memory="16MiB")  # already quantized: served as it is
+    assert llm.engine.model.checkpoint_quantization == method
+    layers = [m for n, m in llm.engine.model.named_modules() if ".layers." in n
+              and hasattr(m, "quant_method")]
+    assert layers and all(m.quant_method.name == "int4" for m in layers)

@@ -28,9 +28,19 @@ def quantize_rtn(method: str) -> Callable[..., Path]:
     return run
 
 
+def quantize_calibrated(method: str) -> Callable[..., Path]:
+    """awq / gptq: calibrate on the built-in corpus, write the AutoAWQ-GEMM / GPTQ layout."""
+    def run(model: str, output: Path, group_size: int, engine_kwargs: dict) -> Path:
+        from turbollm.quantization.hf_checkpoint import export_calibrated_checkpoint
+        return export_calibrated_checkpoint(model, method, group_size, output, **engine_kwargs)
+    return run
+
+
 METHODS: dict[str, Callable[..., Path]] = {
     "int8": quantize_rtn("int8"),
     "int4": quantize_rtn("int4"),
+    "awq": quantize_calibrated("awq"),
+    "gptq": quantize_calibrated("gptq"),
 }
 
 
