@@ -72,9 +72,13 @@ def _run_ours(job: dict, spec: BenchSpec, stage) -> dict:
     from turbollm import LLM
     from turbollm.bench.measure import Prompts, measure_ours
     stage("load")
+    t = time.perf_counter()
     llm = LLM(**engine_kwargs_for(job))
+    init_s = time.perf_counter() - t  # load + quantization / calibration at load
     prompts = Prompts(llm.tokenizer, spec, llm.engine.arch.vocab_size)
-    return measure_ours(llm, spec, prompts, stage)
+    res = measure_ours(llm, spec, prompts, stage)
+    res["load_s"] = init_s
+    return res
 
 
 def _run_peer(job: dict, spec: BenchSpec, stage) -> dict:

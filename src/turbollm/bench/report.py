@@ -143,13 +143,16 @@ def plot(results: list[dict], meta: dict, out_dir: str | Path) -> list[Path]:
     plt.close(fig)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for r in ok:
+    for i, r in enumerate(ok):
         pts = sorted(r.get("batch") or [], key=lambda b: b["batch"])
         if not pts:
             continue
         bs = [p["batch"] for p in pts]
-        ax1.plot(bs, [p["e2e_s"] for p in pts], "o-", label=r["name"])
-        ax2.plot(bs, [p["tok_s"] for p in pts], "o-", label=r["name"])
+        # 20 distinct colors, and a second marker / dash past them: no two lines look alike.
+        style = dict(color=plt.cm.tab20(i % 20), marker="os^"[i // 20 % 3],
+                     ls="-" if i < 20 else "--", label=r["name"])
+        ax1.plot(bs, [p["e2e_s"] for p in pts], **style)
+        ax2.plot(bs, [p["tok_s"] for p in pts], **style)
     ax1.set(xscale="log", xlabel="batch size", ylabel="mean end-to-end s",
             title="request latency vs batch")
     ax2.set(xscale="log", xlabel="batch size", ylabel="aggregate output tok/s",
