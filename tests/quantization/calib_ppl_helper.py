@@ -1,5 +1,5 @@
 """Perplexity of the bundled model after int4 quantization by RTN, AWQ or GPTQ at group size 128,
-held-out text, shared by test_awq.py and test_gptq.py (kept small for CI: 16 calibration windows
+held-out text, shared by test_awq.py and test_gptq.py (kept small for CI: 8 calibration windows
 of 256 tokens, 1024 evaluation tokens)."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def quantized_perplexity(gguf_path, method: str) -> float:
         for m in linears.values():
             install_int4(m, *quantize_int4_rtn(m.weight, g), g)
     elif method != "fp32":
-        apply_calibrated_quantization(llm.engine, method, GROUP_SIZE, num_windows=16,
+        apply_calibrated_quantization(llm.engine, method, GROUP_SIZE, num_windows=8,
                                       window_len=256, progress=False)
     held = heldout_token_ids(ids)[:EVAL_TOKENS]
     return perplexity(llm.score_logits, held, max_length=512, stride=256).perplexity
