@@ -248,7 +248,10 @@ def _install_quantized(model: torch.nn.Module, quantized: dict[str, Int4Weights]
             log.warning("%s: shards differ in group size or act-order permutation; kept dense",
                         name)
             continue
-        install_int4_weights(layer, merged)
+        try:
+            install_int4_weights(layer, merged)
+        except ValueError as e:  # e.g. a group size the kernels do not take
+            log.warning("%s: kept dense (%s)", name, e)
 
 
 def _merge_shards(layer, shards: dict) -> Int4Weights | None:
