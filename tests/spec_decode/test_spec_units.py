@@ -1,0 +1,90 @@
+"""Units of speculative decoding: n-gram lookup, the accept/resample rule, the k controller."""
+import torch
+from chi2 import chi2_critical, chi2_statistic
+
+from turbollm.spec_decode.controller import SpecController
+from turbollm.spec_decode.ngram import propose_ngram
+from turbollm.spec_decode.verify import verify_greedy, verify_random
+
+
+def test_ngram_takes_longest_then_most_recent_match():
+    toks = [5, 6, 7, 8, 1, 2, 9, 9, 6, 7, 3, 4, 6, 7]
+    # Suffix [6, 7]: the 3-gram [x, 6, 7] has no earlier match; the 2-gram [6, 7] matches at
+    # 1 and 8: the most recent one wins and [3, 4, 6] follows it.
+    assert propose_ngram(toks, 3, n_min=1, n_max=3) == [3, 4, 6]
+    # A longer match beats a more recent shorter one.
+    toks = [1, 2, 3, 10, 11, 9, 3, 20, 1, 2, 3]
+    assert propose_ngram(toks, 2, n_min=1, n_max=3) == [10, 11]
+    assert propose_ngram(toks, 2, n_min=1, n_max=1) == [20, 1]
+
+
+def test_ngram_no_match_and_limits():
+    assert propose_ngram([1, 2, 3, 4], 3) == []
+    assert propose_ngram([7], 3) == []
+    assert propose_ngram([1, 2, 1], 0) == []
+    assert propose_ngram([1, 2, 1], 5) == [2, 1]  # stops at the end of the sequence
+    assert propose_ngram([4, 4, 4, 4], 2, n_min=2, n_max=2) == [4]
+
+
+def test_verify_greedy_accepts_matching_prefix_then_corrects():
+    assert verify_greedy([1, 2, 3], [1, 2, 3, 4]) == [1, 2, 3, 4]  # all + bonus
+    assert verify_greedy([1, 2, 3], [1, 5, 3, 4]) == [1, 5]  # stop at the first mismatch
+    assert verify_greedy([1, 2, 3], [7, 2, 3, 4]) == [7]
+    assert verify_greedy([], [9]) == [9]
+
+
+def test_verify_random_preserves_the_target_distribution():
+    """The first emitted token is distributed as p whatever the proposal: a wrong rule (e.g.
+    accepting always, or resampling from p instead of the residual) fails this test."""
+    gen = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.05, 0.4, 0.1, 0.25, 0.2])
+    probs = torch.stack([p, p])
+    for proposal in (1, 4, 0):
+        counts = [0] * 5
+        for _ in range(6000):
+            counts[verify_random([proposal], probs, gen)[0]] += 1
+        stat, df = chi2_statistic(counts, p.tolist())
+        assert stat < chi2_critical(df), (proposal, counts)
+
+
+def test_verify_random_second_token_after_acceptance():
+    """Joint (t1, t2) when the proposal is accepted: t2 ~ the second row's p."""
+    gen = torch.Generator().manual_seed(1)
+    p1 = torch.tensor([0.0, 1.0, 0.0])  # the proposal (1) is always accepted
+    p2 = torch.tensor([0.5, 0.3, 0.2])
+    counts = [0] * 3
+    for _ in range(3000):
+        out = verify_random([1], torch.stack([p1, p2]), gen)
+        assert out[0] == 1 and len(out) == 2
+        counts[out[1]] += 1
+    stat, df = chi2_statistic(counts, p2.tolist())
+    assert stat < chi2_critical(df)
+
+
+def test_verify_random_reproducible_with_a_seed():
+    probs = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(3)), -1)
+    runs = [verify_random([3, 7, 9], probs, torch.Generator().manual_seed(42)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_controller_picks_more_tokens_for_higher_acceptance():
+    c = SpecController(max_k=8, cost_per_token=0.05, disable_batch_size=8)
+    ks = [c.best_k(a) for a in (0.0, 0.3, 0.6, 0.9)]
+    assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 8
+    # Expensive proposals (a draft as slow as the target) never pay.
+    assert SpecController(max_k=8, cost_per_token=1.0, disable_batch_size=8).best_k(0.6) == 0
+
+
+def test_controller_learns_rates_probes_and_switches_off_for_big_batches():
+    c = SpecController(max_k=6, cost_per_token=0.3, disable_batch_size=4, probe_every=4)
+    for _ in range(10):
+        c.observe("good", 4, 4)
+        c.observe("bad", 4, 0)
+    assert c.rate("good") > 0.9 and c.rate("bad") < 0.2
+    assert c.num_to_propose("good", 1, False) >= 4
+    bad = [c.num_to_propose("bad", 1, False) for _ in range(8)]
+    assert bad.count(0) == 6 and bad.count(1) == 2  # probes every 4th step
+    assert c.num_to_propose("good", 4, False) == 0  # batch too large
+    assert c.num_to_propose("good", 4, True) > 0  # seeded sampling keeps its stream
+    c.forget(["good"])
+    assert c.rate("good") == c.prior
