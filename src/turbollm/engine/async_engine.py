@@ -74,6 +74,9 @@ class EngineSnapshot:
     generation_tokens: int = 0
     steps: int = 0
     step_errors: int = 0
+    spec_steps: int = 0  # speculative verification steps (per sequence)
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
 
 
 def _merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -459,4 +462,7 @@ class AsyncLLMEngine:
             num_preemptions=s.num_preemptions, prefix_cache_queries=s.prefix_cache_queries,
             prefix_cache_hits=s.prefix_cache_hits, prompt_tokens=e.stats.prompt_tokens,
             generation_tokens=e.stats.generation_tokens, steps=e.stats.steps,
-            step_errors=e.stats.step_errors)
+            step_errors=e.stats.step_errors,
+            spec_steps=e.spec.num_spec_steps if e.spec else 0,
+            spec_draft_tokens=e.spec.num_draft_tokens if e.spec else 0,
+            spec_accepted_tokens=e.spec.num_accepted_tokens if e.spec else 0)

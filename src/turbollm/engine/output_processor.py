@@ -138,6 +138,10 @@ class OutputProcessor:
 
     def _make_output(self, group: RequestGroup, now: float) -> RequestOutput:
         finished = group.finished
+        m = group.metrics
+        m.spec_steps = sum(c.num_spec_steps for c in group.children)
+        m.spec_draft_tokens = sum(c.num_draft_tokens for c in group.children)
+        m.spec_accepted_tokens = sum(c.num_accepted_tokens for c in group.children)
         outs = []
         for i, (req, st) in enumerate(zip(group.children, group.states)):
             text, delta = "", ""

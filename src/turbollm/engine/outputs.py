@@ -48,6 +48,21 @@ class RequestMetrics:
     finished_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    # Speculative decoding, over the request's sequences: verification steps, tokens proposed
+    # and tokens accepted.
+    spec_steps: int = 0
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return (self.spec_accepted_tokens / self.spec_draft_tokens
+                if self.spec_draft_tokens else None)
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verification step (accepted proposals + the target's own)."""
+        return 1 + self.spec_accepted_tokens / self.spec_steps if self.spec_steps else None
 
 
 @dataclass

@@ -36,6 +36,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("turbollm_kv_cache_usage_ratio",
                                 "Fraction of KV-cache blocks held by running sequences",
                                 value=s.kv_usage)
+        spec_rate = s.spec_accepted_tokens / s.spec_draft_tokens if s.spec_draft_tokens else 0.0
+        yield GaugeMetricFamily("turbollm_spec_decode_acceptance_rate",
+                                "Accepted / proposed speculative tokens since start",
+                                value=spec_rate)
         rate = s.prefix_cache_hits / s.prefix_cache_queries if s.prefix_cache_queries else 0.0
         yield GaugeMetricFamily("turbollm_prefix_cache_hit_rate",
                                 "Prompt tokens found in the prefix cache / looked up",
@@ -50,7 +54,13 @@ class _EngineCollector:
                 ("turbollm_prefix_cache_hits", "Prompt tokens found in the prefix cache",
                  s.prefix_cache_hits),
                 ("turbollm_engine_steps", "Engine steps run", s.steps),
-                ("turbollm_engine_step_errors", "Engine steps that failed", s.step_errors)):
+                ("turbollm_engine_step_errors", "Engine steps that failed", s.step_errors),
+                ("turbollm_spec_decode_steps", "Speculative verification steps (per sequence)",
+                 s.spec_steps),
+                ("turbollm_spec_decode_draft_tokens", "Tokens proposed by speculative decoding",
+                 s.spec_draft_tokens),
+                ("turbollm_spec_decode_accepted_tokens",
+                 "Proposed tokens the target model accepted", s.spec_accepted_tokens)):
             yield CounterMetricFamily(name, doc, value=value)
         state = GaugeMetricFamily("turbollm_engine_state", "1 for the engine's current state",
                                   labels=["state"])

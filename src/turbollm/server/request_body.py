@@ -86,5 +86,14 @@ def usage_of(outputs) -> dict:
     """OpenAI `usage` over one or more RequestOutputs."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion}
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion}
+    steps = sum(o.metrics.spec_steps for o in outputs)
+    if steps:  # speculative decoding ran: how well its proposals did (an extension field)
+        drafted = sum(o.metrics.spec_draft_tokens for o in outputs)
+        accepted = sum(o.metrics.spec_accepted_tokens for o in outputs)
+        usage["speculative"] = {"steps": steps, "draft_tokens": drafted,
+                                "accepted_tokens": accepted,
+                                "acceptance_rate": accepted / drafted if drafted else 0.0,
+                                "mean_accepted_length": 1 + accepted / steps}
+    return usage
