@@ -206,4 +206,8 @@ def measure_ours(llm, spec: BenchSpec, prompts: Prompts, stage=lambda s: None) -
     res["greedy_tokens"] = [list(o.outputs[0].token_ids)
                             for o in _run(llm, prompts.agree, spec.agree_tokens)[0]]
     res["peak_rss_bytes"] = peak_rss_bytes()
+    if eng.spec is not None and eng.spec.num_draft_tokens:  # over every run above
+        res["spec_acceptance_rate"] = eng.spec.num_accepted_tokens / eng.spec.num_draft_tokens
+        res["spec_mean_accepted_length"] = 1 + (eng.spec.num_accepted_tokens
+                                                / eng.spec.num_spec_steps)
     return res

@@ -30,12 +30,13 @@ def markdown(results: list[dict], meta: dict) -> str:
              "",
              f"| config | status | prefill tok/s | decode tok/s | TTFT ms ({first_w}) | "
              f"TPOT ms ({first_w}) | e2e s ({first_w}) | batch {bmax} tok/s | weights MiB | "
-             "KV B/token | peak RSS MiB | perplexity | greedy agree | exact match |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "KV B/token | peak RSS MiB | perplexity | greedy agree | exact match | "
+             "spec accept |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r["status"] != "ok":
             lines.append(f"| {r['name']} | {r['status']}: {r['reason'].replace('|', '/')} |"
-                         + " |" * 12)
+                         + " |" * 13)
             continue
         w = r["workloads"].get(first_w, {}) if first_w else {}
         b = _batch_max(r)
@@ -45,7 +46,8 @@ def markdown(results: list[dict], meta: dict) -> str:
             f"{_f(w.get('e2e_s'), '.2f')} | {_f(b and b['tok_s'])} | "
             f"{_f(r['weight_bytes'], '.1f', 1 / MiB)} | {_f(r.get('kv_bytes_per_token'), '.0f')}"
             f" | {_f(r['peak_rss_bytes'], '.0f', 1 / MiB)} | {_f(r['perplexity'], '.3f')} | "
-            f"{_f(r.get('greedy_agreement'), '.3f')} | {_f(r.get('greedy_exact_match'), '.2f')} |")
+            f"{_f(r.get('greedy_agreement'), '.3f')} | {_f(r.get('greedy_exact_match'), '.2f')} | "
+            f"{_f(r.get('spec_acceptance_rate'), '.2f')} |")
     ok = [r for r in results if r["status"] == "ok"]
     if len(meta.get("workloads") or []) > 1 and ok:
         lines += ["", "Latency by workload (median of sequential requests; TTFT / TPOT in ms, "
