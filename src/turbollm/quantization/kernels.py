@@ -174,7 +174,9 @@ def _widened_linear(x: torch.Tensor, n: int, dequant_rows) -> torch.Tensor:
     M, k = x.shape
     xf = x.float()
     rows = max(1, min(n, _SCRATCH_FLOATS // k))
-    if _scratch.numel() < rows * k:
+    # A scratch made under inference_mode cannot be written outside it: remake it then.
+    if _scratch.numel() < rows * k or (_scratch.is_inference()
+                                       and not torch.is_inference_mode_enabled()):
         _scratch = torch.empty(rows * k)
     if rows == n:
         return F.linear(xf, dequant_rows(0, n, _scratch[:n * k].view(n, k))).to(x.dtype)
