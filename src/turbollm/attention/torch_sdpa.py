@@ -1,7 +1,8 @@
 """Reference attention on the paged KV cache in plain PyTorch (CPU and CUDA).
 
 Decodes are batched: each sequence's blocks are gathered into a padded [B, L, KVH, D] view and
-attended in one einsum. Prefill chunks are attended one sequence at a time with SDPA.
+attended in one einsum. Prefill chunks are attended one sequence at a time with SDPA, except
+short ones over a longer cached context (speculative verification), which use einsums too.
 """
 from __future__ import annotations
 
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 
 from turbollm.attention.backend import AttentionBackend, AttentionMetadata
 from turbollm.attention.kv_quant import QuantKV
+
+# Multi-token chunks with at most this many queries over a longer context take the einsum path.
+SMALL_QUERY = 16
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -64,6 +68,8 @@ class TorchAttentionBackend(AttentionBackend):
     def _prefill(q, k, v, scale, window, derived: dict, seq_key: int) -> torch.Tensor:
         # q: [n, H, D] are the last n positions of a context of k/v: [L, KVH, D]
         n, L = q.shape[0], k.shape[0]
+        if n <= SMALL_QUERY and n < L:
+            return TorchAttentionBackend._few_queries(q, k, v, scale, window, derived, seq_key)
         # [1, heads, tokens, D] with K/V heads expanded: with 3-D inputs or enable_gqa=True,
         # CPU SDPA falls back to its math path, which materializes [H, n, L] scores.
         group = q.shape[1] // k.shape[1]
@@ -84,6 +90,27 @@ class TorchAttentionBackend(AttentionBackend):
                 derived[key] = mask
             o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale)
         return o[0].transpose(0, 1)
+
+    @staticmethod
+    def _few_queries(q, k, v, scale, window, derived: dict, seq_key: int) -> torch.Tensor:
+        """A few queries over a long cached context (speculative verification, short chunks):
+        the decode path's grouped einsums, which skip SDPA's set-up and the K/V head copies."""
+        n, H, D = q.shape
+        L, kvh = k.shape[0], k.shape[1]
+        key = ("few_queries_invalid", seq_key, window)
+        invalid = derived.get(key)
+        if invalid is None:  # same for every layer: build once per step
+            q_pos = torch.arange(L - n, L, device=q.device).unsqueeze(1)
+            k_pos = torch.arange(L, device=q.device).unsqueeze(0)
+            invalid = k_pos > q_pos
+            if window is not None:
+                invalid |= k_pos <= q_pos - window
+            invalid = derived[key] = invalid[None, None]  # [1, 1, n, L]
+        qg = q.view(n, kvh, H // kvh, D)
+        scores = torch.einsum("nkgd,lkd->kgnl", qg, k.to(q.dtype)).float() * scale
+        scores.masked_fill_(invalid, float("-inf"))
+        probs = scores.softmax(-1).to(q.dtype)
+        return torch.einsum("kgnl,lkd->nkgd", probs, v.to(q.dtype)).reshape(n, H, D)
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window) -> torch.Tensor:
