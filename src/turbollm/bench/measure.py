@@ -66,11 +66,8 @@ def tensor_bytes(*roots) -> int:
 
 def model_weight_bytes(model: torch.nn.Module) -> int:
     """Weight bytes as the quantization package counts them (packed values and scales, a tied
-    head once), else every distinct tensor the model holds."""
-    try:
-        from turbollm.quantization.weight_bytes import model_weight_bytes as by_part
-    except ImportError:
-        return tensor_bytes(model)
+    head once)."""
+    from turbollm.quantization.weight_bytes import model_weight_bytes as by_part
     return by_part(model)["total"]
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turbollm.config import SpeculativeConfig
 from turbollm.engine.request import Request
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 
@@ -47,15 +46,15 @@ class TruncatedDraft(nn.Module):
 class DraftProposer:
     """Runs the draft model for every decoding request that asks for proposals."""
 
-    def __init__(self, config: SpeculativeConfig, model: nn.Module, kv_views, block_size: int,
-                 device: str, shares_target_kv: bool, cost_per_token: float):
+    def __init__(self, model: nn.Module, kv_views, block_size: int, device: str,
+                 block_tables, shares_target_kv: bool, cost_per_token: float):
         self.model = model
         self.kv_views = kv_views
         self.block_size = block_size
         self.device = torch.device(device)
         self.shares_target_kv = shares_target_kv
         self.cost_per_token = cost_per_token  # one draft forward, in target decode steps
-        self.block_tables = None  # set by the engine: request id -> block ids
+        self.block_tables = block_tables  # request id -> its block ids (the target's)
 
     @torch.inference_mode()
     def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
@@ -127,23 +126,21 @@ def build_draft_proposer(engine, draft) -> DraftProposer:
         from turbollm.worker.kv_cache import allocate_kv_cache, layer_views
         cache = allocate_kv_cache(draft.arch, engine.num_kv_blocks, bs, draft.dtype,
                                   engine.device)
-        proposer = DraftProposer(spec, draft.model, layer_views(cache), bs, engine.device,
-                                 shares_target_kv=False,
-                                 cost_per_token=linear_bytes(draft.model)
-                                 / linear_bytes(engine.model))
-        proposer.cache = cache
-    else:
-        k = spec.draft_layers
-        if k is None:
-            raise ValueError("speculative_method 'draft' needs --draft-model or --draft-layers")
-        model = TruncatedDraft(engine.model, k)
-        layers = engine.model.model.layers
-        share = ((linear_bytes(layers[0]) * k + linear_bytes(engine.model.lm_head))
-                 / linear_bytes(engine.model))
-        proposer = DraftProposer(spec, model, engine.runner.kv_views[:k], bs, engine.device,
-                                 shares_target_kv=True, cost_per_token=share)
-    proposer.block_tables = engine.kv_manager.block_ids
-    return proposer
+        return DraftProposer(draft.model, layer_views(cache), bs, engine.device,
+                             engine.kv_manager.block_ids, shares_target_kv=False,
+                             cost_per_token=linear_bytes(draft.model)
+                             / linear_bytes(engine.model))
+    k = spec.draft_layers
+    if k is None:
+        raise ValueError("speculative_method 'draft' needs --draft-model or --draft-layers")
+    model = TruncatedDraft(engine.model, k)
+    layers = engine.model.model.layers
+    share = ((linear_bytes(layers[0]) * k + linear_bytes(engine.model.lm_head))
+             / linear_bytes(engine.model))
+    return DraftProposer(model, engine.runner.kv_views[:k], bs, engine.device,
+                         engine.kv_manager.block_ids, shares_target_kv=True,
+                         cost_per_token=share)
+
 
 
 def draft_kv_share(engine_arch, draft) -> float:

@@ -8,8 +8,9 @@ from turbollm.engine.request import Request
 from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
 
-# Verifying one more row, relative to a plain decode step (measured on CPU with the bundled
-# model: a step with 9 rows costs ~1.3 steps of 1 row; see docs/benchmarks.md).
+# Verifying one more row, relative to a plain decode step: an estimate. Measured on CPU with the
+# bundled model (docs/benchmarks.md), 1 extra row costs ~0 and 8 cost ~0.75 (0.09 each), so
+# this leans towards proposing; tuning it against measured step costs is left to do.
 VERIFY_COST_PER_TOKEN = 0.04
 # Running decodes from which speculation is switched off (unless seeded sampling).
 DISABLE_BATCH_SIZE = 8
