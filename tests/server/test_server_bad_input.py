@@ -71,7 +71,6 @@ CASES = [
     ("missing-prompt", C, {"model": MODEL_NAME}, 400, None, "prompt"),
     ("stream-options-without-stream", C, comp(stream_options={"include_usage": True}), 400,
      None, "stream_options"),
-    ("echo-with-logprobs", C, comp(echo=True, logprobs=1), 400, "unsupported", "echo"),
     ("suffix", C, comp(suffix="x"), 400, "unsupported", "suffix"),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
      "unsupported", "tools"),

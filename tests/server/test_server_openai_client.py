@@ -167,6 +167,35 @@ def test_echo_and_stop(client, offline):
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, offline):
+    """The lm-evaluation-harness loglikelihood request: echo + logprobs + max_tokens=1."""
+    ids = list(offline.generate(PROMPTS[1], SamplingParams(max_tokens=1))[0].prompt_token_ids)
+    resp = client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=1,
+                                     temperature=0, echo=True, logprobs=2)
+    lp = resp.choices[0].logprobs
+    assert len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    ref = offline.engine.score_logits(ids).log_softmax(dim=-1)
+    for p in range(1, len(ids)):
+        assert lp.token_logprobs[p] == pytest.approx(ref[p - 1, ids[p]].item(), abs=1e-4)
+        assert len(lp.top_logprobs[p]) <= 2
+    assert "".join(lp.tokens[:len(ids)]) == PROMPTS[1]
+    assert lp.text_offset[:3] == [0, len(lp.tokens[0]), len(lp.tokens[0]) + len(lp.tokens[1])]
+    assert lp.text_offset[len(ids)] == len(PROMPTS[1])  # the completion starts after the echo
+    greedy = max(lp.top_logprobs[-1].values())
+    assert lp.token_logprobs[-1] == pytest.approx(greedy)
+    # Streaming: the echo chunk carries the prompt's logprobs, then the completion's follow.
+    chunks = list(client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=3,
+                                            temperature=0, echo=True, logprobs=0, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == PROMPTS[1]
+    assert first.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:len(ids)],
+                                                              abs=1e-5)
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.tokens]
+    assert len(streamed) == len(ids) + 3
+
+
 def test_user_field_and_unknown_fields_accepted(client):
     resp = client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2, user="u-1",
                                      extra_body={"some_future_field": {"x": 1}})

@@ -54,9 +54,10 @@ class KVCacheManager:
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:
         """Longest run of the request's leading full blocks already in the cache.
 
-        At least one token is always left to compute, since its logits are needed.
+        At least one token is always left to compute, since its logits are needed; a request
+        that wants prompt logprobs computes its whole prompt (cached KV has no logits).
         """
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or req.needs_prompt_logprobs:
             return [], 0
         hits: list[KVBlock] = []
         limit = req.num_tokens - 1

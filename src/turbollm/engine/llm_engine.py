@@ -126,8 +126,10 @@ class LLMEngine:
         group = RequestGroup(request_id, text, ids, params, arrival_time or time.monotonic())
         leader = None
         for i in range(params.n):
+            # Prompt logprobs are the same for every child: the first one scores them.
             child_params = replace(params, n=1, seed=None if params.seed is None
-                                   else params.seed + i)
+                                   else params.seed + i,
+                                   prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             child = Request(f"{request_id}#{i}", ids, child_params, self.eos_token_ids,
                             max_tokens, group.metrics.arrival_time, prefix_leader=leader)
             if self.config.cache.enable_prefix_caching and leader is None:
@@ -145,6 +147,9 @@ class LLMEngine:
                 f"prompt token ids must be in [0, {self.arch.vocab_size})", "prompt")
         if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
             raise RequestValidationError(f"logprobs must be <= {MAX_LOGPROBS}", "logprobs")
+        if params.prompt_logprobs is not None and params.prompt_logprobs > MAX_LOGPROBS:
+            raise RequestValidationError(f"prompt_logprobs must be <= {MAX_LOGPROBS}",
+                                         "prompt_logprobs")
         room = self.max_model_len - len(ids)
         if room <= 0:
             raise ContextLengthExceededError(

@@ -32,9 +32,14 @@ class RequestGroup:
     states: list[ChildState] = field(default_factory=list)
     metrics: RequestMetrics = field(init=False)
     error: str | None = None
+    # params.prompt_logprobs: None for the first prompt token, then one entry per prompt token
+    # as the prefill scores them (by the first child only).
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     def __post_init__(self) -> None:
         self.metrics = RequestMetrics(arrival_time=self.arrival_time)
+        if self.params.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
 
     def add_child(self, req: Request, detok) -> None:
         wants_lp = req.params.logprobs is not None
@@ -86,6 +91,8 @@ class OutputProcessor:
         self.released = list(finished)
         changed: dict[str, RequestGroup] = {}
         lp_of = {id(r): lp for r, lp in zip(so.requests, ro.logprobs) if lp is not None}
+        if ro.prompt_logprobs is not None:
+            self._add_prompt_logprobs(so.requests, ro.prompt_logprobs)
         for req in so.requests:
             group = req.extra[0] if req.extra else None
             if group is not None and group.metrics.first_scheduled_time is None:
@@ -117,6 +124,13 @@ class OutputProcessor:
             group = req.extra[0]
             changed[group.request_id] = group
         return [self._make_output(g, now) for g in changed.values()]
+
+    def _add_prompt_logprobs(self, requests: list[Request], found: list) -> None:
+        for req, lps in zip(requests, found):
+            if lps:
+                req.extra[0].prompt_logprobs.extend(
+                    to_position_logprobs(lp, self.tokenizer) for lp in lps)
+                req.num_prompt_logprobs += len(lps)
 
     def _stop_on_string(self, req: Request, stop: str, scheduler, num_outputs: int) -> None:
         # Tokens a speculative step accepted after the stop string are not part of the output.
@@ -159,4 +173,6 @@ class OutputProcessor:
             group.metrics.num_preemptions = sum(c.num_preemptions for c in group.children)
             self.groups.pop(group.request_id, None)
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
-                             finished, group.metrics, error=group.error)
+                             finished, group.metrics, error=group.error,
+                             prompt_logprobs=(list(group.prompt_logprobs)
+                                              if group.prompt_logprobs is not None else None))

@@ -75,6 +75,9 @@ class RequestOutput:
     metrics: RequestMetrics
     error: str | None = None  # set when the engine failed while running the request
     extra: dict = field(default_factory=dict)
+    # params.prompt_logprobs: None for the first prompt token (nothing predicts it), then the
+    # logprob, rank and top-k of each prompt token given the tokens before it.
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
 
     @property
     def num_generated_tokens(self) -> int:

@@ -70,6 +70,9 @@ class Request:
         self.num_draft_tokens = 0  # proposed and verified, over the request's life
         self.num_accepted_tokens = 0
         self.num_spec_steps = 0  # verification steps with at least one proposed token
+        # Prompt logprobs (params.prompt_logprobs): how many prompt tokens after the first have
+        # been scored. Until all are, the prompt is computed in full (no prefix-cache hits).
+        self.num_prompt_logprobs = 0
 
     @property
     def num_tokens(self) -> int:
@@ -91,6 +94,11 @@ class Request:
     def is_prefilling(self) -> bool:
         """True until the prompt's KV is complete (a partial chunk samples nothing)."""
         return self.num_computed_tokens < self.num_prompt_tokens
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        return (self.params.prompt_logprobs is not None
+                and self.num_prompt_logprobs < self.num_prompt_tokens - 1)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

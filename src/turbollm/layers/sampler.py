@@ -380,22 +380,26 @@ def compute_logprobs(
         return [None] * meta.num_rows
     rows = [i for i, k in enumerate(meta.num_logprobs) if k is not None]
     idx = torch.tensor(rows, dtype=torch.long, device=raw_logits.device)
-    lp = raw_logits[idx].float().log_softmax(dim=-1)  # [L, V]
-    tok = tokens[idx].unsqueeze(1)  # [L, 1]
+    found = token_logprobs(raw_logits[idx], tokens[idx], meta.max_num_logprobs)
+    out: list[TokenLogprobs | None] = [None] * meta.num_rows
+    for r, lp in zip(rows, found):
+        lp.top = lp.top[:meta.num_logprobs[r]]
+        out[r] = lp
+    return out
+
+
+def token_logprobs(raw_logits: torch.Tensor, tokens: torch.Tensor, k: int
+                   ) -> list[TokenLogprobs]:
+    """Logprob, rank and top-k alternatives of tokens[i] under row i of raw_logits [L, V]."""
+    lp = raw_logits.float().log_softmax(dim=-1)  # [L, V]
+    tok = tokens.unsqueeze(1)  # [L, 1]
     tok_lp = lp.gather(1, tok)  # [L, 1]
     ranks = (lp > tok_lp).sum(dim=-1) + 1  # [L]
-    k = min(meta.max_num_logprobs, lp.shape[1])
+    k = min(k, lp.shape[1])
     top_v, top_i = lp.topk(k, dim=-1) if k > 0 else (lp[:, :0], tok[:, :0])  # [L, k]
     # One device->host copy per tensor.
     tok_l, lp_l, rank_l = tok.squeeze(1).tolist(), tok_lp.squeeze(1).tolist(), ranks.tolist()
     top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
-    out: list[TokenLogprobs | None] = [None] * meta.num_rows
-    for j, r in enumerate(rows):
-        n = meta.num_logprobs[r]
-        out[r] = TokenLogprobs(
-            token_id=tok_l[j],
-            logprob=lp_l[j],
-            rank=rank_l[j],
-            top=list(zip(top_i_l[j][:n], top_v_l[j][:n])),
-        )
-    return out
+    return [TokenLogprobs(token_id=tok_l[j], logprob=lp_l[j], rank=rank_l[j],
+                          top=list(zip(top_i_l[j], top_v_l[j])))
+            for j in range(len(tok_l))]

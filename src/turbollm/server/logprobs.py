@@ -31,9 +31,24 @@ class TokenText:
 
 
 def completion_logprobs(positions: list[PositionLogprobs], text_of: TokenText,
-                        offset: int = 0) -> dict:
-    """`{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` of /v1/completions."""
+                        offset: int = 0, prompt: list[PositionLogprobs | None] | None = None,
+                        prompt_ids: list[int] | None = None) -> dict:
+    """`{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` of /v1/completions.
+
+    With `prompt` (echo), the prompt's tokens come first, from offset 0; its first token has
+    null logprobs, since nothing predicts it. `offset` is where the completion's text starts.
+    """
     tokens, token_lps, tops, offsets = [], [], [], []
+    if prompt is not None:
+        at = 0
+        for tid, pos in zip(prompt_ids, prompt):
+            tok = text_of(tid)
+            tokens.append(tok)
+            token_lps.append(_finite(pos.sampled.logprob) if pos is not None else None)
+            tops.append({text_of(t.token_id): _finite(t.logprob) for t in pos.top}
+                        if pos is not None else None)
+            offsets.append(at)
+            at += len(tok)
     for pos in positions:
         tok = text_of(pos.sampled.token_id)
         tokens.append(tok)

@@ -81,11 +81,10 @@ def completion_params(req: CompletionRequest, cfg: ServerConfig) -> SamplingPara
     if req.best_of is not None and req.best_of != req.n:
         raise APIError(400, "best_of is not supported (it must be equal to n)", "best_of",
                        "unsupported")
-    if req.echo and req.logprobs is not None:
-        raise APIError(400, "echo with logprobs needs prompt logprobs, which this server does "
-                       "not compute", "echo", "unsupported")
     kw = _common(req, stop)
     kw.update(max_tokens=req.max_tokens, logprobs=req.logprobs)
+    if req.echo and req.logprobs is not None:  # the echoed prompt carries logprobs too
+        kw["prompt_logprobs"] = req.logprobs
     return make_sampling_params(**kw)
 
 

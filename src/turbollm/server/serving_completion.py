@@ -102,7 +102,8 @@ class _Ctx:
             for c in out.outputs:
                 lp = None
                 if c.logprobs is not None:
-                    lp = completion_logprobs(c.logprobs, self.text_of, len(prefix))
+                    lp = completion_logprobs(c.logprobs, self.text_of, len(prefix),
+                                             out.prompt_logprobs, self.ids[i])
                 choices.append({"index": i * n + c.index, "text": prefix + c.text,
                                 "logprobs": lp, "finish_reason": c.finish_reason})
         return self._envelope(choices, usage_of(finals))
@@ -110,6 +111,13 @@ class _Ctx:
     def chunk(self, index: int, text: str, logprobs: dict | None, finish: str | None) -> bytes:
         choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return sse_event(self._envelope([choice], None))
+
+    def echo_chunks(self, i: int, offsets: list[int], logprobs: dict | None):
+        """The prompt's text as the first chunk of each of prompt i's n choices."""
+        n = self.req.n
+        for j in range(n):
+            offsets[i * n + j] = len(self.prompt_text(i))
+            yield self.chunk(i * n + j, self.prompt_text(i), logprobs, None)
 
     @property
     def include_usage(self) -> bool:
@@ -124,17 +132,26 @@ async def _stream(ctx: _Ctx, streams):
     sent_lp = [0] * total
     offsets = [0] * total
     finals: list[RequestOutput | None] = [None] * len(streams)
+    # Echo: the prompt goes first, at once; with logprobs, when the first output brings the
+    # prompt's logprobs.
+    echo_first = ctx.req.echo and ctx.req.logprobs is not None
+    echoed = [not ctx.req.echo] * len(streams)
     try:
-        if ctx.req.echo:
+        if ctx.req.echo and not echo_first:
             for i in range(len(streams)):
-                for j in range(n):
-                    offsets[i * n + j] = len(ctx.prompt_text(i))
-                    yield ctx.chunk(i * n + j, ctx.prompt_text(i), None, None)
+                for chunk in ctx.echo_chunks(i, offsets, None):
+                    yield chunk
+                echoed[i] = True
         async for i, out in merge_streams(streams):
             err = output_error(out)
             if err is not None:
                 yield error_event(err)
                 break
+            if not echoed[i]:
+                lp = completion_logprobs([], ctx.text_of, 0, out.prompt_logprobs, ctx.ids[i])
+                for chunk in ctx.echo_chunks(i, offsets, lp):
+                    yield chunk
+                echoed[i] = True
             for c in out.outputs:
                 idx = i * n + c.index
                 if done[idx]:

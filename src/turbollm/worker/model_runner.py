@@ -8,10 +8,15 @@ import torch
 
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.engine.scheduler import SchedulerOutput
-from turbollm.layers.sampler import Sampler, SamplingMetadata, compute_logprobs
+from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
+                                     token_logprobs)
 from turbollm.spec_decode.verify import verify_greedy, verify_random
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
+
+# Prompt logprobs: logits rows made at once (x vocab x 4 bytes: 256 rows of a 128K vocabulary
+# are 128 MiB).
+PROMPT_LOGITS_ROWS = 256
 
 
 @dataclass
@@ -23,6 +28,9 @@ class ModelRunnerOutput:
     sampled_token_ids: list[list[int]]
     # Logprobs of those tokens (and top-k), one entry per token, where the request asked.
     logprobs: list[list[Any] | None]
+    # Prompt logprobs scored this step (params.prompt_logprobs): for prompt tokens
+    # num_prompt_logprobs + 1, + 2, ... of the request, in order; None where not asked.
+    prompt_logprobs: list[list[Any] | None] | None = None
 
 
 @dataclass
@@ -38,6 +46,8 @@ class FlatBatch:
     sample_owner: list[int]
     # Proposals being verified, per index in SchedulerOutput (empty lists for plain requests).
     proposals: list[list[int]]
+    # First row of each request's chunk.
+    offsets: list[int]
 
 
 class ModelRunner:
@@ -91,7 +101,7 @@ class ModelRunner:
                 sample_rows.extend(range(last - k, last + 1))
                 sample_owner.extend([i] * (k + 1))
         return FlatBatch(packed.input_ids, packed.positions, packed.meta, sample_rows,
-                         sample_owner, proposals)
+                         sample_owner, proposals, packed.offsets)
 
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
@@ -100,8 +110,9 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)
         sampled: list[list[int]] = [[] for _ in so.requests]
         logprobs: list[list[Any] | None] = [None] * len(so.requests)
+        prompt_lps = self._prompt_logprobs(so, batch, hidden)
         if not batch.sample_rows:
-            return ModelRunnerOutput(sampled, logprobs)
+            return ModelRunnerOutput(sampled, logprobs, prompt_lps)
         rows = torch.tensor(batch.sample_rows, device=self.device)
         logits = self.model.compute_logits(hidden.index_select(0, rows))
         meta = self._sampling_metadata(so, batch)
@@ -111,9 +122,38 @@ class ModelRunner:
                 sampled[i] = [out.sampled_token_ids[j]]
                 if out.logprobs and out.logprobs[j] is not None:
                     logprobs[i] = [out.logprobs[j]]
-            return ModelRunnerOutput(sampled, logprobs)
+            return ModelRunnerOutput(sampled, logprobs, prompt_lps)
         self._verify(so, batch, logits, meta, sampled, logprobs)
-        return ModelRunnerOutput(sampled, logprobs)
+        return ModelRunnerOutput(sampled, logprobs, prompt_lps)
+
+    def _prompt_logprobs(self, so: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor
+                         ) -> list[list[Any] | None] | None:
+        """Logprobs of the prompt tokens this step's chunks predict, for requests that ask.
+
+        Row p of a chunk predicts prompt token p + 1; tokens already scored (before a
+        preemption) are not scored again. Logits are made PROMPT_LOGITS_ROWS rows at a time so
+        a long chunk never holds [chunk, vocab] at once.
+        """
+        out: list[list[Any] | None] | None = None
+        for i, (req, n) in enumerate(zip(so.requests, so.num_scheduled_tokens)):
+            if not req.needs_prompt_logprobs:
+                continue
+            start = req.num_computed_tokens
+            first = max(start, req.num_prompt_logprobs)  # first position to score
+            end = min(start + n, req.num_prompt_tokens - 1)
+            if first >= end:
+                continue
+            found = []
+            for a in range(first, end, PROMPT_LOGITS_ROWS):
+                b = min(a + PROMPT_LOGITS_ROWS, end)
+                rows = hidden[batch.offsets[i] + a - start:batch.offsets[i] + b - start]
+                targets = torch.tensor(req.prompt_token_ids[a + 1:b + 1], device=self.device)
+                found.extend(token_logprobs(self.model.compute_logits(rows), targets,
+                                            req.params.prompt_logprobs))
+            if out is None:
+                out = [None] * len(so.requests)
+            out[i] = found
+        return out
 
     def _sampling_metadata(self, so: SchedulerOutput, batch: FlatBatch) -> SamplingMetadata:
         """One row per sampled position; row j of a verifying request sees proposals[:j] as
