@@ -1,7 +1,8 @@
 """Reference attention on the paged KV cache in plain PyTorch (CPU and CUDA).
 
-Decodes are batched: each sequence's blocks are gathered into a padded [B, L, KVH, D] view and
-attended in one einsum. Prefill chunks are attended one sequence at a time with SDPA, except
+Decodes are batched: on x86 CPUs with AVX2 a C kernel (attention/native.py) reads each
+sequence's blocks in place; elsewhere each sequence's blocks are gathered into a padded
+[B, L, KVH, D] view and attended in one einsum. Prefill chunks are attended one sequence at a time with SDPA, except
 short ones over a longer cached context (speculative verification), which use einsums too.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from turbollm.attention import native
 from turbollm.attention.backend import AttentionBackend, AttentionMetadata
 from turbollm.attention.kv_quant import QuantKV
 
@@ -55,6 +57,14 @@ class TorchAttentionBackend(AttentionBackend):
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
         for start, qlen, ctx_len, block_ids in meta.prefills:
             end = start + qlen
+            if qlen <= SMALL_QUERY and qlen < ctx_len and native.supports(q, k_cache):
+                # A few queries over a cached context (speculative verification): row i sees
+                # the first ctx_len - qlen + 1 + i tokens, read in place.
+                rows = torch.arange(ctx_len - qlen + 1, ctx_len + 1)
+                out[start:end] = native.paged_attention_rows(
+                    q[start:end], k_cache, v_cache, block_ids.unsqueeze(0),
+                    torch.zeros(qlen, dtype=torch.long), rows, scale, sliding_window)
+                continue
             if ctx_len == qlen:  # the whole context is new: attend to the fresh K/V directly
                 kc, vc = k[start:end], v[start:end]
             else:
@@ -116,6 +126,12 @@ class TorchAttentionBackend(AttentionBackend):
     def _decode(q, k_cache, v_cache, meta: AttentionMetadata, scale, window) -> torch.Tensor:
         # q: [B, H, D]; one new token per sequence, at position seq_len - 1.
         B, H, D = q.shape
+        if native.supports(q, k_cache):  # reads the blocks in place: no gather, no padding
+            rows = meta.derived.get("decode_rows")
+            if rows is None:
+                rows = meta.derived["decode_rows"] = torch.arange(B)
+            return native.paged_attention_rows(q, k_cache, v_cache, meta.decode_block_tables,
+                                               rows, meta.decode_seq_lens, scale, window)
         kvh = k_cache.shape[2]
         tables, seq_lens = meta.decode_block_tables, meta.decode_seq_lens
         k = read_blocks(k_cache, tables, q.dtype).flatten(1, 2)  # [B, L, KVH, D]

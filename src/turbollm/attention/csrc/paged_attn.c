@@ -1,0 +1,163 @@
+// Paged attention for a few query rows per sequence (decode steps), for x86 CPUs with
+// AVX2 + FMA + F16C. It reads K/V where they lie in the block cache, so nothing is gathered or
+// padded, and each (query row, head) pair does its whole softmax as one work item.
+//
+// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], fp32, bf16 or fp16.
+// Query row r belongs to sequence seq[r] (its block table is tables[seq[r]]) and sees the
+// first ctx[r] tokens of it (minus the ones outside a sliding window). Math is fp32.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+
+static inline __m256 load8(const void *base, int64_t i, int dtype) {
+    if (dtype == KV_F32) return _mm256_loadu_ps((const float *)base + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
+    if (dtype == KV_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16
+}
+
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+// exp(x) for x <= 0 (softmax inputs after subtracting the max): Cephes-style range reduction
+// and degree-6 polynomial, relative error ~2e-7; very negative x gives 0.
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    __m256 x2 = _mm256_mul_ps(x, x);
+    y = _mm256_fmadd_ps(y, x2, _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+// The 8 horizontal sums of a[0..7], as one vector.
+static inline __m256 hsum8x8(const __m256 a[8]) {
+    __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 lo = _mm256_hadd_ps(s01, s23), hi = _mm256_hadd_ps(s45, s67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+static inline const char *row_ptr(const void *cache, const int64_t *table, int64_t pos, int64_t BS,
+                                  int64_t KVH, int64_t kh, int64_t D, int64_t esz) {
+    const int64_t slot = table[pos / BS] * BS + pos % BS;
+    return (const char *)cache + ((slot * KVH + kh) * D) * esz;
+}
+
+// scores[t] = q . k_{t0 + t} * scale for t < n; 8 tokens at a time so that one transposed
+// reduction replaces 8 horizontal sums.
+static void qk_scores(const float *qg, const void *k_cache, int dtype, const int64_t *table,
+                      int64_t t0, int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
+                      int64_t esz, float scale, float *scores) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        const char *rows[8];
+        __m256 acc[8];
+        for (int i = 0; i < 8; i++) {
+            rows[i] = row_ptr(k_cache, table, t0 + t + i, BS, KVH, kh, D, esz);
+            acc[i] = _mm256_setzero_ps();
+        }
+        for (int64_t d = 0; d < D; d += 8) {
+            __m256 qv = _mm256_loadu_ps(qg + d);
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, dtype), acc[i]);
+        }
+        _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8x8(acc), sc));
+    }
+    for (; t < n; t++) {
+        const char *row = row_ptr(k_cache, table, t0 + t, BS, KVH, kh, D, esz);
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), load8(row, d, dtype), acc);
+        scores[t] = hsum256(acc) * scale;
+    }
+}
+
+// scores[0..n) -> exp(scores - max) in place; returns 1 / their sum.
+static float softmax_unnormalized(float *sg, int64_t n) {
+    float mx = -INFINITY;
+    for (int64_t t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+    __m256 m = _mm256_set1_ps(mx), sum = _mm256_setzero_ps();
+    int64_t t = 0;
+    for (; t + 8 <= n; t += 8) {
+        __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), m));
+        _mm256_storeu_ps(sg + t, p);
+        sum = _mm256_add_ps(sum, p);
+    }
+    float s = hsum256(sum);
+    for (; t < n; t++) {
+        sg[t] = expf(sg[t] - mx);
+        s += sg[t];
+    }
+    return 1.0f / s;
+}
+
+// out[0..D) = inv * sum_t p[t] v_{t0 + t}; 64 columns at a time, held in 8 registers.
+static void pv_sum(const float *p, float inv, const void *v_cache, int dtype, const int64_t *table,
+                   int64_t t0, int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
+                   int64_t esz, float *out) {
+    for (int64_t c = 0; c < D; c += 64) {
+        const int64_t w = D - c < 64 ? (D - c) / 8 : 8;
+        __m256 o[8];
+        for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
+        for (int64_t t = 0; t < n; t++) {
+            const char *row = row_ptr(v_cache, table, t0 + t, BS, KVH, kh, D, esz);
+            __m256 pt = _mm256_set1_ps(p[t]);
+            if (w == 8) {
+                for (int j = 0; j < 8; j++) o[j] = _mm256_fmadd_ps(pt, load8(row, c + 8 * j, dtype), o[j]);
+            } else {
+                for (int j = 0; j < w; j++) o[j] = _mm256_fmadd_ps(pt, load8(row, c + 8 * j, dtype), o[j]);
+            }
+        }
+        __m256 s = _mm256_set1_ps(inv);
+        for (int j = 0; j < w; j++) _mm256_storeu_ps(out + c + 8 * j, _mm256_mul_ps(o[j], s));
+    }
+}
+
+// out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context.
+// Work items are (row, query head): the K/V rows of a KV head are re-read from cache by each
+// of its query heads, which keeps every accumulator in registers.
+void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache, int64_t dtype,
+                     const int64_t *tables, int64_t max_blocks, const int64_t *seq,
+                     const int64_t *ctx, float *out, int64_t R, int64_t H, int64_t KVH,
+                     int64_t D, int64_t BS, float scale, int64_t window) {
+    const int64_t G = H / KVH, esz = dtype == KV_F32 ? 4 : 2;
+#pragma omp parallel
+    {
+        float *scores = NULL;
+        int64_t cap = 0;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t item = 0; item < R * H; item++) {
+            const int64_t r = item / H, h = item % H, kh = h / G;
+            const int64_t L = ctx[r], t0 = window > 0 && L > window ? L - window : 0, n = L - t0;
+            const int64_t *table = tables + seq[r] * max_blocks;
+            if (n > cap) {
+                free(scores);
+                cap = n + 256;
+                scores = (float *)malloc(cap * sizeof(float));
+            }
+            qk_scores(q + (r * H + h) * D, k_cache, (int)dtype, table, t0, n, BS, KVH, kh, D, esz,
+                      scale, scores);
+            float inv = softmax_unnormalized(scores, n);
+            pv_sum(scores, inv, v_cache, (int)dtype, table, t0, n, BS, KVH, kh, D, esz,
+                   out + (r * H + h) * D);
+        }
+        free(scores);
+    }
+}
