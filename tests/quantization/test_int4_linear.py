@@ -8,6 +8,11 @@ from turbollm.quantization.int4 import (dequantize_int4, install_int4, install_i
                                         quantize_int4_rtn)
 
 
+def seen_by_kernel(x, group_size):
+    """x as the kernel computes with it: a single row is rounded to int8 blocks by default."""
+    return kernels.int8_activations(x) if kernels.rounds_activations(x, group_size) else x
+
+
 def _layer(kind, bias):
     torch.manual_seed(0)
     layer = {"qkv": lambda: QKVLinear(576, 576, 192, bias=bias),
@@ -25,7 +30,8 @@ def test_rtn_roundtrip_error_is_within_half_a_step():
     assert q.dtype == torch.uint8 and int(q.max()) <= 15
     assert torch.equal(z, z.round())  # RTN zero points are integers
     err = (dequantize_int4(q, s, z, 64) - w).abs().reshape(64, 4, 64)
-    assert bool((err <= s[..., None] / 2 + 1e-6).all())
+    # Scales are rounded to fp16 (relative 2^-11), which moves grid point q by up to 15 of that.
+    assert bool((err <= s[..., None] * (0.5 + 15 * 2 ** -11) + 1e-6).all())
 
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
@@ -39,7 +45,7 @@ def test_int4_layer_matches_reference(kind, bias, group_size, rows):
     install_int4(layer, q, s, z, group_size)
     assert layer.weight is None and layer.quant_method.name == "int4"
     x = torch.randn(rows, layer.in_features)
-    ref = torch.nn.functional.linear(x, ref_w, bias_t)
+    ref = torch.nn.functional.linear(seen_by_kernel(x, group_size), ref_w, bias_t)
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -107,6 +113,33 @@ def test_ragged_last_group():
     install_int4(layer, q, s, z, 128)
     x = torch.randn(2, 576)
     torch.testing.assert_close(layer(x), x @ ref_w.t(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("group_size", [32, 96, 128])
+def test_one_row_int8_activations_and_the_exact_switch(group_size, monkeypatch):
+    """A single row is rounded to int8 per 32 columns (integer dot products); the rounding is
+    the only difference from dequantize-then-matmul, and exact_activations() turns it off."""
+    if native.lib() is None:
+        pytest.skip("no C kernels here: the torch fallback is tested above")
+    layer = _layer("down", False)
+    q, s, z = quantize_int4_rtn(layer.weight, group_size)
+    ref_w = dequantize_int4(q, s, z, group_size)
+    install_int4(layer, q, s, z, group_size)
+    x = torch.randn(1, 1536)
+    x[0, :32] = 0.0  # an all-zero block (scale 0)
+    assert kernels.rounds_activations(x, group_size)
+    fast = layer(x)
+    torch.testing.assert_close(fast, kernels.int8_activations(x) @ ref_w.t(), rtol=1e-4,
+                               atol=1e-4)
+    exact = x @ ref_w.t()
+    assert (fast - exact).norm() / exact.norm() < 0.02  # int8 rounding of x: ~0.5% here
+    monkeypatch.setattr(kernels, "_int8_activations", True)
+    kernels.exact_activations(True)
+    try:
+        assert not kernels.rounds_activations(x, group_size)
+        torch.testing.assert_close(layer(x), exact, rtol=1e-4, atol=1e-4)
+    finally:
+        kernels.exact_activations(False)
 
 
 def test_kernel_library_builds_here():
