@@ -5,8 +5,9 @@ A kernel state holds the weight in the layout the kernels read (see csrc/lowbit.
 - many rows (prefill, big batches): the weight is widened to fp32 chunk by chunk into a reused
   scratch buffer and a dense fp32 GEMM runs on it — on CPUs without bf16/int8 matrix units that
   beats any low-bit kernel once the weight is reused by enough rows.
-A single row (batch-1 decode) is by default rounded to int8 per 32 columns first, so the packed
-kernels use integer dot products (as llama.cpp does); `exact_activations(True)` (or
+A single row (batch-1 decode) is by default rounded to int16 per 32 columns first, so the packed
+kernels use integer dot products (llama.cpp rounds to int8, which changed greedy answers of the
+135M model here; 16 bits are ~256x finer); `exact_activations(True)` (or
 TURBOLLM_EXACT_ACTIVATIONS=1) keeps it fp32. Without the C library (no AVX2 or no compiler)
 torch's own kernels serve.
 """
@@ -24,34 +25,34 @@ from turbollm.quantization import native
 # with 2 Zen3 threads; see docs/quantization.md).
 MAX_ROWS_PACKED = {"int4": 24, "int8": 24}
 _SCRATCH_FLOATS = 1 << 22  # 16 MiB of fp32 weight rows per widening chunk
-_MAX_Q8_BLOCKS = 4096  # 32-column blocks of one activation row (lowbit.c's buffers)
-_int8_activations = os.environ.get("TURBOLLM_EXACT_ACTIVATIONS", "") in ("", "0")
+_MAX_A16_BLOCKS = 4096  # 32-column blocks of one activation row (lowbit.c's buffers)
+_int16_activations = os.environ.get("TURBOLLM_EXACT_ACTIVATIONS", "") in ("", "0")
 
 
 def exact_activations(on: bool = True) -> None:
-    """Keep one-row activations in fp32 (exact to float rounding) instead of int8 blocks."""
-    global _int8_activations
-    _int8_activations = not on
+    """Keep one-row activations in fp32 instead of int16 blocks."""
+    global _int16_activations
+    _int16_activations = not on
 
 
-def _q8_activations(M: int, k: int) -> bool:
-    return (_int8_activations and M == 1 and k % 32 == 0 and k // 32 <= _MAX_Q8_BLOCKS
+def _a16(M: int, k: int) -> bool:
+    return (_int16_activations and M == 1 and k % 32 == 0 and k // 32 <= _MAX_A16_BLOCKS
             and native.lib() is not None)
 
 
 def rounds_activations(x: torch.Tensor, group_size: int) -> bool:
-    """True when a packed kernel will see x [M, K] rounded to int8 (see int8_activations)."""
+    """True when a packed kernel will see x [M, K] rounded to int16 (see int16_activations)."""
     M, k = x.shape
-    return _q8_activations(M, k) and group_size % 32 == 0
+    return _a16(M, k) and group_size % 32 == 0
 
 
-def int8_activations(x: torch.Tensor) -> torch.Tensor:
-    """The fp32 values the one-row kernels compute with: x rounded to int8 per 32 columns with
-    scale max|x| / 127 (the reference for tests; the kernels do it in C)."""
+def int16_activations(x: torch.Tensor) -> torch.Tensor:
+    """The fp32 values the one-row kernels compute with: x rounded to int16 per 32 columns with
+    scale max|x| / 32767 (the reference for tests; the kernels do it in C)."""
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    return (torch.round(blocks * inv) * (amax / 127.0)).reshape(x.shape)
+    inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))
+    return (torch.round(blocks * inv) * (amax / 32767.0)).reshape(x.shape)
 
 
 @dataclass
@@ -170,8 +171,8 @@ def int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
         if L is not None and _q4_ok(k, g):
             xf = x.float().contiguous()
             y = torch.empty(M, n)
-            if _q8_activations(M, k):
-                L.q4_gemv_q8act(xf.data_ptr(), state.packed.data_ptr(), state.scales.data_ptr(),
+            if _a16(M, k):
+                L.q4_gemv_a16(xf.data_ptr(), state.packed.data_ptr(), state.scales.data_ptr(),
                                 state.offsets.data_ptr(), int(state.zero_form), y.data_ptr(), n,
                                 k, g)
                 return y.to(x.dtype)
@@ -192,8 +193,8 @@ def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
         if L is not None and _q8_ok(k, g):
             xf = x.float().contiguous()
             y = torch.empty(M, n)
-            if _q8_activations(M, k) and g % 32 == 0:
-                L.q8_gemv_q8act(xf.data_ptr(), state.qweight.data_ptr(), state.scales.data_ptr(),
+            if _a16(M, k) and g % 32 == 0:
+                L.q8_gemv_a16(xf.data_ptr(), state.qweight.data_ptr(), state.scales.data_ptr(),
                                 y.data_ptr(), n, k, g)
                 return y.to(x.dtype)
             L.q8_gemm(xf.data_ptr(), M, state.qweight.data_ptr(), state.scales.data_ptr(),

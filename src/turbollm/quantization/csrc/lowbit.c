@@ -202,14 +202,15 @@ void q8_gemm(const float *x, int64_t M, const int8_t *q, const float *scales, fl
     }
 }
 
-// ---- one activation row quantized to int8 (the llama.cpp Q8 idea) ----
-// With x as int8 per 32 columns (x ~ xd[c] * xq), a 32-column block of W . x is an integer dot
-// product: AVX2's maddubs/madd do 32 multiply-adds in two instructions, where widening the
-// weights to fp32 costs ~17 per block. The price is x rounded to 8 bits (relative error of
-// the dot product ~1e-3), so this serves one-row GEMVs (decode), not the exact paths.
+// ---- one activation row as int16 ----
+// With x ~ xd[c] * xq as int16 per 32 columns, a 32-column block of W . x is an integer dot
+// product: AVX2's madd_epi16 does 16 multiply-adds per instruction on weights widened only to
+// 16 bits, where widening them to fp32 costs ~17 instructions per block. Rounding x to 16 bits
+// (relative step 1/32767 of the block's largest value) is far below fp32 GEMV noise in effect
+// (int8, as llama.cpp rounds activations, measurably changed greedy answers of the 135M model).
 
-// xq[k] = round(x[k] / xd[c]), xd[c] = max |x| over block c / 127, xs[c] = xd[c] * sum(xq in c)
-static void quantize_row_q8(const float *x, int64_t K, int8_t *xq, float *xd, float *xs) {
+// xq[k] = round(x[k] / xd[c]), xd[c] = max |x| over block c / 32767, xs[c] = xd[c] * sum(xq in c)
+static void quantize_row_i16(const float *x, int64_t K, int16_t *xq, float *xd, float *xs) {
     for (int64_t c = 0; c < K / 32; c++) {
         const float *xc = x + 32 * c;
         __m256 mx = _mm256_setzero_ps();
@@ -218,18 +219,17 @@ static void quantize_row_q8(const float *x, int64_t K, int8_t *xq, float *xd, fl
         __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float amax = _mm_cvtss_f32(m4), d = amax / 127.0f, id = amax > 0 ? 127.0f / amax : 0.0f;
+        const float amax = _mm_cvtss_f32(m4), d = amax / 32767.0f;
+        const float id = amax > 0 ? 32767.0f / amax : 0.0f;
         __m256i sum = _mm256_setzero_si256();
-        __m256i q32[4];
-        for (int j = 0; j < 4; j++) {
-            q32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xc + 8 * j), _mm256_set1_ps(id)));
-            sum = _mm256_add_epi32(sum, q32[j]);
+        for (int j = 0; j < 32; j += 16) {
+            __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xc + j), _mm256_set1_ps(id)));
+            __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xc + j + 8), _mm256_set1_ps(id)));
+            sum = _mm256_add_epi32(sum, _mm256_add_epi32(a, b));
+            // packs interleaves 128-bit lanes: [a0-3 b0-3 | a4-7 b4-7] -> column order
+            __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+            _mm256_storeu_si256((__m256i *)(xq + 32 * c + j), p);
         }
-        // pack 4 x 8 int32 -> 32 int8 in column order (packs interleave 128-bit lanes: fix up)
-        __m256i p01 = _mm256_packs_epi32(q32[0], q32[1]), p23 = _mm256_packs_epi32(q32[2], q32[3]);
-        __m256i p = _mm256_packs_epi16(p01, p23);
-        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(xq + 32 * c), p);
         __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
         s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
@@ -238,78 +238,69 @@ static void quantize_row_q8(const float *x, int64_t K, int8_t *xq, float *xd, fl
     }
 }
 
-// sum over 32 columns of u8 q (0..15) times s8 xq, as 8 int32 lanes -> fp32
-static inline __m256 dot32_u4s8(__m128i packed16, __m256i xq) {
+// sum over 32 columns of q (0..15; low nibbles = columns 0-15) times int16 xq, as 8 fp32 lanes
+static inline __m256 dot32_u4i16(__m128i packed16, const int16_t *xq) {
     const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(packed16, mask);
-    __m128i hi = _mm_and_si128(_mm_srli_epi16(packed16, 4), mask);
-    __m256i q = _mm256_set_m128i(hi, lo);  // columns 0-15 | 16-31, as xq
-    __m256i p16 = _mm256_maddubs_epi16(q, xq);
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+    __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed16, mask));
+    __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed16, 4), mask));
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
+                                 _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 16))));
+    return _mm256_cvtepi32_ps(p);
 }
 
 // y[o] = sum_c sc[o, g(c)] xd[c] (q[o, c] . xq[c]) + sum_c mn[o, g(c)] xs[c]; K % 32 == 0
-void q4_gemv_q8act(const float *x, const uint8_t *packed, const uint16_t *sh, const uint16_t *oh,
-                   int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
+void q4_gemv_a16(const float *x, const uint8_t *packed, const uint16_t *sh, const uint16_t *oh,
+                 int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
-    int8_t *xq = (int8_t *)aligned_alloc(64, K);
+    int16_t *xq = (int16_t *)aligned_alloc(64, K * sizeof(int16_t));
     float xd[MAX_GROUPS * 4], xs[MAX_GROUPS * 4];  // per 32-column block (K <= 32 * 4 * 1024)
-    quantize_row_q8(x, K, xq, xd, xs);
-    const int64_t nblocks = (N + ROWS - 1) / ROWS;
+    quantize_row_i16(x, K, xq, xd, xs);
 #pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t o0 = b * ROWS;
-        const int rows = (int)(N - o0 < ROWS ? N - o0 : ROWS);
-        for (int r = 0; r < rows; r++) {
-            const int64_t o = o0 + r;
-            float sc[MAX_GROUPS], mn[MAX_GROUPS];
-            q4_row_params(sh, oh, (int)zero_form, o, ng, sc, mn);
-            const uint8_t *row = packed + o * nchunks * 16;
-            __m256 acc = _mm256_setzero_ps();
-            float macc = 0.f;
-            int64_t c = 0;
-            for (; c + 2 <= nchunks; c += 2) {  // two blocks per iteration: independent chains
-                __m256 d0 = dot32_u4s8(_mm_loadu_si128((const __m128i *)(row + 16 * c)),
-                                       _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-                __m256 d1 = dot32_u4s8(_mm_loadu_si128((const __m128i *)(row + 16 * c + 16)),
-                                       _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 32)));
-                const int64_t g0 = c / cpg, g1 = (c + 1) / cpg;
-                acc = _mm256_fmadd_ps(d0, _mm256_set1_ps(sc[g0] * xd[c]), acc);
-                acc = _mm256_fmadd_ps(d1, _mm256_set1_ps(sc[g1] * xd[c + 1]), acc);
-                macc += mn[g0] * xs[c] + mn[g1] * xs[c + 1];
-            }
-            for (; c < nchunks; c++) {
-                __m256 d0 = dot32_u4s8(_mm_loadu_si128((const __m128i *)(row + 16 * c)),
-                                       _mm256_loadu_si256((const __m256i *)(xq + 32 * c)));
-                acc = _mm256_fmadd_ps(d0, _mm256_set1_ps(sc[c / cpg] * xd[c]), acc);
-                macc += mn[c / cpg] * xs[c];
-            }
-            y[o] = hsum256(acc) + macc;
+    for (int64_t o = 0; o < N; o++) {
+        float sc[MAX_GROUPS], mn[MAX_GROUPS];
+        q4_row_params(sh, oh, (int)zero_form, o, ng, sc, mn);
+        const uint8_t *row = packed + o * nchunks * 16;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        float macc = 0.f;
+        int64_t c = 0;
+        for (; c + 2 <= nchunks; c += 2) {  // two blocks per iteration: independent chains
+            __m256 d0 = dot32_u4i16(_mm_loadu_si128((const __m128i *)(row + 16 * c)), xq + 32 * c);
+            __m256 d1 = dot32_u4i16(_mm_loadu_si128((const __m128i *)(row + 16 * c + 16)), xq + 32 * c + 32);
+            const int64_t g0 = c / cpg, g1 = (c + 1) / cpg;
+            acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(sc[g0] * xd[c]), acc0);
+            acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(sc[g1] * xd[c + 1]), acc1);
+            macc += mn[g0] * xs[c] + mn[g1] * xs[c + 1];
         }
+        for (; c < nchunks; c++) {
+            __m256 d0 = dot32_u4i16(_mm_loadu_si128((const __m128i *)(row + 16 * c)), xq + 32 * c);
+            acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(sc[c / cpg] * xd[c]), acc0);
+            macc += mn[c / cpg] * xs[c];
+        }
+        y[o] = hsum256(_mm256_add_ps(acc0, acc1)) + macc;
     }
     free(xq);
 }
 
 // y[o] = sum_g scale[o, g] sum_{c in g} xd[c] (q[o, c] . xq[c]); int8 weights, K % 32 == 0,
 // G % 32 == 0
-void q8_gemv_q8act(const float *x, const int8_t *q, const float *scales, float *y, int64_t N,
-                   int64_t K, int64_t G) {
+void q8_gemv_a16(const float *x, const int8_t *q, const float *scales, float *y, int64_t N,
+                 int64_t K, int64_t G) {
     const int64_t ng = K / G, cpg = G / 32, nchunks = K / 32;
-    int8_t *xq = (int8_t *)aligned_alloc(64, K);
+    int16_t *xq = (int16_t *)aligned_alloc(64, K * sizeof(int16_t));
     float xd[MAX_GROUPS * 4], xs[MAX_GROUPS * 4];
-    quantize_row_q8(x, K, xq, xd, xs);
-    const __m256i ones = _mm256_set1_epi16(1);
+    quantize_row_i16(x, K, xq, xd, xs);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < N; o++) {
         const int8_t *row = q + o * K;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t c = 0; c < nchunks; c++) {
-            __m256i w = _mm256_loadu_si256((const __m256i *)(row + 32 * c));
-            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * c));
-            // maddubs wants one unsigned operand: |w| times x carrying w's sign
-            __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-            __m256 d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-            acc = _mm256_fmadd_ps(d, _mm256_set1_ps(scales[o * ng + c / cpg] * xd[c]), acc);
+            __m128i w = _mm_loadu_si128((const __m128i *)(row + 32 * c));
+            __m128i w2 = _mm_loadu_si128((const __m128i *)(row + 32 * c + 16));
+            __m256i p = _mm256_add_epi32(
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(w), _mm256_loadu_si256((const __m256i *)(xq + 32 * c))),
+                _mm256_madd_epi16(_mm256_cvtepi8_epi16(w2), _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 16))));
+            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                  _mm256_set1_ps(scales[o * ng + c / cpg] * xd[c]), acc);
         }
         y[o] = hsum256(acc);
     }
