@@ -1,0 +1,57 @@
+"""C versions (csrc/cpu_ops.c) of the decoder layer's small fp32 ops, for decode-sized inputs.
+
+At a few rows, torch spends 10-40 us per RMSNorm / SiLU-and-mul / rotary call dispatching
+several aten kernels; a single C call takes 1-3 us. Larger inputs (prefill) stay on torch, whose
+kernels use every thread. `usable(x)` says which path a tensor takes.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from turbollm.native_build import F32, I64, PTR, load_library
+
+_SRC = Path(__file__).parent / "csrc" / "cpu_ops.c"
+_SIGNATURES = {
+    "rms_norm_f32": [PTR, PTR, PTR, I64, I64, F32],
+    "silu_mul_f32": [PTR, PTR, I64, I64],
+    "rope_f32": [PTR, PTR, PTR, I64, I64, I64, I64],
+}
+# Above this many values torch's multi-threaded kernels win over one C thread.
+MAX_VALUES = 1 << 15
+
+
+@functools.cache
+def lib():
+    return load_library(_SRC, _SIGNATURES)
+
+
+def usable(x: torch.Tensor) -> bool:
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= MAX_VALUES
+            and x.shape[-1] % 16 == 0 and lib() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [rows, dim] fp32 contiguous, weight [dim] fp32."""
+    out = torch.empty_like(x)
+    lib().rms_norm_f32(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                       eps)
+    return out
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [rows, 2 * inter] fp32 contiguous -> silu(gate) * up [rows, inter]."""
+    rows, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, inter)
+    lib().silu_mul_f32(gate_up.data_ptr(), out.data_ptr(), rows, inter)
+    return out
+
+
+def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate qk [T, heads, D] in place (rows may be strided; heads x D contiguous) with
+    contiguous cos/sin [T, 1, D / 2]."""
+    T, heads, D = qk.shape
+    lib().rope_f32(qk.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, heads, D, qk.stride(0))
+    return qk

@@ -1,0 +1,54 @@
+"""The C RMSNorm, SiLU-and-mul and rotary kernels against their torch references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from turbollm.layers import native_ops
+from turbollm.layers.activation import silu_and_mul
+from turbollm.layers.layernorm import RMSNorm
+from turbollm.layers.rotary import RotaryEmbedding, _rotate
+
+pytestmark = pytest.mark.skipif(native_ops.lib() is None,
+                                reason="no AVX2/FMA CPU or no C compiler")
+
+
+@pytest.mark.parametrize("rows,dim", [(1, 576), (7, 64), (32, 1024)])
+def test_rms_norm(rows, dim):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, dim, generator=g) * 3
+    norm = RMSNorm(dim, 1e-5)
+    norm.weight.data = torch.randn(dim, generator=g)
+    assert native_ops.usable(x)
+    ref = F.rms_norm(x, (dim,), norm.weight, 1e-5)
+    torch.testing.assert_close(norm(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,inter", [(1, 1536), (5, 64)])
+def test_silu_and_mul(rows, inter):
+    g = torch.Generator().manual_seed(inter)
+    gu = torch.randn(rows, 2 * inter, generator=g) * 6  # into exp's clamped range too
+    gu[0, 0], gu[0, 1] = 100.0, -100.0
+    gate, up = gu.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    assert native_ops.usable(gu)
+    torch.testing.assert_close(silu_and_mul(gu), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_in_place_on_a_strided_view():
+    g = torch.Generator().manual_seed(0)
+    rot = RotaryEmbedding(64, 256, 10000.0)
+    T, heads, kvh = 3, 9, 3
+    qkv = torch.randn(T, (heads + 2 * kvh) * 64, generator=g)
+    qk = qkv[:, :(heads + kvh) * 64].view(T, heads + kvh, 64)  # rows strided, as in the model
+    cos_sin = rot.cos_sin(torch.tensor([0, 17, 200]))
+    ref = _rotate(qk.clone(), *cos_sin)
+    v_before = qkv[:, (heads + kvh) * 64:].clone()
+    got = RotaryEmbedding.apply(cos_sin, qk)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(qkv[:, (heads + kvh) * 64:], v_before, rtol=0, atol=0)
+
+
+def test_large_or_non_fp32_inputs_use_torch():
+    assert not native_ops.usable(torch.zeros(512, 1536))  # prefill-sized
+    assert not native_ops.usable(torch.zeros(1, 576, dtype=torch.bfloat16))
+    assert not native_ops.usable(torch.zeros(1, 72))  # not a multiple of 16
