@@ -9,7 +9,8 @@ from turbollm.quantization.int8 import dequantize_int8, install_int8, quantize_i
 
 def seen_by_kernel(x, group_size):
     """x as the kernel computes with it: a single row is rounded to int16 blocks by default."""
-    return kernels.int16_activations(x) if kernels.rounds_activations(x, group_size) else x
+    return (kernels.int16_activations(x) if kernels.rounds_activations(x, group_size, "int8")
+            else x)
 
 
 def _layer(kind, bias):

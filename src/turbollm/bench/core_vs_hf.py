@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtypes", default="float32,bfloat16", help="our dtypes to measure")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--skip-hf-batch", action="store_true", help="skip the slowest peer run")
+    ap.add_argument("--quantization", default="none",
+                    help="ours: none (dense weights, the issue's comparison) or a method, e.g. "
+                         "gguf to serve the bundled file's Q4_1/Q8_0 weights natively")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -85,7 +88,8 @@ def main(argv=None) -> int:
     prompts = random_prompts(args.batch, 128, 49152, seed=4)
 
     for name in args.dtypes.split(","):
-        llm = LLM("smollm2-135m", dtype=name, num_threads=args.threads,
+        llm = LLM("smollm2-135m", dtype=name, quantization=args.quantization,
+                  num_threads=args.threads,
                   max_num_seqs=max(64, args.batch), max_num_batched_tokens=2048,
                   enable_prefix_caching=False)
         wb = tensor_bytes(llm.engine.model)

@@ -155,11 +155,14 @@ def measure_hf(model, spec, prompts, stage=lambda s: None) -> dict:
     return res
 
 
-def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int):
-    """llama-cpp-python's Llama on the GGUF file as it is (its own quantized kernels)."""
+def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int, logits_all: bool = False):
+    """llama-cpp-python's Llama on the GGUF file as it is (its own quantized kernels).
+
+    `logits_all` (logits at every prompt position, for perplexity) makes a prefill also run the
+    vocabulary projection on every row, so speed is measured without it."""
     from llama_cpp import Llama
     return Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=threads,
-                 n_threads_batch=threads, n_batch=512, logits_all=True, verbose=False)
+                 n_threads_batch=threads, n_batch=512, logits_all=logits_all, verbose=False)
 
 
 def measure_llamacpp(llm, spec, prompts, stage=lambda s: None) -> dict:
@@ -215,11 +218,12 @@ def measure_llamacpp(llm, spec, prompts, stage=lambda s: None) -> dict:
                                         output_tokens=len(rows) * w.output_tokens)
     res["batch"] = []
     stage("perplexity")
+    scorer = load_llamacpp(llm.model_path, llm.n_threads, llm.n_ctx(), logits_all=True)
 
     def score(ids):
-        llm.reset()
-        llm.eval(ids)
-        return torch.from_numpy(np.array(llm.scores[:len(ids)], dtype=np.float32))
+        scorer.reset()
+        scorer.eval(ids)
+        return torch.from_numpy(np.array(scorer.scores[:len(ids)], dtype=np.float32))
     res["perplexity"] = perplexity(score, prompts.ppl, spec.ppl_max_length,
                                    spec.ppl_stride).perplexity
     assert math.isfinite(res["perplexity"])

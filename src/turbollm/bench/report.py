@@ -99,9 +99,9 @@ def _ratio_lines(results: list[dict], bmax: int) -> list[str]:
                 row += f" {reason.replace('|', '/')} | | |"
                 continue
             bo, bp = _batch_max(r), _batch_max(p)
+            batch = f"{bo['tok_s'] / bp['tok_s']:.2f}x" if bo and bp else "n/a"
             row += (f" {r['prefill_tok_s'] / p['prefill_tok_s']:.2f}x ({p['name']}) |"
-                    f" {r['decode_tok_s'] / p['decode_tok_s']:.2f}x |"
-                    f" {(bo['tok_s'] / bp['tok_s']) if bo and bp else float('nan'):.2f}x |")
+                    f" {r['decode_tok_s'] / p['decode_tok_s']:.2f}x | {batch} |")
         out.append(row)
     return out
 

@@ -307,6 +307,105 @@ void q8_gemv_a16(const float *x, const int8_t *q, const float *scales, float *y,
     free(xq);
 }
 
+// Several activation rows (small batches, speculative verification): each row rounded to int16
+// as above; every weight block is widened to 16 bits once per tile of 8 rows and reused by each.
+#define TILE 8
+
+typedef struct {
+    int16_t *xq;  // [M, K]
+    float *xd;    // [M, K / 32]
+    float *xs;
+} rows_i16;
+
+static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K) {
+    rows_i16 r;
+    r.xq = (int16_t *)aligned_alloc(64, M * K * sizeof(int16_t));
+    r.xd = (float *)malloc(M * (K / 32) * sizeof(float));
+    r.xs = (float *)malloc(M * (K / 32) * sizeof(float));
+    for (int64_t m = 0; m < M; m++)
+        quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * (K / 32), r.xs + m * (K / 32));
+    return r;
+}
+
+static void free_rows(rows_i16 r) {
+    free(r.xq);
+    free(r.xd);
+    free(r.xs);
+}
+
+// y[m, o] for x: [M, K] as q4_gemv_a16 computes one row
+void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_t *sh,
+                 const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
+    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
+    rows_i16 r = quantize_rows_i16(x, M, K);
+    const __m128i mask = _mm_set1_epi8(0x0F);
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < N; o++) {
+        float sc[MAX_GROUPS], mn[MAX_GROUPS];
+        q4_row_params(sh, oh, (int)zero_form, o, ng, sc, mn);
+        const uint8_t *row = packed + o * nchunks * 16;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
+            __m256 acc[TILE];
+            float macc[TILE];
+            for (int j = 0; j < TILE; j++) {
+                acc[j] = _mm256_setzero_ps();
+                macc[j] = 0.f;
+            }
+            for (int64_t c = 0; c < nchunks; c++) {
+                __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * c));
+                __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
+                __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+                const float s = sc[c / cpg], mv = mn[c / cpg];
+                for (int j = 0; j < mt; j++) {
+                    const int64_t m = m0 + j;
+                    const int16_t *xq = r.xq + m * K + 32 * c;
+                    __m256i p = _mm256_add_epi32(
+                        _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
+                        _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 16))));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                             _mm256_set1_ps(s * r.xd[m * nchunks + c]), acc[j]);
+                    macc[j] += mv * r.xs[m * nchunks + c];
+                }
+            }
+            for (int j = 0; j < mt; j++) y[(m0 + j) * N + o] = hsum256(acc[j]) + macc[j];
+        }
+    }
+    free_rows(r);
+}
+
+// y[m, o] for x: [M, K] as q8_gemv_a16 computes one row
+void q8_gemm_a16(const float *x, int64_t M, const int8_t *q, const float *scales, float *y,
+                 int64_t N, int64_t K, int64_t G) {
+    const int64_t ng = K / G, cpg = G / 32, nchunks = K / 32;
+    rows_i16 r = quantize_rows_i16(x, M, K);
+#pragma omp parallel for schedule(static)
+    for (int64_t o = 0; o < N; o++) {
+        const int8_t *row = q + o * K;
+        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+            const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
+            __m256 acc[TILE];
+            for (int j = 0; j < TILE; j++) acc[j] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < nchunks; c++) {
+                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c)));
+                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c + 16)));
+                const float s = scales[o * ng + c / cpg];
+                for (int j = 0; j < mt; j++) {
+                    const int64_t m = m0 + j;
+                    const int16_t *xq = r.xq + m * K + 32 * c;
+                    __m256i p = _mm256_add_epi32(
+                        _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xq)),
+                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xq + 16))));
+                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                                             _mm256_set1_ps(s * r.xd[m * nchunks + c]), acc[j]);
+                }
+            }
+            for (int j = 0; j < mt; j++) y[(m0 + j) * N + o] = hsum256(acc[j]);
+        }
+    }
+    free_rows(r);
+}
+
 // fp32 weight rows [row0, row1) for the many-rows path (a dense GEMM then does the math)
 void q4_dequant(const uint8_t *packed, const uint16_t *sh, const uint16_t *oh, int64_t zero_form,
                 float *out, int64_t row0, int64_t row1, int64_t K, int64_t G) {
