@@ -57,7 +57,7 @@ def test_unsupported_inputs_use_the_reference():
     q = torch.randn(2, 4, 12)  # head_dim not a multiple of 8
     assert not native.supports(q, torch.zeros(4, 4, 4, 12))
     assert not native.supports(torch.randn(2, 4, 16).bfloat16(), torch.zeros(4, 4, 4, 16))
-    assert not native.supports(torch.randn(2, 4, 16), object())  # e.g. a quantized cache
+    assert not native.supports(torch.randn(2, 4, 16), object())  # not a cache it knows
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -90,3 +90,24 @@ def test_backend_few_query_chunks_use_the_kernel_and_match(window, monkeypatch):
     assert calls
     monkeypatch.setattr(native, "supports", lambda *a: False)
     torch.testing.assert_close(got, run(), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_int8_cache_matches_reference(window, monkeypatch):
+    """An int8 KV cache (per-token, per-head fp16 scales) is read in place, scales applied."""
+    from turbollm.attention.kv_quant import allocate_quant_kv_cache
+    g = torch.Generator().manual_seed(3)
+    nb, bs, kvh, d, h = 32, 16, 3, 64, 9
+    cache = allocate_quant_kv_cache(1, nb, bs, kvh, d, "int8", "cpu")
+    kc, vc = cache.layer_views()[0]
+    slots = torch.arange(nb * bs)
+    kc.write(torch.randn(nb * bs, kvh, d, generator=g) * 2, slots)
+    vc.write(torch.randn(nb * bs, kvh, d, generator=g), slots)
+    lens = torch.tensor([1, 15, 64, 130])
+    tables = torch.stack([torch.randperm(nb, generator=g)[:9] for _ in lens])
+    q = torch.randn(len(lens), h, d, generator=g)
+    assert native.supports(q, kc)
+    got = native.paged_attention_rows(q, kc, vc, tables, torch.arange(len(lens)), lens, 0.125,
+                                      window)
+    ref = reference(q, kc, vc, tables, lens, 0.125, window, monkeypatch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)

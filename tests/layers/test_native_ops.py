@@ -52,3 +52,16 @@ def test_large_or_non_fp32_inputs_use_torch():
     assert not native_ops.usable(torch.zeros(512, 1536))  # prefill-sized
     assert not native_ops.usable(torch.zeros(1, 576, dtype=torch.bfloat16))
     assert not native_ops.usable(torch.zeros(1, 72))  # not a multiple of 16
+
+
+@pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (3, 7, 64), (8, 130, 1536)])
+def test_bf16_linear_matches_upcast_reference(rows, n, k):
+    from turbollm.layers.linear import ReplicatedLinear
+    g = torch.Generator().manual_seed(n)
+    layer = ReplicatedLinear(k, n, bias=True, dtype=torch.bfloat16)
+    layer.weight.data = torch.randn(n, k, generator=g).bfloat16()
+    layer.bias.data = torch.randn(n, generator=g).bfloat16()
+    x = torch.randn(rows, k, generator=g)
+    assert native_ops.bf16_linear_usable(x, layer.weight)
+    ref = F.linear(x, layer.weight.float(), layer.bias.float())
+    torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)

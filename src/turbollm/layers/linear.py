@@ -9,14 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from turbollm.layers import native_ops
+
 
 class UnquantizedLinearMethod:
     """Plain dense weights: y = x W^T + b.
 
     Weights may be stored narrower than the activations (bf16 weights, fp32 activations on a CPU
-    without bf16 instructions). Then a single row runs the bf16 GEMV, which reads half the bytes
-    and is ~2.5x faster than fp32 there; more rows upcast the weight, because bf16 matmuls with
-    several rows fall back to a slow scalar kernel on such CPUs.
+    without bf16 instructions). Then up to 8 rows run our C kernel (layers/native_ops.py), which
+    widens bf16 to fp32 in registers; without it a single row runs torch's bf16 GEMV (x rounded
+    to bf16). More rows upcast the weight, because bf16 matmuls with several rows fall back to a
+    slow scalar kernel on such CPUs.
     """
 
     name = "none"
@@ -27,6 +30,9 @@ class UnquantizedLinearMethod:
             return F.linear(x, w, b)
         if b is not None:
             b = b.to(x.dtype)
+        if native_ops.bf16_linear_usable(x, w):  # few rows: our kernel widens bf16 in registers
+            y = native_ops.bf16_linear(x, w)
+            return y if b is None else y + b
         if x.numel() == x.shape[-1]:  # one row: y = (x in bf16) W^T, accumulated in fp32
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
             return y if b is None else y + b

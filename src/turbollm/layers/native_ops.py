@@ -18,7 +18,10 @@ _SIGNATURES = {
     "rms_norm_f32": [PTR, PTR, PTR, I64, I64, F32],
     "silu_mul_f32": [PTR, PTR, I64, I64],
     "rope_f32": [PTR, PTR, PTR, I64, I64, I64, I64],
+    "bf16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
 }
+# Activation rows up to which bf16_linear beats upcasting the weight for an fp32 GEMM.
+MAX_BF16_ROWS = 8
 # Above this many values torch's multi-threaded kernels win over one C thread.
 MAX_VALUES = 1 << 15
 
@@ -55,3 +58,18 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     T, heads, D = qk.shape
     lib().rope_f32(qk.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, heads, D, qk.stride(0))
     return qk
+
+
+def bf16_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (weight.dtype == torch.bfloat16 and x.dtype == torch.float32 and x.dim() == 2
+            and x.shape[0] <= MAX_BF16_ROWS and x.device.type == "cpu"
+            and x.shape[1] % 8 == 0 and weight.is_contiguous() and lib() is not None)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 times bf16 weight [N, K]^T, accumulated in fp32: [M, N] fp32."""
+    x = x.contiguous()
+    y = torch.empty(x.shape[0], weight.shape[0])
+    lib().bf16_gemm_f32(x.data_ptr(), x.shape[0], weight.data_ptr(), y.data_ptr(),
+                        weight.shape[0], x.shape[1])
+    return y

@@ -8,10 +8,11 @@ from turbollm.engine.request import Request
 from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
 
-# Verifying one more row, relative to a plain decode step: an estimate. Measured on CPU with the
-# bundled model (docs/benchmarks.md), 1 extra row costs ~0 and 8 cost ~0.75 (0.09 each), so
-# this leans towards proposing; tuning it against measured step costs is left to do.
-VERIFY_COST_PER_TOKEN = 0.04
+# Verifying one more row, relative to a plain decode step. Measured on CPU with the bundled model
+# and its native Q4_1 weights (docs/quantization.md): every int4 linear costs 11.8 ms at 1 row,
+# 21.3 ms at 5 and 37.7 ms at 9, i.e. ~0.15-0.2 of a ~17 ms plain step per extra row. A GPU
+# (memory-bound to far more rows) would want ~0; measuring it at start-up is left to do.
+VERIFY_COST_PER_TOKEN = 0.15
 # Running decodes from which speculation is switched off (unless seeded sampling).
 DISABLE_BATCH_SIZE = 8
 

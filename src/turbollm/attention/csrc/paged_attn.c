@@ -2,7 +2,8 @@
 // AVX2 + FMA + F16C. It reads K/V where they lie in the block cache, so nothing is gathered or
 // padded, and each (query row, head) pair does its whole softmax as one work item.
 //
-// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], fp32, bf16 or fp16.
+// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], fp32, bf16, fp16 or
+// int8 with one fp16 scale per (slot, KV head) ([num_blocks, block_size, num_kv_heads]).
 // Query row r belongs to sequence seq[r] (its block table is tables[seq[r]]) and sees the
 // first ctx[r] tokens of it (minus the ones outside a sliding window). Math is fp32.
 #include <immintrin.h>
@@ -11,10 +12,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 
 static inline __m256 load8(const void *base, int64_t i, int dtype) {
     if (dtype == KV_F32) return _mm256_loadu_ps((const float *)base + i);
+    if (dtype == KV_I8)  // the row's scale is applied by the caller
+        return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + i))));
     __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
     if (dtype == KV_F16) return _mm256_cvtph_ps(h);
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16
@@ -61,11 +64,19 @@ static inline const char *row_ptr(const void *cache, const int64_t *table, int64
     return (const char *)cache + ((slot * KVH + kh) * D) * esz;
 }
 
+// fp16 scale of a cache row (int8 caches); 1 otherwise
+static inline float row_scale(const uint16_t *scales, const int64_t *table, int64_t pos, int64_t BS,
+                              int64_t KVH, int64_t kh) {
+    if (scales == NULL) return 1.0f;
+    const int64_t slot = table[pos / BS] * BS + pos % BS;
+    return _cvtsh_ss(scales[slot * KVH + kh]);
+}
+
 // scores[t] = q . k_{t0 + t} * scale for t < n; 8 tokens at a time so that one transposed
 // reduction replaces 8 horizontal sums.
-static void qk_scores(const float *qg, const void *k_cache, int dtype, const int64_t *table,
-                      int64_t t0, int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
-                      int64_t esz, float scale, float *scores) {
+static void qk_scores(const float *qg, const void *k_cache, const uint16_t *k_scales, int dtype,
+                      const int64_t *table, int64_t t0, int64_t n, int64_t BS, int64_t KVH,
+                      int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
     const __m256 sc = _mm256_set1_ps(scale);
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
@@ -79,13 +90,19 @@ static void qk_scores(const float *qg, const void *k_cache, int dtype, const int
             __m256 qv = _mm256_loadu_ps(qg + d);
             for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, dtype), acc[i]);
         }
-        _mm256_storeu_ps(scores + t, _mm256_mul_ps(hsum8x8(acc), sc));
+        __m256 s8 = _mm256_mul_ps(hsum8x8(acc), sc);
+        if (k_scales != NULL) {
+            float rs[8];
+            for (int i = 0; i < 8; i++) rs[i] = row_scale(k_scales, table, t0 + t + i, BS, KVH, kh);
+            s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
+        }
+        _mm256_storeu_ps(scores + t, s8);
     }
     for (; t < n; t++) {
         const char *row = row_ptr(k_cache, table, t0 + t, BS, KVH, kh, D, esz);
         __m256 acc = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), load8(row, d, dtype), acc);
-        scores[t] = hsum256(acc) * scale;
+        scores[t] = hsum256(acc) * scale * row_scale(k_scales, table, t0 + t, BS, KVH, kh);
     }
 }
 
@@ -109,16 +126,16 @@ static float softmax_unnormalized(float *sg, int64_t n) {
 }
 
 // out[0..D) = inv * sum_t p[t] v_{t0 + t}; 64 columns at a time, held in 8 registers.
-static void pv_sum(const float *p, float inv, const void *v_cache, int dtype, const int64_t *table,
-                   int64_t t0, int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
-                   int64_t esz, float *out) {
+static void pv_sum(const float *p, float inv, const void *v_cache, const uint16_t *v_scales,
+                   int dtype, const int64_t *table, int64_t t0, int64_t n, int64_t BS,
+                   int64_t KVH, int64_t kh, int64_t D, int64_t esz, float *out) {
     for (int64_t c = 0; c < D; c += 64) {
         const int64_t w = D - c < 64 ? (D - c) / 8 : 8;
         __m256 o[8];
         for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
         for (int64_t t = 0; t < n; t++) {
             const char *row = row_ptr(v_cache, table, t0 + t, BS, KVH, kh, D, esz);
-            __m256 pt = _mm256_set1_ps(p[t]);
+            __m256 pt = _mm256_set1_ps(p[t] * row_scale(v_scales, table, t0 + t, BS, KVH, kh));
             if (w == 8) {
                 for (int j = 0; j < 8; j++) o[j] = _mm256_fmadd_ps(pt, load8(row, c + 8 * j, dtype), o[j]);
             } else {
@@ -133,11 +150,12 @@ static void pv_sum(const float *p, float inv, const void *v_cache, int dtype, co
 // out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context.
 // Work items are (row, query head): the K/V rows of a KV head are re-read from cache by each
 // of its query heads, which keeps every accumulator in registers.
-void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache, int64_t dtype,
+void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache,
+                     const uint16_t *k_scales, const uint16_t *v_scales, int64_t dtype,
                      const int64_t *tables, int64_t max_blocks, const int64_t *seq,
                      const int64_t *ctx, float *out, int64_t R, int64_t H, int64_t KVH,
                      int64_t D, int64_t BS, float scale, int64_t window) {
-    const int64_t G = H / KVH, esz = dtype == KV_F32 ? 4 : 2;
+    const int64_t G = H / KVH, esz = dtype == KV_F32 ? 4 : dtype == KV_I8 ? 1 : 2;
 #pragma omp parallel
     {
         float *scores = NULL;
@@ -152,10 +170,10 @@ void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache, i
                 cap = n + 256;
                 scores = (float *)malloc(cap * sizeof(float));
             }
-            qk_scores(q + (r * H + h) * D, k_cache, (int)dtype, table, t0, n, BS, KVH, kh, D, esz,
-                      scale, scores);
+            qk_scores(q + (r * H + h) * D, k_cache, k_scales, (int)dtype, table, t0, n, BS, KVH,
+                      kh, D, esz, scale, scores);
             float inv = softmax_unnormalized(scores, n);
-            pv_sum(scores, inv, v_cache, (int)dtype, table, t0, n, BS, KVH, kh, D, esz,
+            pv_sum(scores, inv, v_cache, v_scales, (int)dtype, table, t0, n, BS, KVH, kh, D, esz,
                    out + (r * H + h) * D);
         }
         free(scores);
