@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from turbollm.quantization import kernels
 from turbollm.quantization.calibration import (calibration_windows, collect_stats,
                                                corpus_token_ids, decoder_linears,
                                                engine_window_runner)
@@ -63,7 +64,12 @@ def test_gptq_handles_dead_channels_and_installed_layer_matches_reference():
     install_int4_weights(layer, res)
     assert layer.weight is None and "act_order" in layer.quant_method.name
     xt = torch.randn(3, 64, generator=g)
-    torch.testing.assert_close(layer(xt), xt @ res.dequantize().T, rtol=1e-4, atol=1e-4)
+    # A few rows are rounded to int16 by the packed kernel, in the weight's (permuted) column
+    # order: the reference sees the same x.
+    seen = xt.clone()
+    if kernels.rounds_activations(xt, 32):
+        seen[:, res.perm] = kernels.int16_activations(xt[:, res.perm])
+    torch.testing.assert_close(layer(xt), seen @ res.dequantize().T, rtol=1e-4, atol=1e-4)
 
 
 def test_calibration_windows_are_spread_and_leave_the_tail_out():
