@@ -1,9 +1,10 @@
 """Build (once, cached) and load the project's small C kernels (AVX2 + FMA + F16C).
 
-Each library is one plain C file compiled by the system's gcc (about a second, no torch headers)
-and called through ctypes on tensors' data pointers. It is built on first use into
-~/.cache/turbollm/kernels/ (or $XDG_CACHE_HOME), keyed by the source's hash. When the CPU lacks
-AVX2/FMA/F16C or no compiler works, `load_library` returns None and callers use torch instead.
+Each library is one plain C file (plus the shared csrc/simd.h) compiled by the system's gcc
+(about a second, no torch headers) and called through ctypes on tensors' data pointers. It is
+built on first use into ~/.cache/turbollm/kernels/ (or $XDG_CACHE_HOME), keyed by the hash of
+the source and headers. When the CPU lacks AVX2/FMA/F16C or no compiler works, `load_library`
+returns None and callers use torch instead.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PTR, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# Headers every kernel may include (simd.h): on the include path, and part of each build's key.
+_INCLUDE = Path(__file__).parent / "csrc"
 
 
 @functools.cache
@@ -44,8 +47,8 @@ def _build(src: Path, out: Path) -> None:
     # build into a temporary name, then rename: concurrent processes never load a partial file
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         tmp_path = tmp.name
-    cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", str(src),
-           "-o", tmp_path, "-lm"]
+    cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
+           f"-I{_INCLUDE}", str(src), "-o", tmp_path, "-lm"]
     try:
         subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.replace(tmp_path, out)
@@ -59,7 +62,10 @@ def _load(src: Path) -> ctypes.CDLL | None:
     if not cpu_has_avx2_fma():
         return None
     try:
-        digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+        h = hashlib.sha256(src.read_bytes())
+        for header in sorted(_INCLUDE.glob("*.h")):
+            h.update(header.read_bytes())
+        digest = h.hexdigest()[:16]
         path = _cache_dir() / f"{src.stem}-{digest}.so"
         if not path.exists():
             _build(src, path)

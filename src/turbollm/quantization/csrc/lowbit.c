@@ -15,15 +15,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "simd.h"
+
 #define ROWS 4        // output rows computed together so that each x load feeds several rows
 #define MAX_GROUPS 1024
-
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 // 16 packed bytes -> the 32 weights of one chunk as four fp32 vectors (columns 0-7 ... 24-31)
 static inline void unpack_q4(const uint8_t *p, __m256 out[4]) {
