@@ -60,10 +60,14 @@ class TorchAttentionBackend(AttentionBackend):
             if qlen <= SMALL_QUERY and qlen < ctx_len and native.supports(q, k_cache):
                 # A few queries over a cached context (speculative verification): row i sees
                 # the first ctx_len - qlen + 1 + i tokens, read in place.
-                rows = torch.arange(ctx_len - qlen + 1, ctx_len + 1)
-                out[start:end] = native.paged_attention_rows(
-                    q[start:end], k_cache, v_cache, block_ids.unsqueeze(0),
-                    torch.zeros(qlen, dtype=torch.long), rows, scale, sliding_window)
+                key = ("few_query_rows", start)
+                rows = meta.derived.get(key)
+                if rows is None:  # same for every layer: build once per step
+                    rows = meta.derived[key] = (block_ids.unsqueeze(0),
+                                                torch.zeros(qlen, dtype=torch.long),
+                                                torch.arange(ctx_len - qlen + 1, ctx_len + 1))
+                out[start:end] = native.paged_attention_rows(q[start:end], k_cache, v_cache,
+                                                             *rows, scale, sliding_window)
                 continue
             if ctx_len == qlen:  # the whole context is new: attend to the fresh K/V directly
                 kc, vc = k[start:end], v[start:end]
