@@ -54,14 +54,24 @@ def test_large_or_non_fp32_inputs_use_torch():
     assert not native_ops.usable(torch.zeros(1, 72))  # not a multiple of 16
 
 
-@pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (3, 7, 64), (8, 130, 1536)])
-def test_bf16_linear_matches_upcast_reference(rows, n, k):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (3, 7, 64), (8, 130, 1536), (16, 33, 72)])
+def test_dense_linear_matches_torch_reference(rows, n, k, dtype):
     from turbollm.layers.linear import ReplicatedLinear
     g = torch.Generator().manual_seed(n)
-    layer = ReplicatedLinear(k, n, bias=True, dtype=torch.bfloat16)
-    layer.weight.data = torch.randn(n, k, generator=g).bfloat16()
-    layer.bias.data = torch.randn(n, generator=g).bfloat16()
+    layer = ReplicatedLinear(k, n, bias=True, dtype=dtype)
+    layer.weight.data = torch.randn(n, k, generator=g).to(dtype)
+    layer.bias.data = torch.randn(n, generator=g).to(dtype)
     x = torch.randn(rows, k, generator=g)
-    assert native_ops.bf16_linear_usable(x, layer.weight)
+    assert native_ops.dense_linear_usable(x, layer.weight)
     ref = F.linear(x, layer.weight.float(), layer.bias.float())
     torch.testing.assert_close(layer(x), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_dense_linear_rows_do_not_depend_on_the_batch():
+    # speculative verification (several rows) must reproduce plain decode (one row) bit for bit
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(100, 576, generator=g), torch.randn(9, 576, generator=g)
+    together = native_ops.dense_linear(x, w)
+    for i in range(9):
+        assert torch.equal(native_ops.dense_linear(x[i:i + 1], w)[0], together[i])

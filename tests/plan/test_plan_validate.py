@@ -18,8 +18,20 @@ def test_measure_local_reports_positive_rates_and_is_cached():
     assert spec.name.startswith("local")
     assert spec.bandwidth_gbps > 0.1 and spec.memory_gb > 0.1
     assert spec.tflops["fp32"] > 0 and spec.tflops["bf16"] > 0
-    assert spec.preferred_dtype in ("fp32", "bf16")
+    assert spec.preferred_dtype == "bf16"  # what the engine's dtype=auto runs
+    assert 0 < spec.default_mbu <= 1  # a one-row product's share of the streaming read rate
     assert measure_local(bandwidth_bytes=32 << 20, max_matmul_n=256) is spec
+
+
+def test_bf16_without_bf16_math_is_planned_as_storage_with_fp32_compute():
+    from turbollm.plan.hardware import CATALOG
+    from turbollm.plan.setup import Precision
+    no_bf16_math = GPUSpec("avx2-cpu", memory_gb=16, bandwidth_gbps=20,
+                           tflops={"fp32": 0.15, "bf16": 0.001}, interconnect_gbps=0)
+    bf16 = Precision(weights="bf16", dtype="bf16", kv_dtype="bf16")
+    assert bf16.compute_dtype(no_bf16_math) == "fp32"
+    assert bf16.compute_dtype(FAKE_CPU) == "bf16"
+    assert bf16.compute_dtype(CATALOG["A100-80GB"]) == "bf16"
 
 
 def test_compare_with_engine_puts_prediction_next_to_measurement():

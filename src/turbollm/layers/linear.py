@@ -15,10 +15,10 @@ from turbollm.layers import native_ops
 class UnquantizedLinearMethod:
     """Plain dense weights: y = x W^T + b.
 
-    Weights may be stored narrower than the activations (bf16 weights, fp32 activations on a CPU
-    without bf16 instructions). Then up to 8 rows run our C kernel (layers/native_ops.py), which
-    widens bf16 to fp32 in registers; without it a single row runs torch's bf16 GEMV (x rounded
-    to bf16). More rows upcast the weight, because bf16 matmuls with several rows fall back to a
+    Up to 16 fp32 activation rows run our C kernel (layers/native_ops.py), with fp32 weights or
+    with bf16 weights widened to fp32 in registers (bf16 storage on a CPU without bf16
+    instructions): torch's few-row GEMV reads weights at half the memory bandwidth. More rows
+    use torch, upcasting bf16 weights, because bf16 matmuls with several rows fall back to a
     slow scalar kernel on such CPUs.
     """
 
@@ -26,13 +26,13 @@ class UnquantizedLinearMethod:
 
     def apply(self, layer: "LinearBase", x: torch.Tensor) -> torch.Tensor:
         w, b = layer.weight, layer.bias
+        if native_ops.dense_linear_usable(x, w):
+            y = native_ops.dense_linear(x, w)
+            return y if b is None else y + b.to(x.dtype)
         if w.dtype == x.dtype:
             return F.linear(x, w, b)
         if b is not None:
             b = b.to(x.dtype)
-        if native_ops.bf16_linear_usable(x, w):  # few rows: our kernel widens bf16 in registers
-            y = native_ops.bf16_linear(x, w)
-            return y if b is None else y + b
         if x.numel() == x.shape[-1]:  # one row: y = (x in bf16) W^T, accumulated in fp32
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
             return y if b is None else y + b

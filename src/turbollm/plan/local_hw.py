@@ -1,8 +1,10 @@
 """`--hardware local`: measure this machine's read bandwidth and matmul rate per dtype.
 
-The numbers are what torch actually reaches here (not a datasheet), so the default MFU/MBU for
-a measured device describe only how far a real model's smaller ops fall short of these
-ideal ones. Results are cached per process: measuring takes a few seconds at most.
+The numbers are what this machine actually reaches (not a datasheet). Bandwidth is a streaming
+read; the default MBU is measured too, as the share of it that a decode-shaped product (one
+activation row times a weight matrix, through the engine's own dense kernel) reaches, since
+that is the op that streams the weights in decode. Results are cached per process: measuring
+takes a few seconds at most.
 """
 from __future__ import annotations
 
@@ -36,6 +38,22 @@ def measure_read_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> 
     _sync(device)
     # best of a few: other processes only ever slow a run down
     return x.numel() * 4 / min(_timed(x.sum, device) for _ in range(reps))
+
+
+def measure_gemv_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> float:
+    """Bytes/s of weight read by a one-row fp32 product over an [N, 1024] weight of `nbytes`
+    (larger than the last-level cache), through the kernel our engine's decode uses."""
+    from turbollm.layers import native_ops
+
+    k = 1024
+    w = torch.ones(max(nbytes // (4 * k), 1), k, device=device)
+    x = torch.ones(1, k, device=device)
+    if native_ops.dense_linear_usable(x, w):
+        gemv = functools.partial(native_ops.dense_linear, x, w)
+    else:
+        gemv = functools.partial(torch.nn.functional.linear, x, w)
+    _timed(gemv, device)  # warm-up
+    return w.numel() * 4 / min(_timed(gemv, device) for _ in range(reps))
 
 
 def measure_matmul(device: torch.device, dtype: torch.dtype, max_n: int,
@@ -76,14 +94,16 @@ def measure_local(device: str | None = None, bandwidth_bytes: int | None = None,
     nbytes = bandwidth_bytes or ((2 << 30) if on_gpu else (256 << 20))
     max_n = max_matmul_n or (8192 if on_gpu else 2048)
     bw = measure_read_bandwidth(dev, nbytes)
+    gemv_bw = measure_gemv_bandwidth(dev, nbytes)
+    bw = max(bw, gemv_bw)  # a product cannot read faster than memory: the sum was disturbed
     dtypes = ("fp32", "bf16", "fp16") if on_gpu else ("fp32", "bf16")
     tflops = {d: measure_matmul(dev, _DTYPES[d], max_n) / 1e12 for d in dtypes}
     if on_gpu:
         label = torch.cuda.get_device_name(dev)
     else:
         label = f"CPU x{torch.get_num_threads()} threads"
-    # Plan in the fastest measured float dtype: a CPU without bf16 instructions runs fp32.
-    preferred = max(tflops, key=tflops.get)
+    # Plan in bf16, as the engine's dtype=auto runs: a CPU without bf16 math stores bf16 and
+    # computes in fp32 (Precision.compute_dtype), a GPU computes in bf16.
     return GPUSpec(
         name=f"local ({label})",
         memory_gb=_total_memory_gb(dev),
@@ -91,9 +111,10 @@ def measure_local(device: str | None = None, bandwidth_bytes: int | None = None,
         tflops=tflops,
         interconnect_gbps=0.0,  # one device: tensor parallelism is not planned locally
         price_per_hour=0.0,
-        notes="measured with torch (sum over a large tensor; square matmuls)",
-        # measured rates are already achieved ones; real layers are smaller and less regular
+        notes=f"measured: streaming read {bw / 1e9:.1f} GB/s, one-row fp32 product "
+              f"{gemv_bw / 1e9:.1f} GB/s (= MBU); square matmuls",
+        # the matmul rates are big square ones; a model's projections are smaller
         default_mfu=0.7,
-        default_mbu=0.8,
-        preferred_dtype=preferred,
+        default_mbu=round(gemv_bw / bw, 2),
+        preferred_dtype="bf16",
     )

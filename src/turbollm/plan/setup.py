@@ -42,6 +42,9 @@ class Precision:
             return self.compute
         if self.weights == "fp8" and gpu.supports("fp8"):
             return "fp8"
+        if gpu.peak_flops(self.dtype) < gpu.peak_flops("fp32"):
+            # a CPU without bf16/fp16 math: the engine stores 16-bit values and computes in fp32
+            return "fp32"
         return self.dtype
 
     @property

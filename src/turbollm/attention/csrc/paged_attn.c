@@ -33,18 +33,35 @@ static inline __m256 hsum8x8(const __m256 a[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
 }
 
-static inline const char *row_ptr(const void *cache, const int64_t *table, int64_t pos, int64_t BS,
-                                  int64_t KVH, int64_t kh, int64_t D, int64_t esz) {
-    const int64_t slot = table[pos / BS] * BS + pos % BS;
+// Walks the cache slots of positions t0, t0 + 1, ... of one sequence. Stepping through the
+// block table avoids a division per position (pos / BS), which cost more than the math.
+typedef struct {
+    const int64_t *table;
+    int64_t BS, block, offset;
+} slot_iter;
+
+static inline slot_iter slots_from(const int64_t *table, int64_t BS, int64_t t0) {
+    slot_iter it = {table, BS, t0 / BS, t0 % BS};
+    return it;
+}
+
+static inline int64_t next_slot(slot_iter *it) {
+    const int64_t slot = it->table[it->block] * it->BS + it->offset;
+    if (++it->offset == it->BS) {
+        it->offset = 0;
+        it->block++;
+    }
+    return slot;
+}
+
+static inline const char *slot_row(const void *cache, int64_t slot, int64_t KVH, int64_t kh,
+                                   int64_t D, int64_t esz) {
     return (const char *)cache + ((slot * KVH + kh) * D) * esz;
 }
 
 // fp16 scale of a cache row (int8 caches); 1 otherwise
-static inline float row_scale(const uint16_t *scales, const int64_t *table, int64_t pos, int64_t BS,
-                              int64_t KVH, int64_t kh) {
-    if (scales == NULL) return 1.0f;
-    const int64_t slot = table[pos / BS] * BS + pos % BS;
-    return _cvtsh_ss(scales[slot * KVH + kh]);
+static inline float slot_scale(const uint16_t *scales, int64_t slot, int64_t KVH, int64_t kh) {
+    return scales == NULL ? 1.0f : _cvtsh_ss(scales[slot * KVH + kh]);
 }
 
 // scores[t] = q . k_{t0 + t} * scale for t < n; 8 tokens at a time so that one transposed
@@ -53,12 +70,16 @@ static void qk_scores(const float *qg, const void *k_cache, const uint16_t *k_sc
                       const int64_t *table, int64_t t0, int64_t n, int64_t BS, int64_t KVH,
                       int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
     const __m256 sc = _mm256_set1_ps(scale);
+    slot_iter it = slots_from(table, BS, t0);
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
         const char *rows[8];
+        float rs[8];
         __m256 acc[8];
         for (int i = 0; i < 8; i++) {
-            rows[i] = row_ptr(k_cache, table, t0 + t + i, BS, KVH, kh, D, esz);
+            const int64_t slot = next_slot(&it);
+            rows[i] = slot_row(k_cache, slot, KVH, kh, D, esz);
+            rs[i] = slot_scale(k_scales, slot, KVH, kh);
             acc[i] = _mm256_setzero_ps();
         }
         for (int64_t d = 0; d < D; d += 8) {
@@ -66,18 +87,15 @@ static void qk_scores(const float *qg, const void *k_cache, const uint16_t *k_sc
             for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, dtype), acc[i]);
         }
         __m256 s8 = _mm256_mul_ps(hsum8x8(acc), sc);
-        if (k_scales != NULL) {
-            float rs[8];
-            for (int i = 0; i < 8; i++) rs[i] = row_scale(k_scales, table, t0 + t + i, BS, KVH, kh);
-            s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
-        }
+        if (k_scales != NULL) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
         _mm256_storeu_ps(scores + t, s8);
     }
     for (; t < n; t++) {
-        const char *row = row_ptr(k_cache, table, t0 + t, BS, KVH, kh, D, esz);
+        const int64_t slot = next_slot(&it);
+        const char *row = slot_row(k_cache, slot, KVH, kh, D, esz);
         __m256 acc = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), load8(row, d, dtype), acc);
-        scores[t] = hsum256(acc) * scale * row_scale(k_scales, table, t0 + t, BS, KVH, kh);
+        scores[t] = hsum256(acc) * scale * slot_scale(k_scales, slot, KVH, kh);
     }
 }
 
@@ -108,9 +126,11 @@ static void pv_sum(const float *p, float inv, const void *v_cache, const uint16_
         const int64_t w = D - c < 64 ? (D - c) / 8 : 8;
         __m256 o[8];
         for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
+        slot_iter it = slots_from(table, BS, t0);
         for (int64_t t = 0; t < n; t++) {
-            const char *row = row_ptr(v_cache, table, t0 + t, BS, KVH, kh, D, esz);
-            __m256 pt = _mm256_set1_ps(p[t] * row_scale(v_scales, table, t0 + t, BS, KVH, kh));
+            const int64_t slot = next_slot(&it);
+            const char *row = slot_row(v_cache, slot, KVH, kh, D, esz);
+            __m256 pt = _mm256_set1_ps(p[t] * slot_scale(v_scales, slot, KVH, kh));
             if (w == 8) {
                 for (int j = 0; j < 8; j++) o[j] = _mm256_fmadd_ps(pt, load8(row, c + 8 * j, dtype), o[j]);
             } else {

@@ -57,41 +57,52 @@ void rope_f32(float *x, const float *cos, const float *sin, int64_t T, int64_t h
     }
 }
 
-// y[m, o] = x[m] . w[o] for fp32 x [M, K] and bf16 w [N, K] (K % 8 == 0), fp32 accumulation.
-// CPUs without bf16 instructions have no fast bf16 GEMV in torch (a one-row bf16 matmul reads
-// ~8 GB/s here); widening bf16 is a 16-bit shift, so this reads the weights once at fp32 speed.
+// y[m, o] = x[m] . w[o] for fp32 x [M, K] and w [N, K] (K % 8 == 0), fp32 accumulation.
+// Torch's GEMV for one or a few rows reads weights at ~8 GB/s on this class of CPU (bf16 has no
+// fast path at all without bf16 instructions); these read them once at close to stream speed.
 // Four weight rows at a time, so each x load feeds four dot products; the rows stay in L1 for
-// the other activation rows.
-static inline __m256 bf16x8(const uint16_t *p) {
+// the other activation rows. Each output is summed in the same order whatever M is, so a row's
+// result does not depend on how many rows share the call.
+static inline __m256 load8_bf16(const uint16_t *p) {
+    // widening bf16 is a 16-bit shift
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-void bf16_gemm_f32(const float *x, int64_t M, const uint16_t *w, float *y, int64_t N, int64_t K) {
-    const int64_t nblocks = (N + 3) / 4;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < nblocks; b++) {
-        const int64_t o0 = b * 4;
-        const int rows = (int)(N - o0 < 4 ? N - o0 : 4);
-        const uint16_t *w0 = w + o0 * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *xm = x + m * K;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-            if (rows == 4) {
-                for (int64_t i = 0; i < K; i += 8) {
-                    __m256 xv = _mm256_loadu_ps(xm + i);
-                    acc[0] = _mm256_fmadd_ps(bf16x8(w0 + i), xv, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(bf16x8(w0 + K + i), xv, acc[1]);
-                    acc[2] = _mm256_fmadd_ps(bf16x8(w0 + 2 * K + i), xv, acc[2]);
-                    acc[3] = _mm256_fmadd_ps(bf16x8(w0 + 3 * K + i), xv, acc[3]);
-                }
-            } else {
-                for (int64_t i = 0; i < K; i += 8) {
-                    __m256 xv = _mm256_loadu_ps(xm + i);
-                    for (int r = 0; r < rows; r++)
-                        acc[r] = _mm256_fmadd_ps(bf16x8(w0 + r * K + i), xv, acc[r]);
-                }
-            }
-            for (int r = 0; r < rows; r++) y[m * N + o0 + r] = hsum256(acc[r]);
-        }
+static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+
+// One body for both weight types: a macro, because gcc does not inline a load function passed
+// by pointer, and the indirect call per 8 weights costs 4x.
+#define DEFINE_GEMM_F32_ACC(NAME, WTYPE, LOAD8)                                                          \
+    void NAME(const float *x, int64_t M, const WTYPE *w, float *y, int64_t N, int64_t K) {             \
+        const int64_t nblocks = (N + 3) / 4;                                                           \
+        _Pragma("omp parallel for schedule(static)")                                                   \
+        for (int64_t b = 0; b < nblocks; b++) {                                                        \
+            const int64_t o0 = b * 4;                                                                  \
+            const int rows = (int)(N - o0 < 4 ? N - o0 : 4);                                           \
+            const WTYPE *w0 = w + o0 * K;                                                              \
+            for (int64_t m = 0; m < M; m++) {                                                          \
+                const float *xm = x + m * K;                                                           \
+                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),        \
+                                 _mm256_setzero_ps()};                                                 \
+                if (rows == 4) {                                                                       \
+                    for (int64_t i = 0; i < K; i += 8) {                                               \
+                        __m256 xv = _mm256_loadu_ps(xm + i);                                           \
+                        acc[0] = _mm256_fmadd_ps(LOAD8(w0 + i), xv, acc[0]);                           \
+                        acc[1] = _mm256_fmadd_ps(LOAD8(w0 + K + i), xv, acc[1]);                       \
+                        acc[2] = _mm256_fmadd_ps(LOAD8(w0 + 2 * K + i), xv, acc[2]);                   \
+                        acc[3] = _mm256_fmadd_ps(LOAD8(w0 + 3 * K + i), xv, acc[3]);                   \
+                    }                                                                                  \
+                } else {                                                                               \
+                    for (int64_t i = 0; i < K; i += 8) {                                               \
+                        __m256 xv = _mm256_loadu_ps(xm + i);                                           \
+                        for (int r = 0; r < rows; r++)                                                 \
+                            acc[r] = _mm256_fmadd_ps(LOAD8(w0 + r * K + i), xv, acc[r]);               \
+                    }                                                                                  \
+                }                                                                                      \
+                for (int r = 0; r < rows; r++) y[m * N + o0 + r] = hsum256(acc[r]);                    \
+            }                                                                                          \
+        }                                                                                              \
     }
-}
+
+DEFINE_GEMM_F32_ACC(bf16_gemm_f32, uint16_t, load8_bf16)
+DEFINE_GEMM_F32_ACC(f32_gemm_f32, float, load8_f32)
