@@ -38,6 +38,10 @@ class UnquantizedLinearMethod:
             return y if b is None else y + b
         return F.linear(x, w.to(x.dtype), b)
 
+    def row_kernel(self, layer: "LinearBase", M: int):
+        """The C call `apply` makes for M fp32 rows (bias excluded), or None."""
+        return native_ops.dense_row_kernel(layer.weight, M)
+
 
 class LinearBase(nn.Module):
     """y = x W^T (+ b) with W: [out_features, in_features], as in HF checkpoints."""

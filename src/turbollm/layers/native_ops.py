@@ -71,10 +71,20 @@ def dense_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and x.shape[1] % 8 == 0 and weight.is_contiguous() and lib() is not None)
 
 
+def dense_row_kernel(weight: torch.Tensor, M: int):
+    """The C call dense_linear makes for M fp32 rows, as fn(x_ptr, y_ptr) writing fp32
+    [M, out]; None where dense_linear does not serve (see dense_linear_usable)."""
+    if (weight.dtype not in _GEMM_KERNELS or M > MAX_GEMV_ROWS or weight.device.type != "cpu"
+            or weight.shape[1] % 8 or not weight.is_contiguous() or lib() is None):
+        return None
+    kernel = getattr(lib(), _GEMM_KERNELS[weight.dtype])
+    w, (n, k) = weight.data_ptr(), weight.shape
+    return lambda x, y: kernel(x, M, w, y, n, k)
+
+
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] fp32 times a bf16 or fp32 weight [N, K]^T, accumulated in fp32: [M, N] fp32."""
     x = x.contiguous()
     y = torch.empty(x.shape[0], weight.shape[0])
-    kernel = getattr(lib(), _GEMM_KERNELS[weight.dtype])
-    kernel(x.data_ptr(), x.shape[0], weight.data_ptr(), y.data_ptr(), weight.shape[0], x.shape[1])
+    dense_row_kernel(weight, x.shape[0])(x.data_ptr(), y.data_ptr())
     return y

@@ -16,6 +16,7 @@ from turbollm.layers.layernorm import RMSNorm
 from turbollm.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
 from turbollm.layers.rotary import RotaryEmbedding
 from turbollm.model_arch import ModelArch
+from turbollm.models.native_decode import NativeDecoder, native_decode_enabled
 
 # checkpoint name piece -> (our fused parameter name piece, shard id)
 FUSED_SHARDS = {
@@ -93,10 +94,18 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(arch, backend, kw, wkw)
                                     for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
+        self.native_decoder: NativeDecoder | None = None  # made at the first CPU step
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         h = self.embed_tokens(input_ids).to(self.compute_dtype)
         rope = self.rotary.cos_sin(positions)  # shared by every layer
+        if native_decode_enabled() and h.device.type == "cpu":
+            if self.native_decoder is None:
+                self.native_decoder = NativeDecoder(self)
+            if self.native_decoder.usable(h, kv_caches, meta):
+                out = self.native_decoder.forward(h, rope, kv_caches, meta)
+                if out is not None:
+                    return self.norm(out)
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = layer(rope, h, kv_cache, meta)
         return self.norm(h)

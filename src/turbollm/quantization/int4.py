@@ -75,6 +75,10 @@ class Int4LinearMethod:
             y = y + layer.bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
+    def row_kernel(self, layer, M: int):
+        """The C call `apply` makes for M fp32 rows (bias excluded), or None."""
+        return kernels.int4_row_kernel(layer.int4_state, M, layer.in_features)
+
     def canonical(self, layer):
         """(qweight, scales, zeros) back in the interchange form (for writing checkpoints)."""
         return kernels.int4_unpack(layer.int4_state)

@@ -50,6 +50,9 @@ class PermutedInputMethod:
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         return self.inner.apply(layer, x.index_select(-1, self.perm))
 
+    def row_kernel(self, layer, M: int):
+        return None  # the input gather is a torch op: only `apply` serves this layer
+
     def canonical(self, layer):
         return self.inner.canonical(layer)
 

@@ -42,6 +42,10 @@ class Int8LinearMethod:
             y = y + layer.bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
 
+    def row_kernel(self, layer, M: int):
+        """The C call `apply` makes for M fp32 rows (bias excluded), or None."""
+        return kernels.int8_row_kernel(layer.int8_state, M, layer.in_features)
+
     def canonical(self, layer):
         """(qweight, scales) in the interchange form."""
         return kernels.int8_unpack(layer.int8_state)

@@ -167,57 +167,67 @@ def _q8_ok(k: int, g: int) -> bool:
     return k % 16 == 0 and g % 16 == 0
 
 
+def int4_row_kernel(state: Int4State, M: int, k: int):
+    """The C call int4_linear makes for M fp32 rows of k columns, as fn(x_ptr, y_ptr) writing
+    fp32 [M, out]; None where it takes another path (widening, torch, no C library)."""
+    n, g = state.packed.shape[0], state.group_size
+    L = native.lib()
+    if M > MAX_ROWS_PACKED["int4"] or L is None or not _q4_ok(k, g):
+        return None
+    w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
+         int(state.zero_form))
+    if _a16(M, k) and M == 1:
+        return lambda x, y: L.q4_gemv_a16(x, *w, y, n, k, g)
+    if _a16(M, k):
+        return lambda x, y: L.q4_gemm_a16(x, M, *w, y, n, k, g)
+    return lambda x, y: L.q4_gemm(x, M, *w, y, n, k, g)
+
+
 def int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
     """y = x W^T for x: [M, in] (no bias), in x's dtype."""
     M, k = x.shape
     n, g = state.packed.shape[0], state.group_size
-    L = native.lib()
-    if M <= MAX_ROWS_PACKED["int4"]:
-        if L is not None and _q4_ok(k, g):
-            xf = x.float().contiguous()
-            y = torch.empty(M, n)
-            if _a16(M, k) and M == 1:
-                L.q4_gemv_a16(xf.data_ptr(), state.packed.data_ptr(), state.scales.data_ptr(),
-                              state.offsets.data_ptr(), int(state.zero_form), y.data_ptr(), n,
-                              k, g)
-                return y.to(x.dtype)
-            if _a16(M, k):
-                L.q4_gemm_a16(xf.data_ptr(), M, state.packed.data_ptr(), state.scales.data_ptr(),
-                              state.offsets.data_ptr(), int(state.zero_form), y.data_ptr(), n,
-                              k, g)
-                return y.to(x.dtype)
-            L.q4_gemm(xf.data_ptr(), M, state.packed.data_ptr(), state.scales.data_ptr(),
-                      state.offsets.data_ptr(), int(state.zero_form), y.data_ptr(), n, k, g)
-            return y.to(x.dtype)
-        if M == 1 and L is None and k % g == 0:
-            return _torch_int4_gemv(x, state)
+    kernel = int4_row_kernel(state, M, k)
+    if kernel is not None:
+        return _run_row_kernel(kernel, x, n)
+    if M == 1 and native.lib() is None and k % g == 0:
+        return _torch_int4_gemv(x, state)
     return _widened_linear(x, n, lambda r0, r1, out: int4_dequant_rows(state, r0, r1, out))
+
+
+def _run_row_kernel(kernel, x: torch.Tensor, n: int) -> torch.Tensor:
+    xf = x.float().contiguous()
+    y = torch.empty(x.shape[0], n)
+    kernel(xf.data_ptr(), y.data_ptr())
+    return y.to(x.dtype)
+
+
+def int8_row_kernel(state: Int8State, M: int, k: int):
+    """Like int4_row_kernel, for int8_linear."""
+    n, g = state.qweight.shape[0], state.group_size
+    L = native.lib()
+    if M > MAX_ROWS_PACKED["int8"] or L is None or not _q8_ok(k, g):
+        return None
+    w, s = state.qweight.data_ptr(), state.scales.data_ptr()
+    if _a16(M, k) and g % 32 == 0:
+        if M == 1:
+            return lambda x, y: L.q8_gemv_a16(x, w, s, y, n, k, g)
+        return lambda x, y: L.q8_gemm_a16(x, M, w, s, y, n, k, g)
+    return lambda x, y: L.q8_gemm(x, M, w, s, y, n, k, g)
 
 
 def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
     """y = x W^T for x: [M, in] (no bias), in x's dtype."""
     M, k = x.shape
     n, g = state.qweight.shape[0], state.group_size
-    L = native.lib()
-    if M <= MAX_ROWS_PACKED["int8"]:
-        if L is not None and _q8_ok(k, g):
-            xf = x.float().contiguous()
-            y = torch.empty(M, n)
-            if _a16(M, k) and g % 32 == 0:
-                if M == 1:
-                    L.q8_gemv_a16(xf.data_ptr(), state.qweight.data_ptr(),
-                                  state.scales.data_ptr(), y.data_ptr(), n, k, g)
-                else:
-                    L.q8_gemm_a16(xf.data_ptr(), M, state.qweight.data_ptr(),
-                                  state.scales.data_ptr(), y.data_ptr(), n, k, g)
-                return y.to(x.dtype)
-            L.q8_gemm(xf.data_ptr(), M, state.qweight.data_ptr(), state.scales.data_ptr(),
-                      y.data_ptr(), n, k, g)
-            return y.to(x.dtype)
-        if M == 1 and g == k:  # torch's per-channel int8 kernel (bf16 activations)
-            y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state.qweight,
-                                                  _cached_bf16_scales(state))
-            return y.to(x.dtype)
+    kernel = int8_row_kernel(state, M, k)
+    if kernel is not None:
+        return _run_row_kernel(kernel, x, n)
+    if M == 1 and g == k and M <= MAX_ROWS_PACKED["int8"]:
+        # torch's per-channel int8 kernel (bf16 activations)
+        y = torch.ops.aten._weight_int8pack_mm(x.to(torch.bfloat16), state.qweight,
+                                              _cached_bf16_scales(state))
+        return y.to(x.dtype)
     return _widened_linear(x, n, lambda r0, r1, out: int8_dequant_rows(state, r0, r1, out))
 
 

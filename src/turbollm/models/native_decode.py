@@ -1,0 +1,140 @@
+"""Decode-shaped steps of a Llama-family model as direct C calls, without torch's per-op dispatch.
+
+A decode step of a small model is ~400 small ops. Through nn.Module calls, torch dispatch and
+tensor allocation each costs 5-10 us of Python, which was 40% of a step of the 135M model
+(more with 4-bit weights, whose matmuls are faster). Here each decoder layer is ~10 calls of
+the same C kernels the module path uses, on pointers bound once, so both paths compute the
+same numbers (the tests compare them bit for bit).
+
+A step takes this path when it is decode-shaped: on CPU with fp32 activations, at most
+MAX_ROWS tokens, every chunk attending like a decode (one token, or a few over a cached
+context: speculative verification), a KV cache the C attention reads, and every projection
+served by a C kernel at that row count. Anything else takes the module path.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from turbollm.attention import native as native_attention
+from turbollm.attention.backend import AttentionMetadata
+from turbollm.attention.torch_sdpa import SMALL_QUERY, write_kv
+from turbollm.layers import native_ops
+
+MAX_ROWS = native_ops.MAX_GEMV_ROWS
+_enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
+
+
+def native_decode_enabled() -> bool:
+    return _enabled
+
+
+def enable_native_decode(on: bool = True) -> None:
+    """Switch the path on or off (TURBOLLM_NATIVE_DECODE=0 starts with it off): for A/B runs."""
+    global _enabled
+    _enabled = on
+
+
+def attention_rows(meta: AttentionMetadata, num_tokens: int):
+    """(block tables [S, W], sequence of each row [T], context each row sees [T]) when every
+    token attends like a decode row (decodes, then few-query chunks over a cached context),
+    else None. Built once per step."""
+    if "attention_rows" in meta.derived:
+        return meta.derived["attention_rows"]
+    rows = None
+    nd = meta.num_decodes
+    if all(qlen <= SMALL_QUERY and qlen < ctx for _, qlen, ctx, _ in meta.prefills):
+        tables = [meta.decode_block_tables] if nd else []
+        seq = [torch.arange(nd)]
+        ctx = [meta.decode_seq_lens] if nd else []
+        for i, (_, qlen, ctx_len, block_ids) in enumerate(meta.prefills):
+            tables.append(block_ids.unsqueeze(0))
+            seq.append(torch.full((qlen,), nd + i, dtype=torch.long))
+            # row j of the chunk sees the cache up to and including its own token
+            ctx.append(torch.arange(ctx_len - qlen + 1, ctx_len + 1))
+        width = max(t.shape[1] for t in tables)
+        padded = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])
+        rows = (padded.contiguous(), torch.cat(seq), torch.cat(ctx))
+        assert rows[1].numel() == num_tokens
+    meta.derived["attention_rows"] = rows
+    return rows
+
+
+class NativeDecoder:
+    """Runs LlamaModel's decoder layers for decode-shaped steps (see the module docstring)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lib = native_ops.lib()
+        first = model.layers[0].self_attn
+        self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
+        self.head_dim, self.q_size, self.kv_size = first.head_dim, first.q_size, first.kv_size
+        self.scale, self.window = first.scale, first.sliding_window
+        # plain lists: attribute access on nn.Modules costs ~1 us each
+        self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                        layer.post_attention_layernorm, layer.mlp.gate_up_proj,
+                        layer.mlp.down_proj) for layer in model.layers]
+
+    def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
+        T = h.shape[0]
+        if (self.lib is None or h.dtype != torch.float32 or h.device.type != "cpu"
+                or T > MAX_ROWS or h.shape[1] % 16 or self.head_dim % 16):
+            return False
+        if not native_attention.supports(h.new_empty(1, self.num_heads, self.head_dim),
+                                         kv_caches[0][0]):
+            return False
+        return attention_rows(meta, T) is not None
+
+    def _kernels(self, T: int):
+        """Each layer's four projection kernels for T rows, or None if one has none."""
+        out = []
+        for _, qkv, o, _, gate_up, down in self.layers:
+            ks = tuple(lin.quant_method.row_kernel(lin, T) for lin in (qkv, o, gate_up, down))
+            if None in ks:
+                return None
+            out.append(ks)
+        return out
+
+    def forward(self, h: torch.Tensor, rope, kv_caches, meta: AttentionMetadata):
+        """h [T, hidden] (embeddings) -> hidden states before the final norm, or None when a
+        projection has no C kernel for T rows (then the caller runs the module path)."""
+        T, hidden = h.shape
+        kernels = self._kernels(T)
+        if kernels is None:
+            return None
+        lib, H, KVH, D = self.lib, self.num_heads, self.num_kv_heads, self.head_dim
+        qk_size = self.q_size + self.kv_size
+        tables, seq, ctx = attention_rows(meta, T)
+        cos, sin = (t.contiguous() for t in rope)
+        x = torch.empty(T, hidden)
+        qkv = torch.empty(T, qk_size + self.kv_size)
+        o = torch.empty(T, hidden)
+        mlp_out = torch.empty(T, hidden)
+        h = h.contiguous()
+        for (norm1, qkv_lin, o_lin, norm2, gu_lin, down_lin), (k_qkv, k_o, k_gu, k_down), \
+                (k_cache, v_cache) in zip(self.layers, kernels, kv_caches):
+            lib.rms_norm_f32(h.data_ptr(), norm1.weight.data_ptr(), x.data_ptr(), T, hidden,
+                             norm1.eps)
+            k_qkv(x.data_ptr(), qkv.data_ptr())
+            if qkv_lin.bias is not None:
+                qkv.add_(qkv_lin.bias)
+            lib.rope_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, H + KVH, D,
+                         qkv.stride(0))
+            k = qkv[:, self.q_size:qk_size].view(T, KVH, D)
+            v = qkv[:, qk_size:].view(T, KVH, D)
+            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+            q = qkv[:, :self.q_size].view(T, H, D)
+            attn = native_attention.paged_attention_rows(q, k_cache, v_cache, tables, seq, ctx,
+                                                         self.scale, self.window)
+            k_o(attn.data_ptr(), o.data_ptr())
+            h = h + o
+            lib.rms_norm_f32(h.data_ptr(), norm2.weight.data_ptr(), x.data_ptr(), T, hidden,
+                             norm2.eps)
+            gu = torch.empty(T, gu_lin.out_features)
+            k_gu(x.data_ptr(), gu.data_ptr())
+            act = torch.empty(T, gu_lin.out_features // 2)
+            lib.silu_mul_f32(gu.data_ptr(), act.data_ptr(), T, act.shape[1])
+            k_down(act.data_ptr(), mlp_out.data_ptr())
+            h = h + mlp_out
+        return h

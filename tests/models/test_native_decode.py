@@ -1,0 +1,96 @@
+"""The C decode path (models/native_decode.py) against the module path it shortcuts."""
+import pytest
+import torch
+
+from turbollm import LLM, SamplingParams
+from turbollm.attention.backend import AttentionMetadata
+from turbollm.layers import native_ops
+from turbollm.models import native_decode
+from turbollm.models.native_decode import NativeDecoder, attention_rows
+
+pytestmark = pytest.mark.skipif(native_ops.lib() is None,
+                                reason="needs the C kernels (x86 with AVX2 and a C compiler)")
+
+# No prefix caching: the second run would attend its cached prompt blocks from a shorter
+# uncached chunk, which rounds differently from the first run's whole-prompt prefill.
+ENGINE = dict(max_num_seqs=8, enable_prefix_caching=False)
+PROMPTS = [[5, 17, 300, 4001, 23, 23, 99], [7, 8, 9], list(range(100, 140)), [42] * 12]
+
+
+def _run(llm: LLM, native: bool, **params):
+    native_decode.enable_native_decode(native)
+    try:
+        sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3,
+                            **params)
+        return llm.generate(PROMPTS, sp, use_tqdm=False)
+    finally:
+        native_decode.enable_native_decode(True)
+
+
+def _count_native_steps(monkeypatch) -> list[int]:
+    taken = []
+    forward = NativeDecoder.forward
+
+    def spy(self, h, *args):
+        out = forward(self, h, *args)
+        if out is not None:
+            taken.append(h.shape[0])
+        return out
+    monkeypatch.setattr(NativeDecoder, "forward", spy)
+    return taken
+
+
+@pytest.mark.parametrize("kind,quantization", [("llama", None), ("qwen2", None),
+                                               ("mistral_window", None), ("llama", "int4"),
+                                               ("llama", "int8")])
+def test_same_tokens_and_logprobs_as_the_module_path(tiny_model_factory, monkeypatch, kind,
+                                                     quantization):
+    llm = LLM(str(tiny_model_factory(kind)), dtype="float32", quantization=quantization,
+              quantization_group_size=32, **ENGINE)
+    taken = _count_native_steps(monkeypatch)
+    fast = _run(llm, native=True)
+    assert taken and max(taken) == len(PROMPTS)  # the batched decode steps went through C
+    n_native = len(taken)
+    slow = _run(llm, native=False)
+    assert len(taken) == n_native  # switched off: no step took it
+    for a, b in zip(fast, slow):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        # same kernels, same order of sums: bit-identical logprobs (dataclass equality)
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+
+
+def test_bf16_storage_matches_the_module_path(tiny_llama):
+    llm = LLM(str(tiny_llama), dtype="bfloat16", **ENGINE)
+    if llm.engine.model.model.compute_dtype != torch.float32:
+        pytest.skip("this CPU computes bf16 natively: the C path (fp32 activations) is not used")
+    fast, slow = _run(llm, native=True), _run(llm, native=False)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
+
+
+def test_speculative_verification_rows_match_the_module_path(tiny_llama, monkeypatch):
+    # n-gram proposals on repetitive prompts: verification chunks of a few rows over a cache
+    llm = LLM(str(tiny_llama), dtype="float32", speculative_method="ngram",
+              num_speculative_tokens=4, **ENGINE)
+    taken = _count_native_steps(monkeypatch)
+    fast = _run(llm, native=True)
+    assert any(t > len(PROMPTS) for t in taken)  # some step verified proposals natively
+    slow = _run(llm, native=False)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
+
+
+def test_attention_rows_cover_decodes_then_verification_chunks():
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(5, dtype=torch.long), num_decodes=2,
+        decode_block_tables=torch.tensor([[3, 0], [4, 5]]), decode_seq_lens=torch.tensor([7, 20]),
+        prefills=[(2, 3, 33, torch.tensor([6, 7, 8]))], block_size=16)
+    tables, seq, ctx = attention_rows(meta, 5)
+    assert tables.tolist() == [[3, 0, 0], [4, 5, 0], [6, 7, 8]]
+    assert seq.tolist() == [0, 1, 2, 2, 2]
+    assert ctx.tolist() == [7, 20, 31, 32, 33]  # each verified token sees itself and before
+
+
+def test_a_fresh_prompt_chunk_is_not_decode_shaped():
+    meta = AttentionMetadata(
+        slot_mapping=torch.zeros(3, dtype=torch.long), num_decodes=0, decode_block_tables=None,
+        decode_seq_lens=None, prefills=[(0, 3, 3, torch.tensor([1]))], block_size=16)
+    assert attention_rows(meta, 3) is None
