@@ -21,7 +21,8 @@ def reference(q, kc, vc, tables, lens, scale, window, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128)])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 4, 32), (8, 1, 128),
+                                                    (10, 2, 40), (4, 2, 16)])
 @pytest.mark.parametrize("window", [None, 7, 40])
 def test_matches_reference(dtype, heads, kv_heads, head_dim, window, monkeypatch):
     g = torch.Generator().manual_seed(heads * head_dim + (window or 0))

@@ -16,7 +16,9 @@
 
 enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
 
-static inline __m256 load8(const void *base, int64_t i, int dtype) {
+// Inlined into a copy of the attention per cache dtype (attend_item), so the dtype test is
+// resolved at compile time rather than on every load.
+static inline __attribute__((always_inline)) __m256 load8(const void *base, int64_t i, int dtype) {
     if (dtype == KV_F32) return _mm256_loadu_ps((const float *)base + i);
     if (dtype == KV_I8)  // the row's scale is applied by the caller
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + i))));
@@ -64,38 +66,47 @@ static inline float slot_scale(const uint16_t *scales, int64_t slot, int64_t KVH
     return scales == NULL ? 1.0f : _cvtsh_ss(scales[slot * KVH + kh]);
 }
 
-// scores[t] = q . k_{t0 + t} * scale for t < n; 8 tokens at a time so that one transposed
-// reduction replaces 8 horizontal sums.
-static void qk_scores(const float *qg, const void *k_cache, const uint16_t *k_scales, int dtype,
-                      const int64_t *table, int64_t t0, int64_t n, int64_t BS, int64_t KVH,
-                      int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
+// scores[g * n + t] = q_g . k_{t0 + t} * scale for the G query heads g that share this KV
+// head, t < n. 8 tokens at a time, so that one transposed reduction replaces 8 horizontal sums;
+// the 8 K rows are read from memory once and from L1 for the other heads of the group.
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+ALWAYS_INLINE void qk_scores(const float *q, int64_t G, const void *k_cache, const uint16_t *k_scales,
+                      int dtype, const int64_t *table, int64_t t0, int64_t n, int64_t BS,
+                      int64_t KVH, int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
     const __m256 sc = _mm256_set1_ps(scale);
     slot_iter it = slots_from(table, BS, t0);
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
         const char *rows[8];
         float rs[8];
-        __m256 acc[8];
         for (int i = 0; i < 8; i++) {
             const int64_t slot = next_slot(&it);
             rows[i] = slot_row(k_cache, slot, KVH, kh, D, esz);
             rs[i] = slot_scale(k_scales, slot, KVH, kh);
-            acc[i] = _mm256_setzero_ps();
         }
-        for (int64_t d = 0; d < D; d += 8) {
-            __m256 qv = _mm256_loadu_ps(qg + d);
-            for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, dtype), acc[i]);
+        for (int64_t g = 0; g < G; g++) {
+            const float *qg = q + g * D;
+            __m256 acc[8];
+            for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) {
+                __m256 qv = _mm256_loadu_ps(qg + d);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, dtype), acc[i]);
+            }
+            __m256 s8 = _mm256_mul_ps(hsum8x8(acc), sc);
+            if (k_scales != NULL) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
+            _mm256_storeu_ps(scores + g * n + t, s8);
         }
-        __m256 s8 = _mm256_mul_ps(hsum8x8(acc), sc);
-        if (k_scales != NULL) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
-        _mm256_storeu_ps(scores + t, s8);
     }
     for (; t < n; t++) {
         const int64_t slot = next_slot(&it);
         const char *row = slot_row(k_cache, slot, KVH, kh, D, esz);
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), load8(row, d, dtype), acc);
-        scores[t] = hsum256(acc) * scale * slot_scale(k_scales, slot, KVH, kh);
+        const float rs = slot_scale(k_scales, slot, KVH, kh);
+        for (int64_t g = 0; g < G; g++) {
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), load8(row, d, dtype), acc);
+            scores[g * n + t] = hsum256(acc) * scale * rs;
+        }
     }
 }
 
@@ -118,59 +129,114 @@ static float softmax_unnormalized(float *sg, int64_t n) {
     return 1.0f / s;
 }
 
-// out[0..D) = inv * sum_t p[t] v_{t0 + t}; 64 columns at a time, held in 8 registers.
-static void pv_sum(const float *p, float inv, const void *v_cache, const uint16_t *v_scales,
-                   int dtype, const int64_t *table, int64_t t0, int64_t n, int64_t BS,
-                   int64_t KVH, int64_t kh, int64_t D, int64_t esz, float *out) {
-    for (int64_t c = 0; c < D; c += 64) {
-        const int64_t w = D - c < 64 ? (D - c) / 8 : 8;
-        __m256 o[8];
-        for (int j = 0; j < 8; j++) o[j] = _mm256_setzero_ps();
-        slot_iter it = slots_from(table, BS, t0);
-        for (int64_t t = 0; t < n; t++) {
-            const int64_t slot = next_slot(&it);
-            const char *row = slot_row(v_cache, slot, KVH, kh, D, esz);
-            __m256 pt = _mm256_set1_ps(p[t] * slot_scale(v_scales, slot, KVH, kh));
-            if (w == 8) {
-                for (int j = 0; j < 8; j++) o[j] = _mm256_fmadd_ps(pt, load8(row, c + 8 * j, dtype), o[j]);
-            } else {
-                for (int j = 0; j < w; j++) o[j] = _mm256_fmadd_ps(pt, load8(row, c + 8 * j, dtype), o[j]);
-            }
+// out[g * D + c .. + 8 * W] = inv[g] * sum_t p[g * n + t] v_{t0 + t}[c ..] for GB heads and
+// W vectors of 8 columns. Always inlined with constant GB and W, so the GB x W accumulators
+// stay in registers (with run-time bounds gcc keeps them on the stack: 3x slower).
+ALWAYS_INLINE void pv_block(const float *p, const float *inv, int GB, int W, const void *v_cache,
+                            const uint16_t *v_scales, int dtype, const int64_t *table,
+                            int64_t t0, int64_t n, int64_t BS, int64_t KVH, int64_t kh,
+                            int64_t D, int64_t esz, int64_t c, float *out) {
+    __m256 o[3][4];
+    for (int g = 0; g < GB; g++)
+        for (int j = 0; j < W; j++) o[g][j] = _mm256_setzero_ps();
+    slot_iter it = slots_from(table, BS, t0);
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t slot = next_slot(&it);
+        const char *row = slot_row(v_cache, slot, KVH, kh, D, esz);
+        const float rs = slot_scale(v_scales, slot, KVH, kh);
+        __m256 v[4];
+        for (int j = 0; j < W; j++) v[j] = load8(row, c + 8 * j, dtype);
+        for (int g = 0; g < GB; g++) {
+            __m256 pt = _mm256_set1_ps(p[g * n + t] * rs);
+            for (int j = 0; j < W; j++) o[g][j] = _mm256_fmadd_ps(pt, v[j], o[g][j]);
         }
-        __m256 s = _mm256_set1_ps(inv);
-        for (int j = 0; j < w; j++) _mm256_storeu_ps(out + c + 8 * j, _mm256_mul_ps(o[j], s));
+    }
+    for (int g = 0; g < GB; g++) {
+        __m256 s = _mm256_set1_ps(inv[g]);
+        for (int j = 0; j < W; j++) _mm256_storeu_ps(out + g * D + c + 8 * j, _mm256_mul_ps(o[g][j], s));
     }
 }
 
+// out[g * D + c] = inv[g] * sum_t p[g * n + t] v_{t0 + t}[c] for the G heads of the group:
+// up to 3 heads x 32 columns at a time, so each V row is read from memory once per 32 columns
+// and serves every head of the group.
+ALWAYS_INLINE void pv_sum(const float *p, const float *inv, int64_t G, const void *v_cache,
+                          const uint16_t *v_scales, int dtype, const int64_t *table, int64_t t0,
+                          int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
+                          int64_t esz, float *out) {
+    for (int64_t c = 0; c < D; c += 32) {
+        const int64_t w = D - c < 32 ? (D - c) / 8 : 4;
+        for (int64_t g0 = 0; g0 < G; g0 += 3) {
+            const int64_t gb = G - g0 < 3 ? G - g0 : 3;
+#define PV(GB, W) pv_block(p + g0 * n, inv + g0, GB, W, v_cache, v_scales, dtype, table, t0, n, BS, \
+                           KVH, kh, D, esz, c, out + g0 * D)
+            if (w == 4) {
+                if (gb == 3) PV(3, 4);
+                else if (gb == 2) PV(2, 4);
+                else PV(1, 4);
+            } else {  // head_dim not a multiple of 32: a narrower last column block
+                for (int64_t j = 0; j < w; j++) {
+                    if (gb == 3) PV(3, 1);
+                    else if (gb == 2) PV(2, 1);
+                    else PV(1, 1);
+                    c += 8;
+                }
+                c -= 8 * w;
+            }
+#undef PV
+        }
+    }
+}
+
+// One work item: the G query heads of row r that share KV head kh, over n cached tokens from
+// t0. `scores` holds G * n floats.
+ALWAYS_INLINE void attend_item(const float *q, int64_t G, const void *k_cache, const void *v_cache,
+                               const uint16_t *k_scales, const uint16_t *v_scales, int dtype,
+                               const int64_t *table, int64_t t0, int64_t n, int64_t BS,
+                               int64_t KVH, int64_t kh, int64_t D, float scale, float *scores,
+                               float *inv, float *out) {
+    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 ? 1 : 2;
+    qk_scores(q, G, k_cache, k_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, scale, scores);
+    for (int64_t g = 0; g < G; g++) inv[g] = softmax_unnormalized(scores + g * n, n);
+    pv_sum(scores, inv, G, v_cache, v_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, out);
+}
+
 // out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context.
-// Work items are (row, query head): the K/V rows of a KV head are re-read from cache by each
-// of its query heads, which keeps every accumulator in registers.
+// Work items are (row, KV head): the query heads that share a KV head go together, so its K/V
+// rows are read from memory once per item.
 void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache,
                      const uint16_t *k_scales, const uint16_t *v_scales, int64_t dtype,
                      const int64_t *tables, int64_t max_blocks, const int64_t *seq,
                      const int64_t *ctx, float *out, int64_t R, int64_t H, int64_t KVH,
                      int64_t D, int64_t BS, float scale, int64_t window) {
-    const int64_t G = H / KVH, esz = dtype == KV_F32 ? 4 : dtype == KV_I8 ? 1 : 2;
+    const int64_t G = H / KVH;
 #pragma omp parallel
     {
-        float *scores = NULL;
+        float *scores = NULL, *inv = (float *)malloc(G * sizeof(float));
         int64_t cap = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < R * H; item++) {
-            const int64_t r = item / H, h = item % H, kh = h / G;
+        for (int64_t item = 0; item < R * KVH; item++) {
+            const int64_t r = item / KVH, kh = item % KVH;
             const int64_t L = ctx[r], t0 = window > 0 && L > window ? L - window : 0, n = L - t0;
             const int64_t *table = tables + seq[r] * max_blocks;
-            if (n > cap) {
+            if (G * n > cap) {
                 free(scores);
-                cap = n + 256;
+                cap = G * n + 1024;
                 scores = (float *)malloc(cap * sizeof(float));
             }
-            qk_scores(q + (r * H + h) * D, k_cache, k_scales, (int)dtype, table, t0, n, BS, KVH,
-                      kh, D, esz, scale, scores);
-            float inv = softmax_unnormalized(scores, n);
-            pv_sum(scores, inv, v_cache, v_scales, (int)dtype, table, t0, n, BS, KVH, kh, D, esz,
-                   out + (r * H + h) * D);
+            const float *qi = q + (r * H + kh * G) * D;
+            float *oi = out + (r * H + kh * G) * D;
+#define ATTEND(DT) attend_item(qi, G, k_cache, v_cache, k_scales, v_scales, DT, table, t0, n, BS, \
+                               KVH, kh, D, scale, scores, inv, oi)
+            switch (dtype) {
+                case KV_F32: ATTEND(KV_F32); break;
+                case KV_BF16: ATTEND(KV_BF16); break;
+                case KV_F16: ATTEND(KV_F16); break;
+                default: ATTEND(KV_I8); break;
+            }
+#undef ATTEND
         }
         free(scores);
+        free(inv);
     }
 }
