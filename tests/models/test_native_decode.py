@@ -94,3 +94,14 @@ def test_a_fresh_prompt_chunk_is_not_decode_shaped():
         slot_mapping=torch.zeros(3, dtype=torch.long), num_decodes=0, decode_block_tables=None,
         decode_seq_lens=None, prefills=[(0, 3, 3, torch.tensor([1]))], block_size=16)
     assert attention_rows(meta, 3) is None
+
+
+def test_ab_benchmark_times_both_paths(tiny_llama):
+    from turbollm.bench.native_decode import step_times
+    llm = LLM(str(tiny_llama), dtype="float32", **ENGINE)
+    llm.engine.add_request("ab", [5, 6, 7], SamplingParams(max_tokens=20, ignore_eos=True))
+    llm.engine.step()
+    times = step_times(llm.engine, rounds=2, steps=3)
+    assert [len(times[True]), len(times[False])] == [2, 2]
+    assert all(t > 0 for t in times[True] + times[False])
+    assert native_decode.native_decode_enabled()  # switched back on afterwards
