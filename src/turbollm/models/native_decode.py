@@ -3,8 +3,8 @@
 A decode step of a small model is ~400 small ops. Through nn.Module calls, torch dispatch and
 tensor allocation each costs 5-10 us of Python, which was 40% of a step of the 135M model
 (more with 4-bit weights, whose matmuls are faster). Here each decoder layer is ~10 calls of
-the same C kernels the module path uses, on pointers bound once, so both paths compute the
-same numbers (the tests compare them bit for bit).
+the same C kernels the module path uses, on pointers bound once per step, so both paths compute
+the same numbers (the tests compare them bit for bit).
 
 A step takes this path when it is decode-shaped: on CPU with fp32 activations, at most
 MAX_ROWS tokens, every chunk attending like a decode (one token, or a few over a cached
@@ -65,7 +65,6 @@ class NativeDecoder:
     """Runs LlamaModel's decoder layers for decode-shaped steps (see the module docstring)."""
 
     def __init__(self, model):
-        self.model = model
         self.lib = native_ops.lib()
         first = model.layers[0].self_attn
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
@@ -111,6 +110,8 @@ class NativeDecoder:
         qkv = torch.empty(T, qk_size + self.kv_size)
         o = torch.empty(T, hidden)
         mlp_out = torch.empty(T, hidden)
+        inter = self.layers[0][4].out_features // 2
+        gu, act = torch.empty(T, 2 * inter), torch.empty(T, inter)
         h = h.contiguous()
         for (norm1, qkv_lin, o_lin, norm2, gu_lin, down_lin), (k_qkv, k_o, k_gu, k_down), \
                 (k_cache, v_cache) in zip(self.layers, kernels, kv_caches):
@@ -131,10 +132,8 @@ class NativeDecoder:
             h = h + o
             lib.rms_norm_f32(h.data_ptr(), norm2.weight.data_ptr(), x.data_ptr(), T, hidden,
                              norm2.eps)
-            gu = torch.empty(T, gu_lin.out_features)
             k_gu(x.data_ptr(), gu.data_ptr())
-            act = torch.empty(T, gu_lin.out_features // 2)
-            lib.silu_mul_f32(gu.data_ptr(), act.data_ptr(), T, act.shape[1])
+            lib.silu_mul_f32(gu.data_ptr(), act.data_ptr(), T, inter)
             k_down(act.data_ptr(), mlp_out.data_ptr())
             h = h + mlp_out
         return h

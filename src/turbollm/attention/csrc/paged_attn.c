@@ -164,27 +164,25 @@ ALWAYS_INLINE void pv_sum(const float *p, const float *inv, int64_t G, const voi
                           const uint16_t *v_scales, int dtype, const int64_t *table, int64_t t0,
                           int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
                           int64_t esz, float *out) {
-    for (int64_t c = 0; c < D; c += 32) {
-        const int64_t w = D - c < 32 ? (D - c) / 8 : 4;
+    // 32 columns at a time; a head_dim that is not a multiple of 32 ends with 8-column blocks
+    for (int64_t c = 0; c < D;) {
+        const int W = D - c >= 32 ? 4 : 1;
         for (int64_t g0 = 0; g0 < G; g0 += 3) {
             const int64_t gb = G - g0 < 3 ? G - g0 : 3;
 #define PV(GB, W) pv_block(p + g0 * n, inv + g0, GB, W, v_cache, v_scales, dtype, table, t0, n, BS, \
                            KVH, kh, D, esz, c, out + g0 * D)
-            if (w == 4) {
+            if (W == 4) {
                 if (gb == 3) PV(3, 4);
                 else if (gb == 2) PV(2, 4);
                 else PV(1, 4);
-            } else {  // head_dim not a multiple of 32: a narrower last column block
-                for (int64_t j = 0; j < w; j++) {
-                    if (gb == 3) PV(3, 1);
-                    else if (gb == 2) PV(2, 1);
-                    else PV(1, 1);
-                    c += 8;
-                }
-                c -= 8 * w;
+            } else {
+                if (gb == 3) PV(3, 1);
+                else if (gb == 2) PV(2, 1);
+                else PV(1, 1);
             }
 #undef PV
         }
+        c += 8 * W;
     }
 }
 

@@ -233,14 +233,26 @@ static void quantize_row_i16(const float *x, int64_t K, int16_t *xq, float *xd, 
     }
 }
 
-// sum over 32 columns of q (0..15; low nibbles = columns 0-15) times int16 xq, as 8 fp32 lanes
-static inline __m256 dot32_u4i16(__m128i packed16, const int16_t *xq) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed16, mask));
-    __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed16, 4), mask));
-    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
-                                 _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 16))));
+// sum over 32 columns of int16 weights (w_lo: columns 0-15, w_hi: 16-31) times int16 xq, as 8
+// fp32 lanes (madd sums adjacent int16 products in int32: exact for 4- and 8-bit weights)
+static inline __m256 dot32_i16(__m256i w_lo, __m256i w_hi, const int16_t *xq) {
+    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w_lo, _mm256_loadu_si256((const __m256i *)xq)),
+                                 _mm256_madd_epi16(w_hi, _mm256_loadu_si256((const __m256i *)(xq + 16))));
     return _mm256_cvtepi32_ps(p);
+}
+
+// 32 packed 4-bit weights (low nibbles = columns 0-15) widened to int16
+static inline void unpack_u4(__m128i packed16, __m256i *lo, __m256i *hi) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed16, mask));
+    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed16, 4), mask));
+}
+
+// sum over 32 columns of q (0..15) times int16 xq, as 8 fp32 lanes
+static inline __m256 dot32_u4i16(__m128i packed16, const int16_t *xq) {
+    __m256i lo, hi;
+    unpack_u4(packed16, &lo, &hi);
+    return dot32_i16(lo, hi, xq);
 }
 
 // y[o] = sum_c sc[o, g(c)] xd[c] (q[o, c] . xq[c]) + sum_c mn[o, g(c)] xs[c]; K % 32 == 0
@@ -289,12 +301,9 @@ void q8_gemv_a16(const float *x, const int8_t *q, const float *scales, float *y,
         const int8_t *row = q + o * K;
         __m256 acc = _mm256_setzero_ps();
         for (int64_t c = 0; c < nchunks; c++) {
-            __m128i w = _mm_loadu_si128((const __m128i *)(row + 32 * c));
-            __m128i w2 = _mm_loadu_si128((const __m128i *)(row + 32 * c + 16));
-            __m256i p = _mm256_add_epi32(
-                _mm256_madd_epi16(_mm256_cvtepi8_epi16(w), _mm256_loadu_si256((const __m256i *)(xq + 32 * c))),
-                _mm256_madd_epi16(_mm256_cvtepi8_epi16(w2), _mm256_loadu_si256((const __m256i *)(xq + 32 * c + 16))));
-            acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c)));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c + 16)));
+            acc = _mm256_fmadd_ps(dot32_i16(w0, w1, xq + 32 * c),
                                   _mm256_set1_ps(scales[o * ng + c / cpg] * xd[c]), acc);
         }
         y[o] = hsum256(acc);
@@ -333,7 +342,6 @@ void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_
                  const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
     rows_i16 r = quantize_rows_i16(x, M, K);
-    const __m128i mask = _mm_set1_epi8(0x0F);
 #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < N; o++) {
         float sc[MAX_GROUPS], mn[MAX_GROUPS];
@@ -348,17 +356,12 @@ void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_
                 macc[j] = 0.f;
             }
             for (int64_t c = 0; c < nchunks; c++) {
-                __m128i v = _mm_loadu_si128((const __m128i *)(row + 16 * c));
-                __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(v, mask));
-                __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), mask));
+                __m256i lo, hi;  // unpacked once, used by every row of the tile
+                unpack_u4(_mm_loadu_si128((const __m128i *)(row + 16 * c)), &lo, &hi);
                 const float s = sc[c / cpg], mv = mn[c / cpg];
                 for (int j = 0; j < mt; j++) {
                     const int64_t m = m0 + j;
-                    const int16_t *xq = r.xq + m * K + 32 * c;
-                    __m256i p = _mm256_add_epi32(
-                        _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xq)),
-                        _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xq + 16))));
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                    acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, r.xq + m * K + 32 * c),
                                              _mm256_set1_ps(s * r.xd[m * nchunks + c]), acc[j]);
                     macc[j] += mv * r.xs[m * nchunks + c];
                 }
@@ -387,11 +390,7 @@ void q8_gemm_a16(const float *x, int64_t M, const int8_t *q, const float *scales
                 const float s = scales[o * ng + c / cpg];
                 for (int j = 0; j < mt; j++) {
                     const int64_t m = m0 + j;
-                    const int16_t *xq = r.xq + m * K + 32 * c;
-                    __m256i p = _mm256_add_epi32(
-                        _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xq)),
-                        _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xq + 16))));
-                    acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p),
+                    acc[j] = _mm256_fmadd_ps(dot32_i16(w0, w1, r.xq + m * K + 32 * c),
                                              _mm256_set1_ps(s * r.xd[m * nchunks + c]), acc[j]);
                 }
             }
