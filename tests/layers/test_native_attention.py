@@ -112,3 +112,67 @@ def test_int8_cache_matches_reference(window, monkeypatch):
                                       window)
     ref = reference(q, kc, vc, tables, lens, 0.125, window, monkeypatch)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.float16, "int8"])
+def test_c_kv_write_stores_the_bytes_torch_stores(kind, monkeypatch):
+    """The decode-sized C write of new K/V rows converts exactly as torch does (bf16/fp16 round
+    to nearest even, int8 scale and rounding as QuantKV.write), from strided rows as the
+    decoder hands them over (views into the fused qkv output)."""
+    from turbollm.attention import torch_sdpa
+    from turbollm.attention.kv_quant import allocate_quant_kv_cache
+
+    g = torch.Generator().manual_seed(7)
+    T, kvh, d = 5, 3, 64
+    qkv = torch.randn(T, 4 * kvh * d, generator=g) * 10
+    qkv[0, 2 * kvh * d:3 * kvh * d] = 0.0  # an all-zero K row (int8 scale 0)
+    qkv[1, 2 * kvh * d] = 1.0 + 2 ** -8  # a bf16 tie: rounds to even
+    qkv[2, 2 * kvh * d + 1] = -0.0
+    k = qkv[:, 2 * kvh * d:3 * kvh * d].view(T, kvh, d)
+    v = qkv[:, 3 * kvh * d:].view(T, kvh, d)
+    slots = torch.tensor([17, 3, 40, 41, 0])
+
+    def caches():
+        if kind == "int8":
+            return allocate_quant_kv_cache(1, 4, 16, kvh, d, "int8", "cpu").layer_views()[0]
+        return (torch.zeros(4, 16, kvh, d, dtype=kind), torch.zeros(4, 16, kvh, d, dtype=kind))
+
+    def raw(c):
+        return [c.data, c.scale] if kind == "int8" else [c]
+
+    kc, vc = caches()
+    assert native.write_kv(k, v, kc, vc, slots)
+    with monkeypatch.context() as m:
+        m.setattr(native, "write_kv", lambda *a: False)  # the torch path
+        kr, vr = caches()
+        torch_sdpa.write_kv(k, v, kr, vr, slots)
+    for got, ref in zip(raw(kc) + raw(vc), raw(kr) + raw(vr)):
+        if kind == "int8" and got.dtype == torch.int8:
+            # a zero-scale row may hold any q (torch: 0/0 -> NaN -> undefined cast); it reads 0
+            got, ref = got.clone(), ref.clone()
+            got.view(-1, kvh, d)[17, 0] = ref.view(-1, kvh, d)[17, 0] = 0
+        assert torch.equal(got.view(torch.uint8) if got.dtype != torch.uint8 else got,
+                           ref.view(torch.uint8) if ref.dtype != torch.uint8 else ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 300])
+def test_long_contexts_split_into_parts_match_reference(dtype, window, monkeypatch):
+    """Contexts over 256 tokens are attended in parts merged by log-sum-exp; a row's bits do
+    not depend on the other rows of the call (spec verification vs plain decoding)."""
+    g = torch.Generator().manual_seed(11)
+    nb, bs, kvh, d = 160, 16, 3, 64
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    lens = torch.tensor([257, 600, 1000, 40, 513])
+    tables = torch.stack([torch.randperm(nb, generator=g)[:64] for _ in lens])
+    q = torch.randn(len(lens), 9, d, generator=g) * 3
+    got = native.paged_attention_rows(q, kc, vc, tables, torch.arange(len(lens)), lens,
+                                      d ** -0.5, window)
+    ref = reference(q, kc, vc, tables, lens, d ** -0.5, window, monkeypatch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
+    for r in range(len(lens)):
+        alone = native.paged_attention_rows(q[r:r + 1], kc, vc, tables[r:r + 1],
+                                            torch.zeros(1, dtype=torch.long), lens[r:r + 1],
+                                            d ** -0.5, window)
+        assert torch.equal(alone[0], got[r])

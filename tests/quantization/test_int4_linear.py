@@ -148,3 +148,19 @@ def test_kernel_library_builds_here():
         pytest.skip("CPU without AVX2: the torch kernels serve")
     assert native.lib() is not None
     assert kernels.MAX_ROWS_PACKED["int4"] >= 1
+
+
+@pytest.mark.parametrize("group_size,k", [(32, 576), (128, 576), (64, 1536)])
+@pytest.mark.parametrize("n", [576, 7])  # 7: a tail of weight rows below the kernel's 4
+def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, k, n):
+    """Speculative verification (several rows) must reproduce plain decoding (one row): every
+    output value is summed in the same order whatever the row count."""
+    if native.lib() is None:
+        pytest.skip("no C kernels here")
+    torch.manual_seed(3)
+    state = kernels.int4_pack(*quantize_int4_rtn(torch.randn(n, k) * 0.05, group_size),
+                              group_size)
+    x = torch.randn(kernels.MAX_ROWS_A16, k)
+    batch = kernels.int4_linear(x, state)
+    for m in (0, 3, kernels.MAX_ROWS_A16 - 1):
+        assert torch.equal(kernels.int4_linear(x[m:m + 1], state)[0], batch[m])

@@ -11,8 +11,9 @@ from turbollm.native_build import F32, I64, PTR, load_library
 
 _SRC = Path(__file__).parent / "csrc" / "paged_attn.c"
 _SIGNATURES = {
-    "paged_attn_rows": [PTR, PTR, PTR, PTR, PTR, I64, PTR, I64, PTR, PTR, PTR, I64, I64, I64,
-                        I64, I64, F32, I64],
+    "paged_attn_rows": [PTR, I64, PTR, PTR, PTR, PTR, I64, PTR, I64, PTR, PTR, PTR, I64, I64,
+                        I64, I64, I64, F32, I64],
+    "write_kv_rows": [PTR, PTR, I64, PTR, PTR, PTR, PTR, I64, PTR, I64, I64, I64],
 }
 _KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KV_INT8 = 3
@@ -54,15 +55,53 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
     tables[seq[r]] (int64 [S, max_blocks]); with a sliding window, only the last `window`.
     """
     R, H, D = q.shape
-    BS, KVH = k_cache.shape[1], k_cache.shape[2]
-    q = q.contiguous()
-    tables, seq, ctx = tables.contiguous(), seq.contiguous(), ctx.contiguous()
-    out = torch.empty_like(q)
-    (k, ks, code), (v, vs, _) = _parts(k_cache), _parts(v_cache)
-    lib().paged_attn_rows(q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                          ks.data_ptr() if ks is not None else None,
-                          vs.data_ptr() if vs is not None else None,
-                          code, tables.data_ptr(), tables.shape[1],
-                          seq.data_ptr(), ctx.data_ptr(), out.data_ptr(), R, H, KVH, D, BS,
-                          scale, window or 0)
+    out = torch.empty(R, H, D)
+    tables, seq, ctx, q = tables.contiguous(), seq.contiguous(), ctx.contiguous(), q.contiguous()
+    attend = bind_rows(k_cache, v_cache, tables, seq, ctx, H, D, scale, window)
+    attend(q.data_ptr(), q.stride(0), out.data_ptr(), R)
     return out
+
+
+def bind_rows(k_cache, v_cache, tables: torch.Tensor, seq: torch.Tensor, ctx: torch.Tensor,
+              heads: int, head_dim: int, scale: float, window: int | None):
+    """paged_attention_rows as fn(q_ptr, q_row_stride, out_ptr, R) with everything else bound
+    (contiguous int64 tables, seq, ctx, which the caller keeps alive): the decoder binds one per
+    layer per step, as per-call tensor checks cost as much as the attention of a short context."""
+    BS, KVH = k_cache.shape[1], k_cache.shape[2]
+    (k, ks, code), (v, vs, _) = _parts(k_cache), _parts(v_cache)
+    args = (k.data_ptr(), v.data_ptr(), ks.data_ptr() if ks is not None else None,
+            vs.data_ptr() if vs is not None else None, code, tables.data_ptr(), tables.shape[1],
+            seq.data_ptr(), ctx.data_ptr())
+    tail = (heads, KVH, head_dim, BS, scale, window or 0)
+    call = lib().paged_attn_rows
+    return lambda q, q_stride, out, R: call(q, q_stride, *args, out, R, *tail)
+
+
+def bind_write(k_cache, v_cache):
+    """fn(k_ptr, v_ptr, row_stride, slots_ptr, T) storing T new fp32 K/V rows (KVH x D values
+    each, rows row_stride floats apart) at flat int64 slots, converted as torch converts them
+    (bf16/fp16 round to nearest even; int8 as QuantKV.write); None for a cache it cannot write."""
+    kp, vp = _parts(k_cache), _parts(v_cache)
+    if (kp is None or vp is None or lib() is None
+            or not (kp[0].is_contiguous() and vp[0].is_contiguous())):
+        return None
+    KVH, D = k_cache.shape[2], k_cache.shape[3]
+    args = (kp[0].data_ptr(), vp[0].data_ptr(), kp[1].data_ptr() if kp[1] is not None else None,
+            vp[1].data_ptr() if vp[1] is not None else None, kp[2])
+    call = lib().write_kv_rows
+    return lambda k, v, stride, slots, T: call(k, v, stride, *args, slots, T, KVH, D)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slots: torch.Tensor) -> bool:
+    """Store new K/V rows k, v [T, KVH, D] (fp32) at flat cache slots in one C call (see
+    bind_write); False when the C kernel cannot take these inputs (then the caller uses torch)."""
+    if (k.dtype != torch.float32 or v.dtype != torch.float32 or k.device.type != "cpu"
+            or k.stride() != v.stride() or k.stride(2) != 1 or k.stride(1) != k.shape[2]
+            or slots.dtype != torch.int64):
+        return False
+    write = bind_write(k_cache, v_cache)
+    if write is None:
+        return False
+    slots = slots.contiguous()
+    write(k.data_ptr(), v.data_ptr(), k.stride(0), slots.data_ptr(), k.shape[0])
+    return True

@@ -21,6 +21,8 @@ SMALL_QUERY = 16
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store new K/V at their slots. k, v: [T, KVH, D]; caches: [num_blocks, bs, KVH, D]."""
+    if k.shape[0] <= SMALL_QUERY and native.write_kv(k, v, k_cache, v_cache, slot_mapping):
+        return  # decode-sized: one C call instead of four aten ops
     if isinstance(k_cache, QuantKV):  # int8 / fp8 cache: quantize on write
         k_cache.write(k, slot_mapping)
         v_cache.write(v, slot_mapping)

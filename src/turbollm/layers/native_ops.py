@@ -16,6 +16,7 @@ from turbollm.native_build import F32, I64, PTR, load_library
 _SRC = Path(__file__).parent / "csrc" / "cpu_ops.c"
 _SIGNATURES = {
     "rms_norm_f32": [PTR, PTR, PTR, I64, I64, F32],
+    "add_rms_norm_f32": [PTR, PTR, PTR, PTR, I64, I64, F32],
     "silu_mul_f32": [PTR, PTR, I64, I64],
     "rope_f32": [PTR, PTR, PTR, I64, I64, I64, I64],
     "bf16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],

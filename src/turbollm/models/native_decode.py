@@ -19,8 +19,9 @@ import torch
 
 from turbollm.attention import native as native_attention
 from turbollm.attention.backend import AttentionMetadata
-from turbollm.attention.torch_sdpa import SMALL_QUERY, write_kv
+from turbollm.attention.torch_sdpa import SMALL_QUERY
 from turbollm.layers import native_ops
+from turbollm.quantization import kernels as quant_kernels
 
 MAX_ROWS = native_ops.MAX_GEMV_ROWS
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
@@ -74,6 +75,7 @@ class NativeDecoder:
         self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
                         layer.mlp.down_proj) for layer in model.layers]
+        self._kernel_cache: dict = {}
 
     def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
         T = h.shape[0]
@@ -86,7 +88,14 @@ class NativeDecoder:
         return attention_rows(meta, T) is not None
 
     def _kernels(self, T: int):
-        """Each layer's four projection kernels for T rows, or None if one has none."""
+        """Each layer's four projection kernels for T rows, or None if one has none. Bound once
+        per row count (and kernel switch setting): binding all 120 costs ~1 ms."""
+        key = (T, quant_kernels.dispatch_key())
+        if key not in self._kernel_cache:
+            self._kernel_cache[key] = self._bind_kernels(T)
+        return self._kernel_cache[key]
+
+    def _bind_kernels(self, T: int):
         out = []
         for _, qkv, o, _, gate_up, down in self.layers:
             ks = tuple(lin.quant_method.row_kernel(lin, T) for lin in (qkv, o, gate_up, down))
@@ -102,38 +111,44 @@ class NativeDecoder:
         kernels = self._kernels(T)
         if kernels is None:
             return None
+        writes = [native_attention.bind_write(kc, vc) for kc, vc in kv_caches]
+        if None in writes:
+            return None
         lib, H, KVH, D = self.lib, self.num_heads, self.num_kv_heads, self.head_dim
-        qk_size = self.q_size + self.kv_size
+        q_size, qk_size = self.q_size, self.q_size + self.kv_size
         tables, seq, ctx = attention_rows(meta, T)
+        slots = meta.slot_mapping.contiguous()
         cos, sin = (t.contiguous() for t in rope)
         x = torch.empty(T, hidden)
         qkv = torch.empty(T, qk_size + self.kv_size)
-        o = torch.empty(T, hidden)
-        mlp_out = torch.empty(T, hidden)
+        attn, o = torch.empty(T, H * D), torch.empty(T, hidden)
         inter = self.layers[0][4].out_features // 2
         gu, act = torch.empty(T, 2 * inter), torch.empty(T, inter)
-        h = h.contiguous()
-        for (norm1, qkv_lin, o_lin, norm2, gu_lin, down_lin), (k_qkv, k_o, k_gu, k_down), \
-                (k_cache, v_cache) in zip(self.layers, kernels, kv_caches):
-            lib.rms_norm_f32(h.data_ptr(), norm1.weight.data_ptr(), x.data_ptr(), T, hidden,
-                             norm1.eps)
-            k_qkv(x.data_ptr(), qkv.data_ptr())
+        h = h.clone(memory_format=torch.contiguous_format)  # the residual stream, updated in place
+        p_h, p_x, p_qkv, p_attn, p_o = (t.data_ptr() for t in (h, x, qkv, attn, o))
+        p_gu, p_act, p_cos, p_sin = (t.data_ptr() for t in (gu, act, cos, sin))
+        p_k, p_v = p_qkv + 4 * q_size, p_qkv + 4 * qk_size  # fp32: 4 bytes per value
+        stride = qkv.stride(0)
+        lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
+                         self.layers[0][0].eps)
+        for i, ((_, qkv_lin, _, norm2, _, _), (k_qkv, k_o, k_gu, k_down), (kc, vc)) in \
+                enumerate(zip(self.layers, kernels, kv_caches)):
+            k_qkv(p_x, p_qkv)
             if qkv_lin.bias is not None:
                 qkv.add_(qkv_lin.bias)
-            lib.rope_f32(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, H + KVH, D,
-                         qkv.stride(0))
-            k = qkv[:, self.q_size:qk_size].view(T, KVH, D)
-            v = qkv[:, qk_size:].view(T, KVH, D)
-            write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-            q = qkv[:, :self.q_size].view(T, H, D)
-            attn = native_attention.paged_attention_rows(q, k_cache, v_cache, tables, seq, ctx,
-                                                         self.scale, self.window)
-            k_o(attn.data_ptr(), o.data_ptr())
-            h = h + o
-            lib.rms_norm_f32(h.data_ptr(), norm2.weight.data_ptr(), x.data_ptr(), T, hidden,
-                             norm2.eps)
-            k_gu(x.data_ptr(), gu.data_ptr())
-            lib.silu_mul_f32(gu.data_ptr(), act.data_ptr(), T, inter)
-            k_down(act.data_ptr(), mlp_out.data_ptr())
-            h = h + mlp_out
+            lib.rope_f32(p_qkv, p_cos, p_sin, T, H + KVH, D, stride)
+            writes[i](p_k, p_v, stride, slots.data_ptr(), T)
+            native_attention.bind_rows(kc, vc, tables, seq, ctx, H, D, self.scale,
+                                       self.window)(p_qkv, stride, p_attn, T)
+            k_o(p_attn, p_o)
+            lib.add_rms_norm_f32(p_h, p_o, norm2.weight.data_ptr(), p_x, T, hidden, norm2.eps)
+            k_gu(p_x, p_gu)
+            lib.silu_mul_f32(p_gu, p_act, T, inter)
+            k_down(p_act, p_o)
+            if i + 1 < len(self.layers):  # the residual add fused with the next layer's norm
+                norm1 = self.layers[i + 1][0]
+                lib.add_rms_norm_f32(p_h, p_o, norm1.weight.data_ptr(), p_x, T, hidden,
+                                     norm1.eps)
+            else:
+                h.add_(o)
         return h

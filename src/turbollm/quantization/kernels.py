@@ -39,6 +39,11 @@ def exact_activations(on: bool = True) -> None:
     _int16_activations = not on
 
 
+def dispatch_key() -> tuple:
+    """The switches that change which kernel a row count gets (callers caching kernels key on it)."""
+    return (_int16_activations,)
+
+
 def _a16(M: int, k: int) -> bool:
     """Packed-kernel calls on int16-rounded activation rows."""
     return (_int16_activations and M <= MAX_ROWS_A16 and k % 32 == 0

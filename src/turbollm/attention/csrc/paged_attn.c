@@ -110,8 +110,9 @@ ALWAYS_INLINE void qk_scores(const float *q, int64_t G, const void *k_cache, con
     }
 }
 
-// scores[0..n) -> exp(scores - max) in place; returns 1 / their sum.
-static float softmax_unnormalized(float *sg, int64_t n) {
+// scores[0..n) -> exp(scores - max) in place; returns 1 / their sum and sets *lse to
+// log(sum(exp(scores))) (to merge the parts of a split context).
+static float softmax_unnormalized(float *sg, int64_t n, float *lse) {
     float mx = -INFINITY;
     for (int64_t t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
     __m256 m = _mm256_set1_ps(mx), sum = _mm256_setzero_ps();
@@ -126,6 +127,7 @@ static float softmax_unnormalized(float *sg, int64_t n) {
         sg[t] = expf(sg[t] - mx);
         s += sg[t];
     }
+    *lse = mx + logf(s);
     return 1.0f / s;
 }
 
@@ -187,45 +189,86 @@ ALWAYS_INLINE void pv_sum(const float *p, const float *inv, int64_t G, const voi
 }
 
 // One work item: the G query heads of row r that share KV head kh, over n cached tokens from
-// t0. `scores` holds G * n floats.
+// t0. `scores` holds G * n floats; lse[g] receives each head's log-sum-exp.
 ALWAYS_INLINE void attend_item(const float *q, int64_t G, const void *k_cache, const void *v_cache,
                                const uint16_t *k_scales, const uint16_t *v_scales, int dtype,
                                const int64_t *table, int64_t t0, int64_t n, int64_t BS,
                                int64_t KVH, int64_t kh, int64_t D, float scale, float *scores,
-                               float *inv, float *out) {
+                               float *inv, float *lse, float *out) {
     const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 ? 1 : 2;
     qk_scores(q, G, k_cache, k_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, scale, scores);
-    for (int64_t g = 0; g < G; g++) inv[g] = softmax_unnormalized(scores + g * n, n);
+    for (int64_t g = 0; g < G; g++) inv[g] = softmax_unnormalized(scores + g * n, n, lse + g);
     pv_sum(scores, inv, G, v_cache, v_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, out);
 }
 
-// out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context.
-// Work items are (row, KV head): the query heads that share a KV head go together, so its K/V
-// rows are read from memory once per item.
-void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache,
+// A context longer than SPLIT_TOKENS is attended in ceil(n / SPLIT_TOKENS) parts of equal
+// length (up to rounding), each its own work item, merged by their log-sum-exps: a decode row has only KVH
+// items otherwise (3 for SmolLM2: one of two threads would do two). The split depends on the
+// row's context alone, so a row gives the same bits whatever else is in the call.
+#ifndef SPLIT_TOKENS
+#define SPLIT_TOKENS 256
+#endif
+
+typedef struct {
+    int64_t r, kh, t0, n;  // row, KV head, first position and token count of this part
+    int64_t first, parts;  // the (row, KV head)'s first item and its number of parts
+} attn_item;
+
+static inline int64_t num_parts(int64_t n) {
+    return n > SPLIT_TOKENS ? (n + SPLIT_TOKENS - 1) / SPLIT_TOKENS : 1;
+}
+
+static inline int64_t visible_start(int64_t L, int64_t window) {
+    return window > 0 && L > window ? L - window : 0;
+}
+
+// out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context; query row r
+// starts q_stride floats after row r - 1 (its H x D values contiguous: a view into fused qkv).
+// Work items are (row, KV head, part): the query heads that share a KV head go together, so
+// its K/V rows are read from memory once per item.
+void paged_attn_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                      const uint16_t *k_scales, const uint16_t *v_scales, int64_t dtype,
                      const int64_t *tables, int64_t max_blocks, const int64_t *seq,
                      const int64_t *ctx, float *out, int64_t R, int64_t H, int64_t KVH,
                      int64_t D, int64_t BS, float scale, int64_t window) {
     const int64_t G = H / KVH;
+    int64_t nitems = 0;
+    for (int64_t r = 0; r < R; r++) nitems += KVH * num_parts(ctx[r] - visible_start(ctx[r], window));
+    attn_item *items = (attn_item *)malloc(nitems * sizeof(attn_item));
+    int64_t i = 0;
+    for (int64_t r = 0; r < R; r++) {
+        const int64_t t0 = visible_start(ctx[r], window), n = ctx[r] - t0;
+        const int64_t parts = num_parts(n), len = (n + parts - 1) / parts;
+        for (int64_t kh = 0; kh < KVH; kh++) {
+            const int64_t first = i;
+            for (int64_t p = 0; p < parts; p++, i++) {
+                const int64_t a = p * len, b = a + len > n ? n : a + len;
+                attn_item it = {r, kh, t0 + a, b - a, first, parts};
+                items[i] = it;
+            }
+        }
+    }
+    // per item: G x D outputs (normalized within the part) and G log-sum-exps
+    float *part_out = nitems > R * KVH ? (float *)malloc(nitems * G * (D + 1) * sizeof(float)) : NULL;
+    float *part_lse = part_out ? part_out + nitems * G * D : NULL;
 #pragma omp parallel
     {
-        float *scores = NULL, *inv = (float *)malloc(G * sizeof(float));
+        float *scores = NULL, *inv = (float *)malloc(2 * G * sizeof(float)), *lse = inv + G;
         int64_t cap = 0;
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < R * KVH; item++) {
-            const int64_t r = item / KVH, kh = item % KVH;
-            const int64_t L = ctx[r], t0 = window > 0 && L > window ? L - window : 0, n = L - t0;
-            const int64_t *table = tables + seq[r] * max_blocks;
-            if (G * n > cap) {
+        for (int64_t j = 0; j < nitems; j++) {
+            const attn_item it = items[j];
+            const int64_t *table = tables + seq[it.r] * max_blocks;
+            if (G * it.n > cap) {
                 free(scores);
-                cap = G * n + 1024;
+                cap = G * it.n + 1024;
                 scores = (float *)malloc(cap * sizeof(float));
             }
-            const float *qi = q + (r * H + kh * G) * D;
-            float *oi = out + (r * H + kh * G) * D;
-#define ATTEND(DT) attend_item(qi, G, k_cache, v_cache, k_scales, v_scales, DT, table, t0, n, BS, \
-                               KVH, kh, D, scale, scores, inv, oi)
+            const float *qi = q + it.r * q_stride + it.kh * G * D;
+            float *oi = it.parts == 1 ? out + (it.r * H + it.kh * G) * D : part_out + j * G * D;
+            float *li = it.parts == 1 ? lse : part_lse + j * G;
+#define ATTEND(DT) attend_item(qi, G, k_cache, v_cache, k_scales, v_scales, DT, table, it.t0, it.n, \
+                               BS, KVH, it.kh, D, scale, scores, inv, li, oi)
             switch (dtype) {
                 case KV_F32: ATTEND(KV_F32); break;
                 case KV_BF16: ATTEND(KV_BF16); break;
@@ -234,7 +277,75 @@ void paged_attn_rows(const float *q, const void *k_cache, const void *v_cache,
             }
 #undef ATTEND
         }
+        // merge the parts: out = sum_p w_p out_p / sum_p w_p, w_p = exp(lse_p - max lse)
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < nitems; j++) {
+            const attn_item it = items[j];
+            if (it.parts == 1 || j != it.first) continue;
+            for (int64_t g = 0; g < G; g++) {
+                float mx = -INFINITY, wsum = 0.f;
+                for (int64_t p = 0; p < it.parts; p++) mx = fmaxf(mx, part_lse[(j + p) * G + g]);
+                float *o = out + (it.r * H + it.kh * G + g) * D;
+                for (int64_t d = 0; d < D; d++) o[d] = 0.f;
+                for (int64_t p = 0; p < it.parts; p++) {
+                    const float w = expf(part_lse[(j + p) * G + g] - mx);
+                    const float *op = part_out + ((j + p) * G + g) * D;
+                    wsum += w;
+                    for (int64_t d = 0; d < D; d++) o[d] += w * op[d];
+                }
+                for (int64_t d = 0; d < D; d++) o[d] /= wsum;
+            }
+        }
         free(scores);
         free(inv);
+    }
+    free(items);
+    free(part_out);
+}
+
+// fp32 -> bf16 with round-to-nearest-even (as torch converts); NaN stays NaN
+static inline uint16_t bf16_from_f32(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Store one new row x [KVH * D] (fp32) at a cache slot, converted as torch would convert it:
+// bf16/fp16 rounded to nearest even; int8 per (slot, head) with scale fp16(max|x| / 127) (at
+// least 1e-8) and q = round-half-even(x / scale) clamped to +-127.
+static void store_row(const float *x, void *cache, uint16_t *scales, int dtype, int64_t slot,
+                      int64_t KVH, int64_t D) {
+    const int64_t n = KVH * D;
+    if (dtype == KV_F32) {
+        memcpy((float *)cache + slot * n, x, n * sizeof(float));
+    } else if (dtype == KV_BF16) {
+        uint16_t *dst = (uint16_t *)cache + slot * n;
+        for (int64_t i = 0; i < n; i++) dst[i] = bf16_from_f32(x[i]);
+    } else if (dtype == KV_F16) {
+        uint16_t *dst = (uint16_t *)cache + slot * n;
+        for (int64_t i = 0; i < n; i++) dst[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+    } else {
+        int8_t *dst = (int8_t *)cache + slot * n;
+        for (int64_t h = 0; h < KVH; h++) {
+            const float *xh = x + h * D;
+            float amax = 0.f;
+            for (int64_t i = 0; i < D; i++) amax = fmaxf(amax, fabsf(xh[i]));
+            const uint16_t sh = _cvtss_sh(fmaxf(amax / 127.0f, 1e-8f), _MM_FROUND_TO_NEAREST_INT);
+            const float s = _cvtsh_ss(sh);
+            scales[slot * KVH + h] = sh;
+            for (int64_t i = 0; i < D; i++)  // a zero scale (all-zero row) reads back 0 anyway
+                dst[h * D + i] = s > 0 ? (int8_t)fminf(fmaxf(nearbyintf(xh[i] / s), -127.f), 127.f) : 0;
+        }
+    }
+}
+
+// k, v: T rows of KVH * D fp32 values, `stride` floats apart; row t goes to flat slot slots[t]
+void write_kv_rows(const float *k, const float *v, int64_t stride, void *k_cache, void *v_cache,
+                   uint16_t *k_scales, uint16_t *v_scales, int64_t dtype, const int64_t *slots,
+                   int64_t T, int64_t KVH, int64_t D) {
+    for (int64_t t = 0; t < T; t++) {
+        store_row(k + t * stride, k_cache, k_scales, (int)dtype, slots[t], KVH, D);
+        store_row(v + t * stride, v_cache, v_scales, (int)dtype, slots[t], KVH, D);
     }
 }

@@ -24,6 +24,15 @@ void rms_norm_f32(const float *x, const float *w, float *out, int64_t rows, int6
     }
 }
 
+// The residual step of a decoder layer: h += r, then out = rms_norm(h) * w (one call, no
+// temporary tensor); the same arithmetic as an add followed by rms_norm_f32
+void add_rms_norm_f32(float *h, const float *r, const float *w, float *out, int64_t rows,
+                      int64_t dim, float eps) {
+    for (int64_t i = 0; i < rows * dim; i += 8)
+        _mm256_storeu_ps(h + i, _mm256_add_ps(_mm256_loadu_ps(h + i), _mm256_loadu_ps(r + i)));
+    rms_norm_f32(h, w, out, rows, dim, eps);
+}
+
 // out[r, i] = silu(gu[r, i]) * gu[r, inter + i]; inter % 8 == 0
 void silu_mul_f32(const float *gu, float *out, int64_t rows, int64_t inter) {
     const __m256 one = _mm256_set1_ps(1.0f);

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -233,82 +234,154 @@ static void quantize_row_i16(const float *x, int64_t K, int16_t *xq, float *xd, 
     }
 }
 
-// sum over 32 columns of int16 weights (w_lo: columns 0-15, w_hi: 16-31) times int16 xq, as 8
-// fp32 lanes (madd sums adjacent int16 products in int32: exact for 4- and 8-bit weights)
-static inline __m256 dot32_i16(__m256i w_lo, __m256i w_hi, const int16_t *xq) {
-    __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w_lo, _mm256_loadu_si256((const __m256i *)xq)),
-                                 _mm256_madd_epi16(w_hi, _mm256_loadu_si256((const __m256i *)(xq + 16))));
-    return _mm256_cvtepi32_ps(p);
+// Every output value of the kernels below is summed in one order whatever the row count M:
+// acc = fma(block dot, block scale, acc) over the blocks in column order, then hsum(acc) plus
+// the min term. One decode row and a speculative verification of several rows therefore give
+// bit-identical results (greedy speculation must reproduce plain decoding).
+#define MAX_BLOCKS (MAX_GROUPS * 4)  // 32-column blocks of one row: K <= 131072
+#define A16_ROWS 4                    // weight rows per step of the one-row kernels
+
+// 16 packed bytes of an int4 block widened to int16: lo = columns 0-15 (low nibbles),
+// hi = columns 16-31 (high nibbles; a byte widened to 16 bits shifted right by 4 is exact)
+static inline void unpack_u4(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i wide = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *lo = _mm256_and_si256(wide, _mm256_set1_epi16(0x0F));
+    *hi = _mm256_srli_epi16(wide, 4);
 }
 
-// 32 packed 4-bit weights (low nibbles = columns 0-15) widened to int16
-static inline void unpack_u4(__m128i packed16, __m256i *lo, __m256i *hi) {
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    *lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed16, mask));
-    *hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed16, 4), mask));
+// 32 int8 weights widened to int16 (columns 0-15, 16-31)
+static inline void unpack_i8(const int8_t *p, __m256i *lo, __m256i *hi) {
+    *lo = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)p));
+    *hi = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(p + 16)));
 }
 
-// sum over 32 columns of q (0..15) times int16 xq, as 8 fp32 lanes
-static inline __m256 dot32_u4i16(__m128i packed16, const int16_t *xq) {
-    __m256i lo, hi;
-    unpack_u4(packed16, &lo, &hi);
-    return dot32_i16(lo, hi, xq);
+// int16 weights (lo: columns 0-15, hi: 16-31) times int16 xq over 32 columns, as 8 fp32 lanes
+// (madd sums adjacent int16 products in int32: exact for 4- and 8-bit weights)
+static inline __m256 dot32_i16(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
+    return _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(lo, x0), _mm256_madd_epi16(hi, x1)));
 }
 
-// y[o] = sum_c sc[o, g(c)] xd[c] (q[o, c] . xq[c]) + sum_c mn[o, g(c)] xs[c]; K % 32 == 0
+static inline __m256i load_i16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+// Scale and min of each 32-column block of int4 weight row o (w = q * sc + mn), groups expanded
+// to blocks without a division per block
+static void q4_block_params(const uint16_t *sh, const uint16_t *oh, int zero_form, int64_t o,
+                            int64_t ng, int64_t cpg, int64_t nchunks, float *sc, float *mn) {
+    const uint16_t *s = sh + o * ng, *f = oh + o * ng;
+    int64_t g = 0;
+    if (cpg == 1) {  // GGUF Q4_0/Q4_1 and group 32: eight groups per conversion
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        for (; g + 8 <= ng; g += 8) {
+            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g)));
+            __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + g)));
+            _mm256_storeu_ps(sc + g, sv);
+            _mm256_storeu_ps(mn + g, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
+        }
+    }
+    for (; g < ng; g++) {
+        const float sv = _cvtsh_ss(s[g]), fv = _cvtsh_ss(f[g]);
+        const float mv = zero_form ? -fv * sv : fv;
+        for (int64_t c = g * cpg; c < (g + 1) * cpg && c < nchunks; c++) {
+            sc[c] = sv;
+            mn[c] = mv;
+        }
+    }
+}
+
+// sum_c mn[c] * xs[c] in a fixed order (eight lanes, then the tail)
+static inline float min_term(const float *mn, const float *xs, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + c), _mm256_loadu_ps(xs + c), acc);
+    float s = hsum256(acc);
+    for (; c < n; c++) s = __builtin_fmaf(mn[c], xs[c], s);
+    return s;
+}
+
+// out[r] = sum_c bs[r][c] (W[r, c] . xq[c]) for R weight rows (int4 packed, or int8) at once,
+// so that each activation block load feeds R rows; R is a constant after inlining
+static inline __attribute__((always_inline)) void dot_rows_a16(
+    const uint8_t *w, int64_t w_stride, int is_int4, int R, int64_t nchunks, const int16_t *xq,
+    const float *bs, int64_t bs_stride, float *out) {
+    __m256 acc[A16_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < nchunks; c++) {
+        const __m256i x0 = load_i16(xq + 32 * c), x1 = load_i16(xq + 32 * c + 16);
+        for (int r = 0; r < R; r++) {
+            __m256i lo, hi;
+            if (is_int4) unpack_u4(w + r * w_stride + 16 * c, &lo, &hi);
+            else unpack_i8((const int8_t *)w + r * w_stride + 32 * c, &lo, &hi);
+            acc[r] = _mm256_fmadd_ps(dot32_i16(lo, hi, x0, x1),
+                                     _mm256_set1_ps(bs[r * bs_stride + c]), acc[r]);
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = hsum256(acc[r]);
+}
+
+// Scale of each 32-column block of int8 weight row o
+static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t cpg, float *sc) {
+    if (cpg == 1) {  // GGUF Q8_0
+        memcpy(sc, scales + o * ng, ng * sizeof(float));
+        return;
+    }
+    for (int64_t g = 0; g < ng; g++)
+        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) sc[c] = scales[o * ng + g];
+}
+
+// One activation row, A16_ROWS weight rows per step (int4 when is_int4, else int8).
+// int4: y[o] = sum_c sc[o, c] xd[c] (q[o, c] . xq[c]) + sum_c mn[o, c] xs[c]
+// int8: y[o] = sum_c scale[o, g(c)] xd[c] (q[o, c] . xq[c])
+static void gemv_a16(const float *x, const uint8_t *w, const void *sh, const uint16_t *oh,
+                     int zero_form, int is_int4, float *y, int64_t N, int64_t K, int64_t G) {
+    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
+    const int64_t w_stride = is_int4 ? K / 2 : K;
+    int16_t *xq = (int16_t *)aligned_alloc(64, K * sizeof(int16_t));
+    float *xd = (float *)malloc(2 * nchunks * sizeof(float)), *xs = xd + nchunks;
+    quantize_row_i16(x, K, xq, xd, xs);
+    const int64_t nsteps = (N + A16_ROWS - 1) / A16_ROWS;
+#pragma omp parallel
+    {
+        float *bs = (float *)malloc(2 * A16_ROWS * nchunks * sizeof(float));
+        float *mn = bs + A16_ROWS * nchunks;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < nsteps; b++) {
+            const int64_t o0 = b * A16_ROWS;
+            const int R = (int)(N - o0 < A16_ROWS ? N - o0 : A16_ROWS);
+            float macc[A16_ROWS] = {0};
+            for (int r = 0; r < R; r++) {
+                float *bsr = bs + r * nchunks, *mnr = mn + r * nchunks;
+                if (is_int4) {
+                    q4_block_params((const uint16_t *)sh, oh, zero_form, o0 + r, ng, cpg, nchunks,
+                                    bsr, mnr);
+                    macc[r] = min_term(mnr, xs, nchunks);
+                } else {
+                    q8_block_scales((const float *)sh, o0 + r, ng, cpg, bsr);
+                }
+                for (int64_t c = 0; c < nchunks; c++) bsr[c] *= xd[c];
+            }
+            float dots[A16_ROWS];
+            const uint8_t *w0 = w + o0 * w_stride;
+            if (R == A16_ROWS && is_int4) dot_rows_a16(w0, w_stride, 1, A16_ROWS, nchunks, xq, bs, nchunks, dots);
+            else if (R == A16_ROWS) dot_rows_a16(w0, w_stride, 0, A16_ROWS, nchunks, xq, bs, nchunks, dots);
+            else for (int r = 0; r < R; r++)
+                dot_rows_a16(w0 + r * w_stride, w_stride, is_int4, 1, nchunks, xq, bs + r * nchunks, 0, dots + r);
+            for (int r = 0; r < R; r++) y[o0 + r] = dots[r] + macc[r];
+        }
+        free(bs);
+    }
+    free(xq);
+    free(xd);
+}
+
 void q4_gemv_a16(const float *x, const uint8_t *packed, const uint16_t *sh, const uint16_t *oh,
                  int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
-    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
-    int16_t *xq = (int16_t *)aligned_alloc(64, K * sizeof(int16_t));
-    float xd[MAX_GROUPS * 4], xs[MAX_GROUPS * 4];  // per 32-column block (K <= 32 * 4 * 1024)
-    quantize_row_i16(x, K, xq, xd, xs);
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < N; o++) {
-        float sc[MAX_GROUPS], mn[MAX_GROUPS];
-        q4_row_params(sh, oh, (int)zero_form, o, ng, sc, mn);
-        const uint8_t *row = packed + o * nchunks * 16;
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        float macc = 0.f;
-        int64_t c = 0;
-        for (; c + 2 <= nchunks; c += 2) {  // two blocks per iteration: independent chains
-            __m256 d0 = dot32_u4i16(_mm_loadu_si128((const __m128i *)(row + 16 * c)), xq + 32 * c);
-            __m256 d1 = dot32_u4i16(_mm_loadu_si128((const __m128i *)(row + 16 * c + 16)), xq + 32 * c + 32);
-            const int64_t g0 = c / cpg, g1 = (c + 1) / cpg;
-            acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(sc[g0] * xd[c]), acc0);
-            acc1 = _mm256_fmadd_ps(d1, _mm256_set1_ps(sc[g1] * xd[c + 1]), acc1);
-            macc += mn[g0] * xs[c] + mn[g1] * xs[c + 1];
-        }
-        for (; c < nchunks; c++) {
-            __m256 d0 = dot32_u4i16(_mm_loadu_si128((const __m128i *)(row + 16 * c)), xq + 32 * c);
-            acc0 = _mm256_fmadd_ps(d0, _mm256_set1_ps(sc[c / cpg] * xd[c]), acc0);
-            macc += mn[c / cpg] * xs[c];
-        }
-        y[o] = hsum256(_mm256_add_ps(acc0, acc1)) + macc;
-    }
-    free(xq);
+    gemv_a16(x, packed, sh, oh, (int)zero_form, 1, y, N, K, G);
 }
 
-// y[o] = sum_g scale[o, g] sum_{c in g} xd[c] (q[o, c] . xq[c]); int8 weights, K % 32 == 0,
-// G % 32 == 0
+// int8 weights, K % 32 == 0, G % 32 == 0, K % G == 0
 void q8_gemv_a16(const float *x, const int8_t *q, const float *scales, float *y, int64_t N,
                  int64_t K, int64_t G) {
-    const int64_t ng = K / G, cpg = G / 32, nchunks = K / 32;
-    int16_t *xq = (int16_t *)aligned_alloc(64, K * sizeof(int16_t));
-    float xd[MAX_GROUPS * 4], xs[MAX_GROUPS * 4];
-    quantize_row_i16(x, K, xq, xd, xs);
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < N; o++) {
-        const int8_t *row = q + o * K;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t c = 0; c < nchunks; c++) {
-            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c)));
-            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c + 16)));
-            acc = _mm256_fmadd_ps(dot32_i16(w0, w1, xq + 32 * c),
-                                  _mm256_set1_ps(scales[o * ng + c / cpg] * xd[c]), acc);
-        }
-        y[o] = hsum256(acc);
-    }
-    free(xq);
+    gemv_a16(x, (const uint8_t *)q, scales, NULL, 0, 0, y, N, K, G);
 }
 
 // Several activation rows (small batches, speculative verification): each row rounded to int16
@@ -337,67 +410,55 @@ static void free_rows(rows_i16 r) {
     free(r.xs);
 }
 
-// y[m, o] for x: [M, K] as q4_gemv_a16 computes one row
-void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_t *sh,
-                 const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
+// y[m, o] for x: [M, K], each value as gemv_a16 computes it for one row
+static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh,
+                     const uint16_t *oh, int zero_form, int is_int4, float *y, int64_t N,
+                     int64_t K, int64_t G) {
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
+    const int64_t w_stride = is_int4 ? K / 2 : K;
     rows_i16 r = quantize_rows_i16(x, M, K);
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < N; o++) {
-        float sc[MAX_GROUPS], mn[MAX_GROUPS];
-        q4_row_params(sh, oh, (int)zero_form, o, ng, sc, mn);
-        const uint8_t *row = packed + o * nchunks * 16;
-        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
-            __m256 acc[TILE];
-            float macc[TILE];
-            for (int j = 0; j < TILE; j++) {
-                acc[j] = _mm256_setzero_ps();
-                macc[j] = 0.f;
-            }
-            for (int64_t c = 0; c < nchunks; c++) {
-                __m256i lo, hi;  // unpacked once, used by every row of the tile
-                unpack_u4(_mm_loadu_si128((const __m128i *)(row + 16 * c)), &lo, &hi);
-                const float s = sc[c / cpg], mv = mn[c / cpg];
+#pragma omp parallel
+    {
+        float *sc = (float *)malloc(2 * nchunks * sizeof(float)), *mn = sc + nchunks;
+#pragma omp for schedule(static)
+        for (int64_t o = 0; o < N; o++) {
+            if (is_int4) q4_block_params((const uint16_t *)sh, oh, zero_form, o, ng, cpg, nchunks, sc, mn);
+            else q8_block_scales((const float *)sh, o, ng, cpg, sc);
+            const uint8_t *row = w + o * w_stride;
+            for (int64_t m0 = 0; m0 < M; m0 += TILE) {
+                const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
+                __m256 acc[TILE];
+                for (int j = 0; j < TILE; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t c = 0; c < nchunks; c++) {
+                    __m256i lo, hi;  // widened once, used by every row of the tile
+                    if (is_int4) unpack_u4(row + 16 * c, &lo, &hi);
+                    else unpack_i8((const int8_t *)row + 32 * c, &lo, &hi);
+                    for (int j = 0; j < mt; j++) {
+                        const int64_t m = m0 + j;
+                        const int16_t *xm = r.xq + m * K + 32 * c;
+                        acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
+                                                 _mm256_set1_ps(sc[c] * r.xd[m * nchunks + c]), acc[j]);
+                    }
+                }
                 for (int j = 0; j < mt; j++) {
                     const int64_t m = m0 + j;
-                    acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, r.xq + m * K + 32 * c),
-                                             _mm256_set1_ps(s * r.xd[m * nchunks + c]), acc[j]);
-                    macc[j] += mv * r.xs[m * nchunks + c];
+                    y[m * N + o] = hsum256(acc[j]) + (is_int4 ? min_term(mn, r.xs + m * nchunks, nchunks) : 0.f);
                 }
             }
-            for (int j = 0; j < mt; j++) y[(m0 + j) * N + o] = hsum256(acc[j]) + macc[j];
         }
+        free(sc);
     }
     free_rows(r);
 }
 
-// y[m, o] for x: [M, K] as q8_gemv_a16 computes one row
+void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_t *sh,
+                 const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
+    gemm_a16(x, M, packed, sh, oh, (int)zero_form, 1, y, N, K, G);
+}
+
 void q8_gemm_a16(const float *x, int64_t M, const int8_t *q, const float *scales, float *y,
                  int64_t N, int64_t K, int64_t G) {
-    const int64_t ng = K / G, cpg = G / 32, nchunks = K / 32;
-    rows_i16 r = quantize_rows_i16(x, M, K);
-#pragma omp parallel for schedule(static)
-    for (int64_t o = 0; o < N; o++) {
-        const int8_t *row = q + o * K;
-        for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-            const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
-            __m256 acc[TILE];
-            for (int j = 0; j < TILE; j++) acc[j] = _mm256_setzero_ps();
-            for (int64_t c = 0; c < nchunks; c++) {
-                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c)));
-                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 32 * c + 16)));
-                const float s = scales[o * ng + c / cpg];
-                for (int j = 0; j < mt; j++) {
-                    const int64_t m = m0 + j;
-                    acc[j] = _mm256_fmadd_ps(dot32_i16(w0, w1, r.xq + m * K + 32 * c),
-                                             _mm256_set1_ps(s * r.xd[m * nchunks + c]), acc[j]);
-                }
-            }
-            for (int j = 0; j < mt; j++) y[(m0 + j) * N + o] = hsum256(acc[j]);
-        }
-    }
-    free_rows(r);
+    gemm_a16(x, M, (const uint8_t *)q, scales, NULL, 0, 0, y, N, K, G);
 }
 
 // fp32 weight rows [row0, row1) for the many-rows path (a dense GEMM then does the math)
