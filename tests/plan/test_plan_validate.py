@@ -20,7 +20,25 @@ def test_measure_local_reports_positive_rates_and_is_cached():
     assert spec.tflops["fp32"] > 0 and spec.tflops["bf16"] > 0
     assert spec.preferred_dtype == "bf16"  # what the engine's dtype=auto runs
     assert 0 < spec.default_mbu <= 1  # a one-row product's share of the streaming read rate
+    formats = dict(spec.mbu_by_weights)
+    assert set(formats) == {"bf16", "int8", "int4"}  # each served by its own CPU kernel
+    assert all(0 < v <= 1 for v in formats.values())
+    assert spec.mbu_for("int4") == formats["int4"] and spec.mbu_for("fp8") == spec.default_mbu
     assert measure_local(bandwidth_bytes=32 << 20, max_matmul_n=256) is spec
+
+
+def test_the_default_mbu_follows_the_weight_format():
+    """A measured per-format MBU is what the comparison plans with, unless one is given."""
+    from dataclasses import replace
+
+    from turbollm.plan.setup import Precision
+    spec = replace(FAKE_CPU, mbu_by_weights=(("int4", 0.3),))
+    int4 = Precision(weights="int4", dtype="bf16", kv_dtype="bf16", group_size=32)
+    fast = lambda p, d: EngineTiming(0.1, 0.01)  # noqa: E731
+    cmp = compare_with_engine(fast, "smollm2-135m", spec, int4, out=None)
+    assert cmp.setup.efficiency.mbu == 0.3
+    cmp = compare_with_engine(fast, "smollm2-135m", spec, out=None)  # bf16 weights
+    assert cmp.setup.efficiency.mbu == 0.8
 
 
 def test_bf16_without_bf16_math_is_planned_as_storage_with_fp32_compute():
@@ -82,3 +100,17 @@ def test_time_generate_sends_a_fresh_prompt_every_call():
     prompts = []
     time_generate(lambda ids, n: prompts.append(tuple(ids)), vocab_size=1000, repeats=2)(16, 4)
     assert len(prompts) == 6 and len(set(prompts)) == 6  # a prefix cache must not hit
+
+
+def test_overhead_is_measured_on_a_same_depth_model_without_weights():
+    """The planner's per-forward overhead: the decode step of a model as deep as the planned
+    one but with almost no weights (what the roofline of weights and KV does not see)."""
+    from turbollm.plan.models import load_model
+    from turbollm.plan.validate import measure_overhead, same_depth_config
+
+    _, arch = load_model("smollm2-135m")
+    cfg = same_depth_config(arch)
+    assert cfg["num_hidden_layers"] == arch.num_hidden_layers == 30
+    assert cfg["hidden_size"] * cfg["vocab_size"] < 1e-3 * arch.num_parameters()
+    overhead = measure_overhead(arch, {"dtype": "float32", "num_threads": 2}, repeats=1)
+    assert 0 < overhead < 0.5

@@ -153,10 +153,11 @@ def _resolve_gpu(args, catalog: dict[str, hw.GPUSpec]) -> hw.GPUSpec:
     return replace(gpu, **changes)
 
 
-def _efficiency_for(args) -> Callable[[hw.GPUSpec], Efficiency]:
-    def make(gpu: hw.GPUSpec) -> Efficiency:
+def _efficiency_for(args) -> Callable[..., Efficiency]:
+    def make(gpu: hw.GPUSpec, weights: str | None = None) -> Efficiency:
+        default_mbu = gpu.mbu_for(weights) if weights else gpu.default_mbu
         return Efficiency(mfu=args.mfu if args.mfu is not None else gpu.default_mfu,
-                          mbu=args.mbu if args.mbu is not None else gpu.default_mbu,
+                          mbu=args.mbu if args.mbu is not None else default_mbu,
                           comm_eff=args.comm_eff, overhead_s=args.overhead_ms / 1e3)
     return make
 
@@ -240,8 +241,10 @@ def run_plan(args: argparse.Namespace) -> int:
             return _run_recommend(args, name, arch, catalog, workload, args.api_price)
         gpu = _resolve_gpu(args, catalog)
         dtype = args.dtype or gpu.preferred_dtype
-        setup = Setup(arch, gpu, args.gpus, _precision(args, dtype, args.quant),
-                      _efficiency_for(args)(gpu), model_name=name, **_setup_kwargs(args))
+        precision = _precision(args, dtype, args.quant)
+        setup = Setup(arch, gpu, args.gpus, precision,
+                      _efficiency_for(args)(gpu, precision.weights), model_name=name,
+                      **_setup_kwargs(args))
         est = estimate(setup, workload, args.api_price, args.context)
     except ValueError as e:
         print(f"turbollm plan: error: {e}", file=sys.stderr)

@@ -31,6 +31,13 @@ class GPUSpec:
     default_mfu: float = 0.5  # share of peak FLOP/s reached by real inference matmuls
     default_mbu: float = 0.75  # share of peak bandwidth reached by real decode steps
     preferred_dtype: str = "bf16"  # activation dtype to plan with when none is given
+    # measured MBU per weight format where it differs from default_mbu (--hardware local: a
+    # CPU's int4 kernel is bound by unpacking, not by memory, so it reads slower than fp32)
+    mbu_by_weights: tuple[tuple[str, float], ...] = ()
+
+    def mbu_for(self, weights: str) -> float:
+        """Default MBU for a weight format (fp32, bf16, int8, int4, ...)."""
+        return dict(self.mbu_by_weights).get(weights, self.default_mbu)
 
     @property
     def memory_bytes(self) -> int:

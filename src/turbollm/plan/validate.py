@@ -110,7 +110,8 @@ def compare_with_engine(measure: MeasureEngine, model: str | ModelArch = "SmolLM
         name, arch = load_model(model)
     dtype = hardware.preferred_dtype
     precision = precision or Precision(weights=dtype, dtype=dtype, kv_dtype=dtype)
-    efficiency = efficiency or Efficiency(mfu=hardware.default_mfu, mbu=hardware.default_mbu)
+    efficiency = efficiency or Efficiency(mfu=hardware.default_mfu,
+                                          mbu=hardware.mbu_for(precision.weights))
     setup = Setup(arch, hardware, 1, precision, efficiency, model_name=name)
     pred_prefill, pred_decode = predict_batch1(setup, prompt_len, decode_tokens)
     measured = measure(prompt_len, decode_tokens)
@@ -165,6 +166,35 @@ def engine_generate(engine_args: dict) -> tuple[Generate, ModelArch, str]:
     return generate, llm.engine.arch, dtype
 
 
+def same_depth_config(arch: ModelArch) -> dict:
+    """A Llama config.json with `arch`'s depth and almost no weights: a forward pass of it
+    costs what a pass of `arch` costs besides reading weights and KV (Python, small ops, kernel
+    calls, sampling), which the roofline does not see."""
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64,
+            "intermediate_size": 128, "num_hidden_layers": arch.num_hidden_layers,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 512,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": True}
+
+
+def measure_overhead(arch: ModelArch, engine_args: dict, repeats: int = 3) -> float:
+    """Seconds per decode step of the engine on same_depth_config(arch) with dummy weights
+    (same dtype and threads as `engine_args`): the planner's per-forward overhead."""
+    import json
+    import tempfile
+
+    from turbollm.loader.resolve import bundled_model_path
+
+    keep = {k: v for k, v in engine_args.items() if k in ("dtype", "num_threads", "device")}
+    with tempfile.TemporaryDirectory() as d:
+        with open(f"{d}/config.json", "w") as f:
+            json.dump(same_depth_config(arch), f)
+        generate, _, _ = engine_generate({**keep, "model": d, "load_format": "dummy",
+                                          "tokenizer": str(bundled_model_path()),
+                                          "kv_cache_memory": "64MiB"})
+        return time_generate(generate, 512, repeats)(16, 32).decode_s_per_token
+
+
 def _engine_kwargs(pairs: list[str]) -> dict:
     """['dtype=float32', 'num_threads=2'] -> {'dtype': 'float32', 'num_threads': 2}."""
     out = {}
@@ -190,19 +220,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mfu", type=float)
     p.add_argument("--mbu", type=float)
-    p.add_argument("--overhead-ms", type=float, default=0.0)
+    p.add_argument("--overhead-ms", type=float, default=None,
+                   help="fixed cost per forward pass (default: measured, as the decode step "
+                        "time of a model of the same depth with almost no weights)")
     p.add_argument("--tolerance", type=float, default=0.30)
     args = p.parse_args(argv)
 
     from turbollm.plan.local_hw import measure_local
 
-    generate, arch, dtype = engine_generate(_engine_kwargs(args.engine_arg))
+    engine_args = _engine_kwargs(args.engine_arg)
+    generate, arch, dtype = engine_generate(engine_args)
     gpu = measure_local()
+    overhead_s = (measure_overhead(arch, engine_args) if args.overhead_ms is None
+                  else args.overhead_ms / 1e3)
     weights = dtype if args.quant == "none" else args.quant
     precision = Precision(weights=weights, dtype=dtype, kv_dtype=dtype,
                           group_size=args.group_size)
-    eff = Efficiency(mfu=args.mfu or gpu.default_mfu, mbu=args.mbu or gpu.default_mbu,
-                     overhead_s=args.overhead_ms / 1e3)
+    eff = Efficiency(mfu=args.mfu or gpu.default_mfu, mbu=args.mbu or gpu.mbu_for(weights),
+                     overhead_s=overhead_s)
     measure = time_generate(generate, arch.vocab_size, args.repeats)
     cmp = compare_with_engine(measure, arch, gpu, precision, eff, args.prompt_len,
                               args.decode_tokens, args.tolerance)
