@@ -27,9 +27,9 @@ MAX_ROWS_PACKED = {"int4": 24, "int8": 24}
 _SCRATCH_FLOATS = 1 << 22  # 16 MiB of fp32 weight rows per widening chunk
 _MAX_A16_BLOCKS = 4096  # 32-column blocks of one activation row (lowbit.c's buffers)
 # Rows up to which int16 activations beat widening the weight to fp32 once and reusing it:
-# all 120 int4 linears of SmolLM2, 2 Zen3 threads, ms exact / int16: M=1 14.6 / 11.8,
-# M=5 29.2 / 21.3, M=9 37.7 / 43.0, M=16 58.3 / 71.1.
-MAX_ROWS_A16 = 8
+# all 120 int4 linears of SmolLM2, 2 Zen3 threads, ms int16 / widened (session 5 kernels):
+# M=1 8.6 / 13.8, M=9 23.1 / 30.5, M=16 36.4 / 46.9. 16 rows cover a K=15 verification.
+MAX_ROWS_A16 = 16
 _int16_activations = os.environ.get("TURBOLLM_EXACT_ACTIVATIONS", "") in ("", "0")
 
 
