@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from turbollm.quantization import kernels
-
 from turbollm.quantization.hf_checkpoint import (awq_pack, awq_unpack, gptq_pack, gptq_unpack,
                                                  prequantized_config, write_quantized_checkpoint)
 from turbollm.quantization.int4_result import Int4Weights
