@@ -3,6 +3,12 @@
 #ifndef TURBOLLM_SIMD_H
 #define TURBOLLM_SIMD_H
 #include <immintrin.h>
+#include <stdint.h>
+
+// 8 bf16 values widened to fp32 (a bf16 is the top half of an fp32: a 16-bit shift)
+static inline __m256 load8_bf16(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
 
 static inline float hsum256(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

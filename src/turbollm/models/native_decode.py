@@ -76,6 +76,7 @@ class NativeDecoder:
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
                         layer.mlp.down_proj) for layer in model.layers]
         self._kernel_cache: dict = {}
+        self._bound_caches, self._write_calls = None, None
 
     def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
         T = h.shape[0]
@@ -104,6 +105,14 @@ class NativeDecoder:
             out.append(ks)
         return out
 
+    def _writes(self, kv_caches):
+        """Each layer's K/V write call (None entries where C cannot write that cache), bound
+        once per cache list: the runner keeps one list for the engine's life."""
+        if kv_caches is not self._bound_caches:
+            self._write_calls = [native_attention.bind_write(kc, vc) for kc, vc in kv_caches]
+            self._bound_caches = kv_caches
+        return self._write_calls
+
     def forward(self, h: torch.Tensor, rope, kv_caches, meta: AttentionMetadata):
         """h [T, hidden] (embeddings) -> hidden states before the final norm, or None when a
         projection has no C kernel for T rows (then the caller runs the module path)."""
@@ -111,7 +120,7 @@ class NativeDecoder:
         kernels = self._kernels(T)
         if kernels is None:
             return None
-        writes = [native_attention.bind_write(kc, vc) for kc, vc in kv_caches]
+        writes = self._writes(kv_caches)
         if None in writes:
             return None
         lib, H, KVH, D = self.lib, self.num_heads, self.num_kv_heads, self.head_dim

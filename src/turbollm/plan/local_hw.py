@@ -4,8 +4,8 @@ The numbers are what this machine actually reaches (not a datasheet). Bandwidth 
 read; the default MBU is measured too, as the share of it that a decode-shaped product (one
 activation row times a weight matrix, through the engine's own kernel) reaches, since that is
 the op that streams the weights in decode — on a CPU once per weight format (fp32, bf16,
-int8, int4), whose kernels differ: unpacking 4-bit weights costs more than reading them. Results are cached per process: measuring
-takes a few seconds at most.
+int8, int4), whose kernels differ: unpacking 4-bit weights costs more than reading them.
+Results are cached per process: measuring takes a few seconds at most.
 """
 from __future__ import annotations
 

@@ -6,9 +6,10 @@ A kernel state holds the weight in the layout the kernels read (see csrc/lowbit.
   scratch buffer and a dense fp32 GEMM runs on it — on CPUs without bf16/int8 matrix units that
   beats any low-bit kernel once the weight is reused by enough rows.
 Activation rows of packed-kernel calls with up to MAX_ROWS_A16 rows (decode, small batches,
-short verifications) are by default rounded to int16 per 32 columns first, so the kernels use integer dot products (llama.cpp rounds to int8, which changed greedy answers of the
-135M model here; 16 bits are ~256x finer); `exact_activations(True)` (or
-TURBOLLM_EXACT_ACTIVATIONS=1) keeps it fp32. Without the C library (no AVX2 or no compiler)
+verifications) are by default rounded to int16 per 32 columns first, so the kernels use
+integer dot products (llama.cpp rounds to int8, which changed greedy answers of the 135M model
+here; 16 bits are ~256x finer); `exact_activations(True)` (or TURBOLLM_EXACT_ACTIVATIONS=1)
+keeps them fp32. Without the C library (no AVX2 or no compiler)
 torch's own kernels serve.
 """
 from __future__ import annotations
@@ -25,7 +26,9 @@ from turbollm.quantization import native
 # with 2 Zen3 threads; see docs/quantization.md).
 MAX_ROWS_PACKED = {"int4": 24, "int8": 24}
 _SCRATCH_FLOATS = 1 << 22  # 16 MiB of fp32 weight rows per widening chunk
-_MAX_A16_BLOCKS = 4096  # 32-column blocks of one activation row (lowbit.c's buffers)
+# 32-column blocks of one activation row up to which the int16 path serves (K <= 131072; the
+# kernels size their buffers from K, so this only keeps wider rows on the fp32 path as before)
+_MAX_A16_BLOCKS = 4096
 # Rows up to which int16 activations beat widening the weight to fp32 once and reusing it:
 # all 120 int4 linears of SmolLM2, 2 Zen3 threads, ms int16 / widened (session 5 kernels):
 # M=1 8.6 / 13.8, M=9 23.1 / 30.5, M=16 36.4 / 46.9. 16 rows cover a K=15 verification.
@@ -34,7 +37,7 @@ _int16_activations = os.environ.get("TURBOLLM_EXACT_ACTIVATIONS", "") in ("", "0
 
 
 def exact_activations(on: bool = True) -> None:
-    """Keep one-row activations in fp32 instead of int16 blocks."""
+    """Keep few-row activations (up to MAX_ROWS_A16) in fp32 instead of int16 blocks."""
     global _int16_activations
     _int16_activations = not on
 

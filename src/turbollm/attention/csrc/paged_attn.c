@@ -22,9 +22,8 @@ static inline __attribute__((always_inline)) __m256 load8(const void *base, int6
     if (dtype == KV_F32) return _mm256_loadu_ps((const float *)base + i);
     if (dtype == KV_I8)  // the row's scale is applied by the caller
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + i))));
-    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)base + i));
-    if (dtype == KV_F16) return _mm256_cvtph_ps(h);
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16
+    if (dtype == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+    return load8_bf16((const uint16_t *)base + i);
 }
 
 // The 8 horizontal sums of a[0..7], as one vector.
@@ -202,12 +201,10 @@ ALWAYS_INLINE void attend_item(const float *q, int64_t G, const void *k_cache, c
 }
 
 // A context longer than SPLIT_TOKENS is attended in ceil(n / SPLIT_TOKENS) parts of equal
-// length (up to rounding), each its own work item, merged by their log-sum-exps: a decode row has only KVH
-// items otherwise (3 for SmolLM2: one of two threads would do two). The split depends on the
-// row's context alone, so a row gives the same bits whatever else is in the call.
-#ifndef SPLIT_TOKENS
+// length (up to rounding), each its own work item, merged by their log-sum-exps: a decode row
+// has only KVH items otherwise (3 for SmolLM2: one of two threads would do two). The split
+// depends on the row's context alone, so a row gives the same bits whatever else is in the call.
 #define SPLIT_TOKENS 256
-#endif
 
 typedef struct {
     int64_t r, kh, t0, n;  // row, KV head, first position and token count of this part

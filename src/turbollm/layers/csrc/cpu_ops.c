@@ -72,11 +72,6 @@ void rope_f32(float *x, const float *cos, const float *sin, int64_t T, int64_t h
 // Four weight rows at a time, so each x load feeds four dot products; the rows stay in L1 for
 // the other activation rows. Each output is summed in the same order whatever M is, so a row's
 // result does not depend on how many rows share the call.
-static inline __m256 load8_bf16(const uint16_t *p) {
-    // widening bf16 is a 16-bit shift
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 
 // One body for both weight types: a macro, because gcc does not inline a load function passed

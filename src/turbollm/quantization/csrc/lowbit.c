@@ -238,7 +238,6 @@ static void quantize_row_i16(const float *x, int64_t K, int16_t *xq, float *xd, 
 // acc = fma(block dot, block scale, acc) over the blocks in column order, then hsum(acc) plus
 // the min term. One decode row and a speculative verification of several rows therefore give
 // bit-identical results (greedy speculation must reproduce plain decoding).
-#define MAX_BLOCKS (MAX_GROUPS * 4)  // 32-column blocks of one row: K <= 131072
 #define A16_ROWS 4                    // weight rows per step of the one-row kernels
 
 // 16 packed bytes of an int4 block widened to int16: lo = columns 0-15 (low nibbles),
