@@ -23,7 +23,9 @@ from turbollm.attention.torch_sdpa import SMALL_QUERY
 from turbollm.layers import native_ops
 from turbollm.quantization import kernels as quant_kernels
 
-MAX_ROWS = native_ops.MAX_GEMV_ROWS
+# Row counts up to which some projection kernel may serve; each step still checks that every
+# projection has one for its T (dense weights stop at 16 rows, packed int4/int8 at 48/64).
+MAX_ROWS = max(native_ops.MAX_GEMV_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 
 

@@ -22,17 +22,19 @@ import torch.nn.functional as F
 
 from turbollm.quantization import native
 
-# Rows up to which the packed-weight kernel beats widen-then-GEMM (measured on the SmolLM2 shapes
-# with 2 Zen3 threads; see docs/quantization.md).
-MAX_ROWS_PACKED = {"int4": 24, "int8": 24}
+# Rows up to which the packed-weight kernels beat widen-then-GEMM (measured on the SmolLM2 shapes
+# with 2 Zen3 threads, session 6: all 120 int4 linears at M = 48 / 64 rows took 104 / 150 ms
+# packed vs 122 / 150 widened; int8 with the output projection, 223 vs 321 ms at 64 rows).
+MAX_ROWS_PACKED = {"int4": 48, "int8": 64}
 _SCRATCH_FLOATS = 1 << 22  # 16 MiB of fp32 weight rows per widening chunk
 # 32-column blocks of one activation row up to which the int16 path serves (K <= 131072; the
 # kernels size their buffers from K, so this only keeps wider rows on the fp32 path as before)
 _MAX_A16_BLOCKS = 4096
-# Rows up to which int16 activations beat widening the weight to fp32 once and reusing it:
-# all 120 int4 linears of SmolLM2, 2 Zen3 threads, ms int16 / widened (session 5 kernels):
-# M=1 8.6 / 13.8, M=9 23.1 / 30.5, M=16 36.4 / 46.9. 16 rows cover a K=15 verification.
-MAX_ROWS_A16 = 16
+# Rows up to which int16 activations beat the fp32 packed kernel (q4_gemm / q8_gemm, which
+# widen a few weight rows to fp32 and reuse them): all 120 int4 linears of SmolLM2, 2 Zen3
+# threads, ms int16 / fp32 rows (session 6): M=9 25.7 / 28.1, M=16 31.4 / 42.2, M=32 68.8 / 80.3,
+# M=48 104 / 129. Up to here a row gives the same bits whatever the batch (one kernel, one order).
+MAX_ROWS_A16 = 48
 _int16_activations = os.environ.get("TURBOLLM_EXACT_ACTIVATIONS", "") in ("", "0")
 
 
@@ -184,8 +186,6 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
         return None
     w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
          int(state.zero_form))
-    if _a16(M, k) and M == 1:
-        return lambda x, y: L.q4_gemv_a16(x, *w, y, n, k, g)
     if _a16(M, k):
         return lambda x, y: L.q4_gemm_a16(x, M, *w, y, n, k, g)
     return lambda x, y: L.q4_gemm(x, M, *w, y, n, k, g)
@@ -218,8 +218,6 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
     if _a16(M, k) and g % 32 == 0:
-        if M == 1:
-            return lambda x, y: L.q8_gemv_a16(x, w, s, y, n, k, g)
         return lambda x, y: L.q8_gemm_a16(x, M, w, s, y, n, k, g)
     return lambda x, y: L.q8_gemm(x, M, w, s, y, n, k, g)
 

@@ -14,8 +14,6 @@ _SIGNATURES = {
     "q8_gemm": [_P, _I, _P, _P, _P, _I, _I, _I],
     "q4_dequant": [_P, _P, _P, _I, _P, _I, _I, _I, _I],
     "q8_dequant": [_P, _P, _P, _I, _I, _I, _I],
-    "q4_gemv_a16": [_P, _P, _P, _P, _I, _P, _I, _I, _I],
-    "q8_gemv_a16": [_P, _P, _P, _P, _I, _I, _I],
     "q4_gemm_a16": [_P, _I, _P, _P, _P, _I, _P, _I, _I, _I],
     "q8_gemm_a16": [_P, _I, _P, _P, _P, _I, _I, _I],
 }

@@ -234,12 +234,6 @@ static void quantize_row_i16(const float *x, int64_t K, int16_t *xq, float *xd, 
     }
 }
 
-// Every output value of the kernels below is summed in one order whatever the row count M:
-// acc = fma(block dot, block scale, acc) over the blocks in column order, then hsum(acc) plus
-// the min term. One decode row and a speculative verification of several rows therefore give
-// bit-identical results (greedy speculation must reproduce plain decoding).
-#define A16_ROWS 4                    // weight rows per step of the one-row kernels
-
 // 16 packed bytes of an int4 block widened to int16: lo = columns 0-15 (low nibbles),
 // hi = columns 16-31 (high nibbles; a byte widened to 16 bits shifted right by 4 is exact)
 static inline void unpack_u4(const uint8_t *p, __m256i *lo, __m256i *hi) {
@@ -297,26 +291,6 @@ static inline float min_term(const float *mn, const float *xs, int64_t n) {
     return s;
 }
 
-// out[r] = sum_c bs[r][c] (W[r, c] . xq[c]) for R weight rows (int4 packed, or int8) at once,
-// so that each activation block load feeds R rows; R is a constant after inlining
-static inline __attribute__((always_inline)) void dot_rows_a16(
-    const uint8_t *w, int64_t w_stride, int is_int4, int R, int64_t nchunks, const int16_t *xq,
-    const float *bs, int64_t bs_stride, float *out) {
-    __m256 acc[A16_ROWS];
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t c = 0; c < nchunks; c++) {
-        const __m256i x0 = load_i16(xq + 32 * c), x1 = load_i16(xq + 32 * c + 16);
-        for (int r = 0; r < R; r++) {
-            __m256i lo, hi;
-            if (is_int4) unpack_u4(w + r * w_stride + 16 * c, &lo, &hi);
-            else unpack_i8((const int8_t *)w + r * w_stride + 32 * c, &lo, &hi);
-            acc[r] = _mm256_fmadd_ps(dot32_i16(lo, hi, x0, x1),
-                                     _mm256_set1_ps(bs[r * bs_stride + c]), acc[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = hsum256(acc[r]);
-}
-
 // Scale of each 32-column block of int8 weight row o
 static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t cpg, float *sc) {
     if (cpg == 1) {  // GGUF Q8_0
@@ -327,64 +301,16 @@ static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t 
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) sc[c] = scales[o * ng + g];
 }
 
-// One activation row, A16_ROWS weight rows per step (int4 when is_int4, else int8).
-// int4: y[o] = sum_c sc[o, c] xd[c] (q[o, c] . xq[c]) + sum_c mn[o, c] xs[c]
-// int8: y[o] = sum_c scale[o, g(c)] xd[c] (q[o, c] . xq[c])
-static void gemv_a16(const float *x, const uint8_t *w, const void *sh, const uint16_t *oh,
-                     int zero_form, int is_int4, float *y, int64_t N, int64_t K, int64_t G) {
-    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
-    const int64_t w_stride = is_int4 ? K / 2 : K;
-    int16_t *xq = (int16_t *)aligned_alloc(64, K * sizeof(int16_t));
-    float *xd = (float *)malloc(2 * nchunks * sizeof(float)), *xs = xd + nchunks;
-    quantize_row_i16(x, K, xq, xd, xs);
-    const int64_t nsteps = (N + A16_ROWS - 1) / A16_ROWS;
-#pragma omp parallel
-    {
-        float *bs = (float *)malloc(2 * A16_ROWS * nchunks * sizeof(float));
-        float *mn = bs + A16_ROWS * nchunks;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < nsteps; b++) {
-            const int64_t o0 = b * A16_ROWS;
-            const int R = (int)(N - o0 < A16_ROWS ? N - o0 : A16_ROWS);
-            float macc[A16_ROWS] = {0};
-            for (int r = 0; r < R; r++) {
-                float *bsr = bs + r * nchunks, *mnr = mn + r * nchunks;
-                if (is_int4) {
-                    q4_block_params((const uint16_t *)sh, oh, zero_form, o0 + r, ng, cpg, nchunks,
-                                    bsr, mnr);
-                    macc[r] = min_term(mnr, xs, nchunks);
-                } else {
-                    q8_block_scales((const float *)sh, o0 + r, ng, cpg, bsr);
-                }
-                for (int64_t c = 0; c < nchunks; c++) bsr[c] *= xd[c];
-            }
-            float dots[A16_ROWS];
-            const uint8_t *w0 = w + o0 * w_stride;
-            if (R == A16_ROWS && is_int4) dot_rows_a16(w0, w_stride, 1, A16_ROWS, nchunks, xq, bs, nchunks, dots);
-            else if (R == A16_ROWS) dot_rows_a16(w0, w_stride, 0, A16_ROWS, nchunks, xq, bs, nchunks, dots);
-            else for (int r = 0; r < R; r++)
-                dot_rows_a16(w0 + r * w_stride, w_stride, is_int4, 1, nchunks, xq, bs + r * nchunks, 0, dots + r);
-            for (int r = 0; r < R; r++) y[o0 + r] = dots[r] + macc[r];
-        }
-        free(bs);
-    }
-    free(xq);
-    free(xd);
-}
-
-void q4_gemv_a16(const float *x, const uint8_t *packed, const uint16_t *sh, const uint16_t *oh,
-                 int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
-    gemv_a16(x, packed, sh, oh, (int)zero_form, 1, y, N, K, G);
-}
-
-// int8 weights, K % 32 == 0, G % 32 == 0, K % G == 0
-void q8_gemv_a16(const float *x, const int8_t *q, const float *scales, float *y, int64_t N,
-                 int64_t K, int64_t G) {
-    gemv_a16(x, (const uint8_t *)q, scales, NULL, 0, 0, y, N, K, G);
-}
-
-// Several activation rows (small batches, speculative verification): each row rounded to int16
-// as above; every weight block is widened to 16 bits once per tile of 8 rows and reused by each.
+// 1 to 16 activation rows (decode, small batches, speculative verification), each rounded to
+// int16 as above. Weight rows are split over threads and each is read once per tile of up to
+// TILE activation rows: every weight block is widened to 16 bits once and used by each row of
+// the tile. (Walking several weight rows per step instead, to share activation loads, measured
+// ~10% slower for int4 and ~35% for int8 at one row once the weights stream from DRAM.)
+//
+// Every output value is summed in one order whatever the row count M: acc = fma(block dot,
+// block scale, acc) over the blocks in column order, then hsum(acc) plus the min term. One
+// decode row and the same row in a speculative verification of several therefore give
+// bit-identical results (greedy speculation must reproduce plain decoding).
 #define TILE 8
 
 typedef struct {
@@ -396,8 +322,8 @@ typedef struct {
 static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K) {
     rows_i16 r;
     r.xq = (int16_t *)aligned_alloc(64, M * K * sizeof(int16_t));
-    r.xd = (float *)malloc(M * (K / 32) * sizeof(float));
-    r.xs = (float *)malloc(M * (K / 32) * sizeof(float));
+    r.xd = (float *)malloc(2 * M * (K / 32) * sizeof(float));
+    r.xs = r.xd + M * (K / 32);
     for (int64_t m = 0; m < M; m++)
         quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * (K / 32), r.xs + m * (K / 32));
     return r;
@@ -406,10 +332,30 @@ static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K) {
 static void free_rows(rows_i16 r) {
     free(r.xq);
     free(r.xd);
-    free(r.xs);
 }
 
-// y[m, o] for x: [M, K], each value as gemv_a16 computes it for one row
+// MT activation rows of the tile against one weight row: every weight block is widened to 16
+// bits once and used by each of the MT rows. bs[j * nchunks + c] is the combined scale of block c
+// for tile row j. MT is a constant after inlining, so the MT accumulators stay in registers.
+static inline __attribute__((always_inline)) void tile_dots(
+    const uint8_t *row, int is_int4, int MT, int64_t nchunks, const int16_t *xq, int64_t K,
+    const float *bs, float *out) {
+    __m256 acc[TILE];
+    for (int j = 0; j < MT; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < nchunks; c++) {
+        __m256i lo, hi;
+        if (is_int4) unpack_u4(row + 16 * c, &lo, &hi);
+        else unpack_i8((const int8_t *)row + 32 * c, &lo, &hi);
+        for (int j = 0; j < MT; j++) {
+            const int16_t *xm = xq + j * K + 32 * c;
+            acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
+                                     _mm256_broadcast_ss(bs + j * nchunks + c), acc[j]);
+        }
+    }
+    for (int j = 0; j < MT; j++) out[j] = hsum256(acc[j]);
+}
+
+// y[m, o] = x[m] . W[o] for x: [M, K] fp32 (the Python side sends up to MAX_ROWS_A16 rows)
 static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh,
                      const uint16_t *oh, int zero_form, int is_int4, float *y, int64_t N,
                      int64_t K, int64_t G) {
@@ -418,7 +364,8 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     rows_i16 r = quantize_rows_i16(x, M, K);
 #pragma omp parallel
     {
-        float *sc = (float *)malloc(2 * nchunks * sizeof(float)), *mn = sc + nchunks;
+        float *sc = (float *)malloc((2 + TILE) * nchunks * sizeof(float)), *mn = sc + nchunks;
+        float *bs = mn + nchunks;  // [TILE, nchunks] combined scales sc[c] * xd[m, c]
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < N; o++) {
             if (is_int4) q4_block_params((const uint16_t *)sh, oh, zero_form, o, ng, cpg, nchunks, sc, mn);
@@ -426,22 +373,32 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
             const uint8_t *row = w + o * w_stride;
             for (int64_t m0 = 0; m0 < M; m0 += TILE) {
                 const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
-                __m256 acc[TILE];
-                for (int j = 0; j < TILE; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t c = 0; c < nchunks; c++) {
-                    __m256i lo, hi;  // widened once, used by every row of the tile
-                    if (is_int4) unpack_u4(row + 16 * c, &lo, &hi);
-                    else unpack_i8((const int8_t *)row + 32 * c, &lo, &hi);
-                    for (int j = 0; j < mt; j++) {
-                        const int64_t m = m0 + j;
-                        const int16_t *xm = r.xq + m * K + 32 * c;
-                        acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
-                                                 _mm256_set1_ps(sc[c] * r.xd[m * nchunks + c]), acc[j]);
-                    }
+                for (int j = 0; j < mt; j++) {
+                    const float *xd = r.xd + (m0 + j) * nchunks;
+                    float *b = bs + j * nchunks;
+                    int64_t c = 0;
+                    for (; c + 8 <= nchunks; c += 8)
+                        _mm256_storeu_ps(b + c, _mm256_mul_ps(_mm256_loadu_ps(sc + c), _mm256_loadu_ps(xd + c)));
+                    for (; c < nchunks; c++) b[c] = sc[c] * xd[c];
                 }
+                float dots[TILE];
+                const int16_t *xq = r.xq + m0 * K;
+#define TD(MT) (is_int4 ? tile_dots(row, 1, MT, nchunks, xq, K, bs, dots) \
+                        : tile_dots(row, 0, MT, nchunks, xq, K, bs, dots))
+                switch (mt) {
+                    case 8: TD(8); break;
+                    case 7: TD(7); break;
+                    case 6: TD(6); break;
+                    case 5: TD(5); break;
+                    case 4: TD(4); break;
+                    case 3: TD(3); break;
+                    case 2: TD(2); break;
+                    default: TD(1); break;
+                }
+#undef TD
                 for (int j = 0; j < mt; j++) {
                     const int64_t m = m0 + j;
-                    y[m * N + o] = hsum256(acc[j]) + (is_int4 ? min_term(mn, r.xs + m * nchunks, nchunks) : 0.f);
+                    y[m * N + o] = dots[j] + (is_int4 ? min_term(mn, r.xs + m * nchunks, nchunks) : 0.f);
                 }
             }
         }
