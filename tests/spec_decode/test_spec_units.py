@@ -88,3 +88,27 @@ def test_controller_learns_rates_probes_and_switches_off_for_big_batches():
     assert c.num_to_propose("good", 4, True) > 0  # seeded sampling keeps its stream
     c.forget(["good"])
     assert c.rate("good") == c.prior
+
+
+def test_controller_backs_off_probing_a_draft_that_never_agrees():
+    # proposals never pay at this cost, so every proposal is a probe
+    c = SpecController(max_k=4, cost_per_token=1.0, disable_batch_size=8, probe_every=4,
+                       max_probe_every=16)
+
+    def probe_steps(n, accept):
+        steps = []
+        for i in range(n):
+            k = c.num_to_propose("r", 1, False)
+            if k:
+                steps.append(i)
+                c.observe("r", k, k if accept else 0)
+        return steps
+
+    rejected = probe_steps(60, accept=False)
+    assert rejected[0] == 3  # the first after probe_every steps
+    assert [b - a for a, b in zip(rejected, rejected[1:])] == [8, 16, 16, 16]  # doubling, capped
+    c.observe("r", 0, 0)  # nothing proposed: no effect
+    accepted = probe_steps(40, accept=True)
+    # an accepted probe brings the interval back to probe_every
+    assert [b - a for a, b in zip(accepted, accepted[1:])] == [4] * (len(accepted) - 1)
+    assert len(accepted) >= 6

@@ -10,7 +10,9 @@ On the bundled SmolLM2-135M with the engine's defaults, in one process and one r
 - aggregate tok/s of 32 concurrent input-grounded requests with n-gram on vs off (adaptive
   switch-off);
 and the acceptance rates. Decode tok/s counts output tokens after the first over the time
-after the first token, so the (identical) prefill does not dilute the ratios.
+after the first token, so the (identical) prefill does not dilute the ratios. Each comparison
+alternates the two engines request by request (batch 32: A B B A), as this VM's speed drifts
+by tens of percent within minutes.
 """
 from __future__ import annotations
 
@@ -47,22 +49,39 @@ def open_prompts(llm: LLM) -> list[list[int]]:
     return [llm.apply_chat_template([{"role": "user", "content": p}]) for p in OPEN_PROMPTS]
 
 
-def decode_rate(llm: LLM, prompts, max_tokens: int) -> dict:
-    """Batch 1, greedy, one request after another: output tokens after the first per second
-    after the first token (the prefill is the same with or without speculation)."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    tokens = seconds = 0.0
-    outs = []
-    for p in prompts:
-        o = llm.generate([p], params, use_tqdm=False)[0]
-        m = o.metrics
-        tokens += o.num_generated_tokens - 1
-        seconds += m.finished_time - m.first_token_time
-        outs.append(o.outputs[0].token_ids)
-    spec = llm.engine.spec
-    rate = spec.num_accepted_tokens / spec.num_draft_tokens if spec and spec.num_draft_tokens \
-        else None
-    return {"tok_s": tokens / seconds, "tokens": outs, "acceptance_rate": rate}
+def _one_decode(llm: LLM, prompt, max_tokens: int) -> tuple[int, float, list[int]]:
+    """One greedy request alone: (output tokens after the first, seconds after the first token,
+    output token ids); the prefill is the same with or without speculation."""
+    o = llm.generate([prompt], SamplingParams(max_tokens=max_tokens, temperature=0.0),
+                     use_tqdm=False)[0]
+    m = o.metrics
+    return o.num_generated_tokens - 1, m.finished_time - m.first_token_time, o.outputs[0].token_ids
+
+
+def paired_rates(base: LLM, other: LLM, prompts, max_tokens: int, rounds: int = 2):
+    """Batch-1 decode tok/s of two engines over the same prompts, one request after another,
+    alternating A B / B A per prompt and round, so that this VM's drift (30% within minutes)
+    falls on both alike. Returns ({"tok_s", "tokens"} for base, the same plus
+    "acceptance_rate" for other); tokens are the first round's outputs."""
+    totals = [[0, 0.0], [0, 0.0]]
+    outs: list[list[list[int]]] = [[], []]
+    spec = other.engine.spec
+    drafted, accepted = (spec.num_draft_tokens, spec.num_accepted_tokens) if spec else (0, 0)
+    for rnd in range(rounds):
+        for i, p in enumerate(prompts):
+            order = (0, 1) if (rnd + i) % 2 == 0 else (1, 0)
+            for which in order:
+                n, secs, ids = _one_decode((base, other)[which], p, max_tokens)
+                totals[which][0] += n
+                totals[which][1] += secs
+                if rnd == 0:
+                    outs[which].append(ids)
+    rate = None
+    if spec and spec.num_draft_tokens > drafted:
+        rate = (spec.num_accepted_tokens - accepted) / (spec.num_draft_tokens - drafted)
+    res = [{"tok_s": n / secs, "tokens": o} for (n, secs), o in zip(totals, outs)]
+    res[1]["acceptance_rate"] = rate
+    return res[0], res[1]
 
 
 def same_fraction(a: list[list[int]], b: list[list[int]]) -> float:
@@ -101,6 +120,21 @@ def batch_throughput(llm: LLM, prompts, max_tokens: int) -> float:
     return sum(o.num_generated_tokens for o in outs) / (time.perf_counter() - t0)
 
 
+def paired_throughput(base: LLM, other: LLM, prompts, max_tokens: int) -> tuple[float, float]:
+    """Aggregate tok/s of the whole batch on each engine, measured A B B A."""
+    a1 = batch_throughput(base, prompts, max_tokens)
+    b1 = batch_throughput(other, prompts, max_tokens)
+    b2 = batch_throughput(other, prompts, max_tokens)
+    a2 = batch_throughput(base, prompts, max_tokens)
+    return (a1 + a2) / 2, (b1 + b2) / 2
+
+
+def ratio_entry(ref: dict, got: dict) -> dict:
+    return {"plain_tok_s": ref["tok_s"], "spec_tok_s": got["tok_s"],
+            "ratio": got["tok_s"] / ref["tok_s"], "acceptance_rate": got["acceptance_rate"],
+            "same_tokens": same_fraction(got["tokens"], ref["tokens"])}
+
+
 def run(threads: int, tokens: int, batch_tokens: int) -> dict:
     base = dict(num_threads=threads)
     plain = LLM("smollm2-135m", **base)
@@ -109,49 +143,35 @@ def run(threads: int, tokens: int, batch_tokens: int) -> dict:
     print(f"verify K=8 step / plain step: {res['verify_k8_over_plain_step']:.2f}")
 
     grounded = grounded_prompts(plain, 3)
-    ref = decode_rate(plain, grounded, tokens)
     ngram = LLM("smollm2-135m", speculative_method="ngram", num_speculative_tokens=8, **base)
-    got = decode_rate(ngram, grounded, tokens)
-    res["ngram_grounded"] = {"plain_tok_s": ref["tok_s"], "spec_tok_s": got["tok_s"],
-                             "ratio": got["tok_s"] / ref["tok_s"],
-                             "acceptance_rate": got["acceptance_rate"],
-                             "same_tokens": same_fraction(got["tokens"], ref["tokens"])}
+    ref, got = paired_rates(plain, ngram, grounded, tokens)
+    res["ngram_grounded"] = entry = ratio_entry(ref, got)
     print(f"n-gram, grounded prompts: {got['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s "
-          f"({got['tok_s'] / ref['tok_s']:.2f}x), acceptance {got['acceptance_rate']:.2f}")
+          f"({entry['ratio']:.2f}x), acceptance {got['acceptance_rate']:.2f}")
 
     chat = open_prompts(plain)
-    ref = decode_rate(plain, chat, tokens)
-    res["draft_open"] = {"plain_tok_s": ref["tok_s"], "configs": {}}
-    drafts = {f"self-draft {k}/30 layers": dict(draft_layers=k) for k in (6, 12)}
-    for name, kw in drafts.items():
+    res["draft_open"] = {"configs": {}}
+    for k in (6, 12):
+        name = f"self-draft {k}/30 layers"
         llm = LLM("smollm2-135m", speculative_method="draft", num_speculative_tokens=4,
-                  **kw, **base)
-        got = decode_rate(llm, chat, tokens)
-        res["draft_open"]["configs"][name] = {
-            "tok_s": got["tok_s"], "ratio": got["tok_s"] / ref["tok_s"],
-            "acceptance_rate": got["acceptance_rate"],
-            "same_tokens": same_fraction(got["tokens"], ref["tokens"])}
+                  draft_layers=k, **base)
+        ref, got = paired_rates(plain, llm, chat, tokens)
+        res["draft_open"]["configs"][name] = entry = ratio_entry(ref, got)
         print(f"{name}, open prompts: {got['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s "
-              f"({got['tok_s'] / ref['tok_s']:.2f}x), acceptance {got['acceptance_rate']}")
+              f"({entry['ratio']:.2f}x), acceptance {got['acceptance_rate']}")
         del llm
     # A dense bf16 target with its own Q4_1 weights (the bundled file served natively) as draft.
     dense = LLM("smollm2-135m", quantization="none", **base)
-    ref_dense = decode_rate(dense, chat, tokens)
-    del dense
     llm = LLM("smollm2-135m", quantization="none", speculative_method="draft",
               draft_model="smollm2-135m", num_speculative_tokens=4, **base)
-    got = decode_rate(llm, chat, tokens)
-    res["draft_open"]["bf16 target, Q4_1 draft"] = {
-        "plain_tok_s": ref_dense["tok_s"], "tok_s": got["tok_s"],
-        "ratio": got["tok_s"] / ref_dense["tok_s"], "acceptance_rate": got["acceptance_rate"],
-        "same_tokens": same_fraction(got["tokens"], ref_dense["tokens"])}
-    print(f"bf16 target + Q4_1 draft: {got['tok_s']:.1f} vs {ref_dense['tok_s']:.1f} tok/s "
-          f"({got['tok_s'] / ref_dense['tok_s']:.2f}x), acceptance {got['acceptance_rate']}")
-    del llm
+    ref, got = paired_rates(dense, llm, chat, tokens)
+    res["draft_open"]["bf16 target, Q4_1 draft"] = entry = ratio_entry(ref, got)
+    print(f"bf16 target + Q4_1 draft: {got['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s "
+          f"({entry['ratio']:.2f}x), acceptance {got['acceptance_rate']}")
+    del llm, dense
 
     batch = grounded_prompts(plain, 32, 256)
-    off = batch_throughput(plain, batch, batch_tokens)
-    on = batch_throughput(ngram, batch, batch_tokens)
+    off, on = paired_throughput(plain, ngram, batch, batch_tokens)
     res["batch32"] = {"plain_tok_s": off, "ngram_tok_s": on, "ratio": on / off}
     print(f"batch 32, n-gram on/off: {on:.1f} / {off:.1f} tok/s ({on / off:.2f}x)")
     return res
