@@ -17,6 +17,7 @@ def _bench(tiny_llama, out, *extra):
     for s in TINY_SPEC:
         args += ["--set", s]
     assert main(args) == 0
+    assert not (out / "results.partial.json").exists()  # only an interrupted run leaves it
     return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
 
@@ -95,6 +96,29 @@ def test_bench_isolated_process_has_own_peak_memory(tiny_llama, tmp_path):
     assert r["status"] == "ok" and r["isolated"] is True
     assert r["peak_rss_bytes"] > r["weight_bytes"]
     assert res["meta"]["isolate"] is True and "one process per configuration" in md
+
+
+def test_interrupted_bench_keeps_the_configurations_it_finished(tiny_llama, tmp_path,
+                                                                monkeypatch):
+    from turbollm.bench import offline
+    real_run_job = offline.run_job
+
+    def run_job(job, stage):
+        if job["config"]["name"] == "bf16":
+            raise KeyboardInterrupt  # the user (or an outer time limit) stops the run here
+        return real_run_job(job, stage)
+    monkeypatch.setattr(offline, "run_job", run_job)
+    from turbollm.cli import main
+    args = ["bench", "--model", str(tiny_llama), "--num-threads", "1", "--device", "cpu",
+            "--out", str(tmp_path), "--no-progress", "--no-isolate", "--configs", "fp32,bf16",
+            "--peers", "none", "--no-plots"]
+    for s in TINY_SPEC:
+        args += ["--set", s]
+    assert main(args) == 130  # interrupted
+    saved = json.loads((tmp_path / "results.partial.json").read_text())
+    assert [r["name"] for r in saved["results"]] == ["fp32"]
+    assert saved["results"][0]["status"] == "ok" and saved["meta"]["preset"] == "quick"
+    assert not (tmp_path / "results.json").exists()
 
 
 def test_bench_rejects_unknown_config_and_setting(tiny_llama, capsys):

@@ -7,6 +7,7 @@ from chi2 import chi2_critical, chi2_statistic
 
 from turbollm import LLM, SamplingParams
 from turbollm.eval.corpus import builtin_corpus_text
+from turbollm.quantization import native as quant_native
 
 COMMON = dict(dtype="float32", num_threads=2, quantization="none")
 SPEC_KINDS = {
@@ -62,6 +63,23 @@ def test_greedy_alone_equals_plain(plain, prompts, kind):
     assert spec.num_spec_steps > 0 and spec.num_draft_tokens > 0
     llm.engine.kv_manager.check_invariant()
     assert llm.engine.kv_manager.pool.num_used == 0
+
+
+@pytest.mark.skipif(quant_native.lib() is None,
+                    reason="needs the AVX2 low-bit kernels (torch's fallbacks sum differently "
+                           "per row count); the fp32 equality above covers the logic")
+@pytest.mark.parametrize("kind", ["ngram", "self_draft"])
+def test_greedy_equals_plain_on_native_q4_1_weights(prompts, kind):
+    """The engine's defaults (the GGUF's Q4_1/Q8_0 weights served natively, int16 activations,
+    bf16 KV, the C decode path): a verification of k + 1 rows computes each row with the same
+    bits as a one-row decode step (same kernels, same summation order at any row count), so
+    greedy speculation reproduces plain decoding exactly here too, not only in fp32."""
+    kw = dict(num_threads=2, kv_cache_memory="64MiB", enable_prefix_caching=False)
+    base = LLM("smollm2-135m", **kw)
+    llm = LLM("smollm2-135m", **SPEC_KINDS[kind], **kw)
+    for p in prompts[:2]:
+        assert tokens(llm.generate([p], greedy(40))) == tokens(base.generate([p], greedy(40)))
+    assert llm.engine.spec.num_spec_steps > 0
 
 
 @pytest.mark.parametrize("kind", ["ngram", "self_draft"])

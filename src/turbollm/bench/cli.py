@@ -100,18 +100,24 @@ def run_bench(args) -> int:
     common = _common_engine_kwargs(args)
     threads = args.num_threads or default_num_threads()
     common["num_threads"] = threads
-    results = run_matrix(configs, spec, common, isolate=args.isolate, baseline=args.baseline,
-                         progress=not args.no_progress, timeout=args.timeout)
     meta = {"model": args.model, "preset": args.preset, "threads": threads,
             "isolate": args.isolate, "spec": spec.as_dict(),
             "workloads": [w.name for w in spec.workload_list()],
             "batch_sizes": spec.batch_sizes, "baseline": args.baseline,
             "machine": _machine()}
-    table = report.markdown(results, meta)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    partial = out / "results.partial.json"  # every finished configuration, rewritten after each
+
+    def save_partial(done: list[dict]) -> None:
+        partial.write_text(json.dumps({"meta": meta, "results": done}, indent=2))
+    results = run_matrix(configs, spec, common, isolate=args.isolate, baseline=args.baseline,
+                         progress=not args.no_progress, timeout=args.timeout,
+                         on_result=save_partial)
+    table = report.markdown(results, meta)
     (out / "results.md").write_text(table)
     (out / "results.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    partial.unlink(missing_ok=True)
     charts = [] if args.no_plots else report.plot(results, meta, out)
     print(table)
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}"

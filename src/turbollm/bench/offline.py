@@ -153,8 +153,10 @@ def run_isolated(job: dict, timeout: float | None = None, stage=lambda s: None) 
 
 def run_matrix(configs: list[BenchConfig], spec: BenchSpec, common: dict, isolate: bool = True,
                baseline: str = "fp32", progress: bool = True,
-               timeout: float | None = None) -> list[dict]:
-    """Measure every configuration (baseline first), then greedy agreement with the baseline."""
+               timeout: float | None = None, on_result=None) -> list[dict]:
+    """Measure every configuration (baseline first), then greedy agreement with the baseline.
+    `on_result(results so far)` is called after each configuration (to save partial output:
+    a full run takes an hour, and an interrupted one should keep what it measured)."""
     from tqdm import tqdm
     order = sorted(configs, key=lambda c: c.name != baseline)
     results = []
@@ -168,6 +170,8 @@ def run_matrix(configs: list[BenchConfig], spec: BenchSpec, common: dict, isolat
         results.append(res)
         if res["status"] != "ok":
             bar.write(f"{cfg.name}: {res['status']} ({res['reason']})")
+        if on_result is not None:
+            on_result(results)
     bar.close()
     add_agreement(results, baseline)
     return results

@@ -62,7 +62,10 @@ def paired_rates(base: LLM, other: LLM, prompts, max_tokens: int, rounds: int = 
     """Batch-1 decode tok/s of two engines over the same prompts, one request after another,
     alternating A B / B A per prompt and round, so that this VM's drift (30% within minutes)
     falls on both alike. Returns ({"tok_s", "tokens"} for base, the same plus
-    "acceptance_rate" for other); tokens are the first round's outputs."""
+    "acceptance_rate" for other); tokens are the last round's outputs, when both engines hold
+    the same prompt blocks in their prefix caches (a prompt prefilled whole and one whose tail
+    is computed over cached blocks take different attention kernels, which can flip a near
+    tie in low precision, speculation or not)."""
     totals = [[0, 0.0], [0, 0.0]]
     outs: list[list[list[int]]] = [[], []]
     spec = other.engine.spec
@@ -74,7 +77,7 @@ def paired_rates(base: LLM, other: LLM, prompts, max_tokens: int, rounds: int = 
                 n, secs, ids = _one_decode((base, other)[which], p, max_tokens)
                 totals[which][0] += n
                 totals[which][1] += secs
-                if rnd == 0:
+                if rnd == rounds - 1:
                     outs[which].append(ids)
     rate = None
     if spec and spec.num_draft_tokens > drafted:

@@ -9,10 +9,12 @@ from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
 
 # Verifying one more row, relative to a plain decode step. Measured on CPU with the bundled model
-# and its native Q4_1 weights (docs/quantization.md): every int4 linear costs 11.8 ms at 1 row,
-# 21.3 ms at 5 and 37.7 ms at 9, i.e. ~0.15-0.2 of a ~17 ms plain step per extra row. A GPU
-# (memory-bound to far more rows) would want ~0; measuring it at start-up is left to do.
-VERIFY_COST_PER_TOKEN = 0.15
+# and its native Q4_1 weights at a ~640-token context (session 6): a step verifying k = 1, 2, 4,
+# 8 proposals took 1.24, 1.48, 2.03, 3.37 plain steps, i.e. ~0.25-0.3 per extra row (int16 dot
+# products, 60%; the int8 output projection, 15%; attention, 25%). Over 0.05-0.3, n-gram speed
+# on grounded prompts did not move beyond noise (1.37-1.41x, interleaved). A GPU (memory-bound
+# to far more rows) would want ~0; measuring it at start-up is left to do.
+VERIFY_COST_PER_TOKEN = 0.25
 # Running decodes from which speculation is switched off (unless seeded sampling).
 DISABLE_BATCH_SIZE = 8
 

@@ -301,7 +301,7 @@ static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t 
         for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) sc[c] = scales[o * ng + g];
 }
 
-// 1 to 16 activation rows (decode, small batches, speculative verification), each rounded to
+// A few activation rows (decode, batches, speculative verification), each rounded to
 // int16 as above. Weight rows are split over threads and each is read once per tile of up to
 // TILE activation rows: every weight block is widened to 16 bits once and used by each row of
 // the tile. (Walking several weight rows per step instead, to share activation loads, measured
