@@ -62,8 +62,8 @@ def rounds_activations(x: torch.Tensor, group_size: int, kind: str = "int4") -> 
 
 
 def int16_activations(x: torch.Tensor) -> torch.Tensor:
-    """The fp32 values the one-row kernels compute with: x rounded to int16 per 32 columns with
-    scale max|x| / 32767 (the reference for tests; the kernels do it in C)."""
+    """The fp32 values the int16-activation kernels compute with: x rounded to int16 per 32
+    columns with scale max|x| / 32767 (the reference for tests; the kernels do it in C)."""
     blocks = x.float().reshape(*x.shape[:-1], -1, 32)
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     inv = torch.where(amax > 0, 32767.0 / amax, torch.zeros_like(amax))

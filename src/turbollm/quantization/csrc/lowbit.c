@@ -304,7 +304,7 @@ static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t 
 // A few activation rows (decode, batches, speculative verification), each rounded to
 // int16 as above. Weight rows are split over threads and each is read once per tile of up to
 // TILE activation rows: every weight block is widened to 16 bits once and used by each row of
-// the tile. (Walking several weight rows per step instead, to share activation loads, measured
+// the tile. (Walking several weight rows per step instead, to share activation loads, took
 // ~14% longer for int4 and ~57% longer for int8 at one row once the weights stream from DRAM.)
 //
 // Every output value is summed in one order whatever the row count M: acc = fma(block dot,
