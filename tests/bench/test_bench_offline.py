@@ -139,3 +139,14 @@ def test_matrix_lists_every_engine_technique():
     assert {k.get("kv_cache_dtype") for k in kw} >= set(KV_CACHE_DTYPES) - {"auto"}
     assert {k.get("speculative_method") for k in kw} >= set(SPECULATIVE_METHODS) - {"none"}
     assert configs[0].name == "fp32" and {"bf16", "fp16"} <= {c.name for c in configs}
+
+
+def test_peer_dtypes_pick_the_transformers_rows(tiny_llama, capsys):
+    from turbollm.cli import main
+    assert main(["bench", "--model", str(tiny_llama), "--preset", "full", "--list-configs",
+                 "--peers", "hf,llamacpp", "--peer-dtypes", "float32"]) == 0
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "hf-fp32" in rows and "hf-bf16" not in rows and "llamacpp" in rows
+    assert main(["bench", "--model", str(tiny_llama), "--list-configs", "--peers", "hf",
+                 "--peer-dtypes", "int3"]) == 2
+    assert "unknown peer dtype" in capsys.readouterr().err

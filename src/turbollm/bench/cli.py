@@ -32,6 +32,9 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--list-configs", action="store_true", help="print the matrix and exit")
     p.add_argument("--peers", default="hf,llamacpp",
                    help="peer engines measured in the same run: hf, llamacpp, or none")
+    p.add_argument("--peer-dtypes", default=None,
+                   help="dtypes transformers runs at, comma-separated (default: float32 for "
+                        "the quick preset, float32,bfloat16 for full)")
     p.add_argument("--baseline", default="fp32", help="configuration the greedy agreement of "
                                                       "every other one is measured against")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -92,7 +95,9 @@ def run_bench(args) -> int:
     only = [c.strip() for c in args.configs.split(",")] if args.configs else None
     configs = build_matrix(arch.num_hidden_layers, only, extra)
     peers = [] if args.peers in ("", "none") else [p.strip() for p in args.peers.split(",")]
-    configs += peer_configs(peers, PEER_DTYPES.get(args.preset, ["float32"]))
+    peer_dtypes = ([d.strip() for d in args.peer_dtypes.split(",")] if args.peer_dtypes
+                   else PEER_DTYPES.get(args.preset, ["float32"]))
+    configs += peer_configs(peers, peer_dtypes)
     if args.list_configs:
         for c in configs:
             print(f"{c.name:18s} {c.peer or 'ours':8s} {c.kwargs}")

@@ -100,6 +100,10 @@ def build_matrix(num_layers: int | None, only: list[str] | None = None,
 
 def peer_configs(peers: list[str], dtypes: list[str]) -> list[BenchConfig]:
     """Peers at the same dtypes as ours (llama.cpp runs the GGUF file as it is)."""
+    bad = [d for d in dtypes if d not in ("float32", "bfloat16", "float16")]
+    if bad:
+        raise ValueError(f"unknown peer dtype(s) {', '.join(bad)}: choose from float32, "
+                         "bfloat16, float16")
     out = []
     for peer in peers:
         if peer == "hf":
