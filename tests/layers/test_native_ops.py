@@ -54,8 +54,9 @@ def test_large_or_non_fp32_inputs_use_torch():
     assert not native_ops.usable(torch.zeros(1, 72))  # not a multiple of 16
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (3, 7, 64), (8, 130, 1536), (16, 33, 72)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (3, 7, 64), (8, 130, 1536), (16, 33, 72),
+                                      (37, 131, 64), (128, 96, 576)])
 def test_dense_linear_matches_torch_reference(rows, n, k, dtype):
     from turbollm.layers.linear import ReplicatedLinear
     g = torch.Generator().manual_seed(n)
@@ -71,7 +72,12 @@ def test_dense_linear_matches_torch_reference(rows, n, k, dtype):
 def test_dense_linear_rows_do_not_depend_on_the_batch():
     # speculative verification (several rows) must reproduce plain decode (one row) bit for bit
     g = torch.Generator().manual_seed(0)
-    w, x = torch.randn(100, 576, generator=g), torch.randn(9, 576, generator=g)
-    together = native_ops.dense_linear(x, w)
-    for i in range(9):
-        assert torch.equal(native_ops.dense_linear(x[i:i + 1], w)[0], together[i])
+    # (tiles of 4 rows and blocks of 3 weight rows: 101 outputs leave a remainder row, 67 rows
+    # end with a partial tile)
+    for wdtype in (torch.float32, torch.bfloat16, torch.float16):
+        w = torch.randn(101, 576, generator=g).to(wdtype)
+        x = torch.randn(67, 576, generator=g)
+        together = native_ops.dense_linear(x, w)
+        for i in range(67):
+            assert torch.equal(native_ops.dense_linear(x[i:i + 1], w)[0], together[i])
+        assert torch.equal(native_ops.dense_linear(x[5:12], w), together[5:12])

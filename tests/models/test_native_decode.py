@@ -78,6 +78,35 @@ def test_speculative_verification_rows_match_the_module_path(tiny_llama, monkeyp
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
 
 
+def test_self_draft_steps_take_the_c_path_on_its_first_layers(tiny_llama, monkeypatch):
+    """A --draft-layers draft runs the target's first layers through the same C path, and
+    proposes what the module path proposes (so outputs and acceptance are unchanged)."""
+    def spec_llm():
+        llm = LLM(str(tiny_llama), dtype="float32", speculative_method="draft", draft_layers=1,
+                  num_speculative_tokens=3, **ENGINE)
+        llm.engine.spec.controller.cost_per_token = 0.01  # propose every step
+        return llm
+    layers_run = []
+    forward = NativeDecoder.forward
+
+    def spy(self, h, rope, kv_caches, meta):
+        out = forward(self, h, rope, kv_caches, meta)
+        if out is not None:
+            layers_run.append(len(kv_caches))
+        return out
+    monkeypatch.setattr(NativeDecoder, "forward", spy)
+    fast_llm, slow_llm = spec_llm(), spec_llm()
+    fast = _run(fast_llm, native=True)
+    n_layers = len(fast_llm.engine.model.model.layers)
+    assert 1 in layers_run and n_layers in layers_run  # draft and target steps both in C
+    slow = _run(slow_llm, native=False)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
+    a, b = fast_llm.engine.spec, slow_llm.engine.spec
+    assert a.num_draft_tokens > 0
+    assert (a.num_draft_tokens, a.num_accepted_tokens) == (b.num_draft_tokens,
+                                                           b.num_accepted_tokens)
+
+
 def test_attention_rows_cover_decodes_then_verification_chunks():
     meta = AttentionMetadata(
         slot_mapping=torch.zeros(5, dtype=torch.long), num_decodes=2,

@@ -1,4 +1,5 @@
 """Units of speculative decoding: n-gram lookup, the accept/resample rule, the k controller."""
+import pytest
 import torch
 from chi2 import chi2_critical, chi2_statistic
 
@@ -112,3 +113,24 @@ def test_controller_backs_off_probing_a_draft_that_never_agrees():
     # an accepted probe brings the interval back to probe_every
     assert [b - a for a, b in zip(accepted, accepted[1:])] == [4] * (len(accepted) - 1)
     assert len(accepted) >= 6
+
+
+def test_draft_kv_share_counts_each_cache_in_its_own_dtype():
+    """A separate draft keeps a cache for every block: the target gets its share of the budget
+    by bytes per token, in the KV dtype each cache is really stored in."""
+    from types import SimpleNamespace
+
+    from turbollm.model_arch import ModelArch
+    from turbollm.spec_decode.draft import draft_kv_share
+    arch = ModelArch(model_type="llama", hidden_size=64, intermediate_size=128,
+                     num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                     vocab_size=100)
+    small = ModelArch(model_type="llama", hidden_size=64, intermediate_size=128,
+                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=100)
+    assert draft_kv_share(arch, torch.float32, None) == 1.0
+    bf16_draft = SimpleNamespace(arch=arch, dtype=torch.bfloat16)
+    assert draft_kv_share(arch, torch.float32, bf16_draft) == pytest.approx(2 / 3)
+    assert draft_kv_share(arch, torch.float32, bf16_draft, "int8") == pytest.approx(0.5)
+    assert draft_kv_share(arch, torch.bfloat16, SimpleNamespace(arch=small, dtype=torch.bfloat16)) \
+        == pytest.approx(0.8)

@@ -65,7 +65,8 @@ class LLMEngine:
             peak = profile_peak_bytes(self.model, self.arch, step, cc.block_size, self.dtype,
                                       device, config.scheduler.max_num_seqs)
         budget = kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak)
-        budget = int(budget * draft_kv_share(self.arch, draft))  # a draft's cache shares it
+        # a separate draft's cache shares the budget
+        budget = int(budget * draft_kv_share(self.arch, self.dtype, draft, cc.kv_cache_dtype))
         num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
             self.arch, budget, cc.block_size, self.dtype, cc.kv_cache_dtype)
         if num_blocks < 1:

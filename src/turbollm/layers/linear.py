@@ -15,11 +15,12 @@ from turbollm.layers import native_ops
 class UnquantizedLinearMethod:
     """Plain dense weights: y = x W^T + b.
 
-    Up to 16 fp32 activation rows run our C kernel (layers/native_ops.py), with fp32 weights or
-    with bf16 weights widened to fp32 in registers (bf16 storage on a CPU without bf16
-    instructions): torch's few-row GEMV reads weights at half the memory bandwidth. More rows
-    use torch, upcasting bf16 weights, because bf16 matmuls with several rows fall back to a
-    slow scalar kernel on such CPUs.
+    Up to native_ops.MAX_DENSE_ROWS fp32 activation rows run our C kernel
+    (layers/native_ops.py), with fp32 weights or with bf16 / fp16 weights widened to fp32 in
+    registers (16-bit storage on a CPU without 16-bit math): torch's few-row GEMV reads weights
+    at half the memory bandwidth, and for more rows torch must first widen the whole weight.
+    Larger inputs (prefill) use torch, upcasting 16-bit weights, because bf16 matmuls fall back
+    to a slow scalar kernel on such CPUs.
     """
 
     name = "none"

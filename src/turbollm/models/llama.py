@@ -97,6 +97,7 @@ class LlamaModel(nn.Module):
         self.native_decoder: NativeDecoder | None = None  # made at the first CPU step
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
+        """Runs the first len(kv_caches) layers: all of them, or a self-speculation draft's."""
         h = self.embed_tokens(input_ids).to(self.compute_dtype)
         rope = self.rotary.cos_sin(positions)  # shared by every layer
         if native_decode_enabled() and h.device.type == "cpu":

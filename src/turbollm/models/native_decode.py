@@ -24,8 +24,8 @@ from turbollm.layers import native_ops
 from turbollm.quantization import kernels as quant_kernels
 
 # Row counts up to which some projection kernel may serve; each step still checks that every
-# projection has one for its T (dense weights stop at 16 rows, packed int4/int8 at 48/64).
-MAX_ROWS = max(native_ops.MAX_GEMV_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
+# projection has one for its T (dense weights stop at 128 rows, packed int4/int8 at 48/64).
+MAX_ROWS = max(native_ops.MAX_DENSE_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 
 
@@ -78,7 +78,7 @@ class NativeDecoder:
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
                         layer.mlp.down_proj) for layer in model.layers]
         self._kernel_cache: dict = {}
-        self._bound_caches, self._write_calls = None, None
+        self._write_calls: dict = {}  # id(cache list) -> (the list, its layers' write calls)
 
     def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
         T = h.shape[0]
@@ -109,11 +109,16 @@ class NativeDecoder:
 
     def _writes(self, kv_caches):
         """Each layer's K/V write call (None entries where C cannot write that cache), bound
-        once per cache list: the runner keeps one list for the engine's life."""
-        if kv_caches is not self._bound_caches:
-            self._write_calls = [native_attention.bind_write(kc, vc) for kc, vc in kv_caches]
-            self._bound_caches = kv_caches
-        return self._write_calls
+        once per cache list: the runner keeps one list for the engine's life, and a
+        self-speculation draft another (its first layers'), used in alternation."""
+        bound = self._write_calls.get(id(kv_caches))
+        if bound is None or bound[0] is not kv_caches:
+            # the list itself is kept, so its id cannot be reused while the entry lives
+            bound = (kv_caches, [native_attention.bind_write(kc, vc) for kc, vc in kv_caches])
+            if len(self._write_calls) >= 4:
+                self._write_calls.clear()
+            self._write_calls[id(kv_caches)] = bound
+        return bound[1]
 
     def forward(self, h: torch.Tensor, rope, kv_caches, meta: AttentionMetadata):
         """h [T, hidden] (embeddings) -> hidden states before the final norm, or None when a
@@ -142,8 +147,9 @@ class NativeDecoder:
         stride = qkv.stride(0)
         lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
                          self.layers[0][0].eps)
+        n = len(kv_caches)  # fewer than all layers for a self-speculation draft
         for i, ((_, qkv_lin, _, norm2, _, _), (k_qkv, k_o, k_gu, k_down), (kc, vc)) in \
-                enumerate(zip(self.layers, kernels, kv_caches)):
+                enumerate(zip(self.layers[:n], kernels, kv_caches)):
             k_qkv(p_x, p_qkv)
             if qkv_lin.bias is not None:
                 qkv.add_(qkv_lin.bias)
@@ -156,7 +162,7 @@ class NativeDecoder:
             k_gu(p_x, p_gu)
             lib.silu_mul_f32(p_gu, p_act, T, inter)
             k_down(p_act, p_o)
-            if i + 1 < len(self.layers):  # the residual add fused with the next layer's norm
+            if i + 1 < n:  # the residual add fused with the next layer's norm
                 norm1 = self.layers[i + 1][0]
                 lib.add_rms_norm_f32(p_h, p_o, norm1.weight.data_ptr(), p_x, T, hidden,
                                      norm1.eps)

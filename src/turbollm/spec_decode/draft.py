@@ -32,12 +32,9 @@ class TruncatedDraft(nn.Module):
         self.num_layers = num_layers
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
-        m = self.target.model
-        h = m.embed_tokens(input_ids).to(m.compute_dtype)
-        rope = m.rotary.cos_sin(positions)
-        for layer, kv in zip(m.layers[:self.num_layers], kv_caches):
-            h = layer(rope, h, kv, meta)
-        return m.norm(h)
+        # the target's decoder runs as many layers as it is given caches (C decode path too)
+        assert len(kv_caches) == self.num_layers
+        return self.target.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.target.compute_logits(hidden)
@@ -125,7 +122,7 @@ def build_draft_proposer(engine, draft) -> DraftProposer:
                              f"from the target's ({engine.arch.vocab_size})")
         from turbollm.worker.kv_cache import allocate_kv_cache, layer_views
         cache = allocate_kv_cache(draft.arch, engine.num_kv_blocks, bs, draft.dtype,
-                                  engine.device)
+                                  engine.device, engine.config.cache.kv_cache_dtype)
         return DraftProposer(draft.model, layer_views(cache), bs, engine.device,
                              engine.kv_manager.block_ids, shares_target_kv=False,
                              cost_per_token=linear_bytes(draft.model)
@@ -143,11 +140,13 @@ def build_draft_proposer(engine, draft) -> DraftProposer:
 
 
 
-def draft_kv_share(engine_arch, draft) -> float:
-    """Fraction of the KV budget the target gets when a separate draft keeps its own cache."""
+def draft_kv_share(engine_arch, engine_dtype, draft, kv_cache_dtype: str = "auto") -> float:
+    """Fraction of the KV budget the target gets when a separate draft keeps its own cache
+    (both caches hold every block, in `kv_cache_dtype`, or each model's dtype for 'auto')."""
     if draft is None:
         return 1.0
     from turbollm.sizing import kv_cache_bytes_per_token
-    t = kv_cache_bytes_per_token(engine_arch, draft.dtype)
-    d = kv_cache_bytes_per_token(draft.arch, draft.dtype)
+    auto = kv_cache_dtype == "auto"
+    t = kv_cache_bytes_per_token(engine_arch, engine_dtype if auto else kv_cache_dtype)
+    d = kv_cache_bytes_per_token(draft.arch, draft.dtype if auto else kv_cache_dtype)
     return t / (t + d)

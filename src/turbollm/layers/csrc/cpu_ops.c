@@ -67,46 +67,68 @@ void rope_f32(float *x, const float *cos, const float *sin, int64_t T, int64_t h
 }
 
 // y[m, o] = x[m] . w[o] for fp32 x [M, K] and w [N, K] (K % 8 == 0), fp32 accumulation.
-// Torch's GEMV for one or a few rows reads weights at ~8 GB/s on this class of CPU (bf16 has no
-// fast path at all without bf16 instructions); these read them once at close to stream speed.
-// Four weight rows at a time, so each x load feeds four dot products; the rows stay in L1 for
-// the other activation rows. Each output is summed in the same order whatever M is, so a row's
-// result does not depend on how many rows share the call.
+// Torch's GEMV for one or a few rows reads weights at ~8 GB/s on this class of CPU, and bf16
+// has no fast path at all without bf16 instructions (torch widens the whole weight to fp32
+// first); these read each weight once, widen it in registers, and use it for up to
+// GEMM_TILE activation rows before loading the next 8 values.
+// Blocks of GEMM_R weight rows are split across threads; a block (a few KB) stays in L1 while
+// every tile of activation rows passes over it. GEMM_R x GEMM_TILE accumulators + GEMM_R weight
+// vectors + one activation vector fill the 16 AVX2 registers.
+// Each output is summed in the same order whatever M is (one 8-lane accumulator over K in
+// order, then a horizontal sum), so a row's result does not depend on how many rows share the
+// call: a request gets the same bits alone, in a batch or in a verification.
+#define GEMM_R 3
+#define GEMM_TILE 4
+
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
+static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
 // One body for both weight types: a macro, because gcc does not inline a load function passed
-// by pointer, and the indirect call per 8 weights costs 4x.
+// by pointer, and the indirect call per 8 weights costs 4x. MT (activation rows of the tile) is
+// a constant in each call site of the switch, so the accumulators stay in registers.
 #define DEFINE_GEMM_F32_ACC(NAME, WTYPE, LOAD8)                                                          \
-    void NAME(const float *x, int64_t M, const WTYPE *w, float *y, int64_t N, int64_t K) {             \
-        const int64_t nblocks = (N + 3) / 4;                                                           \
-        _Pragma("omp parallel for schedule(static)")                                                   \
-        for (int64_t b = 0; b < nblocks; b++) {                                                        \
-            const int64_t o0 = b * 4;                                                                  \
-            const int rows = (int)(N - o0 < 4 ? N - o0 : 4);                                           \
-            const WTYPE *w0 = w + o0 * K;                                                              \
-            for (int64_t m = 0; m < M; m++) {                                                          \
-                const float *xm = x + m * K;                                                           \
-                __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),        \
-                                 _mm256_setzero_ps()};                                                 \
-                if (rows == 4) {                                                                       \
-                    for (int64_t i = 0; i < K; i += 8) {                                               \
-                        __m256 xv = _mm256_loadu_ps(xm + i);                                           \
-                        acc[0] = _mm256_fmadd_ps(LOAD8(w0 + i), xv, acc[0]);                           \
-                        acc[1] = _mm256_fmadd_ps(LOAD8(w0 + K + i), xv, acc[1]);                       \
-                        acc[2] = _mm256_fmadd_ps(LOAD8(w0 + 2 * K + i), xv, acc[2]);                   \
-                        acc[3] = _mm256_fmadd_ps(LOAD8(w0 + 3 * K + i), xv, acc[3]);                   \
-                    }                                                                                  \
-                } else {                                                                               \
-                    for (int64_t i = 0; i < K; i += 8) {                                               \
-                        __m256 xv = _mm256_loadu_ps(xm + i);                                           \
-                        for (int r = 0; r < rows; r++)                                                 \
-                            acc[r] = _mm256_fmadd_ps(LOAD8(w0 + r * K + i), xv, acc[r]);               \
-                    }                                                                                  \
-                }                                                                                      \
-                for (int r = 0; r < rows; r++) y[m * N + o0 + r] = hsum256(acc[r]);                    \
+    static inline __attribute__((always_inline)) void NAME##_tile(                                     \
+        const float *x, const WTYPE *w, float *y, int64_t N, int64_t K, const int MT) {               \
+        __m256 acc[GEMM_TILE][GEMM_R];                                                                 \
+        for (int t = 0; t < MT; t++)                                                                   \
+            for (int r = 0; r < GEMM_R; r++) acc[t][r] = _mm256_setzero_ps();                          \
+        for (int64_t i = 0; i < K; i += 8) {                                                           \
+            __m256 wv[GEMM_R];                                                                         \
+            for (int r = 0; r < GEMM_R; r++) wv[r] = LOAD8(w + r * K + i);                             \
+            for (int t = 0; t < MT; t++) {                                                             \
+                __m256 xv = _mm256_loadu_ps(x + t * K + i);                                            \
+                for (int r = 0; r < GEMM_R; r++) acc[t][r] = _mm256_fmadd_ps(wv[r], xv, acc[t][r]);    \
             }                                                                                          \
         }                                                                                              \
+        for (int t = 0; t < MT; t++)                                                                   \
+            for (int r = 0; r < GEMM_R; r++) y[t * N + r] = hsum256(acc[t][r]);                        \
+    }                                                                                                  \
+    void NAME(const float *x, int64_t M, const WTYPE *w, float *y, int64_t N, int64_t K) {             \
+        const int64_t nblocks = N / GEMM_R;                                                            \
+        _Pragma("omp parallel for schedule(static)")                                                   \
+        for (int64_t b = 0; b < nblocks; b++) {                                                        \
+            const int64_t o0 = b * GEMM_R;                                                             \
+            for (int64_t m = 0; m < M; m += GEMM_TILE) {                                               \
+                const float *xm = x + m * K;                                                           \
+                const WTYPE *wb = w + o0 * K;                                                          \
+                float *ym = y + m * N + o0;                                                            \
+                switch (M - m < GEMM_TILE ? (int)(M - m) : GEMM_TILE) {                                \
+                case 1: NAME##_tile(xm, wb, ym, N, K, 1); break;                                       \
+                case 2: NAME##_tile(xm, wb, ym, N, K, 2); break;                                       \
+                case 3: NAME##_tile(xm, wb, ym, N, K, 3); break;                                       \
+                default: NAME##_tile(xm, wb, ym, N, K, 4); break;                                      \
+                }                                                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        for (int64_t o = nblocks * GEMM_R; o < N; o++) /* the last N % GEMM_R weight rows */          \
+            for (int64_t m = 0; m < M; m++) {                                                          \
+                __m256 acc = _mm256_setzero_ps();                                                      \
+                for (int64_t i = 0; i < K; i += 8)                                                     \
+                    acc = _mm256_fmadd_ps(LOAD8(w + o * K + i), _mm256_loadu_ps(x + m * K + i), acc);  \
+                y[m * N + o] = hsum256(acc);                                                           \
+            }                                                                                          \
     }
 
 DEFINE_GEMM_F32_ACC(bf16_gemm_f32, uint16_t, load8_bf16)
 DEFINE_GEMM_F32_ACC(f32_gemm_f32, float, load8_f32)
+DEFINE_GEMM_F32_ACC(f16_gemm_f32, uint16_t, load8_f16)
