@@ -36,7 +36,7 @@ def test_rtn_roundtrip_error_is_within_half_a_step():
 
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("kind,bias", [("qkv", True), ("merged", False), ("down", False)])
-@pytest.mark.parametrize("rows", [1, 3, 24, 40])
+@pytest.mark.parametrize("rows", [1, 3, 24, 40, 56, 64, 100])
 def test_int4_layer_matches_reference(kind, bias, group_size, rows):
     layer = _layer(kind, bias)
     q, s, z = quantize_int4_rtn(layer.weight, group_size)

@@ -25,7 +25,7 @@ def _layer(kind, bias):
 
 
 @pytest.mark.parametrize("kind,bias", [("qkv", True), ("merged", False), ("head", False)])
-@pytest.mark.parametrize("rows", [1, 5, 24, 64])
+@pytest.mark.parametrize("rows", [1, 5, 24, 50, 64, 100])
 def test_int8_layer_matches_reference(kind, bias, rows):
     layer = _layer(kind, bias)
     q, s = quantize_int8(layer.weight)

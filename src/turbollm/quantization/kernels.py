@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from turbollm.layers import native_ops
 from turbollm.quantization import native
 
-# Rows up to which the packed-weight kernels beat widen-then-GEMM (measured on the SmolLM2 shapes
-# with 2 Zen3 threads, session 6: all 120 int4 linears at M = 48 / 64 rows took 104 / 150 ms
-# packed vs 122 / 150 widened; int8 with the output projection, 223 vs 321 ms at 64 rows).
-MAX_ROWS_PACKED = {"int4": 48, "int8": 64}
+# Rows up to which the packed-weight kernels serve; more rows widen the weight to fp32 in chunks
+# and run a dense GEMM (ours up to native_ops.MAX_DENSE_ROWS rows, then torch's). Measured on the
+# SmolLM2 shapes with 2 Zen3 threads: session 6, all 120 int4 linears at M = 48 rows, 104 ms
+# packed vs 122 widened (torch GEMM); session 7, all 121 linears of the Q4_1 model (int4 + the
+# int8 head) at M = 64 / 96 / 128: packed 216 / 276 / 361 ms, widened + C GEMM 206 / 288 / 362,
+# widened + torch 341 / 399 / 457; once the packed fp32 path was tiled (lowbit.c dot_tile), at
+# M = 64: packed 142, widened + C 156, widened + torch 208 (another run, same process).
+# Packed up to 64 rows also lets the C decode path take 64-row steps.
+MAX_ROWS_PACKED = {"int4": 64, "int8": 64}
 _SCRATCH_FLOATS = 1 << 22  # 16 MiB of fp32 weight rows per widening chunk
 # 32-column blocks of one activation row up to which the int16 path serves (K <= 131072; the
 # kernels size their buffers from K, so this only keeps wider rows on the fp32 path as before)
@@ -240,23 +246,31 @@ def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
 _scratch = torch.empty(0)
 
 
+def _dense_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 times the widened fp32 chunk w [N, K]^T: our C GEMM where it serves (up to
+    native_ops.MAX_DENSE_ROWS rows; ~half torch's time at 64 rows), else torch."""
+    if native_ops.dense_linear_usable(x, w):
+        return native_ops.dense_linear(x, w)
+    return F.linear(x, w)
+
+
 def _widened_linear(x: torch.Tensor, n: int, dequant_rows) -> torch.Tensor:
     """Many rows: widen the weight to fp32 chunk by chunk (reused scratch) and run a dense GEMM."""
     global _scratch
     M, k = x.shape
-    xf = x.float()
+    xf = x.float().contiguous()
     rows = max(1, min(n, _SCRATCH_FLOATS // k))
     # A scratch made under inference_mode cannot be written outside it: remake it then.
     if _scratch.numel() < rows * k or (_scratch.is_inference()
                                        and not torch.is_inference_mode_enabled()):
         _scratch = torch.empty(rows * k)
     if rows == n:
-        return F.linear(xf, dequant_rows(0, n, _scratch[:n * k].view(n, k))).to(x.dtype)
+        return _dense_gemm(xf, dequant_rows(0, n, _scratch[:n * k].view(n, k))).to(x.dtype)
     y = torch.empty(M, n)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         w = dequant_rows(r0, r1, _scratch[:(r1 - r0) * k].view(r1 - r0, k))
-        y[:, r0:r1] = F.linear(xf, w)
+        y[:, r0:r1] = _dense_gemm(xf, w)
     return y.to(x.dtype)
 
 

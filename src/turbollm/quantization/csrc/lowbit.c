@@ -69,9 +69,45 @@ static void q8_widen_row(const int8_t *q, const float *scales, float *dst, int64
 
 // Several activation rows: widen ROWS weight rows once into an L1-resident fp32 buffer, then
 // every activation row reuses it (the fused one-row kernel would redo the widening per row).
+// Tiles of DOT_TILE activation rows: per 8 columns, DOT_TILE x loads and ROWS weight loads feed
+// ROWS x DOT_TILE FMAs (12 accumulators + 3 x + 1 w = the 16 AVX2 registers); one activation
+// row at a time, the loads outnumbered the FMAs. Each output keeps one accumulator over K in
+// order, so its bits do not depend on the tiling.
+#define DOT_TILE 3
+
+static inline __attribute__((always_inline)) void dot_tile(const float *w, const float *x,
+                                                           float *y, int64_t N, int64_t K,
+                                                           const int MT) {
+    __m256 acc[DOT_TILE][ROWS];
+    for (int t = 0; t < MT; t++)
+        for (int r = 0; r < ROWS; r++) acc[t][r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < K; i += 8) {
+        __m256 xv[DOT_TILE];
+        for (int t = 0; t < MT; t++) xv[t] = _mm256_loadu_ps(x + t * K + i);
+        for (int r = 0; r < ROWS; r++) {
+            __m256 wv = _mm256_loadu_ps(w + r * K + i);
+            for (int t = 0; t < MT; t++) acc[t][r] = _mm256_fmadd_ps(wv, xv[t], acc[t][r]);
+        }
+    }
+    for (int t = 0; t < MT; t++)
+        for (int r = 0; r < ROWS; r++) y[t * N + r] = hsum256(acc[t][r]);
+}
+
 static void dot_rows(const float *w, int rows, const float *x, int64_t M, float *y, int64_t o0,
                      int64_t N, int64_t K) {
-    for (int64_t m = 0; m < M; m++) {
+    if (rows == ROWS) {
+        for (int64_t m = 0; m < M; m += DOT_TILE) {
+            const float *xm = x + m * K;
+            float *ym = y + m * N + o0;
+            switch (M - m < DOT_TILE ? (int)(M - m) : DOT_TILE) {
+            case 1: dot_tile(w, xm, ym, N, K, 1); break;
+            case 2: dot_tile(w, xm, ym, N, K, 2); break;
+            default: dot_tile(w, xm, ym, N, K, 3); break;
+            }
+        }
+        return;
+    }
+    for (int64_t m = 0; m < M; m++) {  // the last N % ROWS weight rows
         const float *xm = x + m * K;
         __m256 acc[ROWS];
         for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
