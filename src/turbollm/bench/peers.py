@@ -165,6 +165,19 @@ def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int, logits_all: b
                  n_threads_batch=threads, n_batch=512, logits_all=logits_all, verbose=False)
 
 
+def llamacpp_greedy(llm, prompt: list[int], n: int, times: list[float] | None = None) -> list[int]:
+    """n greedy tokens from llama.cpp (no EOS stop); `times` gets the clock as each one is made."""
+    import time
+    out = []
+    for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
+        if times is not None:
+            times.append(time.perf_counter())
+        out.append(int(tok))
+        if len(out) == n:
+            break
+    return out
+
+
 def measure_llamacpp(llm, spec, prompts, stage=lambda s: None) -> dict:
     """llama.cpp through its Python binding: eval() for prefill, the token generator (greedy,
     no EOS stop) for decode and latency. Its Python API runs one sequence at a time, so there
@@ -180,14 +193,7 @@ def measure_llamacpp(llm, spec, prompts, stage=lambda s: None) -> dict:
     res: dict = {"weight_bytes": Path(llm.model_path).stat().st_size, "storage_dtype": "gguf"}
 
     def gen(prompt, n, times=None):
-        out = []
-        for tok in llm.generate(prompt, top_k=1, temp=0.0, reset=True):
-            if times is not None:
-                times.append(time.perf_counter())
-            out.append(int(tok))
-            if len(out) == n:
-                break
-        return out
+        return llamacpp_greedy(llm, prompt, n, times)
 
     stage("prefill")
     best = float("inf")

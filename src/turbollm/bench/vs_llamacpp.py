@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from turbollm import LLM, SamplingParams
+from turbollm.bench.peers import llamacpp_greedy, load_llamacpp
 
 
 def ours_rate(llm: LLM, prompt: list[int], n: int) -> float:
@@ -27,10 +27,7 @@ def ours_rate(llm: LLM, prompt: list[int], n: int) -> float:
 
 def llamacpp_rate(lc, prompt: list[int], n: int) -> float:
     times: list[float] = []
-    for _ in lc.generate(prompt, top_k=1, temp=0.0, reset=True):
-        times.append(time.perf_counter())
-        if len(times) == n + 1:
-            break
+    llamacpp_greedy(lc, prompt, n + 1, times)
     return (len(times) - 1) / (times[-1] - times[0])
 
 
@@ -41,19 +38,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    import importlib.util
+    from turbollm.loader.resolve import resolve_model
     try:
-        missing = importlib.util.find_spec("llama_cpp") is None
-    except ValueError:  # a module set to None in sys.modules (as the test does)
-        missing = True
-    if missing:
+        lc = load_llamacpp(resolve_model("smollm2-135m").path, args.threads, 1024)
+    except ImportError:
         print("llama-cpp-python is not installed (pip install llama-cpp-python)")
         return 2
-    from turbollm.bench.peers import load_llamacpp
-    from turbollm.loader.resolve import resolve_model
     ours = LLM("smollm2-135m", num_threads=args.threads, kv_cache_memory="256MiB",
                enable_prefix_caching=False)
-    lc = load_llamacpp(resolve_model("smollm2-135m").path, args.threads, 1024)
     prompt = list(range(1000, 1016))
     runs = {"ours": lambda: ours_rate(ours, prompt, args.tokens),
             "llamacpp": lambda: llamacpp_rate(lc, prompt, args.tokens)}

@@ -24,7 +24,7 @@ from turbollm.layers import native_ops
 from turbollm.quantization import kernels as quant_kernels
 
 # Row counts up to which some projection kernel may serve; each step still checks that every
-# projection has one for its T (dense weights stop at 128 rows, packed int4/int8 at 48/64).
+# projection has one for its T (dense weights stop at 128 rows, packed int4/int8 at 64).
 MAX_ROWS = max(native_ops.MAX_DENSE_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 
