@@ -152,14 +152,18 @@ def test_kernel_library_builds_here():
 
 @pytest.mark.parametrize("group_size,k", [(32, 576), (128, 576), (64, 1536)])
 @pytest.mark.parametrize("n", [576, 7])  # 7: a tail of weight rows below the kernel's 4
-def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, k, n):
+@pytest.mark.parametrize("min_form", [False, True])  # True: GGUF Q4_1's (scale, min)
+def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, k, n, min_form):
     """Speculative verification (several rows) must reproduce plain decoding (one row): every
     output value is summed in the same order whatever the row count."""
     if native.lib() is None:
         pytest.skip("no C kernels here")
     torch.manual_seed(3)
-    state = kernels.int4_pack(*quantize_int4_rtn(torch.randn(n, k) * 0.05, group_size),
-                              group_size)
+    q, s, z = quantize_int4_rtn(torch.randn(n, k) * 0.05, group_size)
+    if min_form:
+        state = kernels.int4_pack_minform(q, s, -z * s, group_size)
+    else:
+        state = kernels.int4_pack(q, s, z, group_size)
     x = torch.randn(kernels.MAX_ROWS_A16, k)
     batch = kernels.int4_linear(x, state)
     for m in (0, 3, kernels.MAX_ROWS_A16 - 1):

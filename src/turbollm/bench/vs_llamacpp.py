@@ -1,13 +1,15 @@
-"""Batch-1 decode of our engine against llama.cpp on the same GGUF file, alternating in one process.
+"""Batch-1 decode of our configurations and llama.cpp on the same GGUF file, alternating in one process.
 
-    python -m turbollm.bench.vs_llamacpp [--threads 2] [--tokens 128] [--rounds 4] [--json F]
+    python -m turbollm.bench.vs_llamacpp [--configs default,bf16,int8,int4] [--no-llamacpp]
+                                         [--threads 2] [--tokens 128] [--rounds 4] [--json F]
 
 `turbollm bench` runs each configuration in its own process, one after another, so on this VM
 (whose speed drifts by tens of percent within minutes) two rows of its table are not a fair
-pair. Here the two engines decode the same prompt greedily in turns (A B / B A), and the ratio
-of their best rounds is reported. Decode rate = tokens after the first / time after the first,
-for both (our engine's request clock; llama-cpp-python's generator yields each token as it
-is made).
+pair. Here every engine decodes the same prompt greedily in turns (the order reversed every
+other round), and ratios of their best rounds are reported. Decode rate = tokens after the
+first / time after the first, for all (our engine's request clock; llama-cpp-python's
+generator yields each token as it is made). Configuration names are `turbollm bench`'s
+(--list-configs there).
 """
 from __future__ import annotations
 
@@ -15,7 +17,10 @@ import argparse
 import json
 
 from turbollm import LLM, SamplingParams
+from turbollm.bench.configs import build_matrix
 from turbollm.bench.peers import llamacpp_greedy, load_llamacpp
+
+LLAMACPP = "llamacpp"
 
 
 def ours_rate(llm: LLM, prompt: list[int], n: int) -> float:
@@ -31,38 +36,68 @@ def llamacpp_rate(lc, prompt: list[int], n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def alternate(runs: dict, rounds: int) -> dict[str, list[float]]:
+    """Each run's rate per round, the runs taken in turns (reversed every other round)."""
+    for run in runs.values():
+        run()  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for rnd in range(rounds):
+        for name in (list(runs) if rnd % 2 == 0 else list(runs)[::-1]):
+            rates[name].append(runs[name]())
+    return rates
+
+
+def ratios(rates: dict[str, list[float]]) -> dict[str, float]:
+    """Best-round ratios: each of ours against llama.cpp, and against our bf16 when both ran."""
+    best = {name: max(r) for name, r in rates.items()}
+    out = {}
+    for base in (LLAMACPP, "bf16"):
+        if base in best:
+            out.update({f"{name}/{base}": b / best[base] for name, b in best.items()
+                        if name not in (base, LLAMACPP)})
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", default="default",
+                    help="comma-separated configurations of ours (default: default)")
+    ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    from turbollm.loader.resolve import resolve_model
     try:
-        lc = load_llamacpp(resolve_model("smollm2-135m").path, args.threads, 1024)
-    except ImportError:
-        print("llama-cpp-python is not installed (pip install llama-cpp-python)")
+        configs = build_matrix(None, [c for c in args.configs.split(",") if c])
+    except ValueError as e:
+        print(e)
         return 2
-    ours = LLM("smollm2-135m", num_threads=args.threads, kv_cache_memory="256MiB",
-               enable_prefix_caching=False)
     prompt = list(range(1000, 1016))
-    runs = {"ours": lambda: ours_rate(ours, prompt, args.tokens),
-            "llamacpp": lambda: llamacpp_rate(lc, prompt, args.tokens)}
-    for run in runs.values():
-        run()  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in runs}
-    for rnd in range(args.rounds):
-        for name in (list(runs) if rnd % 2 == 0 else list(runs)[::-1]):
-            rates[name].append(runs[name]())
-    ratio = max(rates["ours"]) / max(rates["llamacpp"])
+    runs = {}
+    if not args.no_llamacpp:
+        from turbollm.loader.resolve import resolve_model
+        try:
+            lc = load_llamacpp(resolve_model("smollm2-135m").path, args.threads, 1024)
+        except ImportError:
+            print("llama-cpp-python is not installed (pip install llama-cpp-python, "
+                  "or --no-llamacpp)")
+            return 2
+        runs[LLAMACPP] = lambda: llamacpp_rate(lc, prompt, args.tokens)
+    for c in configs:
+        llm = LLM("smollm2-135m", **{"num_threads": args.threads, "kv_cache_memory": "256MiB",
+                                     "enable_prefix_caching": False, **c.kwargs})
+        runs[c.name] = lambda llm=llm: ours_rate(llm, prompt, args.tokens)
+    rates = alternate(runs, args.rounds)
     for name, r in rates.items():
-        print(f"{name:9s} decode tok/s: " + ", ".join(f"{x:.1f}" for x in r))
-    print(f"ours / llama.cpp (best rounds): {ratio:.2f}x")
+        print(f"{name:12s} decode tok/s: " + ", ".join(f"{x:.1f}" for x in r))
+    ratio = ratios(rates)
+    for name, x in ratio.items():
+        print(f"{name} (best rounds): {x:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "tokens": args.tokens, "rates": rates,
-                       "ratio": ratio}, f, indent=2)
+                       "ratios": ratio}, f, indent=2)
     return 0
 
 
