@@ -12,7 +12,7 @@ from turbollm.sizing import parse_memory_size
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf")
-KV_CACHE_DTYPES = ("auto", "int8", "fp8_e4m3")
+KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -70,8 +70,9 @@ class CacheConfig:
     enable_prefix_caching: bool = field(default=True, metadata=_help(
         "reuse KV blocks of repeated prompt prefixes"))
     kv_cache_dtype: str = field(default="auto", metadata=_help(
-        "KV cache storage: auto = the model's dtype; int8 = per-token, per-head scales (half "
-        "the bytes)", choices=KV_CACHE_DTYPES))
+        "KV cache storage: auto = the model's dtype; float16/bfloat16 = 2 bytes per value "
+        "whatever the model computes in (llama.cpp's default); int8 = per-token, per-head "
+        "scales (half the bytes of 16-bit)", choices=KV_CACHE_DTYPES))
     num_gpu_blocks_override: int | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:

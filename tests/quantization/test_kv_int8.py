@@ -91,3 +91,17 @@ def test_fp8_cache_generates(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB", kv_cache_dtype="fp8_e4m3")
     out = llm.generate([[5, 17, 300, 42]], SamplingParams(max_tokens=4, temperature=0))
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_fp16_cache_under_fp32_activations(tiny_llama):
+    """--kv-cache-dtype float16 stores 2 bytes per value while the model computes in fp32:
+    twice the blocks of 'auto' in the same budget, and the same greedy tokens at first."""
+    fp32 = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB")
+    fp16 = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB", kv_cache_dtype="float16")
+    assert fp16.engine.runner.kv_views[0][0].dtype == torch.float16
+    assert fp16.engine.num_kv_blocks == 2 * fp32.engine.num_kv_blocks
+    params = SamplingParams(max_tokens=8, temperature=0)
+    prompt = [[5, 17, 300, 42, 7, 99, 1000, 3]]
+    a = fp32.generate(prompt, params)[0].outputs[0].token_ids
+    b = fp16.generate(prompt, params)[0].outputs[0].token_ids
+    assert len(b) == 8 and a[:4] == b[:4]

@@ -32,6 +32,7 @@ def reference(bundled_gguf):
     ("bf16", dict(dtype="bfloat16", quantization="none"), 0.005),
     ("int8", dict(dtype="float32", quantization="int8"), 0.01),
     ("kv-int8", dict(dtype="float32", quantization="none", kv_cache_dtype="int8"), 0.01),
+    ("kv-fp16", dict(dtype="float32", quantization="none", kv_cache_dtype="float16"), 0.002),
 ])
 def test_perplexity_within_limit(bundled_gguf, reference, label, kwargs, limit):
     ids, ref = reference

@@ -61,6 +61,8 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
         BenchConfig("awq", {"quantization": "awq"}),
         BenchConfig("gptq", {"quantization": "gptq"}),
         BenchConfig("gguf-native", {"quantization": "gguf"}),
+        BenchConfig("kv-fp16", {"kv_cache_dtype": "float16"}),
+        BenchConfig("kv-bf16", {"kv_cache_dtype": "bfloat16"}),
         BenchConfig("kv-int8", {"kv_cache_dtype": "int8"}),
         BenchConfig("kv-fp8", {"kv_cache_dtype": "fp8_e4m3"}),
         BenchConfig("no-prefix-cache", {"enable_prefix_caching": False}),

@@ -1,7 +1,8 @@
 """Batch-1 decode of our configurations and llama.cpp on the same GGUF file, alternating in one process.
 
     python -m turbollm.bench.vs_llamacpp [--configs default,bf16,int8,int4] [--no-llamacpp]
-                                         [--threads 2] [--tokens 128] [--rounds 4] [--json F]
+                                         [--prompt-tokens 16] [--tokens 128] [--rounds 4]
+                                         [--threads 2] [--json F]
 
 `turbollm bench` runs each configuration in its own process, one after another, so on this VM
 (whose speed drifts by tens of percent within minutes) two rows of its table are not a fair
@@ -64,7 +65,9 @@ def main(argv=None) -> int:
                     help="comma-separated configurations of ours (default: default)")
     ap.add_argument("--no-llamacpp", action="store_true", help="leave llama.cpp out")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=16,
+                    help="prompt length (the context decode steps attend over grows from it)")
+    ap.add_argument("--tokens", type=int, default=128, help="tokens decoded per round")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -73,12 +76,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(e)
         return 2
-    prompt = list(range(1000, 1016))
+    prompt = list(range(1000, 1000 + args.prompt_tokens))
     runs = {}
     if not args.no_llamacpp:
         from turbollm.loader.resolve import resolve_model
         try:
-            lc = load_llamacpp(resolve_model("smollm2-135m").path, args.threads, 1024)
+            lc = load_llamacpp(resolve_model("smollm2-135m").path, args.threads,
+                               args.prompt_tokens + args.tokens + 8)
         except ImportError:
             print("llama-cpp-python is not installed (pip install llama-cpp-python, "
                   "or --no-llamacpp)")
@@ -96,7 +100,8 @@ def main(argv=None) -> int:
         print(f"{name} (best rounds): {x:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"threads": args.threads, "tokens": args.tokens, "rates": rates,
+            json.dump({"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                       "tokens": args.tokens, "rates": rates,
                        "ratios": ratio}, f, indent=2)
     return 0
 

@@ -8,17 +8,21 @@ from turbollm.model_arch import ModelArch
 from turbollm.sizing import kv_cache_bytes_per_token, num_kv_blocks
 
 CPU_DEFAULT_KV_BYTES = 2 * 2**30
+FLOAT_KV_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def allocate_kv_cache(arch: ModelArch, num_blocks: int, block_size: int, dtype: torch.dtype,
                       device: str, kv_cache_dtype: str = "auto"):
     """One zeroed tensor [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim]
-    (kv_cache_dtype 'auto': in `dtype`), or for int8 / fp8_e4m3 a QuantKVCache of that shape.
+    (kv_cache_dtype 'auto': in `dtype`; float16/bfloat16: in that dtype), or for int8 /
+    fp8_e4m3 a QuantKVCache of that shape.
 
     Zeroed because attention multiplies masked (zero-probability) slots by their values:
     uninitialized NaNs there would poison the output.
     """
-    if kv_cache_dtype != "auto":
+    if kv_cache_dtype in FLOAT_KV_DTYPES:
+        dtype = FLOAT_KV_DTYPES[kv_cache_dtype]
+    elif kv_cache_dtype != "auto":
         return allocate_quant_kv_cache(arch.num_hidden_layers, num_blocks, block_size,
                                        arch.num_key_value_heads, arch.head_dim, kv_cache_dtype,
                                        device)

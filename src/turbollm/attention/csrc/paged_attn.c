@@ -60,6 +60,20 @@ static inline const char *slot_row(const void *cache, int64_t slot, int64_t KVH,
     return (const char *)cache + ((slot * KVH + kh) * D) * esz;
 }
 
+// The K/V rows PREFETCH_TOKENS positions ahead are requested while a row is used: a context's
+// blocks may lie anywhere in the cache, where the hardware prefetcher does not follow (with
+// scattered blocks and an fp16 cache, attention took 1.3-1.5x longer without it).
+#define PREFETCH_TOKENS 16
+
+// Requests the cache row of the position `ahead` holds (if it is below `end`) and steps it.
+static inline void prefetch_next(slot_iter *ahead, int64_t *pos, int64_t end, const void *cache,
+                                 int64_t KVH, int64_t kh, int64_t D, int64_t esz) {
+    if (*pos >= end) return;
+    const char *row = slot_row(cache, next_slot(ahead), KVH, kh, D, esz);
+    for (int64_t b = 0; b < D * esz; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
+    (*pos)++;
+}
+
 // fp16 scale of a cache row (int8 caches); 1 otherwise
 static inline float slot_scale(const uint16_t *scales, int64_t slot, int64_t KVH, int64_t kh) {
     return scales == NULL ? 1.0f : _cvtsh_ss(scales[slot * KVH + kh]);
@@ -75,11 +89,15 @@ ALWAYS_INLINE void qk_scores(const float *q, int64_t G, const void *k_cache, con
                       int64_t KVH, int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
     const __m256 sc = _mm256_set1_ps(scale);
     slot_iter it = slots_from(table, BS, t0);
+    const int64_t pf = PREFETCH_TOKENS < n ? PREFETCH_TOKENS : n;
+    int64_t ahead_pos = t0 + pf;
+    slot_iter ahead = slots_from(table, BS, ahead_pos);
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
         const char *rows[8];
         float rs[8];
         for (int i = 0; i < 8; i++) {
+            prefetch_next(&ahead, &ahead_pos, t0 + n, k_cache, KVH, kh, D, esz);
             const int64_t slot = next_slot(&it);
             rows[i] = slot_row(k_cache, slot, KVH, kh, D, esz);
             rs[i] = slot_scale(k_scales, slot, KVH, kh);
@@ -141,7 +159,11 @@ ALWAYS_INLINE void pv_block(const float *p, const float *inv, int GB, int W, con
     for (int g = 0; g < GB; g++)
         for (int j = 0; j < W; j++) o[g][j] = _mm256_setzero_ps();
     slot_iter it = slots_from(table, BS, t0);
+    const int64_t pf = PREFETCH_TOKENS < n ? PREFETCH_TOKENS : n;
+    int64_t ahead_pos = t0 + pf;
+    slot_iter ahead = slots_from(table, BS, ahead_pos);
     for (int64_t t = 0; t < n; t++) {
+        if (c == 0) prefetch_next(&ahead, &ahead_pos, t0 + n, v_cache, KVH, kh, D, esz);
         const int64_t slot = next_slot(&it);
         const char *row = slot_row(v_cache, slot, KVH, kh, D, esz);
         const float rs = slot_scale(v_scales, slot, KVH, kh);
