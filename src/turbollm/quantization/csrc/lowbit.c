@@ -448,28 +448,80 @@ static void quad_params(const void *sh, const uint16_t *oh, int zero_form, int i
     }
 }
 
+// The same for one row with groups of cpg blocks (G = 32 * cpg, e.g. RTN/AWQ/GPTQ's 128 or a
+// per-channel int8 head): int4 groups of 64 / 128 are spread over 8 blocks by one permute (the
+// per-group loop below took half the time of a G = 128 GEMV), others broadcast per group.
+static void row_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o,
+                       int64_t ng, int64_t cpg, int64_t nchunks, const float *xd, float *bs,
+                       float *mn) {
+    if (is_int4 && (cpg == 2 || cpg == 4)) {  // G = 64 / 128: 8 blocks span 4 / 2 groups
+        const uint16_t *s = (const uint16_t *)sh + o * ng, *f = oh + o * ng;
+        const __m256i lane_group = cpg == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                            : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+        const __m256 sign = _mm256_set1_ps(-0.0f);
+        int64_t c = 0;
+        const int shift = cpg == 2 ? 1 : 2;  // block -> group without a division
+        for (; c + 8 <= nchunks; c += 8) {
+            const int64_t g = c >> shift;  // the 8 / cpg groups' fp16 values, read exactly
+            const __m128i sv16 = cpg == 2 ? _mm_loadl_epi64((const __m128i *)(s + g))
+                                          : _mm_cvtsi32_si128(*(const int32_t *)(s + g));
+            const __m128i fv16 = cpg == 2 ? _mm_loadl_epi64((const __m128i *)(f + g))
+                                          : _mm_cvtsi32_si128(*(const int32_t *)(f + g));
+            const __m256 sv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(sv16), lane_group);
+            const __m256 fv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(fv16), lane_group);
+            _mm256_storeu_ps(bs + c, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + c)));
+            _mm256_storeu_ps(mn + c, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
+        }
+        for (; c < nchunks; c++) {
+            const float sv = _cvtsh_ss(s[c >> shift]), fv = _cvtsh_ss(f[c >> shift]);
+            bs[c] = sv * xd[c];
+            mn[c] = zero_form ? -fv * sv : fv;
+        }
+        return;
+    }
+    for (int64_t g = 0; g < ng; g++) {
+        float sv, mv = 0.f;
+        if (is_int4) {
+            const float fv = _cvtsh_ss(oh[o * ng + g]);
+            sv = _cvtsh_ss(((const uint16_t *)sh)[o * ng + g]);
+            mv = zero_form ? -fv * sv : fv;
+        } else {
+            sv = ((const float *)sh)[o * ng + g];
+        }
+        const int64_t c1 = (g + 1) * cpg < nchunks ? (g + 1) * cpg : nchunks;
+        int64_t c = g * cpg;
+        for (; c + 8 <= c1; c += 8) {
+            _mm256_storeu_ps(bs + c, _mm256_mul_ps(_mm256_set1_ps(sv), _mm256_loadu_ps(xd + c)));
+            if (is_int4) _mm256_storeu_ps(mn + c, _mm256_set1_ps(mv));
+        }
+        if (c + 4 <= c1) {
+            _mm_storeu_ps(bs + c, _mm_mul_ps(_mm_set1_ps(sv), _mm_loadu_ps(xd + c)));
+            if (is_int4) _mm_storeu_ps(mn + c, _mm_set1_ps(mv));
+            c += 4;
+        }
+        for (; c < c1; c++) {
+            bs[c] = sv * xd[c];
+            mn[c] = mv;
+        }
+    }
+}
+
 static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const uint16_t *oh,
                      int zero_form, int is_int4, float *y, int64_t N, int64_t K, int64_t G) {
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
     const int64_t w_stride = is_int4 ? K / 2 : K;
 #pragma omp parallel
     {
-        float *sc = (float *)malloc((1 + 3 * ROWS) * nchunks * sizeof(float));
-        float *mn = sc + nchunks, *bs = mn + ROWS * nchunks, *xd4 = bs + ROWS * nchunks;
+        float *mn = (float *)malloc(3 * ROWS * nchunks * sizeof(float));
+        float *bs = mn + ROWS * nchunks, *xd4 = bs + ROWS * nchunks;  // [ROWS, nchunks] each
         for (int r = 0; r < ROWS; r++) memcpy(xd4 + r * nchunks, x->xd, nchunks * sizeof(float));
 #pragma omp for schedule(static)
         for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
             const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
             if (cpg == 1 && nr == ROWS) quad_params(sh, oh, zero_form, is_int4, o0, nchunks, xd4, bs, mn);
-            else for (int r = 0; r < nr; r++) {
-                float *b = bs + r * nchunks, *m = mn + r * nchunks;
-                if (is_int4) q4_block_params((const uint16_t *)sh, oh, zero_form, o0 + r, ng, cpg, nchunks, sc, m);
-                else q8_block_scales((const float *)sh, o0 + r, ng, cpg, sc);
-                int64_t c = 0;
-                for (; c + 8 <= nchunks; c += 8)
-                    _mm256_storeu_ps(b + c, _mm256_mul_ps(_mm256_loadu_ps(sc + c), _mm256_loadu_ps(x->xd + c)));
-                for (; c < nchunks; c++) b[c] = sc[c] * x->xd[c];
-            }
+            else for (int r = 0; r < nr; r++)
+                row_params(sh, oh, zero_form, is_int4, o0 + r, ng, cpg, nchunks, x->xd,
+                           bs + r * nchunks, mn + r * nchunks);
             float dots[ROWS];
             const uint8_t *rows = w + o0 * w_stride;
 #define RD(NR) (is_int4 ? row_dots(rows, w_stride, 1, NR, nchunks, x->xq, bs, dots) \
@@ -484,7 +536,7 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
             for (int r = 0; r < nr; r++)
                 y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * nchunks, x->xs, nchunks) : 0.f);
         }
-        free(sc);
+        free(mn);
     }
 }
 
