@@ -540,6 +540,14 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
     }
 }
 
+// Rows of tile t when M rows are cut into ceil(M / TILE) tiles of near-equal size: 9 rows make
+// tiles of 5 and 4, not 8 and a lone row whose single accumulator chain per weight row waits on
+// every fma (all 120 int4 linears at 9 rows: 20.5 -> 19.2 ms).
+static inline int tile_rows(int64_t M, int64_t t) {
+    const int64_t n = (M + TILE - 1) / TILE, base = M / n;
+    return (int)(base + (t < M % n ? 1 : 0));
+}
+
 // y[m, o] = x[m] . W[o] for x: [M, K] fp32 (the Python side sends up to MAX_ROWS_A16 rows)
 static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh,
                      const uint16_t *oh, int zero_form, int is_int4, float *y, int64_t N,
@@ -561,8 +569,8 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
             if (is_int4) q4_block_params((const uint16_t *)sh, oh, zero_form, o, ng, cpg, nchunks, sc, mn);
             else q8_block_scales((const float *)sh, o, ng, cpg, sc);
             const uint8_t *row = w + o * w_stride;
-            for (int64_t m0 = 0; m0 < M; m0 += TILE) {
-                const int mt = (int)(M - m0 < TILE ? M - m0 : TILE);
+            for (int64_t m0 = 0, t = 0; m0 < M; m0 += tile_rows(M, t++)) {
+                const int mt = tile_rows(M, t);
                 for (int j = 0; j < mt; j++) {
                     const float *xd = r.xd + (m0 + j) * nchunks;
                     float *b = bs + j * nchunks;
