@@ -150,7 +150,7 @@ def test_kernel_library_builds_here():
     assert kernels.MAX_ROWS_PACKED["int4"] >= 1
 
 
-@pytest.mark.parametrize("group_size,k", [(32, 576), (128, 576), (64, 1536)])
+@pytest.mark.parametrize("group_size,k", [(32, 576), (128, 576), (96, 576), (96, 1536), (64, 1536)])
 @pytest.mark.parametrize("n", [576, 7])  # 7: a tail of weight rows below the kernel's 4
 @pytest.mark.parametrize("min_form", [False, True])  # True: GGUF Q4_1's (scale, min)
 def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, k, n, min_form):

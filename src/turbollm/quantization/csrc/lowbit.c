@@ -448,32 +448,47 @@ static void quad_params(const void *sh, const uint16_t *oh, int zero_form, int i
     }
 }
 
-// The same for one row with groups of cpg blocks (G = 32 * cpg, e.g. RTN/AWQ/GPTQ's 128 or a
-// per-channel int8 head): int4 groups of 64 / 128 are spread over 8 blocks by one permute (the
-// per-group loop below took half the time of a G = 128 GEMV), others broadcast per group.
+// The same for one row with groups of cpg blocks (G = 32 * cpg, e.g. RTN/AWQ/GPTQ's 96 / 128,
+// or a per-channel int8 head). int4 rows of up to 16 groups: each block's group is gidx[c] =
+// c / cpg (a loop per group took half the time of a G = 128 GEMV); int8 and longer int4 rows:
+// each group's value broadcast over its blocks.
 static void row_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o,
-                       int64_t ng, int64_t cpg, int64_t nchunks, const float *xd, float *bs,
-                       float *mn) {
-    if (is_int4 && (cpg == 2 || cpg == 4)) {  // G = 64 / 128: 8 blocks span 4 / 2 groups
+                       int64_t ng, int64_t cpg, int64_t nchunks, const float *xd,
+                       const int32_t *gidx, int in_bounds16, float *bs, float *mn) {
+    if (is_int4 && gidx != NULL && ng <= 16) {
+        // the row's (up to 16) group scales and mins in two vectors each, picked per block by a
+        // permute (gathers took as long as the whole loop per group they replaced). The loads
+        // read 16 values: past this row into the next ones, or, for the last rows, from a copy.
         const uint16_t *s = (const uint16_t *)sh + o * ng, *f = oh + o * ng;
-        const __m256i lane_group = cpg == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
-                                            : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-        const __m256 sign = _mm256_set1_ps(-0.0f);
+        uint16_t s16[16], f16[16];
+        if (!in_bounds16) {
+            memset(s16, 0, sizeof s16);
+            memset(f16, 0, sizeof f16);
+            memcpy(s16, s, ng * sizeof(uint16_t));
+            memcpy(f16, f, ng * sizeof(uint16_t));
+            s = s16;
+            f = f16;
+        }
+        __m256 sg[2], mg[2];
+        for (int h = 0; h < (ng > 8 ? 2 : 1); h++) {
+            sg[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8 * h)));
+            const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + 8 * h)));
+            mg[h] = zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, _mm256_set1_ps(-0.0f)), sg[h]) : fv;
+        }
         int64_t c = 0;
-        const int shift = cpg == 2 ? 1 : 2;  // block -> group without a division
         for (; c + 8 <= nchunks; c += 8) {
-            const int64_t g = c >> shift;  // the 8 / cpg groups' fp16 values, read exactly
-            const __m128i sv16 = cpg == 2 ? _mm_loadl_epi64((const __m128i *)(s + g))
-                                          : _mm_cvtsi32_si128(*(const int32_t *)(s + g));
-            const __m128i fv16 = cpg == 2 ? _mm_loadl_epi64((const __m128i *)(f + g))
-                                          : _mm_cvtsi32_si128(*(const int32_t *)(f + g));
-            const __m256 sv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(sv16), lane_group);
-            const __m256 fv = _mm256_permutevar8x32_ps(_mm256_cvtph_ps(fv16), lane_group);
+            const __m256i idx = _mm256_loadu_si256((const __m256i *)(gidx + c));
+            __m256 sv = _mm256_permutevar8x32_ps(sg[0], idx), mv = _mm256_permutevar8x32_ps(mg[0], idx);
+            if (ng > 8) {
+                const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
+                sv = _mm256_blendv_ps(sv, _mm256_permutevar8x32_ps(sg[1], idx), high);
+                mv = _mm256_blendv_ps(mv, _mm256_permutevar8x32_ps(mg[1], idx), high);
+            }
             _mm256_storeu_ps(bs + c, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + c)));
-            _mm256_storeu_ps(mn + c, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
+            _mm256_storeu_ps(mn + c, mv);
         }
         for (; c < nchunks; c++) {
-            const float sv = _cvtsh_ss(s[c >> shift]), fv = _cvtsh_ss(f[c >> shift]);
+            const float sv = _cvtsh_ss(s[gidx[c]]), fv = _cvtsh_ss(f[gidx[c]]);
             bs[c] = sv * xd[c];
             mn[c] = zero_form ? -fv * sv : fv;
         }
@@ -512,16 +527,19 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
     const int64_t w_stride = is_int4 ? K / 2 : K;
 #pragma omp parallel
     {
-        float *mn = (float *)malloc(3 * ROWS * nchunks * sizeof(float));
-        float *bs = mn + ROWS * nchunks, *xd4 = bs + ROWS * nchunks;  // [ROWS, nchunks] each
+        // [ROWS, nchunks] each, then the block -> group map
+        float *bs = (float *)malloc(3 * ROWS * nchunks * sizeof(float) + nchunks * sizeof(int32_t));
+        float *xd4 = bs + ROWS * nchunks, *mn = xd4 + ROWS * nchunks;
+        int32_t *gidx = cpg > 1 ? (int32_t *)(mn + ROWS * nchunks) : NULL;
         for (int r = 0; r < ROWS; r++) memcpy(xd4 + r * nchunks, x->xd, nchunks * sizeof(float));
+        for (int64_t c = 0; gidx != NULL && c < nchunks; c++) gidx[c] = (int32_t)(c / cpg);
 #pragma omp for schedule(static)
         for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
             const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
             if (cpg == 1 && nr == ROWS) quad_params(sh, oh, zero_form, is_int4, o0, nchunks, xd4, bs, mn);
             else for (int r = 0; r < nr; r++)
-                row_params(sh, oh, zero_form, is_int4, o0 + r, ng, cpg, nchunks, x->xd,
-                           bs + r * nchunks, mn + r * nchunks);
+                row_params(sh, oh, zero_form, is_int4, o0 + r, ng, cpg, nchunks, x->xd, gidx,
+                           (N - o0 - r) * ng >= 16, bs + r * nchunks, mn + r * nchunks);
             float dots[ROWS];
             const uint8_t *rows = w + o0 * w_stride;
 #define RD(NR) (is_int4 ? row_dots(rows, w_stride, 1, NR, nchunks, x->xq, bs, dots) \
@@ -536,7 +554,7 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
             for (int r = 0; r < nr; r++)
                 y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * nchunks, x->xs, nchunks) : 0.f);
         }
-        free(mn);
+        free(bs);
     }
 }
 
