@@ -85,3 +85,19 @@ def load_library(src: Path, signatures: dict[str, list]) -> ctypes.CDLL | None:
         fn = getattr(handle, name)
         fn.argtypes, fn.restype = args, None
     return handle
+
+
+class RowKernel:
+    """A projection's C call for a fixed row count, as fn(x_ptr, y_ptr), and the same call as
+    data: `spec` = (function address, call kind, bound integer arguments), for callers that
+    make it from C (models/native_decode.py; kinds as in layers/csrc/cpu_ops.c)."""
+
+    LOWBIT, Q8, DENSE = 0, 1, 2
+    __slots__ = ("call", "spec")
+
+    def __init__(self, call, fn, kind: int, *args: int):
+        self.call = call
+        self.spec = (ctypes.cast(fn, ctypes.c_void_p).value, kind, *args)
+
+    def __call__(self, x: int, y: int) -> None:
+        self.call(x, y)

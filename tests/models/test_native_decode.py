@@ -59,6 +59,29 @@ def test_same_tokens_and_logprobs_as_the_module_path(tiny_model_factory, monkeyp
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
+@pytest.mark.parametrize("kind,quantization,c_loop", [
+    ("llama", None, True), ("llama", "int4", True), ("llama", "int8", True),
+    ("mistral_window", None, True), ("qwen2", None, False)])  # qwen2: a qkv bias
+def test_layer_loop_in_c_matches_the_python_loop(tiny_model_factory, monkeypatch, kind,
+                                                 quantization, c_loop):
+    llm = LLM(str(tiny_model_factory(kind)), dtype="float32", quantization=quantization,
+              quantization_group_size=32, **ENGINE)
+    plans = []
+    build = NativeDecoder._build_plan
+    monkeypatch.setattr(NativeDecoder, "_build_plan",
+                        lambda self, *a: plans.append(build(self, *a)) or plans[-1])
+    in_c = _run(llm, native=True)
+    assert plans and all((p is not None) == c_loop for p in plans)
+    native_decode.enable_c_loop(False)
+    try:
+        in_python = _run(llm, native=True)
+    finally:
+        native_decode.enable_c_loop(True)
+    for a, b in zip(in_c, in_python):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+
+
 def test_bf16_storage_matches_the_module_path(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="bfloat16", **ENGINE)
     if llm.engine.model.model.compute_dtype != torch.float32:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from turbollm.native_build import F32, I64, PTR, load_library
+from turbollm.native_build import F32, I64, PTR, RowKernel, load_library
 
 _SRC = Path(__file__).parent / "csrc" / "cpu_ops.c"
 _SIGNATURES = {
@@ -22,6 +22,7 @@ _SIGNATURES = {
     "bf16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f32_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
+    "decode_layers": [PTR, I64, PTR, F32, F32],
 }
 # Activation rows up to which dense_linear beats torch, measured on all 120 linears of the 135M
 # model (not cache-resident, as in a real forward), 2 threads: time C / torch at 1, 16, 64, 128,
@@ -84,7 +85,7 @@ def dense_row_kernel(weight: torch.Tensor, M: int):
         return None
     kernel = getattr(lib(), _GEMM_KERNELS[weight.dtype])
     w, (n, k) = weight.data_ptr(), weight.shape
-    return lambda x, y: kernel(x, M, w, y, n, k)
+    return RowKernel(lambda x, y: kernel(x, M, w, y, n, k), kernel, RowKernel.DENSE, M, w, n, k)
 
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

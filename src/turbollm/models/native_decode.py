@@ -13,6 +13,7 @@ served by a C kernel at that row count. Anything else takes the module path.
 """
 from __future__ import annotations
 
+import ctypes
 import os
 
 import torch
@@ -27,6 +28,9 @@ from turbollm.quantization import kernels as quant_kernels
 # projection has one for its T (dense weights stop at 128 rows, packed int4/int8 at 64).
 MAX_ROWS = max(native_ops.MAX_DENSE_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
+_c_loop = True
+# Words of decode_layers' arrays (layers/csrc/cpu_ops.c): per projection, per layer, per step
+_LIN_WORDS, _LAYER_WORDS, _STEP_WORDS = 10, 2 + 4 * 10 + 5, 27
 
 
 def native_decode_enabled() -> bool:
@@ -37,6 +41,17 @@ def enable_native_decode(on: bool = True) -> None:
     """Switch the path on or off (TURBOLLM_NATIVE_DECODE=0 starts with it off): for A/B runs."""
     global _enabled
     _enabled = on
+
+
+def enable_c_loop(on: bool = True) -> None:
+    """Run the layer loop in C (decode_layers) where it can, or always in Python: for A/B runs
+    and the tests that compare the two."""
+    global _c_loop
+    _c_loop = on
+
+
+def _address(fn) -> int:
+    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def attention_rows(meta: AttentionMetadata, num_tokens: int):
@@ -79,6 +94,10 @@ class NativeDecoder:
                         layer.mlp.down_proj) for layer in model.layers]
         self._kernel_cache: dict = {}
         self._write_calls: dict = {}  # id(cache list) -> (the list, its layers' write calls)
+        self._plans: dict = {}  # (row count, kernel switches, id(cache list)) -> C loop words
+        attention = native_attention.lib()
+        self._c_calls = None if attention is None else (
+            _address(attention.write_kv_rows), _address(attention.paged_attn_rows))
 
     def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
         T = h.shape[0]
@@ -120,6 +139,42 @@ class NativeDecoder:
             self._write_calls[id(kv_caches)] = bound
         return bound[1]
 
+    def _plan(self, T: int, kernels, kv_caches):
+        """(cache list, int64 [layers, _LAYER_WORDS] words of decode_layers, eps) for these
+        kernels and caches, or None where a layer needs the Python loop (a bias, its own eps, a
+        kernel without a C spec)."""
+        key = (T, quant_kernels.dispatch_key(), id(kv_caches))
+        plan = self._plans.get(key)
+        if plan is None or plan[0] is not kv_caches:
+            plan = (kv_caches, self._build_plan(kernels, kv_caches))
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            self._plans[key] = plan  # keeps the list, so its id is not reused meanwhile
+        return plan[1]
+
+    def _build_plan(self, kernels, kv_caches):
+        n = len(kv_caches)
+        eps = self.layers[0][0].eps
+        words = []
+        for i, ((_, qkv, o, norm2, gate_up, down), ks, (kc, vc)) in \
+                enumerate(zip(self.layers[:n], kernels, kv_caches)):
+            specs = [getattr(k, "spec", None) for k in ks]
+            kp, vp = native_attention._parts(kc), native_attention._parts(vc)
+            if (None in specs or any(lin.bias is not None for lin in (qkv, o, gate_up, down))
+                    or self.layers[i][0].eps != eps or norm2.eps != eps):
+                return None
+            nxt = self.layers[i + 1][0].weight.data_ptr() if i + 1 < n else 0
+            row = [norm2.weight.data_ptr(), nxt]
+            for spec in specs:
+                row += [*spec, *[0] * (_LIN_WORDS - len(spec))]
+            row += [kp[0].data_ptr(), vp[0].data_ptr(),
+                    kp[1].data_ptr() if kp[1] is not None else 0,
+                    vp[1].data_ptr() if vp[1] is not None else 0, kp[2]]
+            words.append(row)
+        plan = torch.tensor(words, dtype=torch.int64)
+        assert plan.shape[1] == _LAYER_WORDS
+        return plan, eps
+
     def forward(self, h: torch.Tensor, rope, kv_caches, meta: AttentionMetadata):
         """h [T, hidden] (embeddings) -> hidden states before the final norm, or None when a
         projection has no C kernel for T rows (then the caller runs the module path)."""
@@ -148,6 +203,16 @@ class NativeDecoder:
         lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
                          self.layers[0][0].eps)
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
+        plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
+        if plan is not None:
+            step = torch.tensor([
+                p_h, p_x, p_qkv, p_attn, p_o, p_gu, p_act, T, hidden, inter, H, KVH, D, stride,
+                q_size, qk_size, p_cos, p_sin, slots.data_ptr(), tables.data_ptr(),
+                tables.shape[1], seq.data_ptr(), ctx.data_ptr(), kv_caches[0][0].shape[1],
+                self.window or 0, *self._c_calls], dtype=torch.int64)
+            assert step.numel() == _STEP_WORDS
+            lib.decode_layers(plan[0].data_ptr(), n, step.data_ptr(), self.scale, plan[1])
+            return h
         for i, ((_, qkv_lin, _, norm2, _, _), (k_qkv, k_o, k_gu, k_down), (kc, vc)) in \
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
             k_qkv(p_x, p_qkv)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from turbollm.layers import native_ops
+from turbollm.native_build import RowKernel
 from turbollm.quantization import native
 
 # Rows up to which the packed-weight kernels serve; more rows widen the weight to fp32 in chunks
@@ -192,9 +193,8 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
         return None
     w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
          int(state.zero_form))
-    if _a16(M, k):
-        return lambda x, y: L.q4_gemm_a16(x, M, *w, y, n, k, g)
-    return lambda x, y: L.q4_gemm(x, M, *w, y, n, k, g)
+    fn = L.q4_gemm_a16 if _a16(M, k) else L.q4_gemm
+    return RowKernel(lambda x, y: fn(x, M, *w, y, n, k, g), fn, RowKernel.LOWBIT, M, *w, n, k, g)
 
 
 def int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
@@ -223,9 +223,8 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
     if M > MAX_ROWS_PACKED["int8"] or L is None or not _q8_ok(k, g):
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
-    if _a16(M, k) and g % 32 == 0:
-        return lambda x, y: L.q8_gemm_a16(x, M, w, s, y, n, k, g)
-    return lambda x, y: L.q8_gemm(x, M, w, s, y, n, k, g)
+    fn = L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm
+    return RowKernel(lambda x, y: fn(x, M, w, s, y, n, k, g), fn, RowKernel.Q8, M, w, s, n, k, g)
 
 
 def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:

@@ -132,3 +132,81 @@ static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_l
 DEFINE_GEMM_F32_ACC(bf16_gemm_f32, uint16_t, load8_bf16)
 DEFINE_GEMM_F32_ACC(f32_gemm_f32, float, load8_f32)
 DEFINE_GEMM_F32_ACC(f16_gemm_f32, uint16_t, load8_f16)
+
+// ---- the decoder layers of a decode-shaped step, as one call ----
+// models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
+// overhead plus the loop's own bookkeeping (~1 ms of a ~8 ms step of the 135M model). Here the
+// same calls, in the same order on the same buffers, are made from C. The projections, the K/V
+// write and the attention live in other libraries and arrive as function pointers with their
+// bound arguments.
+
+// A projection: {fn, kind, args...}; y = x W^T for M rows (see linear_call)
+enum { LIN_LOWBIT = 0, LIN_Q8 = 1, LIN_DENSE = 2 };
+#define LIN_WORDS 10
+typedef void (*lowbit_fn)(const float *, int64_t, const void *, const void *, const void *, int64_t,
+                          float *, int64_t, int64_t, int64_t);
+typedef void (*q8_fn)(const float *, int64_t, const void *, const void *, float *, int64_t, int64_t,
+                      int64_t);
+typedef void (*dense_fn)(const float *, int64_t, const void *, float *, int64_t, int64_t);
+typedef void (*write_fn)(const float *, const float *, int64_t, void *, void *, void *, void *,
+                         int64_t, const int64_t *, int64_t, int64_t, int64_t);
+typedef void (*attn_fn)(const float *, int64_t, const void *, const void *, const void *,
+                        const void *, int64_t, const int64_t *, int64_t, const int64_t *,
+                        const int64_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
+                        float, int64_t);
+
+static void linear_call(const int64_t *l, const float *x, float *y) {
+    const int64_t *a = l + 2;
+    switch (l[1]) {
+        case LIN_LOWBIT:  // M, packed, scales, offsets, zero_form, N, K, G
+            ((lowbit_fn)l[0])(x, a[0], (const void *)a[1], (const void *)a[2], (const void *)a[3], a[4], y, a[5], a[6], a[7]);
+            break;
+        case LIN_Q8:  // M, q, scales, N, K, G
+            ((q8_fn)l[0])(x, a[0], (const void *)a[1], (const void *)a[2], y, a[3], a[4], a[5]);
+            break;
+        default:  // M, weight, N, K
+            ((dense_fn)l[0])(x, a[0], (const void *)a[1], y, a[2], a[3]);
+    }
+}
+
+// Per layer (LAYER_WORDS int64): norm2 weight, next layer's norm1 weight (0 for the last),
+// qkv / o / gate_up / down projections (LIN_WORDS each), then the K/V write's and the
+// attention's cache pointers: k, v, k_scales, v_scales, dtype code.
+#define LAYER_WORDS (2 + 4 * LIN_WORDS + 5)
+// The step (int64): h, x, qkv, attn, o, gu, act buffers; T, hidden, inter, H, KVH, D, qkv row
+// stride, q_size, qk_size; cos, sin, slots; tables, max_blocks, seq, ctx; block size, window;
+// write fn, attention fn. scale and eps as floats.
+enum { S_H, S_X, S_QKV, S_ATTN, S_O, S_GU, S_ACT, S_T, S_HIDDEN, S_INTER, S_HEADS, S_KVH, S_D,
+       S_STRIDE, S_QSIZE, S_QKSIZE, S_COS, S_SIN, S_SLOTS, S_TABLES, S_MAXB, S_SEQ, S_CTX, S_BS,
+       S_WINDOW, S_WRITE, S_ATTEND, S_WORDS };
+
+void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float scale, float eps) {
+    float *h = (float *)s[S_H], *x = (float *)s[S_X], *qkv = (float *)s[S_QKV];
+    float *attn = (float *)s[S_ATTN], *o = (float *)s[S_O], *gu = (float *)s[S_GU];
+    float *act = (float *)s[S_ACT];
+    const int64_t T = s[S_T], hidden = s[S_HIDDEN], H = s[S_HEADS], KVH = s[S_KVH], D = s[S_D];
+    const int64_t stride = s[S_STRIDE];
+    const float *k_new = qkv + s[S_QSIZE], *v_new = qkv + s[S_QKSIZE];
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t *l = layers + i * LAYER_WORDS, *c = l + 2 + 4 * LIN_WORDS;
+        linear_call(l + 2, x, qkv);
+        rope_f32(qkv, (const float *)s[S_COS], (const float *)s[S_SIN], T, H + KVH, D, stride);
+        ((write_fn)s[S_WRITE])(k_new, v_new, stride, (void *)c[0], (void *)c[1], (void *)c[2],
+                               (void *)c[3], c[4], (const int64_t *)s[S_SLOTS], T, KVH, D);
+        ((attn_fn)s[S_ATTEND])(qkv, stride, (const void *)c[0], (const void *)c[1],
+                               (const void *)c[2], (const void *)c[3], c[4],
+                               (const int64_t *)s[S_TABLES], s[S_MAXB], (const int64_t *)s[S_SEQ],
+                               (const int64_t *)s[S_CTX], attn, T, H, KVH, D, s[S_BS], scale,
+                               s[S_WINDOW]);
+        linear_call(l + 2 + LIN_WORDS, attn, o);
+        add_rms_norm_f32(h, o, (const float *)l[0], x, T, hidden, eps);
+        linear_call(l + 2 + 2 * LIN_WORDS, x, gu);
+        silu_mul_f32(gu, act, T, s[S_INTER]);
+        linear_call(l + 2 + 3 * LIN_WORDS, act, o);
+        if (l[1]) {  // the residual add fused with the next layer's norm
+            add_rms_norm_f32(h, o, (const float *)l[1], x, T, hidden, eps);
+        } else {
+            for (int64_t j = 0; j < T * hidden; j++) h[j] += o[j];
+        }
+    }
+}
