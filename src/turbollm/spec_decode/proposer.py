@@ -13,7 +13,9 @@ from turbollm.spec_decode.ngram import propose_ngram
 # 8 proposals took 1.24, 1.48, 2.03, 3.37 plain steps, i.e. ~0.25-0.3 per extra row (int16 dot
 # products, 60%; the int8 output projection, 15%; attention, 25%). Over 0.05-0.3, n-gram speed
 # on grounded prompts did not move beyond noise (1.37-1.41x, interleaved). A GPU (memory-bound
-# to far more rows) would want ~0; measuring it at start-up is left to do.
+# to far more rows) would want ~0; measuring it at start-up is left to do. Session 8 made the
+# plain step ~1.5x cheaper, so an extra row is now ~0.4-0.46 of it (k = 8: 4.0-4.7 steps); with
+# 0.25 and 0.45 here n-gram decoded at the same speed (1.21x / 1.20x plain, interleaved).
 VERIFY_COST_PER_TOKEN = 0.25
 # Running decodes from which speculation is switched off (unless seeded sampling).
 DISABLE_BATCH_SIZE = 8
