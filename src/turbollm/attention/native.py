@@ -25,7 +25,7 @@ def lib():
     return load_library(_SRC, _SIGNATURES)
 
 
-def _parts(cache) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+def cache_parts(cache) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
     """(values, fp16 scales or None, kernel dtype code) of a cache the kernel reads, else None."""
     if isinstance(cache, QuantKV):
         return (cache.data, cache.scale, _KV_INT8) if cache.kind == "int8" else None
@@ -36,7 +36,7 @@ def _parts(cache) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
 
 def supports(q: torch.Tensor, k_cache) -> bool:
     """True when the C kernel can attend q [R, H, D] over this cache on this machine."""
-    parts = _parts(k_cache)
+    parts = cache_parts(k_cache)
     if parts is None:
         return False  # e.g. an fp8 cache
     if q.device.type != "cpu" or q.dtype != torch.float32 or not parts[0].is_contiguous():
@@ -68,7 +68,7 @@ def bind_rows(k_cache, v_cache, tables: torch.Tensor, seq: torch.Tensor, ctx: to
     (contiguous int64 tables, seq, ctx, which the caller keeps alive): the decoder binds one per
     layer per step, as per-call tensor checks cost as much as the attention of a short context."""
     BS, KVH = k_cache.shape[1], k_cache.shape[2]
-    (k, ks, code), (v, vs, _) = _parts(k_cache), _parts(v_cache)
+    (k, ks, code), (v, vs, _) = cache_parts(k_cache), cache_parts(v_cache)
     args = (k.data_ptr(), v.data_ptr(), ks.data_ptr() if ks is not None else None,
             vs.data_ptr() if vs is not None else None, code, tables.data_ptr(), tables.shape[1],
             seq.data_ptr(), ctx.data_ptr())
@@ -81,7 +81,7 @@ def bind_write(k_cache, v_cache):
     """fn(k_ptr, v_ptr, row_stride, slots_ptr, T) storing T new fp32 K/V rows (KVH x D values
     each, rows row_stride floats apart) at flat int64 slots, converted as torch converts them
     (bf16/fp16 round to nearest even; int8 as QuantKV.write); None for a cache it cannot write."""
-    kp, vp = _parts(k_cache), _parts(v_cache)
+    kp, vp = cache_parts(k_cache), cache_parts(v_cache)
     if (kp is None or vp is None or lib() is None
             or not (kp[0].is_contiguous() and vp[0].is_contiguous())):
         return None

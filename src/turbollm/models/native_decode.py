@@ -3,8 +3,10 @@
 A decode step of a small model is ~400 small ops. Through nn.Module calls, torch dispatch and
 tensor allocation each costs 5-10 us of Python, which was 40% of a step of the 135M model
 (more with 4-bit weights, whose matmuls are faster). Here each decoder layer is ~10 calls of
-the same C kernels the module path uses, on pointers bound once per step, so both paths compute
-the same numbers (the tests compare them bit for bit).
+the same C kernels the module path uses, so both paths compute the same numbers (the tests
+compare them bit for bit). The layer loop itself runs in C (`decode_layers` in
+layers/csrc/cpu_ops.c) from a table of bound kernel calls built once per row count and cache
+list; a layer that needs more (a qkv bias) keeps the loop in Python, with the same calls.
 
 A step takes this path when it is decode-shaped: on CPU with fp32 activations, at most
 MAX_ROWS tokens, every chunk attending like a decode (one token, or a few over a cached
@@ -140,9 +142,9 @@ class NativeDecoder:
         return bound[1]
 
     def _plan(self, T: int, kernels, kv_caches):
-        """(cache list, int64 [layers, _LAYER_WORDS] words of decode_layers, eps) for these
-        kernels and caches, or None where a layer needs the Python loop (a bias, its own eps, a
-        kernel without a C spec)."""
+        """(int64 [layers, _LAYER_WORDS] words of decode_layers, eps) for these kernels and
+        caches, or None where a layer needs the Python loop (a bias, its own eps, a kernel
+        without a C spec)."""
         key = (T, quant_kernels.dispatch_key(), id(kv_caches))
         plan = self._plans.get(key)
         if plan is None or plan[0] is not kv_caches:
@@ -159,7 +161,7 @@ class NativeDecoder:
         for i, ((_, qkv, o, norm2, gate_up, down), ks, (kc, vc)) in \
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
             specs = [getattr(k, "spec", None) for k in ks]
-            kp, vp = native_attention._parts(kc), native_attention._parts(vc)
+            kp, vp = native_attention.cache_parts(kc), native_attention.cache_parts(vc)
             if (None in specs or any(lin.bias is not None for lin in (qkv, o, gate_up, down))
                     or self.layers[i][0].eps != eps or norm2.eps != eps):
                 return None
