@@ -93,13 +93,15 @@ def test_backend_few_query_chunks_use_the_kernel_and_match(window, monkeypatch):
     torch.testing.assert_close(got, run(), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("kind", ["int8", "fp8_e4m3"])
 @pytest.mark.parametrize("window", [None, 9])
-def test_int8_cache_matches_reference(window, monkeypatch):
-    """An int8 KV cache (per-token, per-head fp16 scales) is read in place, scales applied."""
+def test_quantized_cache_matches_reference(kind, window, monkeypatch):
+    """An int8 KV cache (per-token, per-head fp16 scales) or an fp8 e4m3 one is read in
+    place (scales applied, fp8 widened exactly)."""
     from turbollm.attention.kv_quant import allocate_quant_kv_cache
     g = torch.Generator().manual_seed(3)
     nb, bs, kvh, d, h = 32, 16, 3, 64, 9
-    cache = allocate_quant_kv_cache(1, nb, bs, kvh, d, "int8", "cpu")
+    cache = allocate_quant_kv_cache(1, nb, bs, kvh, d, kind, "cpu")
     kc, vc = cache.layer_views()[0]
     slots = torch.arange(nb * bs)
     kc.write(torch.randn(nb * bs, kvh, d, generator=g) * 2, slots)
@@ -114,11 +116,12 @@ def test_int8_cache_matches_reference(window, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.float16, "int8"])
+@pytest.mark.parametrize("kind", [torch.float32, torch.bfloat16, torch.float16, "int8",
+                                  "fp8_e4m3"])
 def test_c_kv_write_stores_the_bytes_torch_stores(kind, monkeypatch):
-    """The decode-sized C write of new K/V rows converts exactly as torch does (bf16/fp16 round
-    to nearest even, int8 scale and rounding as QuantKV.write), from strided rows as the
-    decoder hands them over (views into the fused qkv output)."""
+    """The decode-sized C write of new K/V rows converts exactly as torch does (bf16/fp16/fp8
+    round to nearest even, int8 scale and rounding as QuantKV.write, fp8 clamped to +-448),
+    from strided rows as the decoder hands them over (views into the fused qkv output)."""
     from turbollm.attention import torch_sdpa
     from turbollm.attention.kv_quant import allocate_quant_kv_cache
 
@@ -128,17 +131,22 @@ def test_c_kv_write_stores_the_bytes_torch_stores(kind, monkeypatch):
     qkv[0, 2 * kvh * d:3 * kvh * d] = 0.0  # an all-zero K row (int8 scale 0)
     qkv[1, 2 * kvh * d] = 1.0 + 2 ** -8  # a bf16 tie: rounds to even
     qkv[2, 2 * kvh * d + 1] = -0.0
+    # fp8: beyond +-448, the subnormal range (steps of 2^-9) and its ties, a tie between
+    # normals (1 + 1/16 lies halfway between 1 and 1.125), the largest subnormal rounding up
+    qkv[3, 2 * kvh * d:2 * kvh * d + 8] = torch.tensor(
+        [1000.0, -500.0, 3 * 2 ** -10, 5 * 2 ** -10, 1 + 2 ** -4, 1 + 3 * 2 ** -4,
+         2 ** -6 - 2 ** -11, 1e-12])
     k = qkv[:, 2 * kvh * d:3 * kvh * d].view(T, kvh, d)
     v = qkv[:, 3 * kvh * d:].view(T, kvh, d)
     slots = torch.tensor([17, 3, 40, 41, 0])
 
     def caches():
-        if kind == "int8":
-            return allocate_quant_kv_cache(1, 4, 16, kvh, d, "int8", "cpu").layer_views()[0]
+        if isinstance(kind, str):
+            return allocate_quant_kv_cache(1, 4, 16, kvh, d, kind, "cpu").layer_views()[0]
         return (torch.zeros(4, 16, kvh, d, dtype=kind), torch.zeros(4, 16, kvh, d, dtype=kind))
 
     def raw(c):
-        return [c.data, c.scale] if kind == "int8" else [c]
+        return [c.data, c.scale] if kind == "int8" else [c.data] if kind == "fp8_e4m3" else [c]
 
     kc, vc = caches()
     assert native.write_kv(k, v, kc, vc, slots)

@@ -82,6 +82,18 @@ def test_layer_loop_in_c_matches_the_python_loop(tiny_model_factory, monkeypatch
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["float16", "int8", "fp8_e4m3"])
+def test_quantized_and_16_bit_kv_caches_take_the_c_path(tiny_llama, monkeypatch, kv_cache_dtype):
+    llm = LLM(str(tiny_llama), dtype="float32", kv_cache_dtype=kv_cache_dtype, **ENGINE)
+    taken = _count_native_steps(monkeypatch)
+    fast = _run(llm, native=True)
+    assert taken and max(taken) == len(PROMPTS)
+    slow = _run(llm, native=False)
+    for a, b in zip(fast, slow):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+
+
 def test_bf16_storage_matches_the_module_path(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="bfloat16", **ENGINE)
     if llm.engine.model.model.compute_dtype != torch.float32:

@@ -16,7 +16,7 @@ _SIGNATURES = {
     "write_kv_rows": [PTR, PTR, I64, PTR, PTR, PTR, PTR, I64, PTR, I64, I64, I64],
 }
 _KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_KV_INT8 = 3
+_KV_QUANT = {"int8": 3, "fp8_e4m3": 4}
 
 
 @functools.cache
@@ -28,7 +28,7 @@ def lib():
 def cache_parts(cache) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
     """(values, fp16 scales or None, kernel dtype code) of a cache the kernel reads, else None."""
     if isinstance(cache, QuantKV):
-        return (cache.data, cache.scale, _KV_INT8) if cache.kind == "int8" else None
+        return cache.data, cache.scale, _KV_QUANT[cache.kind]
     if isinstance(cache, torch.Tensor) and cache.dtype in _KV_DTYPES:
         return cache, None, _KV_DTYPES[cache.dtype]
     return None
@@ -38,7 +38,7 @@ def supports(q: torch.Tensor, k_cache) -> bool:
     """True when the C kernel can attend q [R, H, D] over this cache on this machine."""
     parts = cache_parts(k_cache)
     if parts is None:
-        return False  # e.g. an fp8 cache
+        return False  # e.g. a cache in a dtype the kernel has no loader for
     if q.device.type != "cpu" or q.dtype != torch.float32 or not parts[0].is_contiguous():
         return False
     d, kvh = q.shape[2], k_cache.shape[2]
@@ -49,7 +49,7 @@ def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.
                          tables: torch.Tensor, seq: torch.Tensor, ctx: torch.Tensor,
                          scale: float, window: int | None) -> torch.Tensor:
     """Attention of query rows q [R, H, D] (fp32) over paged K/V caches [NB, BS, KVH, D]
-    (tensors, or int8 QuantKV caches).
+    (tensors, or int8 / fp8 QuantKV caches).
 
     Row r attends to the first ctx[r] tokens of sequence seq[r], whose blocks are
     tables[seq[r]] (int64 [S, max_blocks]); with a sliding window, only the last `window`.
@@ -80,7 +80,8 @@ def bind_rows(k_cache, v_cache, tables: torch.Tensor, seq: torch.Tensor, ctx: to
 def bind_write(k_cache, v_cache):
     """fn(k_ptr, v_ptr, row_stride, slots_ptr, T) storing T new fp32 K/V rows (KVH x D values
     each, rows row_stride floats apart) at flat int64 slots, converted as torch converts them
-    (bf16/fp16 round to nearest even; int8 as QuantKV.write); None for a cache it cannot write."""
+    (bf16/fp16 round to nearest even; int8 and fp8 as QuantKV.write); None for a cache it
+    cannot write."""
     kp, vp = cache_parts(k_cache), cache_parts(v_cache)
     if (kp is None or vp is None or lib() is None
             or not (kp[0].is_contiguous() and vp[0].is_contiguous())):

@@ -2,8 +2,9 @@
 // AVX2 + FMA + F16C. It reads K/V where they lie in the block cache, so nothing is gathered or
 // padded, and each (query row, head) pair does its whole softmax as one work item.
 //
-// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], fp32, bf16, fp16 or
-// int8 with one fp16 scale per (slot, KV head) ([num_blocks, block_size, num_kv_heads]).
+// Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], fp32, bf16, fp16,
+// fp8 e4m3fn, or int8 with one fp16 scale per (slot, KV head) ([num_blocks, block_size,
+// num_kv_heads]).
 // Query row r belongs to sequence seq[r] (its block table is tables[seq[r]]) and sees the
 // first ctx[r] tokens of it (minus the ones outside a sliding window). Math is fp32.
 #include <immintrin.h>
@@ -14,7 +15,19 @@
 
 #include "simd.h"
 
-enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3 };
+enum { KV_F32 = 0, KV_BF16 = 1, KV_F16 = 2, KV_I8 = 3, KV_F8 = 4 };
+
+// 8 fp8 e4m3fn bytes widened to fp32 (exactly). Exponent field e > 0: the 7 low bits shifted
+// into place plus the bias difference (127 - 7) << 23; e = 0 (subnormal): mantissa * 2^-9.
+static inline __m256 load8_fp8(const uint8_t *p) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    const __m256i em = _mm256_and_si256(v, _mm256_set1_epi32(0x7F));
+    const __m256 sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(v, _mm256_set1_epi32(0x80)), 24));
+    const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(em, 20), _mm256_set1_epi32(120 << 23)));
+    const __m256 sub = _mm256_mul_ps(_mm256_cvtepi32_ps(em), _mm256_set1_ps(1.0f / 512.0f));
+    const __m256 is_sub = _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(8), em));
+    return _mm256_or_ps(_mm256_blendv_ps(normal, sub, is_sub), sign);
+}
 
 // Inlined into a copy of the attention per cache dtype (attend_item), so the dtype test is
 // resolved at compile time rather than on every load.
@@ -23,6 +36,7 @@ static inline __attribute__((always_inline)) __m256 load8(const void *base, int6
     if (dtype == KV_I8)  // the row's scale is applied by the caller
         return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)base + i))));
     if (dtype == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)base + i)));
+    if (dtype == KV_F8) return load8_fp8((const uint8_t *)base + i);
     return load8_bf16((const uint16_t *)base + i);
 }
 
@@ -216,7 +230,7 @@ ALWAYS_INLINE void attend_item(const float *q, int64_t G, const void *k_cache, c
                                const int64_t *table, int64_t t0, int64_t n, int64_t BS,
                                int64_t KVH, int64_t kh, int64_t D, float scale, float *scores,
                                float *inv, float *lse, float *out) {
-    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 ? 1 : 2;
+    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 || dtype == KV_F8 ? 1 : 2;
     qk_scores(q, G, k_cache, k_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, scale, scores);
     for (int64_t g = 0; g < G; g++) inv[g] = softmax_unnormalized(scores + g * n, n, lse + g);
     pv_sum(scores, inv, G, v_cache, v_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, out);
@@ -292,6 +306,7 @@ void paged_attn_rows(const float *q, int64_t q_stride, const void *k_cache, cons
                 case KV_F32: ATTEND(KV_F32); break;
                 case KV_BF16: ATTEND(KV_BF16); break;
                 case KV_F16: ATTEND(KV_F16); break;
+                case KV_F8: ATTEND(KV_F8); break;
                 default: ATTEND(KV_I8); break;
             }
 #undef ATTEND
@@ -330,9 +345,28 @@ static inline uint16_t bf16_from_f32(float f) {
     return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
+// fp32 -> fp8 e4m3fn as QuantKV.write does it: clamped to +-448, rounded to nearest even (all
+// steps below are exact in fp32 but the final rint); NaN stays NaN (0x7F).
+static uint8_t fp8_from_f32(float x) {
+    if (isnan(x)) return 0x7F;
+    const uint8_t sign = signbit(x) ? 0x80 : 0;
+    const float a = fminf(fabsf(x), 448.0f);
+    if (a < 0.015625f)  // below the smallest normal 2^-6: steps of 2^-9 (8 steps make 2^-6)
+        return sign | (uint8_t)nearbyintf(a * 512.0f);
+    int e;
+    frexpf(a, &e);  // a = f * 2^e, f in [0.5, 1)
+    e -= 1;         // a in [2^e, 2^(e+1))
+    float q = nearbyintf((ldexpf(a, -e) - 1.0f) * 8.0f);
+    if (q == 8.0f) {
+        q = 0.0f;
+        e++;
+    }
+    return sign | (uint8_t)(((e + 7) << 3) | (int)q);
+}
+
 // Store one new row x [KVH * D] (fp32) at a cache slot, converted as torch would convert it:
-// bf16/fp16 rounded to nearest even; int8 per (slot, head) with scale fp16(max|x| / 127) (at
-// least 1e-8) and q = round-half-even(x / scale) clamped to +-127.
+// bf16/fp16/fp8 rounded to nearest even; int8 per (slot, head) with scale fp16(max|x| / 127)
+// (at least 1e-8) and q = round-half-even(x / scale) clamped to +-127.
 static void store_row(const float *x, void *cache, uint16_t *scales, int dtype, int64_t slot,
                       int64_t KVH, int64_t D) {
     const int64_t n = KVH * D;
@@ -344,6 +378,9 @@ static void store_row(const float *x, void *cache, uint16_t *scales, int dtype, 
     } else if (dtype == KV_F16) {
         uint16_t *dst = (uint16_t *)cache + slot * n;
         for (int64_t i = 0; i < n; i++) dst[i] = _cvtss_sh(x[i], _MM_FROUND_TO_NEAREST_INT);
+    } else if (dtype == KV_F8) {
+        uint8_t *dst = (uint8_t *)cache + slot * n;
+        for (int64_t i = 0; i < n; i++) dst[i] = fp8_from_f32(x[i]);
     } else {
         int8_t *dst = (int8_t *)cache + slot * n;
         for (int64_t h = 0; h < KVH; h++) {
