@@ -87,6 +87,11 @@ def load_library(src: Path, signatures: dict[str, list]) -> ctypes.CDLL | None:
     return handle
 
 
+def function_address(fn) -> int:
+    """The address of a loaded C function, for C code that calls it through a pointer."""
+    return ctypes.cast(fn, ctypes.c_void_p).value
+
+
 class RowKernel:
     """A projection's C call for a fixed row count, as fn(x_ptr, y_ptr), and the same call as
     data: `spec` = (function address, call kind, bound integer arguments), for callers that
@@ -97,7 +102,7 @@ class RowKernel:
 
     def __init__(self, call, fn, kind: int, *args: int):
         self.call = call
-        self.spec = (ctypes.cast(fn, ctypes.c_void_p).value, kind, *args)
+        self.spec = (function_address(fn), kind, *args)
 
     def __call__(self, x: int, y: int) -> None:
         self.call(x, y)

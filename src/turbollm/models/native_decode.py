@@ -15,7 +15,6 @@ served by a C kernel at that row count. Anything else takes the module path.
 """
 from __future__ import annotations
 
-import ctypes
 import os
 
 import torch
@@ -24,6 +23,7 @@ from turbollm.attention import native as native_attention
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.attention.torch_sdpa import SMALL_QUERY
 from turbollm.layers import native_ops
+from turbollm.native_build import function_address
 from turbollm.quantization import kernels as quant_kernels
 
 # Row counts up to which some projection kernel may serve; each step still checks that every
@@ -32,7 +32,8 @@ MAX_ROWS = max(native_ops.MAX_DENSE_ROWS, *quant_kernels.MAX_ROWS_PACKED.values(
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 _c_loop = True
 # Words of decode_layers' arrays (layers/csrc/cpu_ops.c): per projection, per layer, per step
-_LIN_WORDS, _LAYER_WORDS, _STEP_WORDS = 10, 2 + 4 * 10 + 5, 27
+_LIN_WORDS = 10
+_LAYER_WORDS, _STEP_WORDS = 2 + 4 * _LIN_WORDS + 5, 27
 
 
 def native_decode_enabled() -> bool:
@@ -50,10 +51,6 @@ def enable_c_loop(on: bool = True) -> None:
     and the tests that compare the two."""
     global _c_loop
     _c_loop = on
-
-
-def _address(fn) -> int:
-    return ctypes.cast(fn, ctypes.c_void_p).value
 
 
 def attention_rows(meta: AttentionMetadata, num_tokens: int):
@@ -98,8 +95,8 @@ class NativeDecoder:
         self._write_calls: dict = {}  # id(cache list) -> (the list, its layers' write calls)
         self._plans: dict = {}  # (row count, kernel switches, id(cache list)) -> C loop words
         attention = native_attention.lib()
-        self._c_calls = None if attention is None else (
-            _address(attention.write_kv_rows), _address(attention.paged_attn_rows))
+        self._c_calls = None if attention is None else tuple(
+            function_address(fn) for fn in (attention.write_kv_rows, attention.paged_attn_rows))
 
     def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
         T = h.shape[0]
@@ -158,12 +155,12 @@ class NativeDecoder:
         n = len(kv_caches)
         eps = self.layers[0][0].eps
         words = []
-        for i, ((_, qkv, o, norm2, gate_up, down), ks, (kc, vc)) in \
+        for i, ((norm1, qkv, o, norm2, gate_up, down), ks, (kc, vc)) in \
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
             specs = [getattr(k, "spec", None) for k in ks]
             kp, vp = native_attention.cache_parts(kc), native_attention.cache_parts(vc)
             if (None in specs or any(lin.bias is not None for lin in (qkv, o, gate_up, down))
-                    or self.layers[i][0].eps != eps or norm2.eps != eps):
+                    or norm1.eps != eps or norm2.eps != eps):
                 return None
             nxt = self.layers[i + 1][0].weight.data_ptr() if i + 1 < n else 0
             row = [norm2.weight.data_ptr(), nxt]

@@ -146,7 +146,7 @@ def draft_kv_share(engine_arch, engine_dtype, draft, kv_cache_dtype: str = "auto
     if draft is None:
         return 1.0
     from turbollm.sizing import kv_cache_bytes_per_token
-    auto = kv_cache_dtype == "auto"
-    t = kv_cache_bytes_per_token(engine_arch, engine_dtype if auto else kv_cache_dtype)
-    d = kv_cache_bytes_per_token(draft.arch, draft.dtype if auto else kv_cache_dtype)
+    from turbollm.worker.kv_cache import kv_storage_dtype
+    t = kv_cache_bytes_per_token(engine_arch, kv_storage_dtype(engine_dtype, kv_cache_dtype))
+    d = kv_cache_bytes_per_token(draft.arch, kv_storage_dtype(draft.dtype, kv_cache_dtype))
     return t / (t + d)

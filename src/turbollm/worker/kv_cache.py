@@ -49,10 +49,15 @@ def kv_budget_bytes(requested: int | None, device: str, reserved_after_warmup: i
     return max(0, int(total * gpu_fraction) - used)
 
 
+def kv_storage_dtype(dtype, kv_cache_dtype: str = "auto"):
+    """What the cache stores: the model's `dtype` for 'auto', else the kv_cache_dtype name."""
+    return dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+
+
 def blocks_for_budget(arch: ModelArch, budget: int, block_size: int, dtype: torch.dtype,
                       kv_cache_dtype: str = "auto") -> int:
     """How many blocks the budget holds, by the one sizing function."""
-    kv_dtype = dtype if kv_cache_dtype == "auto" else kv_cache_dtype
+    kv_dtype = kv_storage_dtype(dtype, kv_cache_dtype)
     return num_kv_blocks(budget, block_size, kv_cache_bytes_per_token(arch, kv_dtype))
 
 
