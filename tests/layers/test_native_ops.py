@@ -81,3 +81,21 @@ def test_dense_linear_rows_do_not_depend_on_the_batch():
         for i in range(67):
             assert torch.equal(native_ops.dense_linear(x[i:i + 1], w)[0], together[i])
         assert torch.equal(native_ops.dense_linear(x[5:12], w), together[5:12])
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 49152), (3, 1000), (2, 7)])
+def test_argmax_rows_matches_torch(rows, vocab):
+    torch.manual_seed(0)
+    x = torch.randn(rows, vocab)
+    x[0, vocab // 3] = x[0, vocab - 1] = x.max() + 1  # a tie: the first index wins
+    if rows > 1:
+        x[1] = float("-inf")
+        x[1, vocab - 1] = 0.0  # the only finite value, in the tail past the last 8 values
+    assert native_ops.argmax_rows(x) == x.argmax(dim=-1).tolist()
+
+
+def test_argmax_rows_leaves_nan_rows_to_torch():
+    x = torch.randn(2, 64)
+    x[1, 5] = float("nan")
+    assert native_ops.argmax_rows(x) is None
+    assert native_ops.argmax_rows(x[:1]) == [int(x[0].argmax())]

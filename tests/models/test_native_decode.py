@@ -31,10 +31,10 @@ def _count_native_steps(monkeypatch) -> list[int]:
     taken = []
     forward = NativeDecoder.forward
 
-    def spy(self, h, *args):
-        out = forward(self, h, *args)
+    def spy(self, input_ids, *args):
+        out = forward(self, input_ids, *args)
         if out is not None:
-            taken.append(h.shape[0])
+            taken.append(input_ids.shape[0])
         return out
     monkeypatch.setattr(NativeDecoder, "forward", spy)
     return taken
@@ -124,8 +124,8 @@ def test_self_draft_steps_take_the_c_path_on_its_first_layers(tiny_llama, monkey
     layers_run = []
     forward = NativeDecoder.forward
 
-    def spy(self, h, rope, kv_caches, meta):
-        out = forward(self, h, rope, kv_caches, meta)
+    def spy(self, input_ids, positions, kv_caches, meta):
+        out = forward(self, input_ids, positions, kv_caches, meta)
         if out is not None:
             layers_run.append(len(kv_caches))
         return out

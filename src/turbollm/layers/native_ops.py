@@ -23,6 +23,7 @@ _SIGNATURES = {
     "f32_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "decode_layers": [PTR, I64, PTR, F32, F32],
+    "argmax_rows_f32": [PTR, I64, I64, PTR],
 }
 # Activation rows up to which dense_linear beats torch, measured on all 120 linears of the 135M
 # model (not cache-resident, as in a real forward), 2 threads: time C / torch at 1, 16, 64, 128,
@@ -68,6 +69,18 @@ def rope_(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     T, heads, D = qk.shape
     lib().rope_f32(qk.data_ptr(), cos.data_ptr(), sin.data_ptr(), T, heads, D, qk.stride(0))
     return qk
+
+
+def argmax_rows(x: torch.Tensor) -> list[int] | None:
+    """The first index of each row's largest value of fp32 x [R, V] (as torch.argmax), or None
+    where the C call does not serve (not CPU fp32, no library, a NaN in some row)."""
+    if (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2
+            or not x.is_contiguous() or lib() is None):
+        return None
+    out = torch.empty(x.shape[0], dtype=torch.long)
+    lib().argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr())
+    found = out.tolist()
+    return None if min(found, default=0) < 0 else found
 
 
 def dense_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -98,15 +98,14 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Runs the first len(kv_caches) layers: all of them, or a self-speculation draft's."""
-        h = self.embed_tokens(input_ids).to(self.compute_dtype)
-        rope = self.rotary.cos_sin(positions)  # shared by every layer
-        if native_decode_enabled() and h.device.type == "cpu":
+        if native_decode_enabled() and input_ids.device.type == "cpu":
             if self.native_decoder is None:
                 self.native_decoder = NativeDecoder(self)
-            if self.native_decoder.usable(h, kv_caches, meta):
-                out = self.native_decoder.forward(h, rope, kv_caches, meta)
-                if out is not None:
-                    return self.norm(out)
+            out = self.native_decoder.forward(input_ids, positions, kv_caches, meta)
+            if out is not None:
+                return out
+        h = self.embed_tokens(input_ids).to(self.compute_dtype)
+        rope = self.rotary.cos_sin(positions)  # shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = layer(rope, h, kv_cache, meta)
         return self.norm(h)

@@ -15,6 +15,8 @@ served by a C kernel at that row count. Anything else takes the module path.
 """
 from __future__ import annotations
 
+import array
+import functools
 import os
 
 import torch
@@ -33,7 +35,10 @@ _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 _c_loop = True
 # Words of decode_layers' arrays (layers/csrc/cpu_ops.c): per projection, per layer, per step
 _LIN_WORDS = 10
-_LAYER_WORDS, _STEP_WORDS = 2 + 4 * _LIN_WORDS + 5, 27
+_LAYER_WORDS, _STEP_WORDS = 2 + 4 * _LIN_WORDS + 5, 32
+# decode_layers' embedding table types (EMBED_* in cpu_ops.c); EMBED_NONE: h is filled already
+_EMBED_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_EMBED_NONE = 3
 
 
 def native_decode_enabled() -> bool:
@@ -53,6 +58,12 @@ def enable_c_loop(on: bool = True) -> None:
     _c_loop = on
 
 
+@functools.lru_cache(maxsize=64)
+def _row_ids(n: int) -> torch.Tensor:
+    """arange(n), made once per row count (read-only: C reads it as each row's sequence)."""
+    return torch.arange(n)
+
+
 def attention_rows(meta: AttentionMetadata, num_tokens: int):
     """(block tables [S, W], sequence of each row [T], context each row sees [T]) when every
     token attends like a decode row (decodes, then few-query chunks over a cached context),
@@ -61,7 +72,10 @@ def attention_rows(meta: AttentionMetadata, num_tokens: int):
         return meta.derived["attention_rows"]
     rows = None
     nd = meta.num_decodes
-    if all(qlen <= SMALL_QUERY and qlen < ctx for _, qlen, ctx, _ in meta.prefills):
+    if nd and not meta.prefills:  # decodes only: the tables and lengths as they are
+        rows = (meta.decode_block_tables.contiguous(), _row_ids(nd),
+                meta.decode_seq_lens.contiguous())
+    elif all(qlen <= SMALL_QUERY and qlen < ctx for _, qlen, ctx, _ in meta.prefills):
         tables = [meta.decode_block_tables] if nd else []
         seq = [torch.arange(nd)]
         ctx = [meta.decode_seq_lens] if nd else []
@@ -87,6 +101,8 @@ class NativeDecoder:
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim, self.q_size, self.kv_size = first.head_dim, first.q_size, first.kv_size
         self.scale, self.window = first.scale, first.sliding_window
+        self.compute_dtype, self.hidden = model.compute_dtype, model.embed_tokens.weight.shape[1]
+        self.embed, self.rotary, self.final_norm = model.embed_tokens, model.rotary, model.norm
         # plain lists: attribute access on nn.Modules costs ~1 us each
         self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
@@ -94,19 +110,23 @@ class NativeDecoder:
         self._kernel_cache: dict = {}
         self._write_calls: dict = {}  # id(cache list) -> (the list, its layers' write calls)
         self._plans: dict = {}  # (row count, kernel switches, id(cache list)) -> C loop words
+        self._attention_ok: dict = {}  # id(cache list) -> (the list, C attention reads it)
         attention = native_attention.lib()
         self._c_calls = None if attention is None else tuple(
             function_address(fn) for fn in (attention.write_kv_rows, attention.paged_attn_rows))
 
-    def usable(self, h: torch.Tensor, kv_caches, meta: AttentionMetadata) -> bool:
-        T = h.shape[0]
-        if (self.lib is None or h.dtype != torch.float32 or h.device.type != "cpu"
-                or T > MAX_ROWS or h.shape[1] % 16 or self.head_dim % 16):
+    def usable(self, T: int, kv_caches, meta: AttentionMetadata) -> bool:
+        if (self.lib is None or self.compute_dtype != torch.float32 or T > MAX_ROWS
+                or self.hidden % 16 or self.head_dim % 16):
             return False
-        if not native_attention.supports(h.new_empty(1, self.num_heads, self.head_dim),
-                                         kv_caches[0][0]):
-            return False
-        return attention_rows(meta, T) is not None
+        ok = self._attention_ok.get(id(kv_caches))
+        if ok is None or ok[0] is not kv_caches:
+            ok = (kv_caches, native_attention.supports(
+                torch.empty(1, self.num_heads, self.head_dim), kv_caches[0][0]))
+            if len(self._attention_ok) >= 4:
+                self._attention_ok.clear()
+            self._attention_ok[id(kv_caches)] = ok  # keeps the list, so its id is not reused
+        return ok[1] and attention_rows(meta, T) is not None
 
     def _kernels(self, T: int):
         """Each layer's four projection kernels for T rows, or None if one has none. Bound once
@@ -160,10 +180,9 @@ class NativeDecoder:
             specs = [getattr(k, "spec", None) for k in ks]
             kp, vp = native_attention.cache_parts(kc), native_attention.cache_parts(vc)
             if (None in specs or any(lin.bias is not None for lin in (qkv, o, gate_up, down))
-                    or norm1.eps != eps or norm2.eps != eps):
+                    or norm1.eps != eps or norm2.eps != eps or self.final_norm.eps != eps):
                 return None
-            nxt = self.layers[i + 1][0].weight.data_ptr() if i + 1 < n else 0
-            row = [norm2.weight.data_ptr(), nxt]
+            row = [norm2.weight.data_ptr(), self._norm_after(i, n).weight.data_ptr()]
             for spec in specs:
                 row += [*spec, *[0] * (_LIN_WORDS - len(spec))]
             row += [kp[0].data_ptr(), vp[0].data_ptr(),
@@ -174,49 +193,77 @@ class NativeDecoder:
         assert plan.shape[1] == _LAYER_WORDS
         return plan, eps
 
-    def forward(self, h: torch.Tensor, rope, kv_caches, meta: AttentionMetadata):
-        """h [T, hidden] (embeddings) -> hidden states before the final norm, or None when a
-        projection has no C kernel for T rows (then the caller runs the module path)."""
-        T, hidden = h.shape
+    def _norm_after(self, i: int, n: int):
+        """The norm applied to the residual stream after layer i of n: the next layer's input
+        norm, or after the last layer run (of all, or a self-speculation draft's first n) the
+        model's final norm."""
+        return self.layers[i + 1][0] if i + 1 < n else self.final_norm
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
+                meta: AttentionMetadata):
+        """Embeddings, decoder layers and final norm of a decode-shaped step: the normed hidden
+        states [T, hidden], or None when the step does not qualify (see the module docstring;
+        then the caller runs the module path)."""
+        T, hidden = input_ids.shape[0], self.hidden
+        if not self.usable(T, kv_caches, meta):
+            return None
         kernels = self._kernels(T)
         if kernels is None:
             return None
         writes = self._writes(kv_caches)
         if None in writes:
             return None
-        lib, H, KVH, D = self.lib, self.num_heads, self.num_kv_heads, self.head_dim
+        H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_size, qk_size = self.q_size, self.q_size + self.kv_size
-        tables, seq, ctx = attention_rows(meta, T)
-        slots = meta.slot_mapping.contiguous()
-        cos, sin = (t.contiguous() for t in rope)
-        x = torch.empty(T, hidden)
-        qkv = torch.empty(T, qk_size + self.kv_size)
-        attn, o = torch.empty(T, H * D), torch.empty(T, hidden)
         inter = self.layers[0][4].out_features // 2
-        gu, act = torch.empty(T, 2 * inter), torch.empty(T, inter)
-        h = h.clone(memory_format=torch.contiguous_format)  # the residual stream, updated in place
-        p_h, p_x, p_qkv, p_attn, p_o = (t.data_ptr() for t in (h, x, qkv, attn, o))
-        p_gu, p_act, p_cos, p_sin = (t.data_ptr() for t in (gu, act, cos, sin))
-        p_k, p_v = p_qkv + 4 * q_size, p_qkv + 4 * qk_size  # fp32: 4 bytes per value
-        stride = qkv.stride(0)
-        lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
-                         self.layers[0][0].eps)
+        # x (the output) first, then the residual stream h and the scratch buffers, in one
+        # allocation: x, h, qkv, attn, o, gu, act
+        widths = (hidden, hidden, qk_size + self.kv_size, H * D, hidden, 2 * inter, inter)
+        buf = torch.empty(T * sum(widths))
+        ptrs, at = [], buf.data_ptr()
+        for w in widths:
+            ptrs.append(at)
+            at += 4 * T * w  # fp32: 4 bytes per value
+        x = buf[:T * hidden].view(T, hidden)
+        p_x, p_h, p_qkv, p_attn, p_o, p_gu, p_act = ptrs
+        p_k, p_v = p_qkv + 4 * q_size, p_qkv + 4 * qk_size
+        stride = qk_size + self.kv_size
+        weight = self.embed.weight
+        kind = _EMBED_KINDS.get(weight.dtype) if weight.is_contiguous() else None
+        if kind is None:  # a table C does not read: torch gathers the rows
+            buf[T * hidden:2 * T * hidden].view(T, hidden).copy_(self.embed(input_ids))
+            kind = _EMBED_NONE
+        tables, seq, ctx = attention_rows(meta, T)
+        slots = meta.slot_mapping
+        ids, positions = input_ids.contiguous(), positions.contiguous()
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
         plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
         if plan is not None:
-            step = torch.tensor([
+            step = array.array("q", [
                 p_h, p_x, p_qkv, p_attn, p_o, p_gu, p_act, T, hidden, inter, H, KVH, D, stride,
-                q_size, qk_size, p_cos, p_sin, slots.data_ptr(), tables.data_ptr(),
-                tables.shape[1], seq.data_ptr(), ctx.data_ptr(), kv_caches[0][0].shape[1],
-                self.window or 0, *self._c_calls], dtype=torch.int64)
-            assert step.numel() == _STEP_WORDS
-            lib.decode_layers(plan[0].data_ptr(), n, step.data_ptr(), self.scale, plan[1])
-            return h
+                q_size, qk_size, self.rotary.cos.data_ptr(), self.rotary.sin.data_ptr(),
+                positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
+                seq.data_ptr(), ctx.data_ptr(), kv_caches[0][0].shape[1], self.window or 0,
+                *self._c_calls, ids.data_ptr(), weight.data_ptr(), kind,
+                self.layers[0][0].weight.data_ptr()])
+            assert len(step) == _STEP_WORDS
+            self.lib.decode_layers(plan[0].data_ptr(), n, step.buffer_info()[0], self.scale,
+                                   plan[1])
+            return x
+        # The same calls from Python (a layer with a qkv bias, or the C loop switched off)
+        lib = self.lib
+        h = buf[T * hidden:2 * T * hidden].view(T, hidden)
+        if kind != _EMBED_NONE:
+            h.copy_(self.embed(input_ids))
+        cos, sin = (t.squeeze(1).contiguous() for t in self.rotary.cos_sin(positions))
+        p_cos, p_sin = cos.data_ptr(), sin.data_ptr()
+        lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
+                         self.layers[0][0].eps)
         for i, ((_, qkv_lin, _, norm2, _, _), (k_qkv, k_o, k_gu, k_down), (kc, vc)) in \
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
             k_qkv(p_x, p_qkv)
             if qkv_lin.bias is not None:
-                qkv.add_(qkv_lin.bias)
+                buf[2 * T * hidden:(2 * hidden + stride) * T].view(T, stride).add_(qkv_lin.bias)
             lib.rope_f32(p_qkv, p_cos, p_sin, T, H + KVH, D, stride)
             writes[i](p_k, p_v, stride, slots.data_ptr(), T)
             native_attention.bind_rows(kc, vc, tables, seq, ctx, H, D, self.scale,
@@ -226,10 +273,6 @@ class NativeDecoder:
             k_gu(p_x, p_gu)
             lib.silu_mul_f32(p_gu, p_act, T, inter)
             k_down(p_act, p_o)
-            if i + 1 < n:  # the residual add fused with the next layer's norm
-                norm1 = self.layers[i + 1][0]
-                lib.add_rms_norm_f32(p_h, p_o, norm1.weight.data_ptr(), p_x, T, hidden,
-                                     norm1.eps)
-            else:
-                h.add_(o)
-        return h
+            after = self._norm_after(i, n)  # the residual add fused with the following norm
+            lib.add_rms_norm_f32(p_h, p_o, after.weight.data_ptr(), p_x, T, hidden, after.eps)
+        return x

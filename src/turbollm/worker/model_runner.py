@@ -9,7 +9,7 @@ import torch
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.engine.scheduler import SchedulerOutput
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
-                                     token_logprobs)
+                                     greedy_tokens, token_logprobs)
 from turbollm.spec_decode.verify import verify_greedy, verify_random
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
@@ -113,8 +113,9 @@ class ModelRunner:
         prompt_lps = self._prompt_logprobs(so, batch, hidden)
         if not batch.sample_rows:
             return ModelRunnerOutput(sampled, logprobs, prompt_lps)
-        rows = torch.tensor(batch.sample_rows, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        if batch.sample_rows != list(range(hidden.shape[0])):  # else every row, in order
+            hidden = hidden.index_select(0, torch.tensor(batch.sample_rows, device=self.device))
+        logits = self.model.compute_logits(hidden)
         meta = self._sampling_metadata(so, batch)
         if not any(batch.proposals):
             out = self.sampler(logits, meta)
@@ -176,7 +177,7 @@ class ModelRunner:
                 ) -> None:
         """Accept/reject each request's proposals (spec_decode/verify.py) from its k + 1 rows."""
         x = self.sampler.process(logits, meta)
-        greedy = x.argmax(dim=-1).tolist() if not meta.all_random else None
+        greedy = greedy_tokens(x) if not meta.all_random else None
         probs = None
         if not meta.all_greedy:
             rand = x if meta.all_random else x[meta.random_rows]

@@ -4,6 +4,8 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -44,6 +46,46 @@ void silu_mul_f32(const float *gu, float *out, int64_t rows, int64_t inter) {
             __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
             _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
         }
+    }
+}
+
+static inline float hmax256(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// out[r] = the first index of the largest value of row r of x [R, V], or -1 when the row holds
+// a NaN (the caller then asks torch, which ranks NaN highest). torch's argmax walks a 49K
+// vocabulary one value at a time (~50 us); this takes a few.
+void argmax_rows_f32(const float *x, int64_t R, int64_t V, int64_t *out) {
+    for (int64_t r = 0; r < R; r++) {
+        const float *xr = x + r * V;
+        __m256 mx = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= V; i += 8) {
+            const __m256 v = _mm256_loadu_ps(xr + i);
+            mx = _mm256_max_ps(mx, v);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        float best = hmax256(mx);
+        int has_nan = _mm256_movemask_ps(nan) != 0;
+        for (; i < V; i++) {
+            has_nan |= xr[i] != xr[i];
+            if (xr[i] > best) best = xr[i];
+        }
+        out[r] = -1;
+        if (has_nan) continue;
+        const __m256 bv = _mm256_set1_ps(best);
+        for (i = 0; i + 8 <= V; i += 8) {
+            const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(xr + i), bv, _CMP_EQ_OQ));
+            if (hit) break;
+        }
+        for (; i < V; i++)
+            if (xr[i] == best) {
+                out[r] = i;
+                break;
+            }
     }
 }
 
@@ -169,28 +211,59 @@ static void linear_call(const int64_t *l, const float *x, float *y) {
     }
 }
 
-// Per layer (LAYER_WORDS int64): norm2 weight, next layer's norm1 weight (0 for the last),
-// qkv / o / gate_up / down projections (LIN_WORDS each), then the K/V write's and the
-// attention's cache pointers: k, v, k_scales, v_scales, dtype code.
+// Per layer (LAYER_WORDS int64): norm2 weight, the norm that follows the layer (the next
+// layer's norm1, or the model's final norm after the last layer), qkv / o / gate_up / down
+// projections (LIN_WORDS each), then the K/V write's and the attention's cache pointers: k, v,
+// k_scales, v_scales, dtype code.
 #define LAYER_WORDS (2 + 4 * LIN_WORDS + 5)
 // The step (int64): h, x, qkv, attn, o, gu, act buffers; T, hidden, inter, H, KVH, D, qkv row
-// stride, q_size, qk_size; cos, sin, slots; tables, max_blocks, seq, ctx; block size, window;
-// write fn, attention fn. scale and eps as floats.
+// stride, q_size, qk_size; cos and sin tables [max_position, D/2], positions, slots; tables,
+// max_blocks, seq, ctx; block size, window; write fn, attention fn; token ids, embedding table
+// and its type (EMBED_*), the first layer's norm1 weight. scale and eps as floats.
 enum { S_H, S_X, S_QKV, S_ATTN, S_O, S_GU, S_ACT, S_T, S_HIDDEN, S_INTER, S_HEADS, S_KVH, S_D,
-       S_STRIDE, S_QSIZE, S_QKSIZE, S_COS, S_SIN, S_SLOTS, S_TABLES, S_MAXB, S_SEQ, S_CTX, S_BS,
-       S_WINDOW, S_WRITE, S_ATTEND, S_WORDS };
+       S_STRIDE, S_QSIZE, S_QKSIZE, S_COS, S_SIN, S_POS, S_SLOTS, S_TABLES, S_MAXB, S_SEQ, S_CTX,
+       S_BS, S_WINDOW, S_WRITE, S_ATTEND, S_IDS, S_EMBED, S_EMBED_KIND, S_NORM1, S_WORDS };
+// EMBED_NONE: the caller has put the embeddings in h already
+enum { EMBED_F32 = 0, EMBED_BF16 = 1, EMBED_F16 = 2, EMBED_NONE = 3 };
 
+// h[t] = embedding row ids[t], widened to fp32 (exact for bf16 and fp16)
+static void embed_rows(float *h, const int64_t *ids, const void *table, int64_t kind, int64_t T,
+                       int64_t hidden) {
+    for (int64_t t = 0; t < T; t++) {
+        float *o = h + t * hidden;
+        const int64_t row = ids[t] * hidden;
+        for (int64_t i = 0; i < hidden; i += 8) {
+            __m256 v;
+            if (kind == EMBED_BF16) v = load8_bf16((const uint16_t *)table + row + i);
+            else if (kind == EMBED_F16) v = load8_f16((const uint16_t *)table + row + i);
+            else v = _mm256_loadu_ps((const float *)table + row + i);
+            _mm256_storeu_ps(o + i, v);
+        }
+    }
+}
+
+// Embeddings, then every decoder layer, then the final norm: x holds the normed hidden states.
 void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float scale, float eps) {
     float *h = (float *)s[S_H], *x = (float *)s[S_X], *qkv = (float *)s[S_QKV];
     float *attn = (float *)s[S_ATTN], *o = (float *)s[S_O], *gu = (float *)s[S_GU];
     float *act = (float *)s[S_ACT];
     const int64_t T = s[S_T], hidden = s[S_HIDDEN], H = s[S_HEADS], KVH = s[S_KVH], D = s[S_D];
-    const int64_t stride = s[S_STRIDE];
+    const int64_t stride = s[S_STRIDE], h2 = D / 2;
     const float *k_new = qkv + s[S_QSIZE], *v_new = qkv + s[S_QKSIZE];
+    if (s[S_EMBED_KIND] != EMBED_NONE)
+        embed_rows(h, (const int64_t *)s[S_IDS], (const void *)s[S_EMBED], s[S_EMBED_KIND], T, hidden);
+    rms_norm_f32(h, (const float *)s[S_NORM1], x, T, hidden, eps);
+    // each row's cos / sin, gathered once for all layers
+    float *cos = (float *)malloc(2 * T * h2 * sizeof(float)), *sin = cos + T * h2;
+    const int64_t *pos = (const int64_t *)s[S_POS];
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(cos + t * h2, (const float *)s[S_COS] + pos[t] * h2, h2 * sizeof(float));
+        memcpy(sin + t * h2, (const float *)s[S_SIN] + pos[t] * h2, h2 * sizeof(float));
+    }
     for (int64_t i = 0; i < n; i++) {
         const int64_t *l = layers + i * LAYER_WORDS, *c = l + 2 + 4 * LIN_WORDS;
         linear_call(l + 2, x, qkv);
-        rope_f32(qkv, (const float *)s[S_COS], (const float *)s[S_SIN], T, H + KVH, D, stride);
+        rope_f32(qkv, cos, sin, T, H + KVH, D, stride);
         ((write_fn)s[S_WRITE])(k_new, v_new, stride, (void *)c[0], (void *)c[1], (void *)c[2],
                                (void *)c[3], c[4], (const int64_t *)s[S_SLOTS], T, KVH, D);
         ((attn_fn)s[S_ATTEND])(qkv, stride, (const void *)c[0], (const void *)c[1],
@@ -203,10 +276,8 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
         linear_call(l + 2 + 2 * LIN_WORDS, x, gu);
         silu_mul_f32(gu, act, T, s[S_INTER]);
         linear_call(l + 2 + 3 * LIN_WORDS, act, o);
-        if (l[1]) {  // the residual add fused with the next layer's norm
-            add_rms_norm_f32(h, o, (const float *)l[1], x, T, hidden, eps);
-        } else {
-            for (int64_t j = 0; j < T * hidden; j++) h[j] += o[j];
-        }
+        // the residual add fused with the norm that follows
+        add_rms_norm_f32(h, o, (const float *)l[1], x, T, hidden, eps);
     }
+    free(cos);
 }
