@@ -169,3 +169,25 @@ def test_ab_benchmark_times_both_paths(tiny_llama):
     assert [len(times[True]), len(times[False])] == [2, 2]
     assert all(t > 0 for t in times[True] + times[False])
     assert native_decode.native_decode_enabled()  # switched back on afterwards
+
+
+@pytest.mark.parametrize("quantization", [None, "int4", "int8"])
+def test_bound_head_kernel_matches_the_module_call(tiny_llama, quantization):
+    llm = LLM(str(tiny_llama), dtype="float32", quantization=quantization,
+              quantization_group_size=32, **ENGINE)
+    model = llm.engine.model
+    for rows in (1, 3, 1):  # the second call with one row reuses the bound kernel
+        hidden = torch.randn(rows, model.lm_head.in_features)
+        got = model.compute_logits(hidden)
+        assert torch.equal(got, model.lm_head(hidden).float())
+    assert any(entry[2] is not None for entry in model._head_kernels.values())
+
+
+def test_bound_head_kernel_follows_a_new_weight(tiny_llama):
+    llm = LLM(str(tiny_llama), dtype="float32", **ENGINE)
+    model = llm.engine.model
+    hidden = torch.randn(2, model.lm_head.in_features)
+    model.compute_logits(hidden)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight),
+                                              requires_grad=False)
+    assert torch.equal(model.compute_logits(hidden), model.lm_head(hidden).float())

@@ -17,6 +17,7 @@ from turbollm.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
 from turbollm.layers.rotary import RotaryEmbedding
 from turbollm.model_arch import ModelArch
 from turbollm.models.native_decode import NativeDecoder, native_decode_enabled
+from turbollm.quantization import kernels as quant_kernels
 
 # checkpoint name piece -> (our fused parameter name piece, shard id)
 FUSED_SHARDS = {
@@ -125,13 +126,32 @@ class LlamaForCausalLM(nn.Module):
                                         device=device)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._head_kernels: dict = {}  # (rows, kernel switches) -> (method, weight ptr, call)
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [R, hidden] -> logits: [R, vocab] in fp32 (sampling wants full precision)
-        return self.lm_head(hidden).float()
+        head = self.lm_head
+        if (hidden.dtype == torch.float32 and hidden.device.type == "cpu"
+                and hidden.is_contiguous() and head.bias is None):
+            # the C call lm_head would make, bound once per row count: the module call's
+            # Python (~50 us) is felt in every decode step. Rebound if the head's method or
+            # weight tensor changes.
+            method, weight = head.quant_method, getattr(head, "weight", None)
+            state = (method, None if weight is None else weight.data_ptr())
+            key = (hidden.shape[0], quant_kernels.dispatch_key())
+            entry = self._head_kernels.get(key)
+            if entry is None or entry[0] is not state[0] or entry[1] != state[1]:
+                if len(self._head_kernels) >= 256:
+                    self._head_kernels.clear()
+                entry = self._head_kernels[key] = (*state, method.row_kernel(head, key[0]))
+            if entry[2] is not None:
+                logits = torch.empty(hidden.shape[0], head.out_features)
+                entry[2](hidden.data_ptr(), logits.data_ptr())
+                return logits
+        return head(hidden).float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Put each (hf_name, tensor) in place; raise if a parameter was never loaded."""
