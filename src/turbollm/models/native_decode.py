@@ -234,7 +234,7 @@ class NativeDecoder:
             buf[T * hidden:2 * T * hidden].view(T, hidden).copy_(self.embed(input_ids))
             kind = _EMBED_NONE
         tables, seq, ctx = attention_rows(meta, T)
-        slots = meta.slot_mapping
+        slots = meta.slot_mapping.contiguous()
         ids, positions = input_ids.contiguous(), positions.contiguous()
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
         plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
