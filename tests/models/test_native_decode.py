@@ -102,6 +102,24 @@ def test_bf16_storage_matches_the_module_path(tiny_llama):
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_embedding_tables_are_read_by_c(tiny_llama, monkeypatch, dtype):
+    """decode_layers gathers fp16/bf16 embedding rows itself; a table type it does not read
+    is gathered by torch first. Both give the module path's tokens."""
+    llm = LLM(str(tiny_llama), dtype=dtype, **ENGINE)
+    if llm.engine.model.model.compute_dtype != torch.float32:
+        pytest.skip("this CPU computes 16-bit natively: the C path (fp32 activations) is not used")
+    taken = _count_native_steps(monkeypatch)
+    in_c = _run(llm, native=True)
+    assert taken
+    monkeypatch.setattr(native_decode, "_EMBED_KINDS", {})
+    by_torch = _run(llm, native=True)
+    slow = _run(llm, native=False)
+    for a, b, c in zip(in_c, by_torch, slow):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids == c.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs
+
+
 def test_speculative_verification_rows_match_the_module_path(tiny_llama, monkeypatch):
     # n-gram proposals on repetitive prompts: verification chunks of a few rows over a cache
     llm = LLM(str(tiny_llama), dtype="float32", speculative_method="ngram",

@@ -216,22 +216,22 @@ class NativeDecoder:
         H, KVH, D = self.num_heads, self.num_kv_heads, self.head_dim
         q_size, qk_size = self.q_size, self.q_size + self.kv_size
         inter = self.layers[0][4].out_features // 2
+        stride = qk_size + self.kv_size  # a qkv row
         # x (the output) first, then the residual stream h and the scratch buffers, in one
         # allocation: x, h, qkv, attn, o, gu, act
-        widths = (hidden, hidden, qk_size + self.kv_size, H * D, hidden, 2 * inter, inter)
+        widths = (hidden, hidden, stride, H * D, hidden, 2 * inter, inter)
         buf = torch.empty(T * sum(widths))
         ptrs, at = [], buf.data_ptr()
         for w in widths:
             ptrs.append(at)
             at += 4 * T * w  # fp32: 4 bytes per value
-        x = buf[:T * hidden].view(T, hidden)
+        x, h = buf[:T * hidden].view(T, hidden), buf[T * hidden:2 * T * hidden].view(T, hidden)
         p_x, p_h, p_qkv, p_attn, p_o, p_gu, p_act = ptrs
         p_k, p_v = p_qkv + 4 * q_size, p_qkv + 4 * qk_size
-        stride = qk_size + self.kv_size
         weight = self.embed.weight
         kind = _EMBED_KINDS.get(weight.dtype) if weight.is_contiguous() else None
         if kind is None:  # a table C does not read: torch gathers the rows
-            buf[T * hidden:2 * T * hidden].view(T, hidden).copy_(self.embed(input_ids))
+            h.copy_(self.embed(input_ids))
             kind = _EMBED_NONE
         tables, seq, ctx = attention_rows(meta, T)
         slots = meta.slot_mapping.contiguous()
@@ -252,9 +252,9 @@ class NativeDecoder:
             return x
         # The same calls from Python (a layer with a qkv bias, or the C loop switched off)
         lib = self.lib
-        h = buf[T * hidden:2 * T * hidden].view(T, hidden)
         if kind != _EMBED_NONE:
             h.copy_(self.embed(input_ids))
+        qkv = buf[2 * T * hidden:(2 * hidden + stride) * T].view(T, stride)
         cos, sin = (t.squeeze(1).contiguous() for t in self.rotary.cos_sin(positions))
         p_cos, p_sin = cos.data_ptr(), sin.data_ptr()
         lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
@@ -263,7 +263,7 @@ class NativeDecoder:
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
             k_qkv(p_x, p_qkv)
             if qkv_lin.bias is not None:
-                buf[2 * T * hidden:(2 * hidden + stride) * T].view(T, stride).add_(qkv_lin.bias)
+                qkv.add_(qkv_lin.bias)
             lib.rope_f32(p_qkv, p_cos, p_sin, T, H + KVH, D, stride)
             writes[i](p_k, p_v, stride, slots.data_ptr(), T)
             native_attention.bind_rows(kc, vc, tables, seq, ctx, H, D, self.scale,
