@@ -168,3 +168,22 @@ def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, k, n, min_for
     batch = kernels.int4_linear(x, state)
     for m in (0, 3, kernels.MAX_ROWS_A16 - 1):
         assert torch.equal(kernels.int4_linear(x[m:m + 1], state)[0], batch[m])
+
+
+def test_the_int16_kernel_takes_any_row_count_in_pieces():
+    """q4_gemm_a16 works through more rows than one call's tile table (64) in pieces of 64:
+    every row still gets the bits it gets alone."""
+    if native.lib() is None:
+        pytest.skip("no C kernels here")
+    torch.manual_seed(4)
+    n, k, g, M = 40, 576, 32, 70
+    q, s, z = quantize_int4_rtn(torch.randn(n, k) * 0.05, g)
+    state = kernels.int4_pack(q, s, z, g)
+    x, y = torch.randn(M, k), torch.empty(M, n)
+    args = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
+            int(state.zero_form))
+    native.lib().q4_gemm_a16(x.data_ptr(), M, *args, y.data_ptr(), n, k, g)
+    for m in (0, 63, 64, 69):
+        one = torch.empty(1, n)
+        native.lib().q4_gemm_a16(x[m].data_ptr(), 1, *args, one.data_ptr(), n, k, g)
+        assert torch.equal(one[0], y[m])

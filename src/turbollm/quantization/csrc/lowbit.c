@@ -19,6 +19,7 @@
 #include "simd.h"
 
 #define ROWS 4        // output rows computed together so that each x load feeds several rows
+#define MAX_ROWS_TILED 64  // activation rows per gemm_a16 call (kernels.MAX_ROWS_A16 is 48)
 #define MAX_GROUPS 1024
 
 // 16 packed bytes -> the 32 weights of one chunk as four fp32 vectors (columns 0-7 ... 24-31)
@@ -317,14 +318,16 @@ static void q4_block_params(const uint16_t *sh, const uint16_t *oh, int zero_for
     }
 }
 
-// sum_c mn[c] * xs[c] in a fixed order (eight lanes, then the tail)
-static inline float min_term(const float *mn, const float *xs, int64_t n) {
+// Blocks per activation row rounded up to 8: the stride of xd / xs, whose padding is zero
+static inline int64_t padded_chunks(int64_t nchunks) { return (nchunks + 7) & ~(int64_t)7; }
+
+// sum_c mn[c] * xs[c] over n8 = padded_chunks(n) values in eight lanes (one order at any row
+// count). xs's padding is zero, so whatever finite values mn holds past its n (the next
+// row's, or zeroed padding) add exact zeros; a tail loop per output cost more than the dots.
+static inline float min_term(const float *mn, const float *xs, int64_t n8) {
     __m256 acc = _mm256_setzero_ps();
-    int64_t c = 0;
-    for (; c + 8 <= n; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + c), _mm256_loadu_ps(xs + c), acc);
-    float s = hsum256(acc);
-    for (; c < n; c++) s = __builtin_fmaf(mn[c], xs[c], s);
-    return s;
+    for (int64_t c = 0; c < n8; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + c), _mm256_loadu_ps(xs + c), acc);
+    return hsum256(acc);
 }
 
 // Scale of each 32-column block of int8 weight row o
@@ -350,17 +353,19 @@ static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t 
 
 typedef struct {
     int16_t *xq;  // [M, K]
-    float *xd;    // [M, K / 32]
-    float *xs;
+    float *xd;    // [M, ncs]: K / 32 block scales, then zeros up to ncs = padded_chunks(K / 32)
+    float *xs;    // [M, ncs]
+    int64_t ncs;
 } rows_i16;
 
 static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K) {
     rows_i16 r;
+    r.ncs = padded_chunks(K / 32);
     r.xq = (int16_t *)aligned_alloc(64, M * K * sizeof(int16_t));
-    r.xd = (float *)malloc(2 * M * (K / 32) * sizeof(float));
-    r.xs = r.xd + M * (K / 32);
+    r.xd = (float *)calloc(2 * M * r.ncs, sizeof(float));
+    r.xs = r.xd + M * r.ncs;
     for (int64_t m = 0; m < M; m++)
-        quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * (K / 32), r.xs + m * (K / 32));
+        quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * r.ncs, r.xs + m * r.ncs);
     return r;
 }
 
@@ -370,11 +375,11 @@ static void free_rows(rows_i16 r) {
 }
 
 // MT activation rows of the tile against one weight row: every weight block is widened to 16
-// bits once and used by each of the MT rows. bs[j * nchunks + c] is the combined scale of block c
-// for tile row j. MT is a constant after inlining, so the MT accumulators stay in registers.
+// bits once and used by each of the MT rows. bs[j * bstride + c] is the combined scale of block
+// c for tile row j. MT is a constant after inlining, so the MT accumulators stay in registers.
 static inline __attribute__((always_inline)) void tile_dots(
     const uint8_t *row, int is_int4, int MT, int64_t nchunks, const int16_t *xq, int64_t K,
-    const float *bs, float *out) {
+    const float *bs, int64_t bstride, float *out) {
     __m256 acc[TILE];
     for (int j = 0; j < MT; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t c = 0; c < nchunks; c++) {
@@ -384,7 +389,7 @@ static inline __attribute__((always_inline)) void tile_dots(
         for (int j = 0; j < MT; j++) {
             const int16_t *xm = xq + j * K + 32 * c;
             acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
-                                     _mm256_broadcast_ss(bs + j * nchunks + c), acc[j]);
+                                     _mm256_broadcast_ss(bs + j * bstride + c), acc[j]);
         }
     }
     for (int j = 0; j < MT; j++) out[j] = hsum256(acc[j]);
@@ -527,10 +532,11 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
     const int64_t w_stride = is_int4 ? K / 2 : K;
 #pragma omp parallel
     {
-        // [ROWS, nchunks] each, then the block -> group map
-        float *bs = (float *)malloc(3 * ROWS * nchunks * sizeof(float) + nchunks * sizeof(int32_t));
+        // [ROWS, nchunks] each (mn with 8 zeros after it: min_term reads up to x->ncs values
+        // from each row's start), then the block -> group map
+        float *bs = (float *)calloc(3 * ROWS * nchunks + 8 + nchunks, sizeof(float));
         float *xd4 = bs + ROWS * nchunks, *mn = xd4 + ROWS * nchunks;
-        int32_t *gidx = cpg > 1 ? (int32_t *)(mn + ROWS * nchunks) : NULL;
+        int32_t *gidx = cpg > 1 ? (int32_t *)(mn + ROWS * nchunks + 8) : NULL;
         for (int r = 0; r < ROWS; r++) memcpy(xd4 + r * nchunks, x->xd, nchunks * sizeof(float));
         for (int64_t c = 0; gidx != NULL && c < nchunks; c++) gidx[c] = (int32_t)(c / cpg);
 #pragma omp for schedule(static)
@@ -552,7 +558,7 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
             }
 #undef RD
             for (int r = 0; r < nr; r++)
-                y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * nchunks, x->xs, nchunks) : 0.f);
+                y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * nchunks, x->xs, x->ncs) : 0.f);
         }
         free(bs);
     }
@@ -578,29 +584,31 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
         free_rows(r);
         return;
     }
+    const int64_t ncs = r.ncs, ntiles = (M + TILE - 1) / TILE;
+    int tiles[(MAX_ROWS_TILED + TILE - 1) / TILE];  // rows of each tile, worked out once
+    for (int64_t t = 0; t < ntiles; t++) tiles[t] = tile_rows(M, t);
 #pragma omp parallel
     {
-        float *sc = (float *)malloc((2 + TILE) * nchunks * sizeof(float)), *mn = sc + nchunks;
-        float *bs = mn + nchunks;  // [TILE, nchunks] combined scales sc[c] * xd[m, c]
+        // sc, mn [ncs] (zero past nchunks: min_term and the bs rows read whole vectors), then
+        // bs [TILE, ncs]: combined scales sc[c] * xd[m, c] of the tile's rows
+        float *sc = (float *)calloc((2 + TILE) * ncs, sizeof(float)), *mn = sc + ncs;
+        float *bs = mn + ncs;
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < N; o++) {
             if (is_int4) q4_block_params((const uint16_t *)sh, oh, zero_form, o, ng, cpg, nchunks, sc, mn);
             else q8_block_scales((const float *)sh, o, ng, cpg, sc);
             const uint8_t *row = w + o * w_stride;
-            for (int64_t m0 = 0, t = 0; m0 < M; m0 += tile_rows(M, t++)) {
-                const int mt = tile_rows(M, t);
+            for (int64_t t = 0, m0 = 0; t < ntiles; m0 += tiles[t++]) {
+                const int mt = tiles[t];
                 for (int j = 0; j < mt; j++) {
-                    const float *xd = r.xd + (m0 + j) * nchunks;
-                    float *b = bs + j * nchunks;
-                    int64_t c = 0;
-                    for (; c + 8 <= nchunks; c += 8)
-                        _mm256_storeu_ps(b + c, _mm256_mul_ps(_mm256_loadu_ps(sc + c), _mm256_loadu_ps(xd + c)));
-                    for (; c < nchunks; c++) b[c] = sc[c] * xd[c];
+                    const float *xd = r.xd + (m0 + j) * ncs;
+                    for (int64_t c = 0; c < ncs; c += 8)
+                        _mm256_storeu_ps(bs + j * ncs + c, _mm256_mul_ps(_mm256_loadu_ps(sc + c), _mm256_loadu_ps(xd + c)));
                 }
                 float dots[TILE];
                 const int16_t *xq = r.xq + m0 * K;
-#define TD(MT) (is_int4 ? tile_dots(row, 1, MT, nchunks, xq, K, bs, dots) \
-                        : tile_dots(row, 0, MT, nchunks, xq, K, bs, dots))
+#define TD(MT) (is_int4 ? tile_dots(row, 1, MT, nchunks, xq, K, bs, ncs, dots) \
+                        : tile_dots(row, 0, MT, nchunks, xq, K, bs, ncs, dots))
                 switch (mt) {
                     case 8: TD(8); break;
                     case 7: TD(7); break;
@@ -614,7 +622,7 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
 #undef TD
                 for (int j = 0; j < mt; j++) {
                     const int64_t m = m0 + j;
-                    y[m * N + o] = dots[j] + (is_int4 ? min_term(mn, r.xs + m * nchunks, nchunks) : 0.f);
+                    y[m * N + o] = dots[j] + (is_int4 ? min_term(mn, r.xs + m * ncs, ncs) : 0.f);
                 }
             }
         }
@@ -623,14 +631,19 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     free_rows(r);
 }
 
+// Callers send at most MAX_ROWS_TILED rows at a time (rows are independent: same bits)
 void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_t *sh,
                  const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
-    gemm_a16(x, M, packed, sh, oh, (int)zero_form, 1, y, N, K, G);
+    for (int64_t m = 0; m < M; m += MAX_ROWS_TILED)
+        gemm_a16(x + m * K, M - m < MAX_ROWS_TILED ? M - m : MAX_ROWS_TILED, packed, sh, oh,
+                 (int)zero_form, 1, y + m * N, N, K, G);
 }
 
 void q8_gemm_a16(const float *x, int64_t M, const int8_t *q, const float *scales, float *y,
                  int64_t N, int64_t K, int64_t G) {
-    gemm_a16(x, M, (const uint8_t *)q, scales, NULL, 0, 0, y, N, K, G);
+    for (int64_t m = 0; m < M; m += MAX_ROWS_TILED)
+        gemm_a16(x + m * K, M - m < MAX_ROWS_TILED ? M - m : MAX_ROWS_TILED, (const uint8_t *)q,
+                 scales, NULL, 0, 0, y + m * N, N, K, G);
 }
 
 // fp32 weight rows [row0, row1) for the many-rows path (a dense GEMM then does the math)
