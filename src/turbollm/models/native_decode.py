@@ -4,9 +4,10 @@ A decode step of a small model is ~400 small ops. Through nn.Module calls, torch
 tensor allocation each costs 5-10 us of Python, which was 40% of a step of the 135M model
 (more with 4-bit weights, whose matmuls are faster). Here each decoder layer is ~10 calls of
 the same C kernels the module path uses, so both paths compute the same numbers (the tests
-compare them bit for bit). The layer loop itself runs in C (`decode_layers` in
-layers/csrc/cpu_ops.c) from a table of bound kernel calls built once per row count and cache
-list; a layer that needs more (a qkv bias) keeps the loop in Python, with the same calls.
+compare them bit for bit). One C call (`decode_layers` in layers/csrc/cpu_ops.c) goes from
+token ids to normed hidden states: embedding rows, the layer loop from a table of bound kernel
+calls built once per row count and cache list, and the final norm; a layer that needs more (a
+qkv bias) keeps the loop in Python, with the same calls.
 
 A step takes this path when it is decode-shaped: on CPU with fp32 activations, at most
 MAX_ROWS tokens, every chunk attending like a decode (one token, or a few over a cached
