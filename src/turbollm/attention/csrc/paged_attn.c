@@ -79,6 +79,13 @@ static inline const char *slot_row(const void *cache, int64_t slot, int64_t KVH,
 // scattered blocks and an fp16 cache, attention took 1.3-1.5x longer without it).
 #define PREFETCH_TOKENS 16
 
+// Where the prefetch walk of positions [t0, t0 + n) starts: PREFETCH_TOKENS positions ahead
+static inline slot_iter prefetch_start(const int64_t *table, int64_t BS, int64_t t0, int64_t n,
+                                       int64_t *pos) {
+    *pos = t0 + (PREFETCH_TOKENS < n ? PREFETCH_TOKENS : n);
+    return slots_from(table, BS, *pos);
+}
+
 // Requests the cache row of the position `ahead` holds (if it is below `end`) and steps it.
 static inline void prefetch_next(slot_iter *ahead, int64_t *pos, int64_t end, const void *cache,
                                  int64_t KVH, int64_t kh, int64_t D, int64_t esz) {
@@ -103,9 +110,8 @@ ALWAYS_INLINE void qk_scores(const float *q, int64_t G, const void *k_cache, con
                       int64_t KVH, int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
     const __m256 sc = _mm256_set1_ps(scale);
     slot_iter it = slots_from(table, BS, t0);
-    const int64_t pf = PREFETCH_TOKENS < n ? PREFETCH_TOKENS : n;
-    int64_t ahead_pos = t0 + pf;
-    slot_iter ahead = slots_from(table, BS, ahead_pos);
+    int64_t ahead_pos;
+    slot_iter ahead = prefetch_start(table, BS, t0, n, &ahead_pos);
     int64_t t = 0;
     for (; t + 8 <= n; t += 8) {
         const char *rows[8];
@@ -173,9 +179,8 @@ ALWAYS_INLINE void pv_block(const float *p, const float *inv, int GB, int W, con
     for (int g = 0; g < GB; g++)
         for (int j = 0; j < W; j++) o[g][j] = _mm256_setzero_ps();
     slot_iter it = slots_from(table, BS, t0);
-    const int64_t pf = PREFETCH_TOKENS < n ? PREFETCH_TOKENS : n;
-    int64_t ahead_pos = t0 + pf;
-    slot_iter ahead = slots_from(table, BS, ahead_pos);
+    int64_t ahead_pos;
+    slot_iter ahead = prefetch_start(table, BS, t0, n, &ahead_pos);
     for (int64_t t = 0; t < n; t++) {
         if (c == 0) prefetch_next(&ahead, &ahead_pos, t0 + n, v_cache, KVH, kh, D, esz);
         const int64_t slot = next_slot(&it);

@@ -572,10 +572,17 @@ static inline int tile_rows(int64_t M, int64_t t) {
     return (int)(base + (t < M % n ? 1 : 0));
 }
 
-// y[m, o] = x[m] . W[o] for x: [M, K] fp32 (the Python side sends up to MAX_ROWS_A16 rows)
+// y[m, o] = x[m] . W[o] for x: [M, K] fp32 (the Python side sends up to MAX_ROWS_A16 rows;
+// more go through MAX_ROWS_TILED at a time: rows are independent, so each gets the same bits)
 static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh,
                      const uint16_t *oh, int zero_form, int is_int4, float *y, int64_t N,
                      int64_t K, int64_t G) {
+    if (M > MAX_ROWS_TILED) {
+        for (int64_t m = 0; m < M; m += MAX_ROWS_TILED)
+            gemm_a16(x + m * K, M - m < MAX_ROWS_TILED ? M - m : MAX_ROWS_TILED, w, sh, oh,
+                     zero_form, is_int4, y + m * N, N, K, G);
+        return;
+    }
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
     const int64_t w_stride = is_int4 ? K / 2 : K;
     rows_i16 r = quantize_rows_i16(x, M, K);
@@ -631,19 +638,14 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     free_rows(r);
 }
 
-// Callers send at most MAX_ROWS_TILED rows at a time (rows are independent: same bits)
 void q4_gemm_a16(const float *x, int64_t M, const uint8_t *packed, const uint16_t *sh,
                  const uint16_t *oh, int64_t zero_form, float *y, int64_t N, int64_t K, int64_t G) {
-    for (int64_t m = 0; m < M; m += MAX_ROWS_TILED)
-        gemm_a16(x + m * K, M - m < MAX_ROWS_TILED ? M - m : MAX_ROWS_TILED, packed, sh, oh,
-                 (int)zero_form, 1, y + m * N, N, K, G);
+    gemm_a16(x, M, packed, sh, oh, (int)zero_form, 1, y, N, K, G);
 }
 
 void q8_gemm_a16(const float *x, int64_t M, const int8_t *q, const float *scales, float *y,
                  int64_t N, int64_t K, int64_t G) {
-    for (int64_t m = 0; m < M; m += MAX_ROWS_TILED)
-        gemm_a16(x + m * K, M - m < MAX_ROWS_TILED ? M - m : MAX_ROWS_TILED, (const uint8_t *)q,
-                 scales, NULL, 0, 0, y + m * N, N, K, G);
+    gemm_a16(x, M, (const uint8_t *)q, scales, NULL, 0, 0, y, N, K, G);
 }
 
 // fp32 weight rows [row0, row1) for the many-rows path (a dense GEMM then does the math)
