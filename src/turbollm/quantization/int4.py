@@ -102,8 +102,9 @@ def install_int4_minform(layer, qweight: torch.Tensor, scales: torch.Tensor, min
 
 
 def install_int4_state(layer, state: "kernels.Int4State") -> None:
+    device = layer_device(layer)
     _drop_dense_weight(layer)
-    layer.int4_state = state
+    layer.int4_state = kernels.state_to(state, device)
     layer.quant_method = Int4LinearMethod(state.group_size)
 
 
@@ -117,6 +118,18 @@ def _check_install(layer, qweight, scales, zeros, group_size) -> None:
             raise ValueError(f"{name} shape {tuple(t.shape)} != ({out_f}, {ng})")
     if int(qweight.max()) > 15 or int(qweight.min()) < 0:
         raise ValueError("qweight values must lie in 0..15")
+
+
+def layer_device(layer) -> torch.device:
+    """Where the layer computes (its dense weight's or, once quantized, its state's device)."""
+    for t in (getattr(layer, "weight", None), getattr(layer, "bias", None)):
+        if t is not None:
+            return t.device
+    for name in ("int4_state", "int8_state", "fp8_state"):
+        if hasattr(layer, name):
+            return next(v for v in vars(getattr(layer, name)).values()
+                        if isinstance(v, torch.Tensor)).device
+    return torch.device("cpu")
 
 
 def _drop_dense_weight(layer) -> None:

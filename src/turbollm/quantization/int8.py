@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from turbollm.quantization import kernels
-from turbollm.quantization.int4 import _drop_dense_weight
+from turbollm.quantization.int4 import _drop_dense_weight, layer_device
 
 
 def quantize_int8(weight: torch.Tensor):
@@ -68,6 +68,7 @@ def install_int8(layer, qweight: torch.Tensor, scales: torch.Tensor,
     if in_f % g or scales.numel() != out_f * (in_f // g):
         raise ValueError(f"scales shape {tuple(scales.shape)} does not fit {out_f} rows with "
                          f"group size {g}")
+    device = layer_device(layer)
     _drop_dense_weight(layer)
-    layer.int8_state = kernels.int8_pack(qweight, scales, g)
+    layer.int8_state = kernels.state_to(kernels.int8_pack(qweight, scales, g), device)
     layer.quant_method = Int8LinearMethod()

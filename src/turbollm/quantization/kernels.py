@@ -10,10 +10,11 @@ verifications) are by default rounded to int16 per 32 columns first, so the kern
 integer dot products (llama.cpp rounds to int8, which changed greedy answers of the 135M model
 here; 16 bits are ~256x finer); `exact_activations(True)` (or TURBOLLM_EXACT_ACTIVATIONS=1)
 keeps them fp32. Without the C library (no AVX2 or no compiler)
-torch's own kernels serve.
+torch's own kernels serve. States on a GPU are served by gpu_kernels (Triton).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -98,6 +99,17 @@ class Int8State:
     scales: torch.Tensor   # float32 [out, in // G] (G = in: per output channel)
     group_size: int
     fallback: dict = field(default_factory=dict)
+
+
+def state_to(state, device):
+    """The state with its weight tensors on `device` (the layer's: GPU states take gpu_kernels)."""
+    moved = {f.name: getattr(state, f.name).to(device) for f in dataclasses.fields(state)
+             if isinstance(getattr(state, f.name), torch.Tensor)}
+    return dataclasses.replace(state, fallback={}, **moved)
+
+
+def _on_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
 
 
 def int4_pack(qweight, scales, zeros, group_size) -> Int4State:
@@ -189,7 +201,7 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
     fp32 [M, out]; None where it takes another path (widening, torch, no C library)."""
     n, g = state.packed.shape[0], state.group_size
     L = native.lib()
-    if M > MAX_ROWS_PACKED["int4"] or L is None or not _q4_ok(k, g):
+    if M > MAX_ROWS_PACKED["int4"] or L is None or not _q4_ok(k, g) or not _on_cpu(state.packed):
         return None
     w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
          int(state.zero_form))
@@ -199,6 +211,9 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
 
 def int4_linear(x: torch.Tensor, state: Int4State) -> torch.Tensor:
     """y = x W^T for x: [M, in] (no bias), in x's dtype."""
+    if not _on_cpu(state.packed):
+        from turbollm.quantization import gpu_kernels  # imports Triton: GPU states only
+        return gpu_kernels.int4_linear(x, state)
     M, k = x.shape
     n, g = state.packed.shape[0], state.group_size
     kernel = int4_row_kernel(state, M, k)
@@ -220,7 +235,7 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
     """Like int4_row_kernel, for int8_linear."""
     n, g = state.qweight.shape[0], state.group_size
     L = native.lib()
-    if M > MAX_ROWS_PACKED["int8"] or L is None or not _q8_ok(k, g):
+    if M > MAX_ROWS_PACKED["int8"] or L is None or not _q8_ok(k, g) or not _on_cpu(state.qweight):
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
     fn = L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm
@@ -229,6 +244,9 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
 
 def int8_linear(x: torch.Tensor, state: Int8State) -> torch.Tensor:
     """y = x W^T for x: [M, in] (no bias), in x's dtype."""
+    if not _on_cpu(state.qweight):
+        from turbollm.quantization import gpu_kernels  # imports Triton: GPU states only
+        return gpu_kernels.int8_linear(x, state)
     M, k = x.shape
     n, g = state.qweight.shape[0], state.group_size
     kernel = int8_row_kernel(state, M, k)

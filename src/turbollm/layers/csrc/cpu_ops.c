@@ -124,6 +124,16 @@ void rope_f32(float *x, const float *cos, const float *sin, int64_t T, int64_t h
 
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+// fp8 e4m3 bytes (sign, 4 exponent bits biased by 7, 3 mantissa bits) placed in fp16's bit
+// layout (sign, 5 exponent bits biased by 15, 10 mantissa bits): the exponent and mantissa bits
+// shifted in under fp16's top exponent bit read as the fp8 value times 2^-8, exactly, subnormals
+// included (no e4m3 value is NaN here: quantize_fp8 saturates). The caller multiplies by 256.
+static inline __m256 load8_e4m3_div256(const uint8_t *p) {
+    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
+                                   _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7));
+    return _mm256_cvtph_ps(h);
+}
 
 // One body for both weight types: a macro, because gcc does not inline a load function passed
 // by pointer, and the indirect call per 8 weights costs 4x. MT (activation rows of the tile) is
@@ -174,6 +184,7 @@ static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_l
 DEFINE_GEMM_F32_ACC(bf16_gemm_f32, uint16_t, load8_bf16)
 DEFINE_GEMM_F32_ACC(f32_gemm_f32, float, load8_f32)
 DEFINE_GEMM_F32_ACC(f16_gemm_f32, uint16_t, load8_f16)
+DEFINE_GEMM_F32_ACC(e4m3_gemm_f32, uint8_t, load8_e4m3_div256)  // y / 256: see load8_e4m3_div256
 
 // ---- the decoder layers of a decode-shaped step, as one call ----
 // models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
