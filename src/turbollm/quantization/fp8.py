@@ -87,9 +87,9 @@ def fp8_weight_only_linear(x: torch.Tensor, state: Fp8State) -> torch.Tensor:
     """x times the weight widened to x's dtype. On CPU our C GEMM widens it in registers from
     one byte per value (torch converts fp8 one value at a time: ~0.4 s per token of the 135M
     model); without the C library, chunks widened by torch."""
-    xf = x.float()
-    if native_ops.e4m3_linear_usable(xf, state.qweight):
-        return native_ops.e4m3_linear(xf, state.qweight, state.scales).to(x.dtype)
+    y = native_ops.e4m3_linear(x, state.qweight, state.scales)
+    if y is not None:
+        return y.to(x.dtype)
     if x.device.type == "cpu":
         return kernels._widened_linear(x, state.qweight.shape[0],
                                        lambda r0, r1, out: _dequant_rows(state, r0, r1, out))
@@ -116,7 +116,8 @@ class Fp8LinearMethod:
         return y.reshape(*shape[:-1], y.shape[-1])
 
     def row_kernel(self, layer, M: int):
-        return None  # no C row kernel: the native decode loop leaves such models to torch
+        """The C call `apply` makes for M fp32 rows on CPU (bias excluded), or None."""
+        return native_ops.e4m3_row_kernel(layer.fp8_state.qweight, layer.fp8_state.scales, M)
 
     def canonical(self, layer):
         return layer.fp8_state.qweight, layer.fp8_state.scales

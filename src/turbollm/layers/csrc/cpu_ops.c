@@ -128,11 +128,11 @@ static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_l
 // layout (sign, 5 exponent bits biased by 15, 10 mantissa bits): the exponent and mantissa bits
 // shifted in under fp16's top exponent bit read as the fp8 value times 2^-8, exactly, subnormals
 // included (no e4m3 value is NaN here: quantize_fp8 saturates). The caller multiplies by 256.
+// Sign-extending the byte to 16 bits and shifting it left by 7 puts exponent and mantissa in
+// place and the sign in bits 15 and 14; clearing bit 14 leaves the fp16 pattern.
 static inline __m256 load8_e4m3_div256(const uint8_t *p) {
-    const __m128i b = _mm_cvtepu8_epi16(_mm_loadl_epi64((const __m128i *)p));
-    const __m128i h = _mm_or_si128(_mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x80)), 8),
-                                   _mm_slli_epi16(_mm_and_si128(b, _mm_set1_epi16(0x7F)), 7));
-    return _mm256_cvtph_ps(h);
+    const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
+    return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16((short)0xBF80)));
 }
 
 // One body for both weight types: a macro, because gcc does not inline a load function passed
@@ -185,6 +185,23 @@ DEFINE_GEMM_F32_ACC(bf16_gemm_f32, uint16_t, load8_bf16)
 DEFINE_GEMM_F32_ACC(f32_gemm_f32, float, load8_f32)
 DEFINE_GEMM_F32_ACC(f16_gemm_f32, uint16_t, load8_f16)
 DEFINE_GEMM_F32_ACC(e4m3_gemm_f32, uint8_t, load8_e4m3_div256)  // y / 256: see load8_e4m3_div256
+
+// y = x W^T for fp8 e4m3 weights with one fp32 scale per output row (w = q * scales[o]), in the
+// argument order of the int8 kernels (LIN_Q8; G is unused) so that decode_layers can call it
+void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const float *scales,
+                          float *y, int64_t N, int64_t K, int64_t G) {
+    (void)G;
+    e4m3_gemm_f32(x, M, w, y, N, K);
+    const __m256 k256 = _mm256_set1_ps(256.0f);
+    for (int64_t m = 0; m < M; m++) {
+        float *ym = y + m * N;
+        int64_t o = 0;
+        for (; o + 8 <= N; o += 8)
+            _mm256_storeu_ps(ym + o, _mm256_mul_ps(_mm256_loadu_ps(ym + o),
+                                                   _mm256_mul_ps(_mm256_loadu_ps(scales + o), k256)));
+        for (; o < N; o++) ym[o] *= scales[o] * 256.0f;
+    }
+}
 
 // ---- the decoder layers of a decode-shaped step, as one call ----
 // models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
