@@ -91,6 +91,7 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
     from turbollm.models.registry import get_model_class
     from turbollm.quantization.checkpoint import checkpoint_config as turbollm_checkpoint_config
     from turbollm.quantization.checkpoint import load_checkpoint as load_turbollm_checkpoint
+    from turbollm.quantization.fp8_checkpoint import fp8_checkpoint_config, load_fp8_checkpoint
     from turbollm.quantization.hf_checkpoint import load_prequantized, prequantized_config
 
     source = resolve_model(cfg.model, cfg.load_format)
@@ -115,6 +116,8 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         load_prequantized(model, source.path, dtype, qcfg)  # AutoAWQ / GPTQ layouts
     elif source.kind == "hf_dir" and (tq := turbollm_checkpoint_config(source.path)) is not None:
         load_turbollm_checkpoint(model, source.path, dtype, tq)  # `turbollm quantize` int8/int4
+    elif source.kind == "hf_dir" and (fcfg := fp8_checkpoint_config(source.path)) is not None:
+        load_fp8_checkpoint(model, source.path, dtype, fcfg)  # AutoFP8 / vLLM "fp8" layout
     else:
         model.load_weights(iter_checkpoint(source, dtype))
     _quantize_at_load(model, cfg, source)
