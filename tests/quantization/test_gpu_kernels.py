@@ -108,3 +108,16 @@ def test_quantized_model_on_cuda_matches_cpu(method, tiny_llama):
         assert next(t for t in vars(state).values() if torch.is_tensor(t)).device.type == device
         outs.append(llm.generate(["Hello there"], params)[0].outputs[0].token_ids)
     assert outs[0] == outs[1]
+
+
+def test_prefill_sized_inputs_take_the_widened_matmul(gk, monkeypatch):
+    state, w = _int4_state(32, 64, 32, False)
+    state = _on(state)
+    widened = []
+    real = gk.widened_int4
+    monkeypatch.setattr(gk, "widened_int4", lambda x, s: widened.append(x.shape[0]) or real(x, s))
+    x = torch.randn(gk.WIDEN_FROM_ROWS, 64)
+    torch.testing.assert_close(gk.int4_linear(x.to(DEVICE), state).cpu(), x @ w.t(),
+                               rtol=1e-4, atol=1e-4)
+    gk.int4_linear(x[:3].to(DEVICE), state)
+    assert widened == [gk.WIDEN_FROM_ROWS]  # the 3-row call ran the Triton kernel

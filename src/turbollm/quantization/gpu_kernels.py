@@ -7,8 +7,8 @@ widens them to x's dtype with their group scale and min in registers, and accumu
 products in fp32. The weight therefore crosses memory as 4 or 8 bits per value, where
 dequantize-then-matmul writes and reads it again at 16 bits.
 
-Without Triton (it ships with CUDA builds of torch) the weight is widened on the device per call
-(`widened_*`): correct and slower. The kernels run on CPU tensors under Triton's interpreter
+Prefill-sized inputs (WIDEN_FROM_ROWS rows and more), and every call without Triton (it ships
+with CUDA builds of torch), widen the weight on the device and use torch's matmul (`widened_*`). The kernels run on CPU tensors under Triton's interpreter
 (TRITON_INTERPRET=1 set before this module is imported), which is how the tests check them
 against the dequantize-then-matmul reference on a machine without a GPU.
 """
@@ -26,6 +26,10 @@ except ImportError:  # CPU-only installs: the widened path below serves
 # Tile sizes: tl.dot needs at least 16 in every dimension. BLOCK_K spans whole 32-column
 # int4 blocks (their 16 bytes hold columns j and j + 16 in one byte).
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+# From this many activation rows (prefill) the weight is widened once and cuBLAS multiplies:
+# its reuse over that many rows outweighs writing and reading the widened copy (vLLM switches
+# its AWQ layers at the same count). A guess until measured on a GPU.
+WIDEN_FROM_ROWS = 256
 
 
 def available() -> bool:
@@ -93,7 +97,7 @@ def _grid(M: int, N: int):
 
 def int4_linear(x: torch.Tensor, state) -> torch.Tensor:
     """y = x W^T for x [M, K] on the state's device, in x's dtype."""
-    if triton is None:
+    if triton is None or x.shape[0] >= WIDEN_FROM_ROWS:
         return widened_int4(x, state)
     x = x.contiguous()
     M, K = x.shape
@@ -108,7 +112,7 @@ def int4_linear(x: torch.Tensor, state) -> torch.Tensor:
 
 def int8_linear(x: torch.Tensor, state) -> torch.Tensor:
     """y = x W^T for x [M, K] on the state's device, in x's dtype."""
-    if triton is None:
+    if triton is None or x.shape[0] >= WIDEN_FROM_ROWS:
         return widened_int8(x, state)
     x = x.contiguous()
     M, K = x.shape
