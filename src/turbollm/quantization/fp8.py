@@ -16,6 +16,7 @@ Two kernels, chosen per call by `fp8_kernel` (not by the user):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +58,12 @@ def quantize_rows_fp8(x: torch.Tensor):
 
 def fp8_tensor_cores(device: torch.device) -> bool:
     """True on CUDA devices whose tensor cores multiply fp8 (compute capability >= 8.9)."""
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+    return device.type == "cuda" and _cuda_fp8(device.index)
+
+
+@functools.cache
+def _cuda_fp8(index: int | None) -> bool:  # asked once per device, not per linear call
+    return hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def fp8_kernel(x: torch.Tensor, state: Fp8State) -> str:

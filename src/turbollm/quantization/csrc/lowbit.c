@@ -455,8 +455,11 @@ static void quad_params(const void *sh, const uint16_t *oh, int zero_form, int i
 
 // The same for one row with groups of cpg blocks (G = 32 * cpg, e.g. RTN/AWQ/GPTQ's 96 / 128,
 // or a per-channel int8 head). int4 rows of up to 16 groups: each block's group is gidx[c] =
-// c / cpg (a loop per group took half the time of a G = 128 GEMV); int8 and longer int4 rows:
-// each group's value broadcast over its blocks.
+// c / cpg (a loop per group took half the time of a G = 128 GEMV), in whole vectors up to
+// padded_chunks(nchunks): gidx, bs and mn have room for that, the values past nchunks are never
+// read as dots (xd's padding is zero) and min_term multiplies them by xs's zero padding (a
+// scalar tail for the last nchunks % 8 blocks had cost the 576-wide G = 96 rows ~15%); int8
+// and longer int4 rows: each group's value broadcast over its blocks.
 static void row_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o,
                        int64_t ng, int64_t cpg, int64_t nchunks, const float *xd,
                        const int32_t *gidx, int in_bounds16, float *bs, float *mn) {
@@ -480,8 +483,7 @@ static void row_params(const void *sh, const uint16_t *oh, int zero_form, int is
             const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + 8 * h)));
             mg[h] = zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, _mm256_set1_ps(-0.0f)), sg[h]) : fv;
         }
-        int64_t c = 0;
-        for (; c + 8 <= nchunks; c += 8) {
+        for (int64_t c = 0; c < nchunks; c += 8) {
             const __m256i idx = _mm256_loadu_si256((const __m256i *)(gidx + c));
             __m256 sv = _mm256_permutevar8x32_ps(sg[0], idx), mv = _mm256_permutevar8x32_ps(mg[0], idx);
             if (ng > 8) {
@@ -491,11 +493,6 @@ static void row_params(const void *sh, const uint16_t *oh, int zero_form, int is
             }
             _mm256_storeu_ps(bs + c, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + c)));
             _mm256_storeu_ps(mn + c, mv);
-        }
-        for (; c < nchunks; c++) {
-            const float sv = _cvtsh_ss(s[gidx[c]]), fv = _cvtsh_ss(f[gidx[c]]);
-            bs[c] = sv * xd[c];
-            mn[c] = zero_form ? -fv * sv : fv;
         }
         return;
     }
@@ -532,13 +529,16 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
     const int64_t w_stride = is_int4 ? K / 2 : K;
 #pragma omp parallel
     {
-        // [ROWS, nchunks] each (mn with 8 zeros after it: min_term reads up to x->ncs values
-        // from each row's start), then the block -> group map
-        float *bs = (float *)calloc(3 * ROWS * nchunks + 8 + nchunks, sizeof(float));
-        float *xd4 = bs + ROWS * nchunks, *mn = xd4 + ROWS * nchunks;
-        int32_t *gidx = cpg > 1 ? (int32_t *)(mn + ROWS * nchunks + 8) : NULL;
+        // bs, xd4, mn: [ROWS, nchunks] each, bs and mn with 8 more (row_params writes whole
+        // vectors; min_term reads up to x->ncs values from each row's start), then the block ->
+        // group map for ncs blocks (past nchunks: the last group)
+        const int64_t rn = ROWS * nchunks;
+        float *bs = (float *)calloc(3 * rn + 16 + x->ncs, sizeof(float));
+        float *xd4 = bs + rn + 8, *mn = xd4 + rn;
+        int32_t *gidx = cpg > 1 ? (int32_t *)(mn + rn + 8) : NULL;
         for (int r = 0; r < ROWS; r++) memcpy(xd4 + r * nchunks, x->xd, nchunks * sizeof(float));
-        for (int64_t c = 0; gidx != NULL && c < nchunks; c++) gidx[c] = (int32_t)(c / cpg);
+        for (int64_t c = 0; gidx != NULL && c < x->ncs; c++)
+            gidx[c] = (int32_t)(c / cpg < ng ? c / cpg : ng - 1);
 #pragma omp for schedule(static)
         for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
             const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
