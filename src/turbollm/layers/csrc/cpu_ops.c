@@ -124,18 +124,18 @@ void rope_f32(float *x, const float *cos, const float *sin, int64_t T, int64_t h
 
 static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-// fp8 e4m3 bytes (sign, 4 exponent bits biased by 7, 3 mantissa bits) placed in fp16's bit
-// layout (sign, 5 exponent bits biased by 15, 10 mantissa bits): the exponent and mantissa bits
-// shifted in under fp16's top exponent bit read as the fp8 value times 2^-8, exactly, subnormals
-// included (no e4m3 value is NaN here: quantize_fp8 saturates). The caller multiplies by 256.
-// Sign-extending the byte to 16 bits and shifting it left by 7 puts exponent and mantissa in
-// place and the sign in bits 15 and 14; clearing bit 14 leaves the fp16 pattern.
+// 8 fp8 e4m3 bytes (sign, 4 exponent bits biased by 7, 3 mantissa bits) as fp32, divided by
+// 256: moved into fp16's layout (sign, 5 exponent bits biased by 15, 10 mantissa bits) below
+// its top exponent bit, the bits read as the fp8 value times 2^-8, exactly, subnormals included.
+// Sign-extending a byte to 16 bits and shifting it left by 7 puts exponent and mantissa there
+// and the sign in bits 15 and 14; clearing bit 14 leaves that pattern. The two NaN codes (never
+// written by quantize_fp8, which saturates) would read as finite values.
 static inline __m256 load8_e4m3_div256(const uint8_t *p) {
     const __m128i b = _mm_cvtepi8_epi16(_mm_loadl_epi64((const __m128i *)p));
     return _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(b, 7), _mm_set1_epi16((short)0xBF80)));
 }
 
-// One body for both weight types: a macro, because gcc does not inline a load function passed
+// One body for every weight type: a macro, because gcc does not inline a load function passed
 // by pointer, and the indirect call per 8 weights costs 4x. MT (activation rows of the tile) is
 // a constant in each call site of the switch, so the accumulators stay in registers.
 #define DEFINE_GEMM_F32_ACC(NAME, WTYPE, LOAD8)                                                          \
