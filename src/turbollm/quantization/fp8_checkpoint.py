@@ -98,24 +98,16 @@ def load_fp8_checkpoint(model: torch.nn.Module, model_dir, dtype: torch.dtype, f
 def _install(model: torch.nn.Module, quantized: dict) -> None:
     """fp8 on each linear whose shards all came in fp8 (shards concatenated in row order)."""
     from turbollm.layers.linear import LinearBase
-    from turbollm.models.llama import FUSED_SHARDS
+    from turbollm.quantization.hf_checkpoint import shard_order, shards_by_layer
 
-    by_layer: dict[str, dict] = {}
-    for hf_name, qs in quantized.items():
-        name, shard = hf_name, None
-        for piece, (fused, shard_id) in FUSED_SHARDS.items():
-            if name.endswith(f".{piece}"):
-                name, shard = name[:-len(piece)] + fused, shard_id
-                break
-        by_layer.setdefault(name, {})[shard] = qs
     modules = dict(model.named_modules())
-    for name, shards in by_layer.items():
+    for name, shards in shards_by_layer(quantized).items():
         layer = modules.get(name)
         if not isinstance(layer, LinearBase):
             log.warning("%s: fp8 in the checkpoint but not a linear here; kept dense", name)
             continue
-        order = sorted(shards, key=lambda s: layer.shard_offset(s)[0] if s is not None else 0)
-        if None not in shards and sum(layer.shard_offset(s)[1] for s in order) != layer.out_features:
+        order = shard_order(layer, shards)
+        if order is None:
             log.warning("%s: only some shards are fp8; kept dense", name)
             continue
         install_fp8(layer, torch.cat([shards[s][0] for s in order]),

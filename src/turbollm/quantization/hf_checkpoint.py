@@ -227,18 +227,9 @@ def _install_quantized(model: torch.nn.Module, quantized: dict[str, Int4Weights]
     """Install int4 on each linear whose shards all came quantized and fit together; the rest
     keep their dequantized dense weights (logged)."""
     from turbollm.layers.linear import LinearBase
-    from turbollm.models.llama import FUSED_SHARDS
 
-    by_layer: dict[str, dict] = {}
-    for hf_name, w in quantized.items():
-        name, shard = hf_name, None
-        for piece, (fused, shard_id) in FUSED_SHARDS.items():
-            if name.endswith(f".{piece}"):
-                name, shard = name[:-len(piece)] + fused, shard_id
-                break
-        by_layer.setdefault(name, {})[shard] = w
     modules = dict(model.named_modules())
-    for name, shards in by_layer.items():
+    for name, shards in shards_by_layer(quantized).items():
         layer = modules.get(name)
         if not isinstance(layer, LinearBase):
             log.warning("%s: quantized in the checkpoint but not a linear here; kept dense", name)
@@ -254,13 +245,39 @@ def _install_quantized(model: torch.nn.Module, quantized: dict[str, Int4Weights]
             log.warning("%s: kept dense (%s)", name, e)
 
 
-def _merge_shards(layer, shards: dict) -> Int4Weights | None:
+def shards_by_layer(quantized: dict) -> dict[str, dict]:
+    """HF-named per-projection values -> {model layer name: {shard id: value}}: q/k/v and
+    gate/up become shards of our fused layers, any other projection the one shard None."""
+    from turbollm.models.llama import FUSED_SHARDS
+
+    by_layer: dict[str, dict] = {}
+    for hf_name, value in quantized.items():
+        name, shard = hf_name, None
+        for piece, (fused, shard_id) in FUSED_SHARDS.items():
+            if name.endswith(f".{piece}"):
+                name, shard = name[:-len(piece)] + fused, shard_id
+                break
+        by_layer.setdefault(name, {})[shard] = value
+    return by_layer
+
+
+def shard_order(layer, shards: dict) -> list | None:
+    """The shard ids in row order, or None where they do not cover the layer's rows once each."""
     if None in shards:
-        return shards[None]
+        return [None]
     order = sorted(shards, key=lambda s: layer.shard_offset(s)[0])
     offsets = [layer.shard_offset(s) for s in order]
     if len(order) != len({*offsets}) or sum(r for _, r in offsets) != layer.out_features:
         return None
+    return order
+
+
+def _merge_shards(layer, shards: dict) -> Int4Weights | None:
+    order = shard_order(layer, shards)
+    if order is None:
+        return None
+    if order == [None]:
+        return shards[None]
     parts = [shards[s] for s in order]
     first = parts[0]
     for p in parts[1:]:
