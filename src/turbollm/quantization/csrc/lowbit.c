@@ -293,79 +293,92 @@ static inline __m256 dot32_i16(__m256i lo, __m256i hi, __m256i x0, __m256i x1) {
 
 static inline __m256i load_i16(const int16_t *p) { return _mm256_loadu_si256((const __m256i *)p); }
 
-// Scale and min of each 32-column block of int4 weight row o (w = q * sc + mn), groups expanded
-// to blocks without a division per block
-static void q4_block_params(const uint16_t *sh, const uint16_t *oh, int zero_form, int64_t o,
-                            int64_t ng, int64_t cpg, int64_t nchunks, float *sc, float *mn) {
-    const uint16_t *s = sh + o * ng, *f = oh + o * ng;
-    int64_t g = 0;
-    if (cpg == 1) {  // GGUF Q4_0/Q4_1 and group 32: eight groups per conversion
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        for (; g + 8 <= ng; g += 8) {
-            __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g)));
-            __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + g)));
-            _mm256_storeu_ps(sc + g, sv);
-            _mm256_storeu_ps(mn + g, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
-        }
+// n rounded up to a multiple of 8: the stride of the per-block (xd, xs) and per-group (xg)
+// activation arrays, whose padding is zero, so whole-vector passes need no scalar tail
+static inline int64_t pad8(int64_t n) { return (n + 7) & ~(int64_t)7; }
+
+// n int4 group parameters from fp16 (s, f) to fp32: scales sc (times xd where given: the
+// combined scale of a G = 32 block) and mins mn (w = q * sc + mn)
+static inline void int4_params(const uint16_t *s, const uint16_t *f, int zero_form, int64_t n,
+                               const float *xd, float *sc, float *mn) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i)));
+        const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + i)));
+        _mm256_storeu_ps(sc + i, xd ? _mm256_mul_ps(sv, _mm256_loadu_ps(xd + i)) : sv);
+        _mm256_storeu_ps(mn + i, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
     }
-    for (; g < ng; g++) {
-        const float sv = _cvtsh_ss(s[g]), fv = _cvtsh_ss(f[g]);
-        const float mv = zero_form ? -fv * sv : fv;
-        for (int64_t c = g * cpg; c < (g + 1) * cpg && c < nchunks; c++) {
-            sc[c] = sv;
-            mn[c] = mv;
-        }
+    for (; i < n; i++) {
+        const float sv = _cvtsh_ss(s[i]), fv = _cvtsh_ss(f[i]);
+        sc[i] = xd ? sv * xd[i] : sv;
+        mn[i] = zero_form ? -fv * sv : fv;
     }
 }
 
-// Blocks per activation row rounded up to 8: the stride of xd / xs, whose padding is zero
-static inline int64_t padded_chunks(int64_t nchunks) { return (nchunks + 7) & ~(int64_t)7; }
-
-// sum_c mn[c] * xs[c] over n8 = padded_chunks(n) values in eight lanes (one order at any row
-// count). xs's padding is zero, so whatever finite values mn holds past its n (the next
-// row's, or zeroed padding) add exact zeros; a tail loop per output cost more than the dots.
-static inline float min_term(const float *mn, const float *xs, int64_t n8) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t c = 0; c < n8; c += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + c), _mm256_loadu_ps(xs + c), acc);
-    return hsum256(acc);
-}
-
-// Scale of each 32-column block of int8 weight row o
-static void q8_block_scales(const float *scales, int64_t o, int64_t ng, int64_t cpg, float *sc) {
-    if (cpg == 1) {  // GGUF Q8_0
-        memcpy(sc, scales + o * ng, ng * sizeof(float));
+// Per-group fp32 scales and, for int4, mins of weight row o: ngp = pad8(ng) values each. Past
+// ng they are the next rows' values where reading ngp values from the row's start stays inside
+// the arrays (in_bounds), else zeros; either way finite, and read only as factors of zero
+// padding (min_term) or not at all.
+static void group_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o,
+                         int64_t ng, int64_t ngp, int in_bounds, float *sc, float *mn) {
+    if (!is_int4) {
+        memcpy(sc, (const float *)sh + o * ng, ng * sizeof(float));
+        memset(sc + ng, 0, (ngp - ng) * sizeof(float));
         return;
     }
-    for (int64_t g = 0; g < ng; g++)
-        for (int64_t c = g * cpg; c < (g + 1) * cpg; c++) sc[c] = scales[o * ng + g];
+    const int64_t n = in_bounds ? ngp : ng;
+    int4_params((const uint16_t *)sh + o * ng, oh + o * ng, zero_form, n, NULL, sc, mn);
+    memset(sc + n, 0, (ngp - n) * sizeof(float));
+    memset(mn + n, 0, (ngp - n) * sizeof(float));
+}
+
+// sum_g mn[g] * xg[g] over n8 = pad8(n) values in eight lanes (one order at any row count).
+// xg's padding is zero, so whatever finite values mn holds past its n add exact zeros (a tail
+// loop per output cost more than the dots).
+static inline float min_term(const float *mn, const float *xg, int64_t n8) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t g = 0; g < n8; g += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mn + g), _mm256_loadu_ps(xg + g), acc);
+    return hsum256(acc);
 }
 
 // A few activation rows (decode, batches, speculative verification), each rounded to
 // int16 as above. Weight rows are split over threads and each is read once per tile of up to
 // TILE activation rows: every weight block is widened to 16 bits once and used by each row of
-// the tile. (One activation row takes gemv_a16 below instead.)
+// the tile. (One activation row takes gemv_blocks / gemv_groups below instead.)
 //
-// Every output value is summed in one order whatever the row count M: acc = fma(block dot,
-// block scale, acc) over the blocks in column order, then hsum(acc) plus the min term. One
-// decode row and the same row in a speculative verification of several therefore give
-// bit-identical results (greedy speculation must reproduce plain decoding).
+// Every output value is summed in one order whatever the row count M, so one decode row and
+// the same row in a speculative verification of several give bit-identical results (greedy
+// speculation must reproduce plain decoding):
+// - G = 32 (GGUF Q4_0/Q4_1/Q8_0): acc = fma(block dot, sc[c] * xd[c], acc) over the blocks;
+// - groups of several blocks (RTN/AWQ/GPTQ int4, per-channel int8): t = fma(block dot, xd[c],
+//   t) over a group's blocks, then acc = fma(t, sc[g], acc): the group scale is applied once
+//   per group, where a combined scale per block had to be worked out for every weight row;
+// then hsum(acc) plus the min term, sum_g mn[g] * xg[g].
 #define TILE 8
 
 typedef struct {
     int16_t *xq;  // [M, K]
-    float *xd;    // [M, ncs]: K / 32 block scales, then zeros up to ncs = padded_chunks(K / 32)
-    float *xs;    // [M, ncs]
-    int64_t ncs;
+    float *xd;    // [M, ncs]: K / 32 block scales, then zeros up to ncs = pad8(K / 32)
+    float *xs;    // [M, ncs]: xd * (sum of the block's xq)
+    float *xg;    // [M, ngs]: xs summed per group of G / 32 blocks, then zeros up to ngs =
+                  // pad8(groups) (xs itself when G = 32)
+    int64_t ncs, ngs;
 } rows_i16;
 
-static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K) {
+static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K, int64_t G) {
+    const int64_t nchunks = K / 32, cpg = G / 32;
     rows_i16 r;
-    r.ncs = padded_chunks(K / 32);
+    r.ncs = pad8(nchunks);
+    r.ngs = cpg == 1 ? r.ncs : pad8((K + G - 1) / G);
     r.xq = (int16_t *)aligned_alloc(64, M * K * sizeof(int16_t));
-    r.xd = (float *)calloc(2 * M * r.ncs, sizeof(float));
+    r.xd = (float *)calloc(M * (2 * r.ncs + (cpg == 1 ? 0 : r.ngs)), sizeof(float));
     r.xs = r.xd + M * r.ncs;
-    for (int64_t m = 0; m < M; m++)
+    r.xg = cpg == 1 ? r.xs : r.xs + M * r.ncs;
+    for (int64_t m = 0; m < M; m++) {
         quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * r.ncs, r.xs + m * r.ncs);
+        for (int64_t c = 0; cpg > 1 && c < nchunks; c++) r.xg[m * r.ngs + c / cpg] += r.xs[m * r.ncs + c];
+    }
     return r;
 }
 
@@ -374,9 +387,17 @@ static void free_rows(rows_i16 r) {
     free(r.xd);
 }
 
-// MT activation rows of the tile against one weight row: every weight block is widened to 16
-// bits once and used by each of the MT rows. bs[j * bstride + c] is the combined scale of block
-// c for tile row j. MT is a constant after inlining, so the MT accumulators stay in registers.
+// 32 weights of block c of a packed row widened to int16 (columns 0-15, 16-31)
+static inline __attribute__((always_inline)) void unpack_block(const uint8_t *row, int is_int4,
+                                                               int64_t c, __m256i *lo, __m256i *hi) {
+    if (is_int4) unpack_u4(row + 16 * c, lo, hi);
+    else unpack_i8((const int8_t *)row + 32 * c, lo, hi);
+}
+
+// MT activation rows of the tile against one weight row of G = 32 blocks: every weight block
+// is widened to 16 bits once and used by each of the MT rows. bs[j * bstride + c] is the
+// combined scale of block c for tile row j. MT is a constant after inlining, so the MT
+// accumulators stay in registers.
 static inline __attribute__((always_inline)) void tile_dots(
     const uint8_t *row, int is_int4, int MT, int64_t nchunks, const int16_t *xq, int64_t K,
     const float *bs, int64_t bstride, float *out) {
@@ -384,13 +405,37 @@ static inline __attribute__((always_inline)) void tile_dots(
     for (int j = 0; j < MT; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t c = 0; c < nchunks; c++) {
         __m256i lo, hi;
-        if (is_int4) unpack_u4(row + 16 * c, &lo, &hi);
-        else unpack_i8((const int8_t *)row + 32 * c, &lo, &hi);
+        unpack_block(row, is_int4, c, &lo, &hi);
         for (int j = 0; j < MT; j++) {
             const int16_t *xm = xq + j * K + 32 * c;
             acc[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
                                      _mm256_broadcast_ss(bs + j * bstride + c), acc[j]);
         }
+    }
+    for (int j = 0; j < MT; j++) out[j] = hsum256(acc[j]);
+}
+
+// The same for a weight row with groups of cpg blocks: xd[j * xdstride + c] is the activation
+// scale of block c for tile row j, sc[g] the row's group scales.
+static inline __attribute__((always_inline)) void tile_dots_grouped(
+    const uint8_t *row, int is_int4, int MT, int64_t nchunks, int64_t cpg, const int16_t *xq,
+    int64_t K, const float *xd, int64_t xdstride, const float *sc, float *out) {
+    __m256 acc[TILE], t[TILE];
+    for (int j = 0; j < MT; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t c0 = 0, g = 0; c0 < nchunks; c0 += cpg, g++) {
+        const int64_t c1 = c0 + cpg < nchunks ? c0 + cpg : nchunks;
+        for (int j = 0; j < MT; j++) t[j] = _mm256_setzero_ps();
+        for (int64_t c = c0; c < c1; c++) {
+            __m256i lo, hi;
+            unpack_block(row, is_int4, c, &lo, &hi);
+            for (int j = 0; j < MT; j++) {
+                const int16_t *xm = xq + j * K + 32 * c;
+                t[j] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
+                                       _mm256_broadcast_ss(xd + j * xdstride + c), t[j]);
+            }
+        }
+        const __m256 s = _mm256_broadcast_ss(sc + g);
+        for (int j = 0; j < MT; j++) acc[j] = _mm256_fmadd_ps(t[j], s, acc[j]);
     }
     for (int j = 0; j < MT; j++) out[j] = hsum256(acc[j]);
 }
@@ -402,6 +447,13 @@ static inline __attribute__((always_inline)) void tile_dots(
 // one row at a time; with it, 1.2x faster). Each output is summed in the same order as in
 // tile_dots, so the bits match the tiled path.
 #define PREFETCH_ROWS 8
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *w, int64_t w_stride,
+                                                                 int is_int4, int NR, int64_t c) {
+    if (__builtin_expect((c & (is_int4 ? 3 : 1)) == 0, 0))  // a 64-byte line: 4 int4 / 2 int8 blocks
+        for (int r = 0; r < NR; r++)
+            _mm_prefetch((const char *)w + (r + PREFETCH_ROWS) * w_stride + (is_int4 ? 16 : 32) * c, _MM_HINT_T0);
+}
+
 static inline __attribute__((always_inline)) void row_dots(
     const uint8_t *w, int64_t w_stride, int is_int4, int NR, int64_t nchunks, const int16_t *xq,
     const float *bs, float *out) {
@@ -409,143 +461,93 @@ static inline __attribute__((always_inline)) void row_dots(
     for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t c = 0; c < nchunks; c++) {
         const __m256i x0 = load_i16(xq + 32 * c), x1 = load_i16(xq + 32 * c + 16);
-        if ((c & (is_int4 ? 3 : 1)) == 0)  // a 64-byte line holds 4 int4 / 2 int8 blocks
-            for (int r = 0; r < NR; r++)
-                _mm_prefetch((const char *)w + (r + PREFETCH_ROWS) * w_stride + (is_int4 ? 16 : 32) * c, _MM_HINT_T0);
+        prefetch_ahead(w, w_stride, is_int4, NR, c);
         for (int r = 0; r < NR; r++) {
             __m256i lo, hi;
-            if (is_int4) unpack_u4(w + r * w_stride + 16 * c, &lo, &hi);
-            else unpack_i8((const int8_t *)w + r * w_stride + 32 * c, &lo, &hi);
+            unpack_block(w + r * w_stride, is_int4, c, &lo, &hi);
             acc[r] = _mm256_fmadd_ps(dot32_i16(lo, hi, x0, x1), _mm256_broadcast_ss(bs + r * nchunks + c), acc[r]);
         }
     }
     for (int r = 0; r < NR; r++) out[r] = hsum256(acc[r]);
 }
 
-// bs (combined scales sc * xd) and, for int4, mins of ROWS consecutive rows that have one group
-// per block (G = 32, the GGUF formats): their scales lie contiguous in memory, so one vector
-// pass over ROWS * nchunks values replaces ROWS per-row passes with short tails (those took a
-// quarter of a decode GEMV's time). xd4 is xd repeated ROWS times. Same values as the per-row
-// path.
-static void quad_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o0,
-                        int64_t nchunks, const float *xd4, float *bs, float *mn) {
-    const int64_t n = ROWS * nchunks;
-    int64_t i = 0;
-    if (is_int4) {
-        const uint16_t *s = (const uint16_t *)sh + o0 * nchunks, *f = oh + o0 * nchunks;
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        for (; i + 8 <= n; i += 8) {
-            const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i)));
-            const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + i)));
-            _mm256_storeu_ps(bs + i, _mm256_mul_ps(sv, _mm256_loadu_ps(xd4 + i)));
-            _mm256_storeu_ps(mn + i, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
+// The same for weight rows with groups of cpg blocks (as tile_dots_grouped): one xd broadcast
+// per block feeds every row, and sc[r * sc_stride + g] is applied once per group.
+static inline __attribute__((always_inline)) void row_dots_grouped(
+    const uint8_t *w, int64_t w_stride, int is_int4, int NR, int64_t nchunks, int64_t cpg,
+    const int16_t *xq, const float *xd, const float *sc, int64_t sc_stride, float *out) {
+    __m256 acc[ROWS], t[ROWS];
+    for (int r = 0; r < NR; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t c0 = 0, g = 0; c0 < nchunks; c0 += cpg, g++) {
+        const int64_t c1 = c0 + cpg < nchunks ? c0 + cpg : nchunks;
+        for (int r = 0; r < NR; r++) t[r] = _mm256_setzero_ps();
+        for (int64_t c = c0; c < c1; c++) {
+            const __m256i x0 = load_i16(xq + 32 * c), x1 = load_i16(xq + 32 * c + 16);
+            const __m256 xdv = _mm256_broadcast_ss(xd + c);
+            prefetch_ahead(w, w_stride, is_int4, NR, c);
+            for (int r = 0; r < NR; r++) {
+                __m256i lo, hi;
+                unpack_block(w + r * w_stride, is_int4, c, &lo, &hi);
+                t[r] = _mm256_fmadd_ps(dot32_i16(lo, hi, x0, x1), xdv, t[r]);
+            }
         }
-        for (; i < n; i++) {
-            const float sv = _cvtsh_ss(s[i]), fv = _cvtsh_ss(f[i]);
-            bs[i] = sv * xd4[i];
-            mn[i] = zero_form ? -fv * sv : fv;
-        }
-    } else {
-        const float *s = (const float *)sh + o0 * nchunks;
-        for (; i + 8 <= n; i += 8)
-            _mm256_storeu_ps(bs + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), _mm256_loadu_ps(xd4 + i)));
-        for (; i < n; i++) bs[i] = s[i] * xd4[i];
+        for (int r = 0; r < NR; r++) acc[r] = _mm256_fmadd_ps(t[r], _mm256_broadcast_ss(sc + r * sc_stride + g), acc[r]);
     }
+    for (int r = 0; r < NR; r++) out[r] = hsum256(acc[r]);
 }
 
-// The same for one row with groups of cpg blocks (G = 32 * cpg, e.g. RTN/AWQ/GPTQ's 96 / 128,
-// or a per-channel int8 head). int4 rows of up to 16 groups: each block's group is gidx[c] =
-// c / cpg (a loop per group took half the time of a G = 128 GEMV), in whole vectors up to
-// padded_chunks(nchunks): gidx, bs and mn have room for that, the values past nchunks are never
-// read as dots (xd's padding is zero) and min_term multiplies them by xs's zero padding (a
-// scalar tail for the last nchunks % 8 blocks had cost the 576-wide G = 96 rows ~15%); int8
-// and longer int4 rows: each group's value broadcast over its blocks.
-static void row_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o,
-                       int64_t ng, int64_t cpg, int64_t nchunks, const float *xd,
-                       const int32_t *gidx, int in_bounds16, float *bs, float *mn) {
-    if (is_int4 && gidx != NULL && ng <= 16) {
-        // the row's (up to 16) group scales and mins in two vectors each, picked per block by a
-        // permute (gathers took as long as the whole loop per group they replaced). The loads
-        // read 16 values: past this row into the next ones, or, for the last rows, from a copy.
-        const uint16_t *s = (const uint16_t *)sh + o * ng, *f = oh + o * ng;
-        uint16_t s16[16], f16[16];
-        if (!in_bounds16) {
-            memset(s16, 0, sizeof s16);
-            memset(f16, 0, sizeof f16);
-            memcpy(s16, s, ng * sizeof(uint16_t));
-            memcpy(f16, f, ng * sizeof(uint16_t));
-            s = s16;
-            f = f16;
-        }
-        __m256 sg[2], mg[2];
-        for (int h = 0; h < (ng > 8 ? 2 : 1); h++) {
-            sg[h] = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + 8 * h)));
-            const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + 8 * h)));
-            mg[h] = zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, _mm256_set1_ps(-0.0f)), sg[h]) : fv;
-        }
-        for (int64_t c = 0; c < nchunks; c += 8) {
-            const __m256i idx = _mm256_loadu_si256((const __m256i *)(gidx + c));
-            __m256 sv = _mm256_permutevar8x32_ps(sg[0], idx), mv = _mm256_permutevar8x32_ps(mg[0], idx);
-            if (ng > 8) {
-                const __m256 high = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, _mm256_set1_epi32(7)));
-                sv = _mm256_blendv_ps(sv, _mm256_permutevar8x32_ps(sg[1], idx), high);
-                mv = _mm256_blendv_ps(mv, _mm256_permutevar8x32_ps(mg[1], idx), high);
-            }
-            _mm256_storeu_ps(bs + c, _mm256_mul_ps(sv, _mm256_loadu_ps(xd + c)));
-            _mm256_storeu_ps(mn + c, mv);
-        }
+// Group scales and, for int4, mins of ROWS consecutive rows: their parameters lie contiguous
+// in memory, so one vector pass over ROWS * ng values replaces ROWS per-row passes with short
+// tails (those took a quarter of a decode GEMV's time at G = 32; at G = 96, where a 576-wide
+// row has 6 groups, per-row passes left the one-row GEMV ~20% slower than G = 32). With xd4 (G = 32: xd repeated ROWS times) the scales come out
+// combined with the activation's block scales (bs = sc * xd). Same values as group_params.
+static void quad_params(const void *sh, const uint16_t *oh, int zero_form, int is_int4, int64_t o0,
+                        int64_t ng, const float *xd4, float *sc, float *mn) {
+    const int64_t n = ROWS * ng;
+    if (is_int4) {
+        int4_params((const uint16_t *)sh + o0 * ng, oh + o0 * ng, zero_form, n, xd4, sc, mn);
         return;
     }
-    for (int64_t g = 0; g < ng; g++) {
-        float sv, mv = 0.f;
-        if (is_int4) {
-            const float fv = _cvtsh_ss(oh[o * ng + g]);
-            sv = _cvtsh_ss(((const uint16_t *)sh)[o * ng + g]);
-            mv = zero_form ? -fv * sv : fv;
-        } else {
-            sv = ((const float *)sh)[o * ng + g];
-        }
-        const int64_t c1 = (g + 1) * cpg < nchunks ? (g + 1) * cpg : nchunks;
-        int64_t c = g * cpg;
-        for (; c + 8 <= c1; c += 8) {
-            _mm256_storeu_ps(bs + c, _mm256_mul_ps(_mm256_set1_ps(sv), _mm256_loadu_ps(xd + c)));
-            if (is_int4) _mm256_storeu_ps(mn + c, _mm256_set1_ps(mv));
-        }
-        if (c + 4 <= c1) {
-            _mm_storeu_ps(bs + c, _mm_mul_ps(_mm_set1_ps(sv), _mm_loadu_ps(xd + c)));
-            if (is_int4) _mm_storeu_ps(mn + c, _mm_set1_ps(mv));
-            c += 4;
-        }
-        for (; c < c1; c++) {
-            bs[c] = sv * xd[c];
-            mn[c] = mv;
-        }
+    const float *s = (const float *)sh + o0 * ng;
+    if (!xd4) {
+        memcpy(sc, s, n * sizeof(float));
+        return;
     }
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(sc + i, _mm256_mul_ps(_mm256_loadu_ps(s + i), _mm256_loadu_ps(xd4 + i)));
+    for (; i < n; i++) sc[i] = s[i] * xd4[i];
 }
 
-static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const uint16_t *oh,
-                     int zero_form, int is_int4, float *y, int64_t N, int64_t K, int64_t G) {
-    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
+// bs[c] = sc[c] * xd[c] over n8 = pad8(blocks) values (G = 32: one scale per block)
+static inline void block_scales(const float *sc, const float *xd, int64_t n8, float *bs) {
+    for (int64_t c = 0; c < n8; c += 8)
+        _mm256_storeu_ps(bs + c, _mm256_mul_ps(_mm256_loadu_ps(sc + c), _mm256_loadu_ps(xd + c)));
+}
+
+// One activation row, G = 32 (GGUF Q4_0/Q4_1/Q8_0): the combined scales bs = sc * xd of four
+// weight rows in one pass (quad_params with xd4), then row_dots
+static void gemv_blocks(const rows_i16 *x, const uint8_t *w, const void *sh, const uint16_t *oh,
+                        int zero_form, int is_int4, float *y, int64_t N, int64_t K) {
+    const int64_t nchunks = K / 32, ncs = x->ncs, rn = ROWS * nchunks;
     const int64_t w_stride = is_int4 ? K / 2 : K;
 #pragma omp parallel
     {
-        // bs, xd4, mn: [ROWS, nchunks] each, bs and mn with 8 more (row_params writes whole
-        // vectors; min_term reads up to x->ncs values from each row's start), then the block ->
-        // group map for ncs blocks (past nchunks: the last group)
-        const int64_t rn = ROWS * nchunks;
-        float *bs = (float *)calloc(3 * rn + 16 + x->ncs, sizeof(float));
+        // bs, xd4 (xd repeated ROWS times), mn: [ROWS, nchunks], bs and mn with 8 more (the
+        // last rows of a matrix write ncs values from their start, and min_term reads as many)
+        float *bs = (float *)calloc(3 * rn + 16, sizeof(float));
         float *xd4 = bs + rn + 8, *mn = xd4 + rn;
-        int32_t *gidx = cpg > 1 ? (int32_t *)(mn + rn + 8) : NULL;
         for (int r = 0; r < ROWS; r++) memcpy(xd4 + r * nchunks, x->xd, nchunks * sizeof(float));
-        for (int64_t c = 0; gidx != NULL && c < x->ncs; c++)
-            gidx[c] = (int32_t)(c / cpg < ng ? c / cpg : ng - 1);
 #pragma omp for schedule(static)
         for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
             const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
-            if (cpg == 1 && nr == ROWS) quad_params(sh, oh, zero_form, is_int4, o0, nchunks, xd4, bs, mn);
-            else for (int r = 0; r < nr; r++)
-                row_params(sh, oh, zero_form, is_int4, o0 + r, ng, cpg, nchunks, x->xd, gidx,
-                           (N - o0 - r) * ng >= 16, bs + r * nchunks, mn + r * nchunks);
+            if (nr == ROWS) quad_params(sh, oh, zero_form, is_int4, o0, nchunks, xd4, bs, mn);
+            else for (int r = 0; r < nr; r++) {  // the last N % ROWS rows, in order: each one's
+                // padding is overwritten by the next row's values
+                group_params(sh, oh, zero_form, is_int4, o0 + r, nchunks, ncs,
+                             (N - o0 - r) * nchunks >= ncs, bs + r * nchunks, mn + r * nchunks);
+                block_scales(bs + r * nchunks, x->xd, ncs, bs + r * nchunks);
+            }
             float dots[ROWS];
             const uint8_t *rows = w + o0 * w_stride;
 #define RD(NR) (is_int4 ? row_dots(rows, w_stride, 1, NR, nchunks, x->xq, bs, dots) \
@@ -558,9 +560,44 @@ static void gemv_a16(const rows_i16 *x, const uint8_t *w, const void *sh, const 
             }
 #undef RD
             for (int r = 0; r < nr; r++)
-                y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * nchunks, x->xs, x->ncs) : 0.f);
+                y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * nchunks, x->xs, ncs) : 0.f);
         }
         free(bs);
+    }
+}
+
+// One activation row, groups of several blocks: the group scales of four weight rows in one
+// pass, then row_dots_grouped
+static void gemv_groups(const rows_i16 *x, const uint8_t *w, const void *sh, const uint16_t *oh,
+                        int zero_form, int is_int4, float *y, int64_t N, int64_t K, int64_t G) {
+    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32, ngp = x->ngs;
+    const int64_t w_stride = is_int4 ? K / 2 : K, rn = ROWS * ng;
+#pragma omp parallel
+    {
+        // sc, mn: [ROWS, ng], each with 8 more (as in gemv_blocks)
+        float *sc = (float *)calloc(2 * rn + 16, sizeof(float)), *mn = sc + rn + 8;
+#pragma omp for schedule(static)
+        for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
+            const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+            if (nr == ROWS) quad_params(sh, oh, zero_form, is_int4, o0, ng, NULL, sc, mn);
+            else for (int r = 0; r < nr; r++)
+                group_params(sh, oh, zero_form, is_int4, o0 + r, ng, ngp, (N - o0 - r) * ng >= ngp,
+                             sc + r * ng, mn + r * ng);
+            float dots[ROWS];
+            const uint8_t *rows = w + o0 * w_stride;
+#define RG(NR) (is_int4 ? row_dots_grouped(rows, w_stride, 1, NR, nchunks, cpg, x->xq, x->xd, sc, ng, dots) \
+                        : row_dots_grouped(rows, w_stride, 0, NR, nchunks, cpg, x->xq, x->xd, sc, ng, dots))
+            switch (nr) {
+                case 4: RG(4); break;
+                case 3: RG(3); break;
+                case 2: RG(2); break;
+                default: RG(1); break;
+            }
+#undef RG
+            for (int r = 0; r < nr; r++)
+                y[o0 + r] = dots[r] + (is_int4 ? min_term(mn + r * ng, x->xg, ngp) : 0.f);
+        }
+        free(sc);
     }
 }
 
@@ -585,37 +622,37 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     }
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
     const int64_t w_stride = is_int4 ? K / 2 : K;
-    rows_i16 r = quantize_rows_i16(x, M, K);
+    rows_i16 r = quantize_rows_i16(x, M, K, G);
     if (M == 1) {
-        gemv_a16(&r, w, sh, oh, zero_form, is_int4, y, N, K, G);
+        if (cpg == 1) gemv_blocks(&r, w, sh, oh, zero_form, is_int4, y, N, K);
+        else gemv_groups(&r, w, sh, oh, zero_form, is_int4, y, N, K, G);
         free_rows(r);
         return;
     }
-    const int64_t ncs = r.ncs, ntiles = (M + TILE - 1) / TILE;
+    const int64_t ncs = r.ncs, ngp = r.ngs, ntiles = (M + TILE - 1) / TILE;
     int tiles[(MAX_ROWS_TILED + TILE - 1) / TILE];  // rows of each tile, worked out once
     for (int64_t t = 0; t < ntiles; t++) tiles[t] = tile_rows(M, t);
 #pragma omp parallel
     {
-        // sc, mn [ncs] (zero past nchunks: min_term and the bs rows read whole vectors), then
-        // bs [TILE, ncs]: combined scales sc[c] * xd[m, c] of the tile's rows
-        float *sc = (float *)calloc((2 + TILE) * ncs, sizeof(float)), *mn = sc + ncs;
-        float *bs = mn + ncs;
+        // sc, mn [ngp] (a weight row's groups), then bs [TILE, ncs] (G = 32: combined scales
+        // sc[c] * xd[m, c] of the tile's rows)
+        float *sc = (float *)calloc(2 * ngp + TILE * ncs, sizeof(float)), *mn = sc + ngp;
+        float *bs = mn + ngp;
 #pragma omp for schedule(static)
         for (int64_t o = 0; o < N; o++) {
-            if (is_int4) q4_block_params((const uint16_t *)sh, oh, zero_form, o, ng, cpg, nchunks, sc, mn);
-            else q8_block_scales((const float *)sh, o, ng, cpg, sc);
+            group_params(sh, oh, zero_form, is_int4, o, ng, ngp, (N - o) * ng >= ngp, sc, mn);
             const uint8_t *row = w + o * w_stride;
             for (int64_t t = 0, m0 = 0; t < ntiles; m0 += tiles[t++]) {
                 const int mt = tiles[t];
-                for (int j = 0; j < mt; j++) {
-                    const float *xd = r.xd + (m0 + j) * ncs;
-                    for (int64_t c = 0; c < ncs; c += 8)
-                        _mm256_storeu_ps(bs + j * ncs + c, _mm256_mul_ps(_mm256_loadu_ps(sc + c), _mm256_loadu_ps(xd + c)));
-                }
                 float dots[TILE];
                 const int16_t *xq = r.xq + m0 * K;
-#define TD(MT) (is_int4 ? tile_dots(row, 1, MT, nchunks, xq, K, bs, ncs, dots) \
-                        : tile_dots(row, 0, MT, nchunks, xq, K, bs, ncs, dots))
+                const float *xd = r.xd + m0 * ncs;
+                if (cpg == 1)
+                    for (int j = 0; j < mt; j++) block_scales(sc, xd + j * ncs, ncs, bs + j * ncs);
+#define TD(MT) (cpg == 1 ? (is_int4 ? tile_dots(row, 1, MT, nchunks, xq, K, bs, ncs, dots) \
+                                    : tile_dots(row, 0, MT, nchunks, xq, K, bs, ncs, dots)) \
+                         : (is_int4 ? tile_dots_grouped(row, 1, MT, nchunks, cpg, xq, K, xd, ncs, sc, dots) \
+                                    : tile_dots_grouped(row, 0, MT, nchunks, cpg, xq, K, xd, ncs, sc, dots)))
                 switch (mt) {
                     case 8: TD(8); break;
                     case 7: TD(7); break;
@@ -629,7 +666,7 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
 #undef TD
                 for (int j = 0; j < mt; j++) {
                     const int64_t m = m0 + j;
-                    y[m * N + o] = dots[j] + (is_int4 ? min_term(mn, r.xs + m * ncs, ncs) : 0.f);
+                    y[m * N + o] = dots[j] + (is_int4 ? min_term(mn, r.xg + m * ngp, ngp) : 0.f);
                 }
             }
         }
