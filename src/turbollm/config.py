@@ -122,6 +122,9 @@ class SpeculativeConfig:
         "self-speculation: the draft is the target's first k layers"))
     draft_quantization: str | None = field(default=None, metadata=_help(
         "quantization of the draft model", choices=QUANTIZATION_METHODS))
+    verify_cost: str = field(default="measure", metadata=_help(
+        "cost of verifying one more proposal, in plain decode steps: 'measure' (the engine "
+        "times its own steps at start-up) or a number, e.g. 0.25"))
     ngram_max: int = field(default=4, metadata=_help("longest n-gram matched by prompt lookup"))
     ngram_min: int = field(default=1, metadata=_help("shortest n-gram matched by prompt lookup"))
 
@@ -134,6 +137,14 @@ class SpeculativeConfig:
                              f"{self.num_speculative_tokens}")
         if self.draft_layers is not None and self.draft_layers < 1:
             raise ValueError(f"draft_layers must be >= 1, got {self.draft_layers}")
+        if self.verify_cost != "measure":
+            try:
+                ok = float(self.verify_cost) >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError("verify_cost must be 'measure' or a number >= 0, got "
+                                 f"{self.verify_cost!r}")
         if not 1 <= self.ngram_min <= self.ngram_max:
             raise ValueError("need 1 <= ngram_min <= ngram_max, got "
                              f"{self.ngram_min}, {self.ngram_max}")

@@ -136,8 +136,8 @@ def test_self_draft_steps_take_the_c_path_on_its_first_layers(tiny_llama, monkey
     proposes what the module path proposes (so outputs and acceptance are unchanged)."""
     def spec_llm():
         llm = LLM(str(tiny_llama), dtype="float32", speculative_method="draft", draft_layers=1,
-                  num_speculative_tokens=3, **ENGINE)
-        llm.engine.spec.controller.cost_per_token = 0.01  # propose every step
+                  num_speculative_tokens=3, verify_cost="0.01", **ENGINE)
+        llm.engine.spec.controller.proposal_cost = 0.0  # propose every step
         return llm
     layers_run = []
     forward = NativeDecoder.forward

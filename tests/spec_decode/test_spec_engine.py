@@ -40,9 +40,11 @@ def spec_llm(kind, **kw):
     kw = {"kv_cache_memory": "64MiB", **COMMON, **kw}
     # The separate draft is the same model: every proposal is accepted, so the controller must
     # be made to use it (its cost estimate says a draft as slow as the target never pays).
+    if kind == "draft_model":
+        kw = {"verify_cost": "0.01", **kw}
     llm = LLM("smollm2-135m", **SPEC_KINDS[kind], **kw)
     if kind == "draft_model":
-        llm.engine.spec.controller.cost_per_token = 0.01
+        llm.engine.spec.controller.proposal_cost = 0.0
     return llm
 
 

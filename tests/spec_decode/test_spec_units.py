@@ -3,7 +3,8 @@ import pytest
 import torch
 from chi2 import chi2_critical, chi2_statistic
 
-from turbollm.spec_decode.controller import SpecController
+from turbollm.spec_decode.controller import SpecController, expected_tokens
+from turbollm.spec_decode.step_cost import linear_costs
 from turbollm.spec_decode.ngram import propose_ngram
 from turbollm.spec_decode.verify import verify_greedy, verify_random
 
@@ -68,33 +69,68 @@ def test_verify_random_reproducible_with_a_seed():
     assert runs[0] == runs[1]
 
 
+def linear(max_k, per_token, proposal_cost=0.0, **kw):
+    return SpecController(max_k=max_k, step_costs=linear_costs(max_k, per_token),
+                          proposal_cost=proposal_cost, disable_batch_size=8, **kw)
+
+
+def test_expected_tokens_counts_the_first_and_following_proposals():
+    assert expected_tokens(0, 0.5, 0.5) == 1.0
+    assert expected_tokens(3, 1.0, 1.0) == 4.0
+    # the first accepted with 0.5, each next one with 0.9 after it
+    assert expected_tokens(2, 0.5, 0.9) == pytest.approx(1 + 0.5 + 0.5 * 0.9)
+
+
 def test_controller_picks_more_tokens_for_higher_acceptance():
-    c = SpecController(max_k=8, cost_per_token=0.05, disable_batch_size=8)
-    ks = [c.best_k(a) for a in (0.0, 0.3, 0.6, 0.9)]
+    c = linear(8, 0.05)
+    ks = [c.best_k(a, a) for a in (0.0, 0.3, 0.6, 0.9)]
     assert ks == sorted(ks) and ks[0] == 0 and ks[-1] == 8
     # Expensive proposals (a draft as slow as the target) never pay.
-    assert SpecController(max_k=8, cost_per_token=1.0, disable_batch_size=8).best_k(0.6) == 0
+    assert linear(8, 0.0, proposal_cost=1.0).best_k(0.6, 0.6) == 0
+
+
+def test_controller_prices_each_k_by_the_measured_table():
+    """A first extra row as dear as a whole step (the CPU's two-row kernels) and cheap ones
+    after: one proposal never pays, several do when acceptance runs in bursts."""
+    costs = [1.0, 1.9, 2.0, 2.1, 2.2]
+    c = SpecController(max_k=4, step_costs=costs, proposal_cost=0.0, disable_batch_size=8)
+    assert c.best_k(0.6, 0.95) == 4
+    assert c.best_k(0.8, 0.0) == 0  # never two in a row: one token per step at best
+    # with a fixed price per row of 0.25 the same rates would propose
+    assert linear(4, 0.25).best_k(0.8, 0.0) == 1
+    with pytest.raises(ValueError, match="step_costs"):
+        SpecController(max_k=4, step_costs=costs[:3], proposal_cost=0.0, disable_batch_size=8)
+
+
+def test_controller_learns_bursty_rates():
+    """A step's first proposal and the ones after an accepted one are counted apart."""
+    c = linear(8, 0.1, decay=1.0, prior_weight=1e-9)
+    c.observe("r", 4, 0)  # first rejected: nothing learned about the next ones
+    c.observe("r", 4, 4)  # all four kept: first accepted, 3 of 3 next accepted
+    c.observe("r", 4, 2)  # first accepted, second accepted, third rejected: next 1 of 2
+    first, nxt = c.rates("r")
+    assert first == pytest.approx(2 / 3) and nxt == pytest.approx(4 / 5)
 
 
 def test_controller_learns_rates_probes_and_switches_off_for_big_batches():
-    c = SpecController(max_k=6, cost_per_token=0.3, disable_batch_size=4, probe_every=4)
+    c = linear(6, 0.3, probe_every=4)
+    c.disable_batch_size = 4
     for _ in range(10):
         c.observe("good", 4, 4)
         c.observe("bad", 4, 0)
-    assert c.rate("good") > 0.9 and c.rate("bad") < 0.2
+    assert min(c.rates("good")) > 0.85 and c.rates("bad")[0] < 0.2
     assert c.num_to_propose("good", 1, False) >= 4
     bad = [c.num_to_propose("bad", 1, False) for _ in range(8)]
     assert bad.count(0) == 6 and bad.count(1) == 2  # probes every 4th step
     assert c.num_to_propose("good", 4, False) == 0  # batch too large
     assert c.num_to_propose("good", 4, True) > 0  # seeded sampling keeps its stream
     c.forget(["good"])
-    assert c.rate("good") == c.prior
+    assert c.rates("good") == (c.prior_first, c.prior_next)
 
 
 def test_controller_backs_off_probing_a_draft_that_never_agrees():
     # proposals never pay at this cost, so every proposal is a probe
-    c = SpecController(max_k=4, cost_per_token=1.0, disable_batch_size=8, probe_every=4,
-                       max_probe_every=16)
+    c = linear(4, 0.0, proposal_cost=1.0, probe_every=4, max_probe_every=16)
 
     def probe_steps(n, accept):
         steps = []

@@ -19,6 +19,7 @@ from turbollm.loader.model_loader import load_model
 from turbollm.sampling_params import SamplingParams
 from turbollm.spec_decode.draft import draft_kv_share, load_separate_draft
 from turbollm.spec_decode.proposer import make_speculative_decoder
+from turbollm.spec_decode.step_cost import measure_step_costs
 from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
                                       profile_peak_bytes)
 from turbollm.worker.model_runner import ModelRunner
@@ -92,9 +93,29 @@ class LLMEngine:
             from turbollm.quantization.calibration import quantize_engine_at_load
             quantize_engine_at_load(self, config.model.quantization,
                                     config.model.quantization_group_size)
+        if self.spec is not None and self.spec.measures_step_costs:
+            self._measure_step_costs()
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
                  "loaded in %.1fs", self.model_name, device, self.dtype, num_blocks,
                  cc.block_size, self.max_model_len, self.load_time_s)
+
+    def _measure_step_costs(self) -> None:
+        """Time verification steps for the speculation controller (spec_decode/step_cost.py),
+        with speculation itself off meanwhile (no proposer runs between the timed steps), and
+        leave no trace in the counters."""
+        spec, self.spec = self.spec, None
+        try:
+            costs = measure_step_costs(self, spec.config.num_speculative_tokens)
+        finally:
+            self.spec = spec
+        self.stats = EngineStats()
+        if costs is None:
+            log.warning("speculation: no room to time verification steps; assuming %s plain "
+                        "steps per proposal", spec.controller.step_costs[1] - 1)
+            return
+        spec.set_step_costs(costs)
+        log.info("speculation: a step verifying k = 0..%d proposals costs %s plain steps "
+                 "(measured)", len(costs) - 1, " ".join(f"{c:.2f}" for c in costs))
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":

@@ -1,13 +1,19 @@
 """How many tokens to propose for each request, each step.
 
-Per request, an exponential moving average of the acceptance rate a picks the k that maximizes
-expected tokens per unit of step cost: with independent acceptances, a step verifying k
-proposals emits (1 - a^(k+1)) / (1 - a) tokens and costs 1 + k * cost_per_token (verification
-of one more row, plus the draft model's forward per proposal). When speculation does not pay
-(k = 0), a request still probes with one proposal every `probe_every` steps so a change of
-regime (the answer starts quoting the prompt) is noticed; each rejected probe doubles that
-interval (up to `max_probe_every`), so a draft that never agrees costs ~1% rather than a
-draft forward and a verified row every few steps (a self-draft of 6/30 layers accepts ~5%).
+Acceptance is bursty: a first proposal is a guess (n-gram lookup found a match, or the draft
+agrees on the next token), but once one is accepted the answer is usually copying a stretch of
+the prompt or following the draft, and the next ones are accepted far more often (n-gram on
+grounded prompts, session 11: 0.63 for the first proposal, 0.91-1.0 for each one after). So
+per request two rates are estimated from decayed counts: p_first for a step's first proposal
+and p_next for a proposal after an accepted one. A step verifying k proposals then emits
+1 + p_first (1 - p_next^k) / (1 - p_next) tokens on average, and costs step_costs[k] (a step
+verifying k proposals over a plain one, measured at start-up: see step_cost.py) plus k times
+the proposer's own cost (a draft model's forward); the controller picks the k with the most
+tokens per unit of cost. When speculation does not pay (k = 0), a request still probes with one
+proposal every `probe_every` steps so a change of regime (the answer starts quoting the prompt)
+is noticed; each rejected probe doubles that interval (up to `max_probe_every`), so a draft that
+never agrees costs ~1% rather than a draft forward and a verified row every few steps (a
+self-draft of 6/30 layers accepts ~5%).
 
 Large batches switch speculation off: the decode step is then bound by compute more than by
 weight reads, and extra rows cost nearly their full price. Seeded sampling requests keep
@@ -19,37 +25,45 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+def expected_tokens(k: int, p_first: float, p_next: float) -> float:
+    """Tokens a step verifying k proposals emits on average (the target's own token included)."""
+    return 1.0 + p_first * sum(p_next ** j for j in range(k))
+
+
 @dataclass
 class SpecController:
     max_k: int
-    cost_per_token: float  # one more proposal's cost, in units of a plain decode step
+    step_costs: list[float]  # [k], k = 0..max_k: a step verifying k proposals / a plain step
+    proposal_cost: float  # the proposer's own cost per proposed token, in plain steps
     disable_batch_size: int  # this many running decodes or more: no speculation
-    prior: float = 0.6  # acceptance rate assumed before a request has any history
-    prior_weight: float = 2.0  # ... worth this many observed proposals
+    prior_first: float = 0.6  # rates assumed before a request has any history ...
+    prior_next: float = 0.8
+    prior_weight: float = 2.0  # ... worth this many observed proposals each
     decay: float = 0.8  # weight of older observations, per step
     probe_every: int = 8
     max_probe_every: int = 64
-    _counts: dict[str, tuple[float, float]] = field(default_factory=dict)  # (accepts, rejects)
+    # request id -> decayed (first accepted, first tried, next accepted, next tried)
+    _counts: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
     _idle: dict[str, int] = field(default_factory=dict)  # steps since the last proposal
     _interval: dict[str, int] = field(default_factory=dict)  # current probe interval
     _probing: set[str] = field(default_factory=set)  # the last proposal was a probe
 
-    def rate(self, request_id: str) -> float:
-        """Acceptance rate estimate: accepted / (accepted + rejected) proposals, decayed.
+    def __post_init__(self) -> None:
+        if len(self.step_costs) != self.max_k + 1:
+            raise ValueError(f"step_costs needs {self.max_k + 1} entries (k = 0..{self.max_k}), "
+                             f"got {len(self.step_costs)}")
 
-        A step stops at its first rejection, so each step shows `accepted` successes and at
-        most one failure; counting them this way is the maximum-likelihood per-token rate.
-        """
-        acc, rej = self._counts.get(request_id, (0.0, 0.0))
-        acc += self.prior * self.prior_weight
-        rej += (1 - self.prior) * self.prior_weight
-        return acc / (acc + rej)
+    def rates(self, request_id: str) -> tuple[float, float]:
+        """(p_first, p_next) estimates: accepted / tried, decayed, with the priors mixed in."""
+        fa, ft, na, nt = self._counts.get(request_id, (0.0, 0.0, 0.0, 0.0))
+        w = self.prior_weight
+        return ((fa + self.prior_first * w) / (ft + w), (na + self.prior_next * w) / (nt + w))
 
-    def best_k(self, rate: float) -> int:
+    def best_k(self, p_first: float, p_next: float) -> int:
         best_k, best_value = 0, 1.0
         for k in range(1, self.max_k + 1):
-            tokens = sum(rate ** j for j in range(k + 1))
-            value = tokens / (1.0 + k * self.cost_per_token)
+            cost = self.step_costs[k] + k * self.proposal_cost
+            value = expected_tokens(k, p_first, p_next) / cost
             if value > best_value + 1e-9:
                 best_k, best_value = k, value
         return best_k
@@ -58,7 +72,7 @@ class SpecController:
         self._probing.discard(request_id)  # a probe that found nothing to propose
         if batch_size >= self.disable_batch_size and not seeded_random:
             return 0
-        k = self.best_k(self.rate(request_id))
+        k = self.best_k(*self.rates(request_id))
         if k:
             self._idle[request_id] = 0
             self._interval.pop(request_id, None)
@@ -72,6 +86,8 @@ class SpecController:
         return 1
 
     def observe(self, request_id: str, proposed: int, accepted: int) -> None:
+        """A step verified `proposed` tokens and kept the first `accepted` of them: its first
+        proposal was tried, and after it one more for each accepted one but the last proposed."""
         if proposed <= 0:
             return
         if request_id in self._probing:
@@ -79,9 +95,12 @@ class SpecController:
             interval = self._interval.get(request_id, self.probe_every)
             self._interval[request_id] = (min(2 * interval, self.max_probe_every)
                                           if accepted == 0 else self.probe_every)
-        acc, rej = self._counts.get(request_id, (0.0, 0.0))
-        self._counts[request_id] = (self.decay * acc + accepted,
-                                    self.decay * rej + (1.0 if accepted < proposed else 0.0))
+        d = self.decay
+        fa, ft, na, nt = self._counts.get(request_id, (0.0, 0.0, 0.0, 0.0))
+        next_tried = min(accepted, proposed - 1)
+        next_accepted = max(accepted - 1, 0)
+        self._counts[request_id] = (d * fa + (accepted > 0), d * ft + 1.0,
+                                    d * na + next_accepted, d * nt + next_tried)
 
     def forget(self, request_ids) -> None:
         for rid in request_ids:

@@ -7,16 +7,11 @@ from turbollm.config import SpeculativeConfig
 from turbollm.engine.request import Request
 from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
+from turbollm.spec_decode.step_cost import linear_costs
 
-# Verifying one more row, relative to a plain decode step. Measured on CPU with the bundled model
-# and its native Q4_1 weights at a ~640-token context (session 6): a step verifying k = 1, 2, 4,
-# 8 proposals took 1.24, 1.48, 2.03, 3.37 plain steps, i.e. ~0.25-0.3 per extra row (int16 dot
-# products, 60%; the int8 output projection, 15%; attention, 25%). Over 0.05-0.3, n-gram speed
-# on grounded prompts did not move beyond noise (1.37-1.41x, interleaved). A GPU (memory-bound
-# to far more rows) would want ~0; measuring it at start-up is left to do. Session 8 made the
-# plain step ~1.5x cheaper, so an extra row is now ~0.4-0.46 of it (k = 8: 4.0-4.7 steps); with
-# 0.25 and 0.45 here n-gram decoded at the same speed (1.21x / 1.20x plain, interleaved).
-VERIFY_COST_PER_TOKEN = 0.25
+# Price of one more verified proposal, in plain decode steps, where none was measured: the
+# session-6 measurement on this CPU (a GPU, memory-bound to far more rows, would want ~0).
+FALLBACK_VERIFY_COST = 0.25
 # Running decodes from which speculation is switched off (unless seeded sampling).
 DISABLE_BATCH_SIZE = 8
 
@@ -41,10 +36,14 @@ class SpeculativeDecoder:
         self.config = config
         self.proposer = proposer
         self.max_model_len = max_model_len
+        k = config.num_speculative_tokens
+        # a step's verification cost: a fixed price per proposal until the engine has measured
+        # its own steps (set_step_costs), or the price given (--verify-cost)
+        per_token = (FALLBACK_VERIFY_COST if config.verify_cost == "measure"
+                     else float(config.verify_cost))
         self.controller = SpecController(
-            max_k=config.num_speculative_tokens,
-            cost_per_token=VERIFY_COST_PER_TOKEN + proposer.cost_per_token,
-            disable_batch_size=DISABLE_BATCH_SIZE)
+            max_k=k, step_costs=linear_costs(k, per_token),
+            proposal_cost=proposer.cost_per_token, disable_batch_size=DISABLE_BATCH_SIZE)
         # KV slots a decoding request keeps free beyond its step, for a draft model's proposals.
         self.num_lookahead_tokens = (config.num_speculative_tokens
                                      if config.speculative_method == "draft" else 0)
@@ -74,6 +73,14 @@ class SpeculativeDecoder:
             ks.append(max(0, k))
         for r, props in zip(decoding, self.proposer.propose(decoding, ks)):
             r.spec_token_ids = list(props)
+
+    @property
+    def measures_step_costs(self) -> bool:
+        return self.config.verify_cost == "measure"
+
+    def set_step_costs(self, costs: list[float]) -> None:
+        """costs[k], k = 0..num_speculative_tokens: a step verifying k proposals / a plain one."""
+        self.controller.step_costs = list(costs)
 
     def forget(self, request_ids) -> None:
         self.controller.forget(request_ids)
