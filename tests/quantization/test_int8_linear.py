@@ -74,7 +74,8 @@ def test_bad_install_is_refused():
 
 @pytest.mark.parametrize("group_size", [32, None])
 @pytest.mark.parametrize("n", [4096, 6])
-def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, n):
+@pytest.mark.parametrize("rows", [2, kernels.MAX_ROWS_A16])  # 2: the few-rows GEMV (G 32)
+def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, n, rows):
     """As for int4: one row and the same row among several give the same bits."""
     if native.lib() is None:
         pytest.skip("no C kernels here")
@@ -82,7 +83,7 @@ def test_one_row_equals_its_row_in_a_batch_bit_for_bit(group_size, n):
     q, s = quantize_int8(torch.randn(n, 576))
     state = kernels.int8_pack(q, s.reshape(n, 1).expand(n, 576 // (group_size or 576)),
                               group_size)
-    x = torch.randn(kernels.MAX_ROWS_A16, 576)
+    x = torch.randn(rows, 576)
     batch = kernels.int8_linear(x, state)
-    for m in (0, 5):
+    for m in (0, rows - 1):
         assert torch.equal(kernels.int8_linear(x[m:m + 1], state)[0], batch[m])

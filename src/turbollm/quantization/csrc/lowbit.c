@@ -471,6 +471,31 @@ static inline __attribute__((always_inline)) void row_dots(
     for (int r = 0; r < NR; r++) out[r] = hsum256(acc[r]);
 }
 
+// The same for two activation rows (xq rows K apart; bs of the second row bs_stride on): 2 x NR
+// chains, each weight block widened once for both. A separate function, not a row count
+// parameter of row_dots: with arrays for two rows in it, gcc stored row_dots' one-row
+// accumulators to the stack on every block.
+static inline __attribute__((always_inline)) void row_dots_pair(
+    const uint8_t *w, int64_t w_stride, int is_int4, int NR, int64_t nchunks, const int16_t *xq,
+    int64_t K, const float *bs, int64_t bs_stride, float *out) {
+    __m256 acc[2 * ROWS];  // [j * ROWS + r]
+    for (int i = 0; i < 2 * ROWS; i++) acc[i] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < nchunks; c++) {
+        prefetch_ahead(w, w_stride, is_int4, NR, c);
+        for (int r = 0; r < NR; r++) {
+            __m256i lo, hi;
+            unpack_block(w + r * w_stride, is_int4, c, &lo, &hi);
+            for (int j = 0; j < 2; j++) {
+                const int16_t *xm = xq + j * K + 32 * c;
+                acc[j * ROWS + r] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xm), load_i16(xm + 16)),
+                    _mm256_broadcast_ss(bs + j * bs_stride + r * nchunks + c), acc[j * ROWS + r]);
+            }
+        }
+    }
+    for (int j = 0; j < 2; j++)
+        for (int r = 0; r < NR; r++) out[j * ROWS + r] = hsum256(acc[j * ROWS + r]);
+}
+
 // The same for weight rows with groups of cpg blocks (as tile_dots_grouped): one xd broadcast
 // per block feeds every row, and sc[r * sc_stride + g] is applied once per group.
 static inline __attribute__((always_inline)) void row_dots_grouped(
@@ -566,6 +591,48 @@ static void gemv_blocks(const rows_i16 *x, const uint8_t *w, const void *sh, con
     }
 }
 
+// Two activation rows, G = 32, int4 (a speculative step verifying one proposal, a batch of two): as
+// gemv_blocks, with row_dots_pair's 8 accumulator chains, where the tiled path's one weight row
+// at a time had 2 and waited on each FMA's latency. A function of its own: sharing
+// gemv_blocks' loop, gcc kept the one-row accumulators on the stack.
+static void gemv_blocks_pair(const rows_i16 *x, const uint8_t *w, const uint16_t *sh,
+                             const uint16_t *oh, int zero_form, float *y, int64_t N, int64_t K) {
+    const int64_t nchunks = K / 32, ncs = x->ncs, rn = ROWS * nchunks, stride = rn + 8;
+    const int64_t w_stride = K / 2;
+#pragma omp parallel
+    {
+        // bs [2, stride] (each activation row's combined scales of four weight rows), then the
+        // weight rows' own sc and mn [stride], as in gemv_blocks
+        float *bs = (float *)calloc(4 * stride, sizeof(float));
+        float *sc = bs + 2 * stride, *mn = sc + stride;
+#pragma omp for schedule(static)
+        for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
+            const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+            if (nr == ROWS) quad_params(sh, oh, zero_form, 1, o0, nchunks, NULL, sc, mn);
+            else for (int r = 0; r < nr; r++)
+                group_params(sh, oh, zero_form, 1, o0 + r, nchunks, ncs,
+                             (N - o0 - r) * nchunks >= ncs, sc + r * nchunks, mn + r * nchunks);
+            for (int j = 0; j < 2; j++)
+                for (int r = 0; r < nr; r++)
+                    block_scales(sc + r * nchunks, x->xd + j * ncs, ncs, bs + j * stride + r * nchunks);
+            float dots[2 * ROWS];
+            const uint8_t *rows = w + o0 * w_stride;
+#define RP(NR) row_dots_pair(rows, w_stride, 1, NR, nchunks, x->xq, K, bs, stride, dots)
+            switch (nr) {
+                case 4: RP(4); break;
+                case 3: RP(3); break;
+                case 2: RP(2); break;
+                default: RP(1); break;
+            }
+#undef RP
+            for (int j = 0; j < 2; j++)
+                for (int r = 0; r < nr; r++)
+                    y[j * N + o0 + r] = dots[j * ROWS + r] + min_term(mn + r * nchunks, x->xs + j * ncs, ncs);
+        }
+        free(bs);
+    }
+}
+
 // One activation row, groups of several blocks: the group scales of four weight rows in one
 // pass, then row_dots_grouped
 static void gemv_groups(const rows_i16 *x, const uint8_t *w, const void *sh, const uint16_t *oh,
@@ -623,9 +690,12 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
     const int64_t w_stride = is_int4 ? K / 2 : K;
     rows_i16 r = quantize_rows_i16(x, M, K, G);
-    if (M == 1) {
-        if (cpg == 1) gemv_blocks(&r, w, sh, oh, zero_form, is_int4, y, N, K);
-        else gemv_groups(&r, w, sh, oh, zero_form, is_int4, y, N, K, G);
+    // two rows of int8 stay on the tiled path: twice int4's bytes per weight, its head (49152 x
+    // 576, Q8_0) streams at memory speed there and was 5-15% slower in gemv_blocks_pair
+    if (M == 1 || (M == 2 && cpg == 1 && is_int4)) {
+        if (cpg > 1) gemv_groups(&r, w, sh, oh, zero_form, is_int4, y, N, K, G);
+        else if (M == 1) gemv_blocks(&r, w, sh, oh, zero_form, is_int4, y, N, K);
+        else gemv_blocks_pair(&r, w, (const uint16_t *)sh, oh, zero_form, y, N, K);
         free_rows(r);
         return;
     }
