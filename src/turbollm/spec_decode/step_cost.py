@@ -1,21 +1,19 @@
 """What a step verifying k proposals costs, in plain decode steps: measured at start-up.
 
-On a memory-bound device one more verified row is nearly free; on this 2-core CPU the low-bit
-kernels are bound by their integer multiply-adds, and the first extra row costs ~0.8-0.95 of a
-step (the two-row path loses the one-row kernel's four independent accumulator chains), later
-rows ~0.3 each. No constant fits both, so the engine times its own steps: one probe request
-decodes with k = 0, 1, 2, 4, ..., max_k forced proposals, interleaved, and the median step
-time per k over the plain one gives the table; k in between are interpolated.
+On a memory-bound device one more verified row is nearly free (a dense bf16 target here:
+~0.02-0.2 of a step per row); on this 2-core CPU the low-bit kernels are bound by their integer
+multiply-adds, so the first extra row costs ~0.25-0.5 of a Q4_1 step and the next ones
+~0.35-0.6 each (row counts take different kernel paths). No constant fits all of
+these, so the engine times its own steps: one probe request decodes with k = 0, 1, 2, 4, ...,
+max_k forced proposals, interleaved, and the median step time per k over the plain one gives
+the table; k in between are interpolated.
 """
 from __future__ import annotations
 
-import logging
 import statistics
 import time
 
 from turbollm.sampling_params import SamplingParams
-
-log = logging.getLogger(__name__)
 
 PROBE_ID = "__turbollm_step_cost_probe__"
 PROBE_CONTEXT = 256  # prompt tokens of the probe: a short chat turn's context
