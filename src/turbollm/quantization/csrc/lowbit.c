@@ -345,7 +345,8 @@ static inline float min_term(const float *mn, const float *xg, int64_t n8) {
 // A few activation rows (decode, batches, speculative verification), each rounded to
 // int16 as above. Weight rows are split over threads and each is read once per tile of up to
 // TILE activation rows: every weight block is widened to 16 bits once and used by each row of
-// the tile. (One activation row takes gemv_blocks / gemv_groups below instead.)
+// the tile. (One activation row, and two rows of int4 G = 32 weights, take the gemv_*
+// functions below instead.)
 //
 // Every output value is summed in one order whatever the row count M, so one decode row and
 // the same row in a speculative verification of several give bit-identical results (greedy
@@ -591,10 +592,10 @@ static void gemv_blocks(const rows_i16 *x, const uint8_t *w, const void *sh, con
     }
 }
 
-// Two activation rows, G = 32, int4 (a speculative step verifying one proposal, a batch of two): as
-// gemv_blocks, with row_dots_pair's 8 accumulator chains, where the tiled path's one weight row
-// at a time had 2 and waited on each FMA's latency. A function of its own: sharing
-// gemv_blocks' loop, gcc kept the one-row accumulators on the stack.
+// Two activation rows of int4 G = 32 weights (a speculative step verifying one proposal, a
+// batch of two): as gemv_blocks, with row_dots_pair's 8 accumulator chains, where the tiled
+// path's one weight row at a time had 2 and waited on each FMA's latency. A function of its
+// own: sharing gemv_blocks' loop, gcc kept the one-row accumulators on the stack.
 static void gemv_blocks_pair(const rows_i16 *x, const uint8_t *w, const uint16_t *sh,
                              const uint16_t *oh, int zero_form, float *y, int64_t N, int64_t K) {
     const int64_t nchunks = K / 32, ncs = x->ncs, rn = ROWS * nchunks, stride = rn + 8;
