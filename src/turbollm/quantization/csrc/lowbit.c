@@ -522,6 +522,41 @@ static inline __attribute__((always_inline)) void row_dots_grouped(
     for (int r = 0; r < NR; r++) out[r] = hsum256(acc[r]);
 }
 
+// The same for two activation rows (xq rows K apart, xd rows xd_stride apart) against NR <= 2
+// int4 weight rows: 4 t chains, where the tiled path's one weight row had 2 and waited on each
+// FMA's latency. Separate arrays per activation row (gcc kept a 2 x 2 array on the stack).
+static inline __attribute__((always_inline)) void row_dots_grouped_pair(
+    const uint8_t *w, int64_t w_stride, int NR, int64_t nchunks, int64_t cpg, const int16_t *xq,
+    int64_t K, const float *xd, int64_t xd_stride, const float *sc, int64_t sc_stride,
+    float *out) {
+    __m256 acc0[2], acc1[2];
+    for (int r = 0; r < NR; r++) acc0[r] = acc1[r] = _mm256_setzero_ps();
+    for (int64_t c0 = 0, g = 0; c0 < nchunks; c0 += cpg, g++) {
+        const int64_t c1 = c0 + cpg < nchunks ? c0 + cpg : nchunks;
+        __m256 t0[2], t1[2];
+        for (int r = 0; r < NR; r++) t0[r] = t1[r] = _mm256_setzero_ps();
+        for (int64_t c = c0; c < c1; c++) {
+            const __m256 xd0 = _mm256_broadcast_ss(xd + c), xd1 = _mm256_broadcast_ss(xd + xd_stride + c);
+            prefetch_ahead(w, w_stride, 1, NR, c);
+            for (int r = 0; r < NR; r++) {
+                __m256i lo, hi;
+                unpack_u4(w + r * w_stride + 16 * c, &lo, &hi);
+                t0[r] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xq + 32 * c), load_i16(xq + 32 * c + 16)), xd0, t0[r]);
+                t1[r] = _mm256_fmadd_ps(dot32_i16(lo, hi, load_i16(xq + K + 32 * c), load_i16(xq + K + 32 * c + 16)), xd1, t1[r]);
+            }
+        }
+        for (int r = 0; r < NR; r++) {
+            const __m256 s = _mm256_broadcast_ss(sc + r * sc_stride + g);
+            acc0[r] = _mm256_fmadd_ps(t0[r], s, acc0[r]);
+            acc1[r] = _mm256_fmadd_ps(t1[r], s, acc1[r]);
+        }
+    }
+    for (int r = 0; r < NR; r++) {
+        out[r] = hsum256(acc0[r]);
+        out[2 + r] = hsum256(acc1[r]);
+    }
+}
+
 // Group scales and, for int4, mins of ROWS consecutive rows: their parameters lie contiguous
 // in memory, so one vector pass over ROWS * ng values replaces ROWS per-row passes with short
 // tails (those took a quarter of a decode GEMV's time at G = 32; at G = 96, where a 576-wide
@@ -634,6 +669,40 @@ static void gemv_blocks_pair(const rows_i16 *x, const uint8_t *w, const uint16_t
     }
 }
 
+// Two activation rows of int4 weights with groups of several blocks: four weight rows' group
+// scales in one pass, then two pairs of weight rows through row_dots_grouped_pair
+static void gemv_groups_pair(const rows_i16 *x, const uint8_t *w, const uint16_t *sh,
+                             const uint16_t *oh, int zero_form, float *y, int64_t N, int64_t K,
+                             int64_t G) {
+    const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32, ngp = x->ngs;
+    const int64_t w_stride = K / 2, rn = ROWS * ng;
+#pragma omp parallel
+    {
+        // sc, mn: [ROWS, ng], each with 8 more (as in gemv_groups)
+        float *sc = (float *)calloc(2 * rn + 16, sizeof(float)), *mn = sc + rn + 8;
+#pragma omp for schedule(static)
+        for (int64_t o0 = 0; o0 < N; o0 += ROWS) {
+            const int nr = (int)(N - o0 < ROWS ? N - o0 : ROWS);
+            if (nr == ROWS) quad_params(sh, oh, zero_form, 1, o0, ng, NULL, sc, mn);
+            else for (int r = 0; r < nr; r++)
+                group_params(sh, oh, zero_form, 1, o0 + r, ng, ngp, (N - o0 - r) * ng >= ngp,
+                             sc + r * ng, mn + r * ng);
+            for (int p = 0; p < nr; p += 2) {
+                float dots[4];  // [activation row * 2 + weight row of the pair]
+                const uint8_t *rows = w + (o0 + p) * w_stride;
+                if (nr - p >= 2)
+                    row_dots_grouped_pair(rows, w_stride, 2, nchunks, cpg, x->xq, K, x->xd, x->ncs, sc + p * ng, ng, dots);
+                else
+                    row_dots_grouped_pair(rows, w_stride, 1, nchunks, cpg, x->xq, K, x->xd, x->ncs, sc + p * ng, ng, dots);
+                for (int j = 0; j < 2; j++)
+                    for (int r = 0; r < 2 && p + r < nr; r++)
+                        y[j * N + o0 + p + r] = dots[j * 2 + r] + min_term(mn + (p + r) * ng, x->xg + j * ngp, ngp);
+            }
+        }
+        free(sc);
+    }
+}
+
 // One activation row, groups of several blocks: the group scales of four weight rows in one
 // pass, then row_dots_grouped
 static void gemv_groups(const rows_i16 *x, const uint8_t *w, const void *sh, const uint16_t *oh,
@@ -693,9 +762,10 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     rows_i16 r = quantize_rows_i16(x, M, K, G);
     // two rows of int8 stay on the tiled path: twice int4's bytes per weight, its head (49152 x
     // 576, Q8_0) streams at memory speed there and was 5-15% slower in gemv_blocks_pair
-    if (M == 1 || (M == 2 && cpg == 1 && is_int4)) {
-        if (cpg > 1) gemv_groups(&r, w, sh, oh, zero_form, is_int4, y, N, K, G);
+    if (M == 1 || (M == 2 && is_int4)) {
+        if (M == 1 && cpg > 1) gemv_groups(&r, w, sh, oh, zero_form, is_int4, y, N, K, G);
         else if (M == 1) gemv_blocks(&r, w, sh, oh, zero_form, is_int4, y, N, K);
+        else if (cpg > 1) gemv_groups_pair(&r, w, (const uint16_t *)sh, oh, zero_form, y, N, K, G);
         else gemv_blocks_pair(&r, w, (const uint16_t *)sh, oh, zero_form, y, N, K);
         free_rows(r);
         return;
