@@ -97,15 +97,9 @@ def load_fp8_checkpoint(model: torch.nn.Module, model_dir, dtype: torch.dtype, f
 
 def _install(model: torch.nn.Module, quantized: dict) -> None:
     """fp8 on each linear whose shards all came in fp8 (shards concatenated in row order)."""
-    from turbollm.layers.linear import LinearBase
-    from turbollm.quantization.hf_checkpoint import shard_order, shards_by_layer
+    from turbollm.quantization.hf_checkpoint import linear_shards, shard_order
 
-    modules = dict(model.named_modules())
-    for name, shards in shards_by_layer(quantized).items():
-        layer = modules.get(name)
-        if not isinstance(layer, LinearBase):
-            log.warning("%s: fp8 in the checkpoint but not a linear here; kept dense", name)
-            continue
+    for name, layer, shards in linear_shards(model, quantized, "fp8"):
         order = shard_order(layer, shards)
         if order is None:
             log.warning("%s: only some shards are fp8; kept dense", name)

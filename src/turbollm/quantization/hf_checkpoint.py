@@ -226,14 +226,7 @@ def load_prequantized(model: torch.nn.Module, model_dir, dtype: torch.dtype, qcf
 def _install_quantized(model: torch.nn.Module, quantized: dict[str, Int4Weights]) -> None:
     """Install int4 on each linear whose shards all came quantized and fit together; the rest
     keep their dequantized dense weights (logged)."""
-    from turbollm.layers.linear import LinearBase
-
-    modules = dict(model.named_modules())
-    for name, shards in shards_by_layer(quantized).items():
-        layer = modules.get(name)
-        if not isinstance(layer, LinearBase):
-            log.warning("%s: quantized in the checkpoint but not a linear here; kept dense", name)
-            continue
+    for name, layer, shards in linear_shards(model, quantized, "quantized"):
         merged = _merge_shards(layer, shards)
         if merged is None:
             log.warning("%s: shards differ in group size or act-order permutation; kept dense",
@@ -259,6 +252,21 @@ def shards_by_layer(quantized: dict) -> dict[str, dict]:
                 break
         by_layer.setdefault(name, {})[shard] = value
     return by_layer
+
+
+def linear_shards(model: torch.nn.Module, quantized: dict, what: str):
+    """(name, layer, {shard id: value}) for each linear of the model the checkpoint holds
+    `what` values for (shards_by_layer); a name that is not a linear here is logged and skipped,
+    and keeps its dense weights."""
+    from turbollm.layers.linear import LinearBase
+
+    modules = dict(model.named_modules())
+    for name, shards in shards_by_layer(quantized).items():
+        layer = modules.get(name)
+        if isinstance(layer, LinearBase):
+            yield name, layer, shards
+        else:
+            log.warning("%s: %s in the checkpoint but not a linear here; kept dense", name, what)
 
 
 def shard_order(layer, shards: dict) -> list | None:

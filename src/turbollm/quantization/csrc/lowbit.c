@@ -34,14 +34,29 @@ static inline void unpack_q4(const uint8_t *p, __m256 out[4]) {
     out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
 }
 
-// fp32 scale and min of each group of row o (w = q * sc + mn)
+// n int4 group parameters from fp16 (s, f) to fp32: scales sc (times xd where given: the
+// combined scale of a G = 32 block) and mins mn (w = q * sc + mn)
+static inline void int4_params(const uint16_t *s, const uint16_t *f, int zero_form, int64_t n,
+                               const float *xd, float *sc, float *mn) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i)));
+        const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + i)));
+        _mm256_storeu_ps(sc + i, xd ? _mm256_mul_ps(sv, _mm256_loadu_ps(xd + i)) : sv);
+        _mm256_storeu_ps(mn + i, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
+    }
+    for (; i < n; i++) {
+        const float sv = _cvtsh_ss(s[i]), fv = _cvtsh_ss(f[i]);
+        sc[i] = xd ? sv * xd[i] : sv;
+        mn[i] = zero_form ? -fv * sv : fv;
+    }
+}
+
+// fp32 scale and min of each group of row o
 static inline void q4_row_params(const uint16_t *sh, const uint16_t *oh, int zero_form, int64_t o,
                                  int64_t ng, float *sc, float *mn) {
-    for (int64_t g = 0; g < ng; g++) {
-        float s = _cvtsh_ss(sh[o * ng + g]), f = _cvtsh_ss(oh[o * ng + g]);
-        sc[g] = s;
-        mn[g] = zero_form ? -f * s : f;
-    }
+    int4_params(sh + o * ng, oh + o * ng, zero_form, ng, NULL, sc, mn);
 }
 
 static void q4_widen_row(const uint8_t *packed, const float *sc, const float *mn, float *dst,
@@ -296,25 +311,6 @@ static inline __m256i load_i16(const int16_t *p) { return _mm256_loadu_si256((co
 // n rounded up to a multiple of 8: the stride of the per-block (xd, xs) and per-group (xg)
 // activation arrays, whose padding is zero, so whole-vector passes need no scalar tail
 static inline int64_t pad8(int64_t n) { return (n + 7) & ~(int64_t)7; }
-
-// n int4 group parameters from fp16 (s, f) to fp32: scales sc (times xd where given: the
-// combined scale of a G = 32 block) and mins mn (w = q * sc + mn)
-static inline void int4_params(const uint16_t *s, const uint16_t *f, int zero_form, int64_t n,
-                               const float *xd, float *sc, float *mn) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 sv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + i)));
-        const __m256 fv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(f + i)));
-        _mm256_storeu_ps(sc + i, xd ? _mm256_mul_ps(sv, _mm256_loadu_ps(xd + i)) : sv);
-        _mm256_storeu_ps(mn + i, zero_form ? _mm256_mul_ps(_mm256_xor_ps(fv, sign), sv) : fv);
-    }
-    for (; i < n; i++) {
-        const float sv = _cvtsh_ss(s[i]), fv = _cvtsh_ss(f[i]);
-        sc[i] = xd ? sv * xd[i] : sv;
-        mn[i] = zero_form ? -fv * sv : fv;
-    }
-}
 
 // Per-group fp32 scales and, for int4, mins of weight row o: ngp = pad8(ng) values each. Past
 // ng they are the next rows' values where reading ngp values from the row's start stays inside
