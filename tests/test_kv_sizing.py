@@ -27,6 +27,7 @@ def test_profile_pass_runs_on_cpu(tiny_llama):
     assert profile_peak_bytes(e.model, e.arch, 100, 16, e.dtype, "cpu", num_sampled_rows=32) == 0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the CPU path is tested above)")
 def test_cuda_cache_takes_what_warmup_leaves(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="bfloat16", device="cuda")

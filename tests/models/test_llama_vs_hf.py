@@ -70,6 +70,7 @@ def test_parameter_count_matches_arch(tiny_model_factory):
     assert n == sum(p.numel() for p in hf_model(path).parameters())
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the same code is tested on CPU above")
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
 def test_logits_match_transformers_on_cuda(kind, tiny_model_factory):

@@ -62,6 +62,36 @@ def test_scaled_mm_kernel_matches_its_reference():
     assert bool(((y - ref).abs() <= tol).all())
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the same function is "
+                    "checked on CPU above")
+@pytest.mark.parametrize("rows", [1, 3, 7, 64, 300])
+def test_fp8_kernels_on_cuda_match_their_references(rows):
+    """On a device with fp8 tensor cores: a few rows take the Triton row kernel (x as it is, so
+    it matches the weight-only product), more rows torch._scaled_mm (x rounded to fp8 per row,
+    so it matches that rounding's product)."""
+    from turbollm.quantization import gpu_kernels
+    torch.manual_seed(rows)
+    w = torch.randn(4096, 1024) * 0.02
+    x = torch.randn(rows, 1024).bfloat16().float()  # the bf16 activations the GPU computes in
+    q, s = quantize_fp8(w)
+    state = fp8.Fp8State(q.cuda(), s.cuda())
+    xg = x.cuda().bfloat16()
+    if not fp8.fp8_tensor_cores(xg.device):
+        pytest.skip("this GPU has no fp8 tensor cores (compute capability < 8.9)")
+    y = fp8.fp8_linear(xg, state).float().cpu()
+    assert y.shape == (rows, 4096) and bool(torch.isfinite(y).all())
+    if rows <= gpu_kernels.ROW_KERNEL_MAX_ROWS:
+        assert fp8.fp8_kernel(xg, state) == "rows"
+        ref = x @ dequantize_fp8(q, s).t()
+    else:
+        assert fp8.fp8_kernel(xg, state) == "scaled_mm"
+        xq, xs = quantize_rows_fp8(x)
+        ref = (xq.float() * xs) @ dequantize_fp8(q, s).t()
+    tol = ref.abs().amax(1, keepdim=True) * 2 ** -7  # bf16 output: 2^-8 of each row's magnitude
+    assert bool(((y - ref).abs() <= tol).all())
+
+
 def test_install_rejects_wrong_forms():
     layer = ReplicatedLinear(64, 32)
     q, s = quantize_fp8(torch.randn(32, 64))

@@ -40,10 +40,13 @@ def _int4_state(n, k, g, minform, seed=0):
     return kernels.int4_pack(q, s, z, g), dequantize_int4(q, s, z, g)
 
 
-# shapes cover: a row count and N below one tile, N not a multiple of BLOCK_N, K ending in half
-# a BLOCK_K slice (96, 576), groups shorter than a tile (32) and a shorter last group (576 / 128)
+# shapes cover both kernels (row kernel up to ROW_KERNEL_MAX_ROWS rows, tile kernel above), a
+# row count and N below one tile, N not a multiple of BN, K ending inside a slice (96, 576),
+# groups shorter than a slice (32), a shorter last group (576 / 128) and a group of 3 blocks
+# (96: not a power of two, so even one row takes the tile kernel)
 @pytest.mark.parametrize("M,N,K,G,minform", [
-    (1, 48, 96, 32, True), (5, 70, 576, 128, False), (17, 64, 256, 64, False),
+    (1, 48, 96, 32, True), (3, 70, 576, 128, False), (2, 130, 192, 64, True),
+    (1, 40, 192, 96, False), (5, 70, 576, 128, False), (17, 64, 256, 64, False),
     (33, 130, 192, 32, True)])
 def test_int4_kernel_matches_reference(gk, M, N, K, G, minform):
     state, w = _int4_state(N, K, G, minform)
@@ -63,7 +66,8 @@ def test_int4_kernel_in_half_precision(gk):
     torch.testing.assert_close(y.float(), ref, rtol=2e-3, atol=2e-2)
 
 
-@pytest.mark.parametrize("M,N,K,G", [(1, 40, 64, 64), (9, 100, 576, 576), (20, 64, 96, 32)])
+@pytest.mark.parametrize("M,N,K,G", [(1, 40, 64, 64), (2, 100, 576, 576), (3, 100, 576, 32),
+                                     (9, 100, 576, 576), (20, 64, 96, 32)])
 def test_int8_kernel_matches_reference(gk, M, N, K, G):
     torch.manual_seed(0)
     w = torch.randn(N, K) * 0.05
@@ -79,6 +83,20 @@ def test_int8_kernel_matches_reference(gk, M, N, K, G):
     state = _on(state)
     for y in (gk.int8_linear(x.to(DEVICE), state), gk.widened_int8(x.to(DEVICE), state)):
         torch.testing.assert_close(y.cpu(), x @ ref_w.t(), rtol=1e-4, atol=1e-4)
+
+
+def test_row_kernels_serve_a_few_rows_and_tiles_the_rest(gk, monkeypatch):
+    launched = []
+    real = gk._launch
+    monkeypatch.setattr(gk, "_launch", lambda kernel, name, *a, **k:
+                        launched.append(name) or real(kernel, name, *a, **k))
+    state4 = _on(_int4_state(32, 64, 32, False)[0])
+    q, s = quantize_int8(torch.randn(32, 64))
+    state8 = _on(kernels.int8_pack(q, s))
+    for m in (1, gk.ROW_KERNEL_MAX_ROWS, gk.ROW_KERNEL_MAX_ROWS + 1):
+        gk.int4_linear(torch.randn(m, 64).to(DEVICE), state4)
+        gk.int8_linear(torch.randn(m, 64).to(DEVICE), state8)
+    assert launched == ["int4_rows", "bytes_rows"] * 2 + ["int4_dot", "int8_dot"]
 
 
 def test_cpu_states_never_reach_the_gpu_kernels(monkeypatch, gk):

@@ -5,7 +5,10 @@ Contract:
     scales:  float32 [out]          scale = max |w_row| / 448 (e4m3's largest finite value)
     w[o, i] = qweight[o, i] * scales[o]
 
-Two kernels, chosen per call by `fp8_kernel` (not by the user):
+Three kernels, chosen per call by `fp8_kernel` (not by the user):
+- "rows" on CUDA devices with fp8 support for inputs of a few rows (decode): our Triton row
+  kernel (gpu_kernels.bytes_linear) reads the e4m3 bytes and widens them in registers; x stays
+  as it is. Rounding x to fp8 would cost more launches than the product itself at one row.
 - "scaled_mm" on CUDA devices with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper):
   each activation row is rounded to e4m3 with its own scale max |x_row| / 448 ("dynamic per
   token") and torch._scaled_mm multiplies the two fp8 matrices, applying both scale vectors to
@@ -69,7 +72,12 @@ def _cuda_fp8(index: int | None) -> bool:  # asked once per device, not per line
 def fp8_kernel(x: torch.Tensor, state: Fp8State) -> str:
     """Which kernel serves x [M, K] (see the module docstring)."""
     n, k = state.qweight.shape
-    if fp8_tensor_cores(x.device) and k % 16 == 0 and n % 16 == 0:
+    if not fp8_tensor_cores(x.device):
+        return "weight_only"
+    from turbollm.quantization import gpu_kernels
+    if gpu_kernels.available() and x.shape[0] <= gpu_kernels.ROW_KERNEL_MAX_ROWS:
+        return "rows"
+    if k % 16 == 0 and n % 16 == 0:
         return "scaled_mm"
     return "weight_only"
 
@@ -103,7 +111,11 @@ def fp8_weight_only_linear(x: torch.Tensor, state: Fp8State) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, state: Fp8State) -> torch.Tensor:
-    if fp8_kernel(x, state) == "scaled_mm":
+    kernel = fp8_kernel(x, state)
+    if kernel == "rows":
+        from turbollm.quantization import gpu_kernels
+        return gpu_kernels.bytes_linear(x, state.qweight, state.scales, state.qweight.shape[1])
+    if kernel == "scaled_mm":
         return fp8_scaled_linear(x, state)
     return fp8_weight_only_linear(x, state)
 

@@ -14,6 +14,9 @@ against the dequantize-then-matmul reference on a machine without a GPU.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -23,13 +26,39 @@ try:
 except ImportError:  # CPU-only installs: the widened path below serves
     triton = None
 
-# Tile sizes: tl.dot needs at least 16 in every dimension. BLOCK_K spans whole 32-column
-# int4 blocks (their 16 bytes hold columns j and j + 16 in one byte).
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
+# Tile shapes and launch settings of each kernel (see scripts/gpu_tune.py for how they were
+# picked). tl.dot needs at least 16 in every dimension; BK spans whole 32-column int4 blocks
+# (their 16 bytes hold columns j and j + 16 in one byte) and, in the row kernels, whole groups.
+TILE_CONFIG = {
+    "int4_rows": dict(BN=16, BK=256, num_warps=4, num_stages=2),
+    "bytes_rows": dict(BN=16, BK=256, num_warps=4, num_stages=2),
+    "int4_dot": dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=2),
+    "int8_dot": dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=2),
+}
+# Up to this many activation rows (decode, short verifications) each row is a dot-product pass
+# over the weight (the row kernels: no tensor cores, every program busy streaming weight bytes);
+# from here the tl.dot tile kernels multiply.
+ROW_KERNEL_MAX_ROWS = 4
 # From this many activation rows (prefill) the weight is widened once and cuBLAS multiplies:
 # its reuse over that many rows outweighs writing and reading the widened copy (vLLM switches
-# its AWQ layers at the same count). A guess until measured on a GPU.
+# its AWQ layers at the same count).
 WIDEN_FROM_ROWS = 256
+
+
+def load_tile_config(path: str) -> None:
+    """Take the configurations scripts/gpu_tune.py chose on this GPU (a JSON file)."""
+    global ROW_KERNEL_MAX_ROWS
+    with open(path) as fh:
+        tuned = json.load(fh)
+    ROW_KERNEL_MAX_ROWS = int(tuned.pop("row_kernel_max_rows", ROW_KERNEL_MAX_ROWS))
+    for name, cfg in tuned.items():
+        if name not in TILE_CONFIG:
+            raise ValueError(f"{path}: unknown kernel {name!r}; expected {sorted(TILE_CONFIG)}")
+        TILE_CONFIG[name] = dict(cfg)
+
+
+if os.environ.get("TURBOLLM_TILE_CONFIG"):
+    load_tile_config(os.environ["TURBOLLM_TILE_CONFIG"])
 
 
 def available() -> bool:
@@ -37,6 +66,70 @@ def available() -> bool:
 
 
 if triton is not None:
+    @triton.jit
+    def _int4_rows_kernel(x_ptr, w_ptr, s_ptr, f_ptr, y_ptr, N, K, NG, stride_xm, stride_ym,
+                          G: tl.constexpr, ZERO_FORM: tl.constexpr, BN: tl.constexpr,
+                          BK: tl.constexpr):
+        """y[m, rn] for one activation row m (program axis 1) and BN weight rows: the BK-column
+        slice is held as [BN, groups, bytes of a group], so each group's dot is summed before
+        its scale applies once, and its min term is one product with the group's sum of x."""
+        GB: tl.constexpr = G // 2        # bytes of one group
+        NGB: tl.constexpr = BK // G      # groups per slice
+        m = tl.program_id(1)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        gi = tl.arange(0, NGB)
+        bi = tl.arange(0, GB)
+        n_ok = rn < N
+        col_in = gi[:, None] * G + (bi[None, :] // 16) * 32 + bi[None, :] % 16  # low nibble's
+        byte_in = gi[:, None] * GB + bi[None, :]
+        acc = tl.zeros((BN,), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + col_in                                      # [NGB, GB]
+            k_ok = cols < K
+            wb = tl.load(w_ptr + rn[:, None, None] * (K // 2) + (k0 // 2 + byte_in)[None, :, :],
+                         mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
+            x_lo = tl.load(x_ptr + m * stride_xm + cols, mask=k_ok, other=0.0).to(tl.float32)
+            x_hi = tl.load(x_ptr + m * stride_xm + cols + 16, mask=k_ok, other=0.0).to(tl.float32)
+            dots = tl.sum((wb & 15).to(tl.float32) * x_lo[None, :, :]
+                          + (wb >> 4).to(tl.float32) * x_hi[None, :, :], axis=2)  # [BN, NGB]
+            g = k0 // G + gi
+            g_ok = n_ok[:, None] & (g < NG)[None, :]
+            sc = tl.load(s_ptr + rn[:, None] * NG + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            f = tl.load(f_ptr + rn[:, None] * NG + g[None, :], mask=g_ok, other=0.0).to(tl.float32)
+            mn = -f * sc if ZERO_FORM else f
+            xsum = tl.sum(x_lo + x_hi, axis=1)                       # [NGB]
+            acc += tl.sum(sc * dots + mn * xsum[None, :], axis=1)
+        tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _bytes_rows_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, NG, stride_xm, stride_ym,
+                           G: tl.constexpr, PER_ROW: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr):
+        """y[m, rn] from one-byte weights (int8, or fp8 e4m3 where the GPU converts it): with
+        one scale per row (PER_ROW) the products are summed unscaled and scaled once at the
+        end; with groups (GGUF Q8_0) each value takes its group's scale."""
+        m = tl.program_id(1)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        n_ok = rn < N
+        acc = tl.zeros((BN, BK), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            cols = k0 + rk
+            k_ok = cols < K
+            w = tl.load(w_ptr + rn[:, None] * K + cols[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+            x = tl.load(x_ptr + m * stride_xm + cols, mask=k_ok, other=0.0).to(tl.float32)
+            if PER_ROW:
+                acc += w * x[None, :]
+            else:
+                sc = tl.load(s_ptr + rn[:, None] * NG + (cols // G)[None, :],
+                             mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                acc += w * sc * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if PER_ROW:
+            y = y * tl.load(s_ptr + rn * NG, mask=n_ok, other=0.0)
+        tl.store(y_ptr + m * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
     @triton.jit
     def _int4_kernel(x_ptr, w_ptr, s_ptr, f_ptr, y_ptr, M, N, K, NG, stride_xm, stride_ym,
                      G: tl.constexpr, ZERO_FORM: tl.constexpr, BM: tl.constexpr,
@@ -91,8 +184,21 @@ if triton is not None:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _grid(M: int, N: int):
-    return (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+def _launch(kernel, name: str, M: int, N: int, *args, min_bk: int = 0, **constexprs):
+    cfg = dict(TILE_CONFIG[name])
+    launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
+    if "BM" in cfg:
+        grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
+    else:  # row kernels: one program per BN weight rows and activation row
+        grid = (triton.cdiv(N, cfg["BN"]), M)
+        cfg["BK"] = max(cfg["BK"], min_bk)  # a slice holds whole groups
+    kernel[grid](*args, **constexprs, **cfg, **launch)
+
+
+def _row_kernel_groups(group_size: int) -> bool:
+    """The int4 row kernel's [groups, bytes] slices need a power-of-two group of whole blocks
+    (32, 64, 128, ...); other groups (e.g. 96) take the tile kernel."""
+    return group_size >= 32 and group_size & (group_size - 1) == 0
 
 
 def int4_linear(x: torch.Tensor, state) -> torch.Tensor:
@@ -102,11 +208,15 @@ def int4_linear(x: torch.Tensor, state) -> torch.Tensor:
     x = x.contiguous()
     M, K = x.shape
     N, G = state.packed.shape[0], state.group_size
+    NG = state.scales.shape[1]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _int4_kernel[_grid(M, N)](x, state.packed, state.scales, state.offsets, y, M, N, K,
-                              state.scales.shape[1], x.stride(0), y.stride(0), G=G,
-                              ZERO_FORM=bool(state.zero_form), BM=BLOCK_M, BN=BLOCK_N,
-                              BK=BLOCK_K)
+    args = (x, state.packed, state.scales, state.offsets, y)
+    if M <= ROW_KERNEL_MAX_ROWS and _row_kernel_groups(G):
+        _launch(_int4_rows_kernel, "int4_rows", M, N, *args, N, K, NG, x.stride(0), y.stride(0),
+                min_bk=G, G=G, ZERO_FORM=bool(state.zero_form))
+    else:
+        _launch(_int4_kernel, "int4_dot", M, N, *args, M, N, K, NG, x.stride(0), y.stride(0),
+                G=G, ZERO_FORM=bool(state.zero_form))
     return y
 
 
@@ -114,12 +224,24 @@ def int8_linear(x: torch.Tensor, state) -> torch.Tensor:
     """y = x W^T for x [M, K] on the state's device, in x's dtype."""
     if triton is None or x.shape[0] >= WIDEN_FROM_ROWS:
         return widened_int8(x, state)
+    return bytes_linear(x, state.qweight, state.scales, state.group_size)
+
+
+def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """y = x (qweight * scales)^T from one-byte weights [N, K] (int8, or fp8 e4m3) and fp32
+    scales [N, K / group_size] (one per row: group_size = K)."""
     x = x.contiguous()
     M, K = x.shape
-    N, G = state.qweight.shape[0], state.group_size
+    N, G = qweight.shape[0], group_size
+    scales = scales.reshape(N, -1)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _int8_kernel[_grid(M, N)](x, state.qweight, state.scales, y, M, N, K, state.scales.shape[1],
-                              x.stride(0), y.stride(0), G=G, BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
+    if M <= ROW_KERNEL_MAX_ROWS:
+        _launch(_bytes_rows_kernel, "bytes_rows", M, N, x, qweight, scales, y, N, K,
+                scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=G >= K)
+    else:
+        _launch(_int8_kernel, "int8_dot", M, N, x, qweight, scales, y, M, N, K, scales.shape[1],
+                x.stride(0), y.stride(0), G=G)
     return y
 
 

@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     print(f"{'shape [out x in]':>16} {'M':>3} {'bf16 us':>9} {'fp32':>6} {'int8':>6} {'int4':>6} "
           f"{'fp8':>6}")
     for r in run(args.rows, SHAPES[args.shapes], args.device):
-        print(f"{r['shape']:>16} {r['rows']:>3} {r['bf16_us']:>9.0f} {r['fp32']:>5.2f}x "
+        print(f"{r['shape']:>16} {r['rows']:>3} {r['bf16_us']:>9.1f} {r['fp32']:>5.2f}x "
               f"{r['int8']:>5.2f}x {r['int4']:>5.2f}x {r['fp8']:>5.2f}x")
     return 0
 
