@@ -81,21 +81,20 @@ def cycling(fn, ws: list):
 
 def grid(name: str, quick: bool) -> list[dict]:
     if name.endswith("_rows"):
-        axes = dict(BN=[4, 8, 16, 32], BK=[256, 512], num_warps=[2, 4], num_stages=[1, 3])
+        axes = dict(BN=[4, 8, 16], BK=[256, 512], num_warps=[4], num_stages=[1, 3])
     else:
-        axes = dict(BM=[16, 32], BN=[32, 64, 128], BK=[64, 128], num_warps=[4],
-                    num_stages=[2, 4])
+        axes = dict(BM=[16], BN=[32, 64, 128], BK=[64, 128], num_warps=[4], num_stages=[3])
     if quick:
         axes = {k: v[:1] for k, v in axes.items()}
     return [dict(zip(axes, vals)) for vals in itertools.product(*axes.values())]
 
 
 KERNELS = {  # tile-config name -> (weight kind, call, row counts it serves)
-    "int4_rows": ("int4", lambda x, s: gk.int4_linear(x, s), [1, 2, 4, 8, 16]),
-    "bytes_rows": ("int8", lambda x, s: gk.int8_linear(x, s), [1, 2, 4, 8, 16]),
-    "fp8_rows": ("fp8", lambda x, s: fp8.fp8_linear(x, s), [1, 2, 4, 8, 16]),
-    "int4_dot": ("int4", lambda x, s: gk.int4_linear(x, s), [2, 4, 8, 16, 64]),
-    "int8_dot": ("int8", lambda x, s: gk.int8_linear(x, s), [2, 4, 8, 16, 64]),
+    "int4_rows": ("int4", lambda x, s: gk.int4_linear(x, s), [1, 2, 4, 8]),
+    "bytes_rows": ("int8", lambda x, s: gk.int8_linear(x, s), [1, 2, 4, 8]),
+    "fp8_rows": ("fp8", lambda x, s: fp8.fp8_linear(x, s), [1, 2, 4, 8]),
+    "int4_dot": ("int4", lambda x, s: gk.int4_linear(x, s), [4, 8, 16, 64]),
+    "int8_dot": ("int8", lambda x, s: gk.int8_linear(x, s), [4, 8, 16, 64]),
 }
 
 
@@ -169,8 +168,8 @@ def choose_tiles(sweep: dict) -> dict:
                          ("int4_dot", [8, 16, 64]), ("int8_dot", [8, 16, 64])):
         cfgs = sweep[(name, serves[0])].keys()
         tiles[name] = json.loads(min(cfgs, key=lambda c: total(name, c, serves)))
-    cut = 1
-    for m in (2, 4, 8, 16):
+    cut = 2  # rows are surely cheaper than a 16-row tile at 2
+    for m in (4, 8):
         rows = sum(sweep[("int4_rows", m)][json.dumps(tiles["int4_rows"])])
         dot = sum(sweep[("int4_dot", m)][json.dumps(tiles["int4_dot"])])
         if rows > dot:

@@ -103,9 +103,9 @@ if triton is not None:
 
     @triton.jit
     def _bytes_rows_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, NG, stride_xm, stride_ym,
-                           G: tl.constexpr, PER_ROW: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr):
-        """y[m, rn] from one-byte weights (int8, or fp8 e4m3 where the GPU converts it): with
+                           G: tl.constexpr, PER_ROW: tl.constexpr, E4M3: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr):
+        """y[m, rn] from one-byte weights (int8, or fp8 e4m3 passed as uint8 bytes: E4M3): with
         one scale per row (PER_ROW) the products are summed unscaled and scaled once at the
         end; with groups (GGUF Q8_0) each value takes its group's scale."""
         m = tl.program_id(1)
@@ -117,7 +117,10 @@ if triton is not None:
             cols = k0 + rk
             k_ok = cols < K
             w = tl.load(w_ptr + rn[:, None] * K + cols[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0).to(tl.float32)
+                        mask=n_ok[:, None] & k_ok[None, :], other=0)
+            if E4M3:  # masked-off bytes are 0, which is e4m3's +0
+                w = w.to(tl.float8e4nv, bitcast=True)
+            w = w.to(tl.float32)
             x = tl.load(x_ptr + m * stride_xm + cols, mask=k_ok, other=0.0).to(tl.float32)
             if PER_ROW:
                 acc += w * x[None, :]
@@ -230,7 +233,11 @@ def int8_linear(x: torch.Tensor, state) -> torch.Tensor:
 def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  group_size: int) -> torch.Tensor:
     """y = x (qweight * scales)^T from one-byte weights [N, K] (int8, or fp8 e4m3) and fp32
-    scales [N, K / group_size] (one per row: group_size = K)."""
+    scales [N, K / group_size] (one per row: group_size = K). fp8 needs a GPU that converts
+    e4m3 (compute capability >= 8.9) and takes the row kernel only."""
+    e4m3 = qweight.dtype == torch.float8_e4m3fn
+    if e4m3:
+        qweight = qweight.view(torch.uint8)
     x = x.contiguous()
     M, K = x.shape
     N, G = qweight.shape[0], group_size
@@ -238,7 +245,7 @@ def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M <= ROW_KERNEL_MAX_ROWS:
         _launch(_bytes_rows_kernel, "bytes_rows", M, N, x, qweight, scales, y, N, K,
-                scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=G >= K)
+                scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=G >= K, E4M3=e4m3)
     else:
         _launch(_int8_kernel, "int8_dot", M, N, x, qweight, scales, y, M, N, K, scales.shape[1],
                 x.stride(0), y.stride(0), G=G)
