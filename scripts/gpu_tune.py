@@ -93,8 +93,8 @@ KERNELS = {  # tile-config name -> (weight kind, call, row counts it serves)
     "int4_rows": ("int4", lambda x, s: gk.int4_linear(x, s), [1, 2, 4, 8]),
     "bytes_rows": ("int8", lambda x, s: gk.int8_linear(x, s), [1, 2, 4, 8]),
     "fp8_rows": ("fp8", lambda x, s: fp8.fp8_linear(x, s), [1, 2, 4, 8]),
-    "int4_dot": ("int4", lambda x, s: gk.int4_linear(x, s), [4, 8, 16, 64]),
-    "int8_dot": ("int8", lambda x, s: gk.int8_linear(x, s), [4, 8, 16, 64]),
+    "int4_dot": ("int4", lambda x, s: gk.int4_linear(x, s), [2, 4, 8, 16, 64]),
+    "int8_dot": ("int8", lambda x, s: gk.int8_linear(x, s), [2, 4, 8, 16, 64]),
 }
 
 
@@ -113,6 +113,11 @@ def main() -> int:
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             b = {"bf16": graph_time_us(cycling(lambda w: F.linear(x, w), ws["bf16"]))}
+            if m >= 2:  # dequantize-then-cuBLAS, the other choice above a few rows
+                b["widened_int4"] = graph_time_us(cycling(lambda s: gk.widened_int4(x, s),
+                                                          ws["int4"]))
+                b["widened_int8"] = graph_time_us(cycling(lambda s: gk.widened_int8(x, s),
+                                                          ws["int8"]))
             if m >= 8:
                 b["scaled_mm"] = graph_time_us(cycling(lambda s: fp8.fp8_scaled_linear(x, s),
                                                        ws["fp8"]))
@@ -143,9 +148,12 @@ def main() -> int:
         print(f"{name:>10} {m:>3} {cfg:<62} " + " ".join(
             f"{t:6.1f} {r:4.2f}x" for t, r in zip(ts, ratios)))
     print("bf16 us:", {f"{n}x{k}x{m}": round(v["bf16"], 1) for (n, k, m), v in base.items()})
+    for kind in ("widened_int4", "widened_int8"):
+        print(f"{kind} x bf16:", {f"{n}x{k}x{m}": round(v["bf16"] / v[kind], 2)
+                                  for (n, k, m), v in base.items() if kind in v})
     print("scaled_mm x bf16:", {f"{n}x{k}x{m}": round(v["bf16"] / v["scaled_mm"], 2)
                                 for (n, k, m), v in base.items() if "scaled_mm" in v})
-    tiles = choose_tiles(sweep)
+    tiles = choose_tiles(sweep, base)
     print("chosen:", json.dumps(tiles))
     if args.tiles:
         with open(args.tiles, "w") as fh:
@@ -156,26 +164,32 @@ def main() -> int:
     return 0
 
 
-def choose_tiles(sweep: dict) -> dict:
+def choose_tiles(sweep: dict, base: dict) -> dict:
     """One configuration per kernel (least time summed over shapes and the row counts it would
-    serve: rows kernels 1-4, tile kernels 8-64), and the largest row count up to which the row
-    kernel, at its chosen configuration, beats the tile kernel at its own."""
+    serve: rows kernels 1-4, tile kernels 8-64); the largest row count up to which the int4
+    row kernel beats both the tile kernel and dequantize-then-cuBLAS, and the smallest from
+    which dequantize-then-cuBLAS beats the tile kernel."""
     def total(name, cfg, ms):
         return sum(sum(sweep[(name, m)][cfg]) for m in ms)
+
+    def widened(m):
+        return sum(v["widened_int4"] for (n, k, mm), v in base.items() if mm == m)
 
     tiles: dict = {}
     for name, serves in (("int4_rows", [1, 2, 4]), ("bytes_rows", [1, 2, 4]),
                          ("int4_dot", [8, 16, 64]), ("int8_dot", [8, 16, 64])):
         cfgs = sweep[(name, serves[0])].keys()
         tiles[name] = json.loads(min(cfgs, key=lambda c: total(name, c, serves)))
-    cut = 2  # rows are surely cheaper than a 16-row tile at 2
-    for m in (4, 8):
-        rows = sum(sweep[("int4_rows", m)][json.dumps(tiles["int4_rows"])])
-        dot = sum(sweep[("int4_dot", m)][json.dumps(tiles["int4_dot"])])
-        if rows > dot:
+    rows = {m: total("int4_rows", json.dumps(tiles["int4_rows"]), [m]) for m in (2, 4, 8)}
+    dot = {m: total("int4_dot", json.dumps(tiles["int4_dot"]), [m]) for m in (2, 4, 8, 16, 64)}
+    cut = 1
+    for m in (2, 4, 8):
+        if rows[m] > min(dot[m], widened(m)):
             break
         cut = m
     tiles["row_kernel_max_rows"] = cut
+    tiles["widen_from_rows"] = next((m for m in (2, 4, 8, 16, 64) if m > cut and
+                                     widened(m) < dot[m]), gk.WIDEN_FROM_ROWS)
     return tiles
 
 

@@ -47,10 +47,11 @@ WIDEN_FROM_ROWS = 256
 
 def load_tile_config(path: str) -> None:
     """Take the configurations scripts/gpu_tune.py chose on this GPU (a JSON file)."""
-    global ROW_KERNEL_MAX_ROWS
+    global ROW_KERNEL_MAX_ROWS, WIDEN_FROM_ROWS
     with open(path) as fh:
         tuned = json.load(fh)
     ROW_KERNEL_MAX_ROWS = int(tuned.pop("row_kernel_max_rows", ROW_KERNEL_MAX_ROWS))
+    WIDEN_FROM_ROWS = int(tuned.pop("widen_from_rows", WIDEN_FROM_ROWS))
     for name, cfg in tuned.items():
         if name not in TILE_CONFIG:
             raise ValueError(f"{path}: unknown kernel {name!r}; expected {sorted(TILE_CONFIG)}")
@@ -137,6 +138,9 @@ if triton is not None:
     def _int4_kernel(x_ptr, w_ptr, s_ptr, f_ptr, y_ptr, M, N, K, NG, stride_xm, stride_ym,
                      G: tl.constexpr, ZERO_FORM: tl.constexpr, BM: tl.constexpr,
                      BN: tl.constexpr, BK: tl.constexpr):
+        """A BM x BN tile of y; each BK-column slice lies in one group (BK divides G), so the
+        4-bit values go to the tensor cores as they are (exact in x's dtype) and the group's
+        scale and min apply once per slice to the [BM, BN] partial product."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         j = tl.arange(0, BK // 2)                # byte of the K slice
@@ -148,25 +152,27 @@ if triton is not None:
             k_ok = cols < K
             wb = tl.load(w_ptr + rn[:, None] * (K // 2) + (k0 // 2 + j)[None, :],
                          mask=n_ok[:, None] & k_ok[None, :], other=0)
-            sf_off = rn[:, None] * NG + (cols // G)[None, :]
-            sf_ok = n_ok[:, None] & k_ok[None, :]
-            s = tl.load(s_ptr + sf_off, mask=sf_ok, other=0.0).to(tl.float32)
-            f = tl.load(f_ptr + sf_off, mask=sf_ok, other=0.0).to(tl.float32)
-            mn = -f * s if ZERO_FORM else f
             x_lo = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             x_hi = tl.load(x_ptr + rm[:, None] * stride_xm + (cols + 16)[None, :],
                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w_lo = ((wb & 15).to(tl.float32) * s + mn).to(x_lo.dtype)
-            w_hi = ((wb >> 4).to(tl.float32) * s + mn).to(x_lo.dtype)
-            acc += tl.dot(x_lo, tl.trans(w_lo), input_precision="ieee")
-            acc += tl.dot(x_hi, tl.trans(w_hi), input_precision="ieee")
+            part = tl.dot(x_lo, tl.trans((wb & 15).to(x_lo.dtype)), input_precision="ieee")
+            part += tl.dot(x_hi, tl.trans((wb >> 4).to(x_lo.dtype)), input_precision="ieee")
+            g = k0 // G
+            sc = tl.load(s_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+            f = tl.load(f_ptr + rn * NG + g, mask=n_ok, other=0.0).to(tl.float32)
+            mn = -f * sc if ZERO_FORM else f
+            xsum = tl.sum(x_lo.to(tl.float32) + x_hi.to(tl.float32), axis=1)
+            acc += part * sc[None, :] + xsum[:, None] * mn[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
     def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, NG, stride_xm, stride_ym,
-                     G: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     G: tl.constexpr, PER_ROW: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr):
+        """A BM x BN tile of y; int8 values are exact in x's dtype and go to the tensor cores
+        as they are; the scale applies at the end (one per row) or per slice (BK divides G)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -177,24 +183,33 @@ if triton is not None:
             k_ok = cols < K
             wq = tl.load(w_ptr + rn[:, None] * K + cols[None, :],
                          mask=n_ok[:, None] & k_ok[None, :], other=0)
-            s = tl.load(s_ptr + rn[:, None] * NG + (cols // G)[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = (wq.to(tl.float32) * s).to(x.dtype)
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            part = tl.dot(x, tl.trans(wq.to(x.dtype)), input_precision="ieee")
+            if PER_ROW:
+                acc += part
+            else:
+                sc = tl.load(s_ptr + rn * NG + k0 // G, mask=n_ok, other=0.0)
+                acc += part * sc[None, :]
+        if PER_ROW:
+            acc = acc * tl.load(s_ptr + rn * NG, mask=n_ok, other=0.0)[None, :]
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
-def _launch(kernel, name: str, M: int, N: int, *args, min_bk: int = 0, **constexprs):
+def _launch(kernel, name: str, M: int, N: int, *args, group: int = 0, **constexprs):
+    """Launch with TILE_CONFIG[name]; `group` fits the slice to the weight's groups: a row
+    kernel's slice holds whole groups, a tile kernel's slice lies inside one (0: one scale per
+    row, any slice)."""
     cfg = dict(TILE_CONFIG[name])
     launch = {"num_warps": cfg.pop("num_warps"), "num_stages": cfg.pop("num_stages")}
     if "BM" in cfg:
         grid = (triton.cdiv(M, cfg["BM"]), triton.cdiv(N, cfg["BN"]))
+        while group and group % cfg["BK"]:  # groups are multiples of 32: this ends at >= 32
+            cfg["BK"] //= 2
     else:  # row kernels: one program per BN weight rows and activation row
         grid = (triton.cdiv(N, cfg["BN"]), M)
-        cfg["BK"] = max(cfg["BK"], min_bk)  # a slice holds whole groups
+        cfg["BK"] = max(cfg["BK"], group)
     kernel[grid](*args, **constexprs, **cfg, **launch)
 
 
@@ -216,10 +231,10 @@ def int4_linear(x: torch.Tensor, state) -> torch.Tensor:
     args = (x, state.packed, state.scales, state.offsets, y)
     if M <= ROW_KERNEL_MAX_ROWS and _row_kernel_groups(G):
         _launch(_int4_rows_kernel, "int4_rows", M, N, *args, N, K, NG, x.stride(0), y.stride(0),
-                min_bk=G, G=G, ZERO_FORM=bool(state.zero_form))
+                group=G, G=G, ZERO_FORM=bool(state.zero_form))
     else:
         _launch(_int4_kernel, "int4_dot", M, N, *args, M, N, K, NG, x.stride(0), y.stride(0),
-                G=G, ZERO_FORM=bool(state.zero_form))
+                group=G, G=G, ZERO_FORM=bool(state.zero_form))
     return y
 
 
@@ -247,8 +262,9 @@ def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         _launch(_bytes_rows_kernel, "bytes_rows", M, N, x, qweight, scales, y, N, K,
                 scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=G >= K, E4M3=e4m3)
     else:
+        per_row = G >= K
         _launch(_int8_kernel, "int8_dot", M, N, x, qweight, scales, y, M, N, K, scales.shape[1],
-                x.stride(0), y.stride(0), G=G)
+                x.stride(0), y.stride(0), group=0 if per_row else G, G=G, PER_ROW=per_row)
     return y
 
 
