@@ -126,7 +126,8 @@ def main() -> int:
             tile = "bytes_rows" if name == "fp8_rows" else name
             saved = dict(gk.TILE_CONFIG[tile])
             # every row count to the kernel swept, whatever the dispatcher's threshold
-            gk.ROW_KERNEL_MAX_ROWS = 1 << 20 if name.endswith("_rows") else 0
+            cut = 1 << 20 if name.endswith("_rows") else 0
+            gk.ROW_KERNEL_MAX_ROWS = {"int4": cut, "bytes": cut}
             for cfg in grid(tile, args.quick):
                 gk.TILE_CONFIG[tile] = cfg
                 for m in ms:
@@ -166,9 +167,9 @@ def main() -> int:
 
 def choose_tiles(sweep: dict, base: dict) -> dict:
     """One configuration per kernel (least time summed over shapes and the row counts it would
-    serve: rows kernels 1-4, tile kernels 8-64); the largest row count up to which the int4
-    row kernel beats both the tile kernel and dequantize-then-cuBLAS, and the smallest from
-    which dequantize-then-cuBLAS beats the tile kernel."""
+    serve: rows kernels 1-4, tile kernels 8-64); per weight family the largest row count up to
+    which its row kernel beats its tile kernel (int4: and dequantize-then-cuBLAS), and the
+    smallest from which dequantize-then-cuBLAS beats the int4 tile kernel."""
     def total(name, cfg, ms):
         return sum(sum(sweep[(name, m)][cfg]) for m in ms)
 
@@ -180,14 +181,20 @@ def choose_tiles(sweep: dict, base: dict) -> dict:
                          ("int4_dot", [8, 16, 64]), ("int8_dot", [8, 16, 64])):
         cfgs = sweep[(name, serves[0])].keys()
         tiles[name] = json.loads(min(cfgs, key=lambda c: total(name, c, serves)))
-    rows = {m: total("int4_rows", json.dumps(tiles["int4_rows"]), [m]) for m in (2, 4, 8)}
+
+    def row_cut(rows_name, dot_name, other=lambda m: float("inf")):
+        cut = 1
+        for m in (2, 4, 8):
+            rows = total(rows_name, json.dumps(tiles[rows_name]), [m])
+            if rows > min(total(dot_name, json.dumps(tiles[dot_name]), [m]), other(m)):
+                break
+            cut = m
+        return cut
+
+    tiles["row_kernel_max_rows"] = {"int4": row_cut("int4_rows", "int4_dot", widened),
+                                    "bytes": row_cut("bytes_rows", "int8_dot")}
+    cut = tiles["row_kernel_max_rows"]["int4"]
     dot = {m: total("int4_dot", json.dumps(tiles["int4_dot"]), [m]) for m in (2, 4, 8, 16, 64)}
-    cut = 1
-    for m in (2, 4, 8):
-        if rows[m] > min(dot[m], widened(m)):
-            break
-        cut = m
-    tiles["row_kernel_max_rows"] = cut
     tiles["widen_from_rows"] = next((m for m in (2, 4, 8, 16, 64) if m > cut and
                                      widened(m) < dot[m]), gk.WIDEN_FROM_ROWS)
     return tiles

@@ -292,6 +292,7 @@ def test_cuda_seeded_and_processors():
     torch.manual_seed(0)
     V = 32000
     logits = torch.randn(4, V, device="cuda")
+    logits[3] = logits[0]  # same logits, same seed: same token, whatever the batch around it
     p = SamplingParams(seed=3, top_k=50, top_p=0.9, min_p=0.01, presence_penalty=0.5)
     params = [p, SamplingParams(temperature=0), SamplingParams(), p]
 

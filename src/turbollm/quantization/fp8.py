@@ -6,9 +6,10 @@ Contract:
     w[o, i] = qweight[o, i] * scales[o]
 
 Three kernels, chosen per call by `fp8_kernel` (not by the user):
-- "rows" on CUDA devices with fp8 support for inputs of a few rows (decode): our Triton row
-  kernel (gpu_kernels.bytes_linear) reads the e4m3 bytes and widens them in registers; x stays
-  as it is. Rounding x to fp8 would cost more launches than the product itself at one row.
+- "triton" on CUDA devices with fp8 support below gpu_kernels.WIDEN_FROM_ROWS rows (decode,
+  batched decode): our Triton kernels (gpu_kernels.bytes_linear, shared with int8) read the
+  e4m3 bytes and widen them in registers; x stays as it is. On an H100 they ran 1.6-2.1x
+  cuBLAS bf16 at one row, where rounding x to fp8 for _scaled_mm cost more than the product.
 - "scaled_mm" on CUDA devices with fp8 tensor cores (compute capability >= 8.9: Ada, Hopper):
   each activation row is rounded to e4m3 with its own scale max |x_row| / 448 ("dynamic per
   token") and torch._scaled_mm multiplies the two fp8 matrices, applying both scale vectors to
@@ -75,8 +76,8 @@ def fp8_kernel(x: torch.Tensor, state: Fp8State) -> str:
     if not fp8_tensor_cores(x.device):
         return "weight_only"
     from turbollm.quantization import gpu_kernels
-    if gpu_kernels.available() and x.shape[0] <= gpu_kernels.ROW_KERNEL_MAX_ROWS:
-        return "rows"
+    if gpu_kernels.available() and x.shape[0] < gpu_kernels.WIDEN_FROM_ROWS:
+        return "triton"
     if k % 16 == 0 and n % 16 == 0:
         return "scaled_mm"
     return "weight_only"
@@ -112,7 +113,7 @@ def fp8_weight_only_linear(x: torch.Tensor, state: Fp8State) -> torch.Tensor:
 
 def fp8_linear(x: torch.Tensor, state: Fp8State) -> torch.Tensor:
     kernel = fp8_kernel(x, state)
-    if kernel == "rows":
+    if kernel == "triton":
         from turbollm.quantization import gpu_kernels
         return gpu_kernels.bytes_linear(x, state.qweight, state.scales, state.qweight.shape[1])
     if kernel == "scaled_mm":

@@ -29,19 +29,20 @@ except ImportError:  # CPU-only installs: the widened path below serves
 # Tile shapes and launch settings of each kernel (see scripts/gpu_tune.py for how they were
 # picked). tl.dot needs at least 16 in every dimension; BK spans whole 32-column int4 blocks
 # (their 16 bytes hold columns j and j + 16 in one byte) and, in the row kernels, whole groups.
-TILE_CONFIG = {
-    "int4_rows": dict(BN=16, BK=256, num_warps=4, num_stages=2),
-    "bytes_rows": dict(BN=16, BK=256, num_warps=4, num_stages=2),
-    "int4_dot": dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=2),
-    "int8_dot": dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=2),
+TILE_CONFIG = {  # scripts/gpu_tune.py's choice on an H100 (docs/benchmarks.md, session 12)
+    "int4_rows": dict(BN=16, BK=512, num_warps=4, num_stages=3),
+    "bytes_rows": dict(BN=8, BK=512, num_warps=4, num_stages=3),
+    "int4_dot": dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=3),
+    "int8_dot": dict(BM=16, BN=64, BK=128, num_warps=4, num_stages=3),
 }
-# Up to this many activation rows (decode, short verifications) each row is a dot-product pass
-# over the weight (the row kernels: no tensor cores, every program busy streaming weight bytes);
-# from here the tl.dot tile kernels multiply.
-ROW_KERNEL_MAX_ROWS = 4
-# From this many activation rows (prefill) the weight is widened once and cuBLAS multiplies:
-# its reuse over that many rows outweighs writing and reading the widened copy (vLLM switches
-# its AWQ layers at the same count).
+# Up to this many activation rows (decode) each row is a dot-product pass over the weight (the
+# row kernels: no tensor cores, every program streaming weight bytes); above, the tl.dot tile
+# kernels multiply. Measured on an H100: int4 rows win at 1-2 rows (1.1-2.1x cuBLAS bf16 at
+# one), but one-byte weights already win with tiles at 2 (1.0-2.0x bf16 up to 16 rows).
+ROW_KERNEL_MAX_ROWS = {"int4": 2, "bytes": 1}
+# From this many activation rows (prefill) the weight is widened once and cuBLAS multiplies
+# (fp8: torch._scaled_mm on its tensor cores). Below it, widening costs far more than the tiles
+# (dequantize-then-cuBLAS ran at 0.03-0.1x bf16 at 2-64 rows).
 WIDEN_FROM_ROWS = 256
 
 
@@ -50,7 +51,7 @@ def load_tile_config(path: str) -> None:
     global ROW_KERNEL_MAX_ROWS, WIDEN_FROM_ROWS
     with open(path) as fh:
         tuned = json.load(fh)
-    ROW_KERNEL_MAX_ROWS = int(tuned.pop("row_kernel_max_rows", ROW_KERNEL_MAX_ROWS))
+    ROW_KERNEL_MAX_ROWS = {**ROW_KERNEL_MAX_ROWS, **tuned.pop("row_kernel_max_rows", {})}
     WIDEN_FROM_ROWS = int(tuned.pop("widen_from_rows", WIDEN_FROM_ROWS))
     for name, cfg in tuned.items():
         if name not in TILE_CONFIG:
@@ -169,10 +170,11 @@ if triton is not None:
 
     @triton.jit
     def _int8_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, NG, stride_xm, stride_ym,
-                     G: tl.constexpr, PER_ROW: tl.constexpr, BM: tl.constexpr,
-                     BN: tl.constexpr, BK: tl.constexpr):
-        """A BM x BN tile of y; int8 values are exact in x's dtype and go to the tensor cores
-        as they are; the scale applies at the end (one per row) or per slice (BK divides G)."""
+                     G: tl.constexpr, PER_ROW: tl.constexpr, E4M3: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """A BM x BN tile of y; int8 values (and e4m3 bytes, E4M3) are exact in bf16/fp16/fp32
+        and go to the tensor cores as they are; the scale applies at the end (one per row) or
+        per slice (BK divides G)."""
         rm = tl.program_id(0) * BM + tl.arange(0, BM)
         rn = tl.program_id(1) * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
@@ -185,6 +187,8 @@ if triton is not None:
                          mask=n_ok[:, None] & k_ok[None, :], other=0)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if E4M3:
+                wq = wq.to(tl.float8e4nv, bitcast=True)
             part = tl.dot(x, tl.trans(wq.to(x.dtype)), input_precision="ieee")
             if PER_ROW:
                 acc += part
@@ -229,7 +233,7 @@ def int4_linear(x: torch.Tensor, state) -> torch.Tensor:
     NG = state.scales.shape[1]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     args = (x, state.packed, state.scales, state.offsets, y)
-    if M <= ROW_KERNEL_MAX_ROWS and _row_kernel_groups(G):
+    if M <= ROW_KERNEL_MAX_ROWS["int4"] and _row_kernel_groups(G):
         _launch(_int4_rows_kernel, "int4_rows", M, N, *args, N, K, NG, x.stride(0), y.stride(0),
                 group=G, G=G, ZERO_FORM=bool(state.zero_form))
     else:
@@ -249,7 +253,7 @@ def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                  group_size: int) -> torch.Tensor:
     """y = x (qweight * scales)^T from one-byte weights [N, K] (int8, or fp8 e4m3) and fp32
     scales [N, K / group_size] (one per row: group_size = K). fp8 needs a GPU that converts
-    e4m3 (compute capability >= 8.9) and takes the row kernel only."""
+    e4m3 (compute capability >= 8.9)."""
     e4m3 = qweight.dtype == torch.float8_e4m3fn
     if e4m3:
         qweight = qweight.view(torch.uint8)
@@ -258,13 +262,14 @@ def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     N, G = qweight.shape[0], group_size
     scales = scales.reshape(N, -1)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    if M <= ROW_KERNEL_MAX_ROWS:
+    if M <= ROW_KERNEL_MAX_ROWS["bytes"]:
         _launch(_bytes_rows_kernel, "bytes_rows", M, N, x, qweight, scales, y, N, K,
                 scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=G >= K, E4M3=e4m3)
     else:
         per_row = G >= K
         _launch(_int8_kernel, "int8_dot", M, N, x, qweight, scales, y, M, N, K, scales.shape[1],
-                x.stride(0), y.stride(0), group=0 if per_row else G, G=G, PER_ROW=per_row)
+                x.stride(0), y.stride(0), group=0 if per_row else G, G=G, PER_ROW=per_row,
+                E4M3=e4m3)
     return y
 
 
