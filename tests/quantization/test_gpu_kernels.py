@@ -101,6 +101,26 @@ def test_row_kernels_serve_a_few_rows_and_tiles_the_rest(gk, monkeypatch):
                         "int8_dot"]
 
 
+def test_tuned_tiles_load_from_a_file(gk, monkeypatch, tmp_path):
+    import json
+    monkeypatch.setattr(gk, "TILE_CONFIG", {k: dict(v) for k, v in gk.TILE_CONFIG.items()})
+    monkeypatch.setattr(gk, "ROW_KERNEL_MAX_ROWS", dict(gk.ROW_KERNEL_MAX_ROWS))
+    monkeypatch.setattr(gk, "WIDEN_FROM_ROWS", gk.WIDEN_FROM_ROWS)
+    tuned = {"int4_rows": dict(BN=8, BK=256, num_warps=2, num_stages=1),
+             "row_kernel_max_rows": {"int4": 3}, "widen_from_rows": 64}
+    (tmp_path / "t.json").write_text(json.dumps(tuned))
+    gk.load_tile_config(str(tmp_path / "t.json"))
+    assert gk.TILE_CONFIG["int4_rows"] == tuned["int4_rows"]
+    assert gk.ROW_KERNEL_MAX_ROWS == {"int4": 3, "bytes": 1} and gk.WIDEN_FROM_ROWS == 64
+    state, w = _int4_state(40, 128, 32, False)
+    x = torch.randn(3, 128)  # 3 rows: now the row kernel, with the file's tiles
+    torch.testing.assert_close(gk.int4_linear(x.to(DEVICE), _on(state)).cpu(), x @ w.t(),
+                               rtol=1e-4, atol=1e-4)
+    (tmp_path / "bad.json").write_text(json.dumps({"int5_rows": {}}))
+    with pytest.raises(ValueError, match="unknown kernel 'int5_rows'"):
+        gk.load_tile_config(str(tmp_path / "bad.json"))
+
+
 def test_cpu_states_never_reach_the_gpu_kernels(monkeypatch, gk):
     """CPU states keep the C kernels; a GPU state's call goes to gpu_kernels (checked here by
     the dispatch predicate, as no GPU is at hand)."""

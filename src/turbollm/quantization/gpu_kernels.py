@@ -1,16 +1,16 @@
-"""Low-bit linears on CUDA: Triton kernels that read the packed int4 / int8 weights directly.
+"""Low-bit linears on CUDA: Triton kernels that read the packed int4 / int8 / fp8 weights.
 
 The CPU kernels (csrc/lowbit.c) cannot read device memory, so on a GPU the same kernel states
-(kernels.Int4State / Int8State, moved to the device at install) are served here. Each program
-computes a BLOCK_M x BLOCK_N tile of y = x W^T: it loads the packed bytes of BLOCK_N weight rows,
-widens them to x's dtype with their group scale and min in registers, and accumulates tl.dot
-products in fp32. The weight therefore crosses memory as 4 or 8 bits per value, where
-dequantize-then-matmul writes and reads it again at 16 bits.
-
-Prefill-sized inputs (WIDEN_FROM_ROWS rows and more), and every call without Triton (it ships
-with CUDA builds of torch), widen the weight on the device and use torch's matmul (`widened_*`). The kernels run on CPU tensors under Triton's interpreter
-(TRITON_INTERPRET=1 set before this module is imported), which is how the tests check them
-against the dequantize-then-matmul reference on a machine without a GPU.
+(kernels.Int4State / Int8State, fp8.Fp8State, moved to the device at install) are served here,
+the weight crossing memory at 4 or 8 bits per value. By activation rows M:
+- M up to ROW_KERNEL_MAX_ROWS (decode): row kernels, one program per BN weight rows and one
+  activation row, reducing over K without tensor cores;
+- then up to WIDEN_FROM_ROWS: tile kernels, whose 4/8-bit values go to tl.dot as they are and
+  whose group scales apply once per K slice;
+- from WIDEN_FROM_ROWS (prefill), and always without Triton: the weight is widened on the
+  device and torch's matmul runs (`widened_*`).
+The int4/int8 kernels also run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1 set
+before this module is imported), which is how the tests check them without a GPU.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ try:
 except ImportError:  # CPU-only installs: the widened path below serves
     triton = None
 
-# Tile shapes and launch settings of each kernel (see scripts/gpu_tune.py for how they were
-# picked). tl.dot needs at least 16 in every dimension; BK spans whole 32-column int4 blocks
-# (their 16 bytes hold columns j and j + 16 in one byte) and, in the row kernels, whole groups.
-TILE_CONFIG = {  # scripts/gpu_tune.py's choice on an H100 (docs/benchmarks.md, session 12)
+# Tile shapes and launch settings of each kernel: scripts/gpu_tune.py's choice on an H100
+# (docs/benchmarks.md, session 12). tl.dot needs at least 16 in every dimension; BK spans whole
+# 32-column int4 blocks (their 16 bytes hold columns j and j + 16 in one byte).
+TILE_CONFIG = {
     "int4_rows": dict(BN=16, BK=512, num_warps=4, num_stages=3),
     "bytes_rows": dict(BN=8, BK=512, num_warps=4, num_stages=3),
     "int4_dot": dict(BM=16, BN=64, BK=64, num_warps=4, num_stages=3),
@@ -51,7 +51,10 @@ def load_tile_config(path: str) -> None:
     global ROW_KERNEL_MAX_ROWS, WIDEN_FROM_ROWS
     with open(path) as fh:
         tuned = json.load(fh)
-    ROW_KERNEL_MAX_ROWS = {**ROW_KERNEL_MAX_ROWS, **tuned.pop("row_kernel_max_rows", {})}
+    rows = tuned.pop("row_kernel_max_rows", {})
+    if isinstance(rows, int):  # one threshold for both families (the first tuner's form)
+        rows = {"int4": rows, "bytes": rows}
+    ROW_KERNEL_MAX_ROWS = {**ROW_KERNEL_MAX_ROWS, **rows}
     WIDEN_FROM_ROWS = int(tuned.pop("widen_from_rows", WIDEN_FROM_ROWS))
     for name, cfg in tuned.items():
         if name not in TILE_CONFIG:
