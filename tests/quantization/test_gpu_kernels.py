@@ -54,6 +54,9 @@ def test_int4_kernel_matches_reference(gk, M, N, K, G, minform):
     state = _on(state)
     for y in (gk.int4_linear(x.to(DEVICE), state), gk.widened_int4(x.to(DEVICE), state)):
         torch.testing.assert_close(y.cpu(), x @ w.t(), rtol=1e-4, atol=1e-4)
+    # the one-pass widening kernel and the torch ops without Triton give the weight itself
+    for widen in (gk.widen_int4, gk.widen_int4_torch):
+        torch.testing.assert_close(widen(state, torch.float32).cpu(), w, rtol=1e-6, atol=1e-7)
 
 
 def test_int4_kernel_in_half_precision(gk):
@@ -83,6 +86,9 @@ def test_int8_kernel_matches_reference(gk, M, N, K, G):
     state = _on(state)
     for y in (gk.int8_linear(x.to(DEVICE), state), gk.widened_int8(x.to(DEVICE), state)):
         torch.testing.assert_close(y.cpu(), x @ ref_w.t(), rtol=1e-4, atol=1e-4)
+    for widen in (gk.widen_int8, gk.widen_int8_torch):
+        got = widen(state.qweight, state.scales, G, torch.float32).cpu()
+        torch.testing.assert_close(got, ref_w, rtol=1e-6, atol=1e-7)
 
 
 def test_row_kernels_serve_a_few_rows_and_tiles_the_rest(gk, monkeypatch):

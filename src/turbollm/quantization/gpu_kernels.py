@@ -40,9 +40,10 @@ TILE_CONFIG = {
 # kernels multiply. Measured on an H100: int4 rows win at 1-2 rows (1.1-2.1x cuBLAS bf16 at
 # one), but one-byte weights already win with tiles at 2 (1.0-2.0x bf16 up to 16 rows).
 ROW_KERNEL_MAX_ROWS = {"int4": 2, "bytes": 1}
-# From this many activation rows (prefill) the weight is widened once and cuBLAS multiplies
-# (fp8: torch._scaled_mm on its tensor cores). Below it, widening costs far more than the tiles
-# (dequantize-then-cuBLAS ran at 0.03-0.1x bf16 at 2-64 rows).
+# From this many activation rows (prefill) the weight is widened and cuBLAS multiplies (fp8:
+# torch._scaled_mm on its tensor cores). Widening through torch ops ran at 0.03-0.1x bf16 at
+# 2-64 rows on the H100; the one-pass Triton widening that replaced it (one read of the packed
+# bytes, one write of the copy) has not run on a GPU yet, so the 256 is not re-measured.
 WIDEN_FROM_ROWS = 256
 
 
@@ -204,6 +205,37 @@ if triton is not None:
                  mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _int4_widen_kernel(w_ptr, s_ptr, f_ptr, out_ptr, N, K, NG, G: tl.constexpr,
+                           ZERO_FORM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """out[N, K] = the int4 weight in out's dtype, one BN x BK block per program: the
+        packed bytes are read once and the widened values written once."""
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        j = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)  # bytes of the block
+        col = (j // 16) * 32 + j % 16                              # low nibble's column
+        ok = (rn < N)[:, None] & (col < K)[None, :]
+        wb = tl.load(w_ptr + rn[:, None] * (K // 2) + j[None, :], mask=ok, other=0)
+        sf = rn[:, None] * NG + (col // G)[None, :]  # j and j + 16 share their group
+        sc = tl.load(s_ptr + sf, mask=ok, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + sf, mask=ok, other=0.0).to(tl.float32)
+        mn = -f * sc if ZERO_FORM else f
+        dst = out_ptr + rn[:, None] * K + col[None, :]
+        ty = out_ptr.dtype.element_ty
+        tl.store(dst, ((wb & 15).to(tl.float32) * sc + mn).to(ty), mask=ok)
+        tl.store(dst + 16, ((wb >> 4).to(tl.float32) * sc + mn).to(ty), mask=ok)
+
+    @triton.jit
+    def _bytes_widen_kernel(w_ptr, s_ptr, out_ptr, N, K, NG, G: tl.constexpr,
+                            BN: tl.constexpr, BK: tl.constexpr):
+        """out[N, K] = int8 weights times their scales, in out's dtype."""
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        cols = tl.program_id(1) * BK + tl.arange(0, BK)
+        ok = (rn < N)[:, None] & (cols < K)[None, :]
+        w = tl.load(w_ptr + rn[:, None] * K + cols[None, :], mask=ok, other=0)
+        sc = tl.load(s_ptr + rn[:, None] * NG + (cols // G)[None, :], mask=ok, other=0.0)
+        tl.store(out_ptr + rn[:, None] * K + cols[None, :],
+                 (w.to(tl.float32) * sc).to(out_ptr.dtype.element_ty), mask=ok)
+
 def _launch(kernel, name: str, M: int, N: int, *args, group: int = 0, **constexprs):
     """Launch with TILE_CONFIG[name]; `group` fits the slice to the weight's groups: a row
     kernel's slice holds whole groups, a tile kernel's slice lies inside one (0: one scale per
@@ -276,17 +308,58 @@ def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y
 
 
+# Block of the widening kernels: the weight is read and the widened copy written once each.
+WIDEN_BLOCK = dict(BN=32, BK=128)
+
+
 def widened_int4(x: torch.Tensor, state) -> torch.Tensor:
-    """The reference: the whole weight widened to x's dtype on its device, then a matmul."""
+    """x times the whole weight widened to x's dtype (prefill: cuBLAS then multiplies)."""
+    return F.linear(x, widen_int4(state, x.dtype))
+
+
+def widened_int8(x: torch.Tensor, state) -> torch.Tensor:
+    return F.linear(x, widen_int8(state.qweight, state.scales, state.group_size, x.dtype))
+
+
+def widen_int4(state, dtype: torch.dtype) -> torch.Tensor:
+    """The int4 weight [N, K] in `dtype`: Triton's one-pass kernel where it runs, else torch."""
+    n, half = state.packed.shape
+    if triton is None:
+        return widen_int4_torch(state, dtype)
+    out = torch.empty(n, half * 2, dtype=dtype, device=state.packed.device)
+    bn, bk = WIDEN_BLOCK["BN"], WIDEN_BLOCK["BK"]
+    _int4_widen_kernel[(triton.cdiv(n, bn), triton.cdiv(half * 2, bk))](
+        state.packed, state.scales, state.offsets, out, n, half * 2, state.scales.shape[1],
+        G=state.group_size, ZERO_FORM=bool(state.zero_form), BN=bn, BK=bk)
+    return out
+
+
+def widen_int8(qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                dtype: torch.dtype) -> torch.Tensor:
+    """int8 weights [N, K] times their scales, in `dtype`."""
+    n, k = qweight.shape
+    scales = scales.reshape(n, -1)
+    if triton is None:
+        return widen_int8_torch(qweight, scales, group_size, dtype)
+    out = torch.empty(n, k, dtype=dtype, device=qweight.device)
+    bn, bk = WIDEN_BLOCK["BN"], WIDEN_BLOCK["BK"]
+    _bytes_widen_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        qweight, scales, out, n, k, scales.shape[1], G=group_size, BN=bn, BK=bk)
+    return out
+
+
+def widen_int4_torch(state, dtype: torch.dtype) -> torch.Tensor:
+    """The reference widening in torch ops (several fp32 passes over the weight)."""
     n, half = state.packed.shape
     p = state.packed.reshape(n, half // 16, 1, 16)
     q = torch.cat([p & 15, p >> 4], dim=2).reshape(n, half * 2).float()
     s, mn = state.scale_min()
     cols = torch.arange(half * 2, device=q.device) // state.group_size
-    return F.linear(x, (q * s[:, cols] + mn[:, cols]).to(x.dtype))
+    return (q * s[:, cols] + mn[:, cols]).to(dtype)
 
 
-def widened_int8(x: torch.Tensor, state) -> torch.Tensor:
-    q, g = state.qweight, state.group_size
-    w = (q.float().reshape(q.shape[0], -1, g) * state.scales[:, :, None]).reshape(q.shape)
-    return F.linear(x, w.to(x.dtype))
+def widen_int8_torch(qweight: torch.Tensor, scales: torch.Tensor, group_size: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    n, k = qweight.shape
+    w = qweight.float().reshape(n, -1, group_size) * scales.reshape(n, -1)[:, :, None]
+    return w.reshape(n, k).to(dtype)
