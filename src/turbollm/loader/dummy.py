@@ -15,6 +15,8 @@ def init_dummy_weights(model: nn.Module, seed: int = 0, low: float = -1e-3, high
             param.data.fill_(1.0)
             continue
         dev = param.device
-        gen = gens.get(dev) or gens.setdefault(dev, torch.Generator(device=dev).manual_seed(seed))
+        if dev not in gens:
+            gens[dev] = torch.Generator(device=dev).manual_seed(seed)
+        gen = gens[dev]
         values = torch.empty(param.shape, dtype=torch.float32, device=dev)
         param.data.copy_(values.uniform_(low, high, generator=gen).to(param.dtype))

@@ -30,10 +30,20 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """(hf_name, tensor) for every tensor of every shard, cast to dtype (floats only)."""
+def iter_safetensors_raw(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every tensor of every shard, as stored."""
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                t = f.get_tensor(name)
-                yield name, (t.to(dtype) if t.is_floating_point() else t)
+                yield name, f.get_tensor(name)
+
+
+def cast_floats(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in dtype if it holds floats; integer tensors (packed weights, indices) as they are."""
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def iter_safetensors(model_dir: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every tensor of every shard, cast to dtype (floats only)."""
+    for name, t in iter_safetensors_raw(model_dir):
+        yield name, cast_floats(t, dtype)

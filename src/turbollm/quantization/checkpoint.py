@@ -132,20 +132,15 @@ def checkpoint_config(model_dir) -> dict | None:
 def load_checkpoint(model: nn.Module, model_dir, dtype: torch.dtype, qcfg: dict) -> None:
     """Fill `model` from this layout: dense tensors as usual, each quantized linear first as its
     dequantized weight (so every parameter loads), then switched to the packed form."""
-    from safetensors import safe_open
-
-    from turbollm.loader.safetensors import safetensors_files
+    from turbollm.loader.safetensors import cast_floats, iter_safetensors_raw
     parts: dict[str, dict[str, torch.Tensor]] = {}
     dense: list[tuple[str, torch.Tensor]] = []
-    for file in safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                prefix, _, suffix = name.rpartition(".")
-                if suffix in _SUFFIXES:
-                    parts.setdefault(prefix, {})[suffix] = f.get_tensor(name)
-                else:
-                    t = f.get_tensor(name)
-                    dense.append((name, t.to(dtype) if t.is_floating_point() else t))
+    for name, t in iter_safetensors_raw(model_dir):
+        prefix, _, suffix = name.rpartition(".")
+        if suffix in _SUFFIXES:
+            parts.setdefault(prefix, {})[suffix] = t
+        else:
+            dense.append((name, cast_floats(t, dtype)))
     canonical = {prefix: _canonical(p, qcfg) for prefix, p in parts.items()}
     dense += [(f"{prefix}.weight", _dequantize(c).to(dtype)) for prefix, c in canonical.items()]
     model.load_weights(dense)

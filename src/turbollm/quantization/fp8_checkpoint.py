@@ -49,29 +49,24 @@ def fp8_checkpoint_config(model_dir) -> dict | None:
 def load_fp8_checkpoint(model: torch.nn.Module, model_dir, dtype: torch.dtype, fcfg: dict) -> None:
     """Fill `model` from an fp8 checkpoint: dense tensors as usual; each fp8 linear is handed
     over dequantized (so every parameter loads), then switched to its fp8 bytes."""
-    from safetensors import safe_open
-
-    from turbollm.loader.safetensors import safetensors_files
+    from turbollm.loader.safetensors import cast_floats, iter_safetensors_raw
 
     quantized: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # hf prefix -> (q, row scales)
 
     def tensors():
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        for file in safetensors_files(model_dir):
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    prefix, _, suffix = name.rpartition(".")
-                    if suffix == "input_scale":
-                        continue  # dynamic per-token activation scales serve instead
-                    t = f.get_tensor(name)
-                    if suffix in ("weight", "weight_scale") and (
-                            t.dtype == FP8 or suffix == "weight_scale"):
-                        parts = pending.setdefault(prefix, {})
-                        parts[suffix] = t
-                        if len(parts) == 2:
-                            yield finish(prefix, pending.pop(prefix))
-                        continue
-                    yield name, (t.to(dtype) if t.is_floating_point() else t)
+        for name, t in iter_safetensors_raw(model_dir):
+            prefix, _, suffix = name.rpartition(".")
+            if suffix == "input_scale":
+                continue  # dynamic per-token activation scales serve instead
+            if suffix in ("weight", "weight_scale") and (
+                    t.dtype == FP8 or suffix == "weight_scale"):
+                parts = pending.setdefault(prefix, {})
+                parts[suffix] = t
+                if len(parts) == 2:
+                    yield finish(prefix, pending.pop(prefix))
+                continue
+            yield name, cast_floats(t, dtype)
         for prefix, parts in pending.items():
             raise ValueError(f"{prefix}: fp8 tensors without their pair: {sorted(parts)}")
 

@@ -296,12 +296,12 @@ def bytes_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     M, K = x.shape
     N, G = qweight.shape[0], group_size
     scales = scales.reshape(N, -1)
+    per_row = G >= K
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M <= ROW_KERNEL_MAX_ROWS["bytes"]:
         _launch(_bytes_rows_kernel, "bytes_rows", M, N, x, qweight, scales, y, N, K,
-                scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=G >= K, E4M3=e4m3)
+                scales.shape[1], x.stride(0), y.stride(0), G=G, PER_ROW=per_row, E4M3=e4m3)
     else:
-        per_row = G >= K
         _launch(_int8_kernel, "int8_dot", M, N, x, qweight, scales, y, M, N, K, scales.shape[1],
                 x.stride(0), y.stride(0), group=0 if per_row else G, G=G, PER_ROW=per_row,
                 E4M3=e4m3)

@@ -188,26 +188,21 @@ def load_prequantized(model: torch.nn.Module, model_dir, dtype: torch.dtype, qcf
     """Fill `model` from an AWQ/GPTQ checkpoint: dense tensors as usual; each quantized linear is
     handed over as its dequantized weight (so every parameter loads) and then replaced by the
     int4 kernel from the exact interchange form."""
-    from safetensors import safe_open
-
-    from turbollm.loader.safetensors import safetensors_files
+    from turbollm.loader.safetensors import cast_floats, iter_safetensors_raw
 
     quantized: dict[str, Int4Weights] = {}
 
     def tensors():
         pending: dict[str, dict[str, torch.Tensor]] = {}
-        for file in safetensors_files(model_dir):
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    prefix, _, suffix = name.rpartition(".")
-                    if suffix not in QUANT_SUFFIXES:
-                        t = f.get_tensor(name)
-                        yield name, (t.to(dtype) if t.is_floating_point() else t)
-                        continue
-                    parts = pending.setdefault(prefix, {})
-                    parts[suffix] = f.get_tensor(name)
-                    if len(parts) == (4 if qcfg["method"] == "gptq" else 3):
-                        yield from finish(prefix, pending.pop(prefix))
+        for name, t in iter_safetensors_raw(model_dir):
+            prefix, _, suffix = name.rpartition(".")
+            if suffix not in QUANT_SUFFIXES:
+                yield name, cast_floats(t, dtype)
+                continue
+            parts = pending.setdefault(prefix, {})
+            parts[suffix] = t
+            if len(parts) == (4 if qcfg["method"] == "gptq" else 3):
+                yield from finish(prefix, pending.pop(prefix))
         for prefix, parts in pending.items():  # GPTQ checkpoints without g_idx
             if not {"qweight", "qzeros", "scales"} <= parts.keys():
                 raise ValueError(f"{prefix}: incomplete quantized tensors {sorted(parts)}")
