@@ -3,8 +3,8 @@ import itertools
 
 import pytest
 
-from turbollm.bench.spec_bound import (controller_cost, ngram_trace, oracle_cost,
-                                       speedup_bounds)
+from turbollm.bench.spec_bound import (bounds_report, controller_cost, ngram_trace,
+                                       oracle_cost, scaled_costs, speedup_bounds)
 
 COSTS = [1.0, 1.5, 2.1, 2.5, 2.9]  # the shape measured on the 2-core CPU (k = 0..4)
 
@@ -68,3 +68,20 @@ def test_speedup_bounds_on_a_copied_answer():
     res = speedup_bounds([prompt], [answer], COSTS)
     assert res["oracle_free_verification"] >= res["oracle"] >= res["controller"] > 1.0
     assert res["per_answer_oracle"] == [pytest.approx(res["oracle"])]
+
+
+def test_scaled_costs_keep_a_plain_step_and_scale_the_rest():
+    assert scaled_costs(COSTS, 0.5) == pytest.approx([1.0, 1.25, 1.55, 1.75, 1.95])
+    assert scaled_costs(COSTS, 0.0) == [1.0] * len(COSTS)
+
+
+def test_bounds_report_takes_the_first_token_as_context_and_sweeps_cheaper_verification():
+    prompt = list(range(100, 160))
+    output = list(range(120, 150))
+    report = bounds_report([prompt], [output], COSTS, scales=(0.5, 0.0))
+    # the first output token (from the prefill) is not counted: 29 speculated positions
+    assert report == {**report, **speedup_bounds([prompt + output[:1]], [output[1:]], COSTS)}
+    cheaper = report["cheaper_verification"]
+    assert [c["scale"] for c in cheaper] == [0.5, 0.0]
+    assert report["oracle"] <= cheaper[0]["oracle"] <= cheaper[1]["oracle"]
+    assert cheaper[1]["oracle"] == pytest.approx(report["oracle_free_verification"])

@@ -9,7 +9,8 @@ known in advance, so:
 - `controller_speedup`: what the engine's controller (spec_decode/controller.py) does on the
   same answers, replaying its choices;
 - both with the machine's measured step costs, and the oracle again with free verification
-  (every step costing one plain step: a memory-bound device's limit).
+  (every step costing one plain step: a memory-bound device's limit), or at a fraction of the
+  measured extra cost (`scaled_costs`: how much cheaper verification would have to be).
 Ratios are in plain decode steps, so they ignore the proposer's own time (n-gram: none).
 """
 from __future__ import annotations
@@ -73,6 +74,11 @@ def controller_cost(trace: list[Position], step_costs: list[float]) -> float:
     return cost
 
 
+def scaled_costs(step_costs: list[float], scale: float) -> list[float]:
+    """The step costs with every verified proposal's extra cost times scale (0: free)."""
+    return [1.0 + scale * (c - 1.0) for c in step_costs]
+
+
 def speedup_bounds(prompts: list[list[int]], answers: list[list[int]],
                    step_costs: list[float], n_min: int = 1, n_max: int = 4) -> dict:
     """Decode speed-ups over plain decoding for the whole set of answers (tokens / cost):
@@ -87,3 +93,21 @@ def speedup_bounds(prompts: list[list[int]], answers: list[list[int]],
         "oracle_free_verification": tokens / sum(oracle_cost(t, free) for t in traces),
         "per_answer_oracle": [len(t) / oracle_cost(t, step_costs) for t in traces],
     }
+
+
+def bounds_report(prompts: list[list[int]], outputs: list[list[int]], step_costs: list[float],
+                  n_min: int = 1, n_max: int = 4, scales=(0.5, 0.25, 0.1)) -> dict:
+    """speedup_bounds for whole outputs of plain decoding, whose first tokens came from the
+    prefill (so they are context, not speculated), plus the oracle and the controller at each
+    fraction of the measured extra cost per verified proposal ("cheaper_verification")."""
+    contexts = [list(p) + list(o[:1]) for p, o in zip(prompts, outputs)]
+    answers = [list(o[1:]) for o in outputs]
+    report = speedup_bounds(contexts, answers, step_costs, n_min, n_max)
+    report["cheaper_verification"] = []
+    for scale in scales:
+        costs = scaled_costs(step_costs, scale)
+        b = speedup_bounds(contexts, answers, costs, n_min, n_max)
+        report["cheaper_verification"].append({"scale": scale, "max_k_step": costs[-1],
+                                               "oracle": b["oracle"],
+                                               "controller": b["controller"]})
+    return report

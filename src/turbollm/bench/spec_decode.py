@@ -24,7 +24,7 @@ import json
 import time
 
 from turbollm import LLM, SamplingParams
-from turbollm.bench.spec_bound import speedup_bounds
+from turbollm.bench.spec_bound import bounds_report
 from turbollm.eval.corpus import builtin_corpus_text
 
 GROUNDED_TASKS = ("Summarize the following text in a few sentences.",
@@ -135,14 +135,16 @@ def run(threads: int, tokens: int, batch_tokens: int) -> dict:
     res["ngram_grounded"] = entry = ratio_entry(ref, got)
     print(f"n-gram, grounded prompts: {got['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s "
           f"({entry['ratio']:.2f}x), acceptance {got['acceptance_rate']:.2f}")
-    # the answers' first tokens come from the prefill, as in the tok/s above
     spec = ngram.engine.config.speculative
-    entry["bounds"] = b = speedup_bounds([p + a[:1] for p, a in zip(grounded, ref["tokens"])],
-                                         [a[1:] for a in ref["tokens"]], costs,
-                                         spec.ngram_min, spec.ngram_max)
+    entry["bounds"] = b = bounds_report(grounded, ref["tokens"], costs, spec.ngram_min,
+                                        spec.ngram_max)
     print(f"  on these answers at these step costs: oracle controller {b['oracle']:.2f}x, "
           f"ours replayed {b['controller']:.2f}x; oracle at free verification "
           f"{b['oracle_free_verification']:.2f}x")
+    for c in b["cheaper_verification"]:
+        print(f"  extra cost per proposal x{c['scale']} (k = {len(costs) - 1} step "
+              f"{c['max_k_step']:.2f}x plain): oracle {c['oracle']:.2f}x, ours replayed "
+              f"{c['controller']:.2f}x")
 
     chat = open_prompts(plain)
     res["draft_open"] = {"configs": {}}
