@@ -4,10 +4,10 @@ The speed-up speculation reaches is capped by two things: which proposals would 
 (the text) and what verifying them costs (the machine). Given the greedy answers of plain
 decoding, every output position's proposal and how many of its tokens match the answer are
 known in advance, so:
-- `oracle_speedup`: the best any controller could do, choosing each step's k knowing how many
+- `oracle_cost`: the best any controller could do, choosing each step's k knowing how many
   proposals will be accepted (a shortest path over output positions);
-- `controller_speedup`: what the engine's controller (spec_decode/controller.py) does on the
-  same answers, replaying its choices;
+- `controller_cost`: what the engine's controller (spec_decode/controller.py) does on the
+  same answers, replaying its choices (one request alone, no max_tokens cap on k);
 - both with the machine's measured step costs, and the oracle again with free verification
   (every step costing one plain step: a memory-bound device's limit), or at a fraction of the
   measured extra cost (`scaled_costs`: how much cheaper verification would have to be).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
+from turbollm.spec_decode.proposer import DISABLE_BATCH_SIZE
 
 # (proposal length, accepted prefix length) at one output position
 Position = tuple[int, int]
@@ -63,7 +64,7 @@ def oracle_cost(trace: list[Position], step_costs: list[float]) -> float:
 def controller_cost(trace: list[Position], step_costs: list[float]) -> float:
     """Total cost when the engine's controller chooses k at every step (one request, alone)."""
     controller = SpecController(max_k=len(step_costs) - 1, step_costs=list(step_costs),
-                                proposal_cost=0.0, disable_batch_size=2)
+                                proposal_cost=0.0, disable_batch_size=DISABLE_BATCH_SIZE)
     t, cost = 0, 0.0
     while t < len(trace):
         k = controller.num_to_propose("r", batch_size=1, seeded_random=False)
