@@ -80,35 +80,46 @@ def scaled_costs(step_costs: list[float], scale: float) -> list[float]:
     return [1.0 + scale * (c - 1.0) for c in step_costs]
 
 
+def _traces(prompts, answers, step_costs, n_min, n_max) -> list[list[Position]]:
+    return [ngram_trace(p, a, len(step_costs) - 1, n_min, n_max) for p, a in zip(prompts, answers)]
+
+
+def _bounds(traces: list[list[Position]], step_costs: list[float]) -> dict:
+    """speedup_bounds' figures for traced answers."""
+    oracle_costs = [oracle_cost(t, step_costs) for t in traces]
+    free = [1.0] * len(step_costs)
+    tokens = sum(len(t) for t in traces)
+    return {
+        "oracle": tokens / sum(oracle_costs),
+        "controller": tokens / sum(controller_cost(t, step_costs) for t in traces),
+        "oracle_free_verification": tokens / sum(oracle_cost(t, free) for t in traces),
+        "per_answer_oracle": [len(t) / c for t, c in zip(traces, oracle_costs)],
+    }
+
+
 def speedup_bounds(prompts: list[list[int]], answers: list[list[int]],
                    step_costs: list[float], n_min: int = 1, n_max: int = 4) -> dict:
     """Decode speed-ups over plain decoding for the whole set of answers (tokens / cost):
     the oracle and the controller at step_costs, and the oracle with free verification."""
-    max_k = len(step_costs) - 1
-    traces = [ngram_trace(p, a, max_k, n_min, n_max) for p, a in zip(prompts, answers)]
-    tokens = sum(len(t) for t in traces)
-    free = [1.0] * len(step_costs)
-    return {
-        "oracle": tokens / sum(oracle_cost(t, step_costs) for t in traces),
-        "controller": tokens / sum(controller_cost(t, step_costs) for t in traces),
-        "oracle_free_verification": tokens / sum(oracle_cost(t, free) for t in traces),
-        "per_answer_oracle": [len(t) / oracle_cost(t, step_costs) for t in traces],
-    }
+    return _bounds(_traces(prompts, answers, step_costs, n_min, n_max), step_costs)
 
 
 def bounds_report(prompts: list[list[int]], outputs: list[list[int]], step_costs: list[float],
                   n_min: int = 1, n_max: int = 4, scales=(0.5, 0.25, 0.1)) -> dict:
     """speedup_bounds for whole outputs of plain decoding, whose first tokens came from the
     prefill (so they are context, not speculated), plus the oracle and the controller at each
-    fraction of the measured extra cost per verified proposal ("cheaper_verification")."""
+    fraction of the measured extra cost per verified proposal ("cheaper_verification"). The
+    proposals do not depend on the prices, so the answers are traced once."""
     contexts = [list(p) + list(o[:1]) for p, o in zip(prompts, outputs)]
     answers = [list(o[1:]) for o in outputs]
-    report = speedup_bounds(contexts, answers, step_costs, n_min, n_max)
+    traces = _traces(contexts, answers, step_costs, n_min, n_max)
+    report = _bounds(traces, step_costs)
     report["cheaper_verification"] = []
+    tokens = sum(len(t) for t in traces)
     for scale in scales:
         costs = scaled_costs(step_costs, scale)
-        b = speedup_bounds(contexts, answers, costs, n_min, n_max)
-        report["cheaper_verification"].append({"scale": scale, "max_k_step": costs[-1],
-                                               "oracle": b["oracle"],
-                                               "controller": b["controller"]})
+        report["cheaper_verification"].append({
+            "scale": scale, "max_k_step": costs[-1],
+            "oracle": tokens / sum(oracle_cost(t, costs) for t in traces),
+            "controller": tokens / sum(controller_cost(t, costs) for t in traces)})
     return report
