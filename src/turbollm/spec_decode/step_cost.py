@@ -1,12 +1,12 @@
 """What a step verifying k proposals costs, in plain decode steps: measured at start-up.
 
 On a memory-bound device one more verified row is nearly free (a dense bf16 target here:
-~0.02-0.2 of a step per row); on this 2-core CPU the low-bit kernels are bound by their integer
-multiply-adds, so the first extra row costs ~0.25-0.5 of a Q4_1 step and the next ones
-~0.35-0.6 each (row counts take different kernel paths). No constant fits all of
-these, so the engine times its own steps: one probe request decodes with k = 0, 1, 2, 4, ...,
-max_k forced proposals, interleaved, and the median step time per k over the plain one gives
-the table; k in between are interpolated.
+~0.02-0.2 of a step per row); on this 2-core CPU the low-bit kernels are bound by compute
+(each row's int16 dot products), so the first extra row costs ~0.25-0.5 of a Q4_1 step and
+the next ones ~0.35-0.6 each (row counts take different kernel paths). No constant fits all
+of these, so the engine times its own steps: one probe request decodes with k = 0, 1, 2, 4,
+..., max_k forced proposals, interleaved, and the median step time per k over the plain one
+gives the table; k in between are interpolated.
 """
 from __future__ import annotations
 
