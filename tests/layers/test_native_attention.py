@@ -184,3 +184,33 @@ def test_long_contexts_split_into_parts_match_reference(dtype, window, monkeypat
                                             torch.zeros(1, dtype=torch.long), lens[r:r + 1],
                                             d ** -0.5, window)
         assert torch.equal(alone[0], got[r])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 300])
+@pytest.mark.parametrize("last", [7, 250, 262, 700])
+def test_rows_of_one_sequence_share_an_item_with_the_bits_of_each_row_alone(dtype, window, last,
+                                                                            monkeypatch):
+    """A verification step's rows (one sequence, contexts last - 8 .. last, some of them split
+    into parts where others are not) attend in shared work items; each row's output must have
+    the bits of the same row attended alone, as plain decoding computes it."""
+    g = torch.Generator().manual_seed(last)
+    nb, bs, kvh, d = 64, 16, 3, 64
+    kc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    vc = torch.randn(nb, bs, kvh, d, generator=g).to(dtype)
+    tables = torch.randperm(nb, generator=g)[:48].unsqueeze(0)
+    lens = torch.arange(max(1, last - 8), last + 1)
+    q = torch.randn(len(lens), 9, d, generator=g) * 3
+    seq = torch.zeros(len(lens), dtype=torch.long)
+    native.lib().paged_attn_force_item_rows(16)  # all rows of a part count in one item
+    try:
+        got = native.paged_attention_rows(q, kc, vc, tables, seq, lens, d ** -0.5, window)
+    finally:
+        native.lib().paged_attn_force_item_rows(0)
+    ref = reference(q, kc, vc, tables.expand(len(lens), -1), lens, d ** -0.5, window,
+                    monkeypatch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=5e-6)
+    for r in range(len(lens)):
+        alone = native.paged_attention_rows(q[r:r + 1], kc, vc, tables, seq[:1], lens[r:r + 1],
+                                            d ** -0.5, window)
+        assert torch.equal(alone[0], got[r])

@@ -14,9 +14,11 @@ _SIGNATURES = {
     "paged_attn_rows": [PTR, I64, PTR, PTR, PTR, PTR, I64, PTR, I64, PTR, PTR, PTR, I64, I64,
                         I64, I64, I64, F32, I64],
     "write_kv_rows": [PTR, PTR, I64, PTR, PTR, PTR, PTR, I64, PTR, I64, I64, I64],
+    "paged_attn_force_item_rows": [I64],
 }
 _KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KV_QUANT = {"int8": 3, "fp8_e4m3": 4}
+MAX_HEAD_DIM = 1024  # MAX_HEAD_DIM in paged_attn.c (its row of zeros for padding)
 
 
 @functools.cache
@@ -42,7 +44,8 @@ def supports(q: torch.Tensor, k_cache) -> bool:
     if q.device.type != "cpu" or q.dtype != torch.float32 or not parts[0].is_contiguous():
         return False
     d, kvh = q.shape[2], k_cache.shape[2]
-    return d % 8 == 0 and q.shape[1] % kvh == 0 and lib() is not None
+    return (d % 8 == 0 and d <= MAX_HEAD_DIM and q.shape[1] % kvh == 0
+            and lib() is not None)
 
 
 def paged_attention_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

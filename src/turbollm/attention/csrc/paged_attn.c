@@ -9,6 +9,7 @@
 // first ctx[r] tokens of it (minus the ones outside a sliding window). Math is fp32.
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -100,49 +101,72 @@ static inline float slot_scale(const uint16_t *scales, int64_t slot, int64_t KVH
     return scales == NULL ? 1.0f : _cvtsh_ss(scales[slot * KVH + kh]);
 }
 
-// scores[g * n + t] = q_g . k_{t0 + t} * scale for the G query heads g that share this KV
-// head, t < n. 8 tokens at a time, so that one transposed reduction replaces 8 horizontal sums;
-// the 8 K rows are read from memory once and from L1 for the other heads of the group.
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-ALWAYS_INLINE void qk_scores(const float *q, int64_t G, const void *k_cache, const uint16_t *k_scales,
-                      int dtype, const int64_t *table, int64_t t0, int64_t n, int64_t BS,
-                      int64_t KVH, int64_t kh, int64_t D, int64_t esz, float scale, float *scores) {
-    const __m256 sc = _mm256_set1_ps(scale);
+// Where each position's K or V row lies (rows[t], t < n8 = n rounded up to 8; the padding
+// points at zeros) and its int8 scale (rs[t], 1 for other caches). An item of one query row
+// reads the cache where it lies; an item of several rows of one sequence (a verification
+// step) widens each row to fp32 once (widened = 1), where widening every load on the fly (3
+// ops per vector of a bf16 cache) was repeated for every query row and cost as much as the
+// FMAs it fed. Widening is exact in every cache dtype, so the bits are the same either way.
+#define MAX_HEAD_DIM 1024  // native.supports() holds head_dim to this (the padding's zero row)
+static const float zero_row[MAX_HEAD_DIM] __attribute__((aligned(32)));
+
+ALWAYS_INLINE void locate_rows(const void *cache, const uint16_t *scales, int dtype, int widened,
+                               const int64_t *table, int64_t t0, int64_t n, int64_t BS,
+                               int64_t KVH, int64_t kh, int64_t D, float *buf, const char **rows,
+                               float *rs) {
+    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 || dtype == KV_F8 ? 1 : 2;
     slot_iter it = slots_from(table, BS, t0);
-    int64_t ahead_pos;
+    int64_t ahead_pos;  // widening reads the rows here, in order: fetch ahead as it goes
     slot_iter ahead = prefetch_start(table, BS, t0, n, &ahead_pos);
-    int64_t t = 0;
-    for (; t + 8 <= n; t += 8) {
-        const char *rows[8];
-        float rs[8];
-        for (int i = 0; i < 8; i++) {
-            prefetch_next(&ahead, &ahead_pos, t0 + n, k_cache, KVH, kh, D, esz);
-            const int64_t slot = next_slot(&it);
-            rows[i] = slot_row(k_cache, slot, KVH, kh, D, esz);
-            rs[i] = slot_scale(k_scales, slot, KVH, kh);
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t slot = next_slot(&it);
+        const char *row = slot_row(cache, slot, KVH, kh, D, esz);
+        if (widened) {
+            prefetch_next(&ahead, &ahead_pos, t0 + n, cache, KVH, kh, D, esz);
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(buf + t * D + d, load8(row, d, dtype));
+            row = (const char *)(buf + t * D);
         }
-        for (int64_t g = 0; g < G; g++) {
-            const float *qg = q + g * D;
+        rows[t] = row;
+        rs[t] = slot_scale(scales, slot, KVH, kh);
+    }
+    for (int64_t t = n; t < ((n + 7) & ~(int64_t)7); t++) {
+        rows[t] = (const char *)zero_row;
+        rs[t] = 1.0f;
+    }
+}
+
+// Requests the rows of positions [t, t + 8) (called PREFETCH_TOKENS positions ahead of the
+// ones in use)
+static inline void prefetch_rows(const char *const *rows, int64_t t, int64_t n8, int64_t bytes) {
+    for (int64_t i = t; i < t + 8 && i < n8; i++)
+        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(rows[i] + b, _MM_HINT_T0);
+}
+
+// s[j][t] = (q_j . k_t) * scale * rs[t] for the item's queries j, t < n8; 8 positions at a
+// time with one transposed reduction (hsum8x8), so every score is summed in one order wherever
+// its position falls (a row alone and among others give the same bits). The queries take
+// turns on each 8 rows while those are in L1.
+ALWAYS_INLINE void qk_scores(const float *const *q, int64_t nq, const char *const *rows,
+                             const float *rs, int scaled, int dtype, int64_t esz, int64_t n8,
+                             int64_t D, float scale, float *s, int64_t s_stride) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (int64_t t = 0; t < n8; t += 8) {
+        prefetch_rows(rows, t + PREFETCH_TOKENS, n8, D * esz);
+        const char *r8[8];
+        for (int i = 0; i < 8; i++) r8[i] = rows[t + i];
+        for (int64_t j = 0; j < nq; j++) {
+            const float *qj = q[j];
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
-                __m256 qv = _mm256_loadu_ps(qg + d);
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, dtype), acc[i]);
+                const __m256 qv = _mm256_loadu_ps(qj + d);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(r8[i], d, dtype), acc[i]);
             }
             __m256 s8 = _mm256_mul_ps(hsum8x8(acc), sc);
-            if (k_scales != NULL) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
-            _mm256_storeu_ps(scores + g * n + t, s8);
-        }
-    }
-    for (; t < n; t++) {
-        const int64_t slot = next_slot(&it);
-        const char *row = slot_row(k_cache, slot, KVH, kh, D, esz);
-        const float rs = slot_scale(k_scales, slot, KVH, kh);
-        for (int64_t g = 0; g < G; g++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + g * D + d), load8(row, d, dtype), acc);
-            scores[g * n + t] = hsum256(acc) * scale * rs;
+            if (scaled) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs + t));
+            _mm256_storeu_ps(s + j * s_stride + t, s8);
         }
     }
 }
@@ -150,10 +174,16 @@ ALWAYS_INLINE void qk_scores(const float *q, int64_t G, const void *k_cache, con
 // scores[0..n) -> exp(scores - max) in place; returns 1 / their sum and sets *lse to
 // log(sum(exp(scores))) (to merge the parts of a split context).
 static float softmax_unnormalized(float *sg, int64_t n, float *lse) {
-    float mx = -INFINITY;
-    for (int64_t t = 0; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
-    __m256 m = _mm256_set1_ps(mx), sum = _mm256_setzero_ps();
+    // the max in eight lanes (a max does not depend on the order it is taken in)
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
     int64_t t = 0;
+    for (; t + 8 <= n; t += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sg + t));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float mx = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    for (; t < n; t++) mx = sg[t] > mx ? sg[t] : mx;
+    __m256 m = _mm256_set1_ps(mx), sum = _mm256_setzero_ps();
+    t = 0;
     for (; t + 8 <= n; t += 8) {
         __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(sg + t), m));
         _mm256_storeu_ps(sg + t, p);
@@ -168,58 +198,51 @@ static float softmax_unnormalized(float *sg, int64_t n, float *lse) {
     return 1.0f / s;
 }
 
-// out[g * D + c .. + 8 * W] = inv[g] * sum_t p[g * n + t] v_{t0 + t}[c ..] for GB heads and
-// W vectors of 8 columns. Always inlined with constant GB and W, so the GB x W accumulators
-// stay in registers (with run-time bounds gcc keeps them on the stack: 3x slower).
-ALWAYS_INLINE void pv_block(const float *p, const float *inv, int GB, int W, const void *v_cache,
-                            const uint16_t *v_scales, int dtype, const int64_t *table,
-                            int64_t t0, int64_t n, int64_t BS, int64_t KVH, int64_t kh,
-                            int64_t D, int64_t esz, int64_t c, float *out) {
-    __m256 o[3][4];
-    for (int g = 0; g < GB; g++)
+// out[j][c .. c + 8 W) = inv[j] * sum_t p[j][t] rs[t] v_t[c ..] for QB queries and W vectors of
+// 8 columns, t < n8 in order. Always inlined with constant QB and W, so the QB x W
+// accumulators stay in registers (with run-time bounds gcc keeps them on the stack: 3x
+// slower). A query's weights are zero outside its row's positions: those FMAs add exact zeros.
+ALWAYS_INLINE void pv_block(const float *const *p, const float *inv, int QB, int W,
+                            const char *const *rows, const float *rs, int dtype, int64_t esz,
+                            int64_t n8, int64_t D, int64_t c, float *const *out) {
+    __m256 o[4][2];
+    for (int g = 0; g < QB; g++)
         for (int j = 0; j < W; j++) o[g][j] = _mm256_setzero_ps();
-    slot_iter it = slots_from(table, BS, t0);
-    int64_t ahead_pos;
-    slot_iter ahead = prefetch_start(table, BS, t0, n, &ahead_pos);
-    for (int64_t t = 0; t < n; t++) {
-        if (c == 0) prefetch_next(&ahead, &ahead_pos, t0 + n, v_cache, KVH, kh, D, esz);
-        const int64_t slot = next_slot(&it);
-        const char *row = slot_row(v_cache, slot, KVH, kh, D, esz);
-        const float rs = slot_scale(v_scales, slot, KVH, kh);
+    for (int64_t t = 0; t < n8; t++) {
+        if (c == 0 && (t & 7) == 0) prefetch_rows(rows, t + PREFETCH_TOKENS, n8, D * esz);
         __m256 v[4];
-        for (int j = 0; j < W; j++) v[j] = load8(row, c + 8 * j, dtype);
-        for (int g = 0; g < GB; g++) {
-            __m256 pt = _mm256_set1_ps(p[g * n + t] * rs);
+        for (int j = 0; j < W; j++) v[j] = load8(rows[t], c + 8 * j, dtype);
+        for (int g = 0; g < QB; g++) {
+            const __m256 pt = _mm256_set1_ps(p[g][t] * rs[t]);
             for (int j = 0; j < W; j++) o[g][j] = _mm256_fmadd_ps(pt, v[j], o[g][j]);
         }
     }
-    for (int g = 0; g < GB; g++) {
-        __m256 s = _mm256_set1_ps(inv[g]);
-        for (int j = 0; j < W; j++) _mm256_storeu_ps(out + g * D + c + 8 * j, _mm256_mul_ps(o[g][j], s));
+    for (int g = 0; g < QB; g++) {
+        const __m256 s = _mm256_set1_ps(inv[g]);
+        for (int j = 0; j < W; j++) _mm256_storeu_ps(out[g] + c + 8 * j, _mm256_mul_ps(o[g][j], s));
     }
 }
 
-// out[g * D + c] = inv[g] * sum_t p[g * n + t] v_{t0 + t}[c] for the G heads of the group:
-// up to 3 heads x 32 columns at a time, so each V row is read from memory once per 32 columns
-// and serves every head of the group.
-ALWAYS_INLINE void pv_sum(const float *p, const float *inv, int64_t G, const void *v_cache,
-                          const uint16_t *v_scales, int dtype, const int64_t *table, int64_t t0,
-                          int64_t n, int64_t BS, int64_t KVH, int64_t kh, int64_t D,
-                          int64_t esz, float *out) {
-    // 32 columns at a time; a head_dim that is not a multiple of 32 ends with 8-column blocks
+// pv_block over every query of the item: 4 queries x 16 columns at a time (a head_dim that is
+// not a multiple of 16 ends with an 8-column block), so each V row load serves 4 queries. (3 x
+// 32, as before, kept two of its 12 accumulators on the stack.)
+ALWAYS_INLINE void pv_sum(const float *const *p, const float *inv, int64_t nq,
+                          const char *const *rows, const float *rs, int dtype, int64_t esz,
+                          int64_t n8, int64_t D, float *const *out) {
     for (int64_t c = 0; c < D;) {
-        const int W = D - c >= 32 ? 4 : 1;
-        for (int64_t g0 = 0; g0 < G; g0 += 3) {
-            const int64_t gb = G - g0 < 3 ? G - g0 : 3;
-#define PV(GB, W) pv_block(p + g0 * n, inv + g0, GB, W, v_cache, v_scales, dtype, table, t0, n, BS, \
-                           KVH, kh, D, esz, c, out + g0 * D)
-            if (W == 4) {
-                if (gb == 3) PV(3, 4);
-                else if (gb == 2) PV(2, 4);
-                else PV(1, 4);
+        const int W = D - c >= 16 ? 2 : 1;
+        for (int64_t j = 0; j < nq; j += 4) {
+            const int64_t qb = nq - j < 4 ? nq - j : 4;
+#define PV(QB, W) pv_block(p + j, inv + j, QB, W, rows, rs, dtype, esz, n8, D, c, out + j)
+            if (W == 2) {
+                if (qb == 4) PV(4, 2);
+                else if (qb == 3) PV(3, 2);
+                else if (qb == 2) PV(2, 2);
+                else PV(1, 2);
             } else {
-                if (gb == 3) PV(3, 1);
-                else if (gb == 2) PV(2, 1);
+                if (qb == 4) PV(4, 1);
+                else if (qb == 3) PV(3, 1);
+                else if (qb == 2) PV(2, 1);
                 else PV(1, 1);
             }
 #undef PV
@@ -228,29 +251,23 @@ ALWAYS_INLINE void pv_sum(const float *p, const float *inv, int64_t G, const voi
     }
 }
 
-// One work item: the G query heads of row r that share KV head kh, over n cached tokens from
-// t0. `scores` holds G * n floats; lse[g] receives each head's log-sum-exp.
-ALWAYS_INLINE void attend_item(const float *q, int64_t G, const void *k_cache, const void *v_cache,
-                               const uint16_t *k_scales, const uint16_t *v_scales, int dtype,
-                               const int64_t *table, int64_t t0, int64_t n, int64_t BS,
-                               int64_t KVH, int64_t kh, int64_t D, float scale, float *scores,
-                               float *inv, float *lse, float *out) {
-    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 || dtype == KV_F8 ? 1 : 2;
-    qk_scores(q, G, k_cache, k_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, scale, scores);
-    for (int64_t g = 0; g < G; g++) inv[g] = softmax_unnormalized(scores + g * n, n, lse + g);
-    pv_sum(scores, inv, G, v_cache, v_scales, dtype, table, t0, n, BS, KVH, kh, D, esz, out);
-}
-
 // A context longer than SPLIT_TOKENS is attended in ceil(n / SPLIT_TOKENS) parts of equal
-// length (up to rounding), each its own work item, merged by their log-sum-exps: a decode row
-// has only KVH items otherwise (3 for SmolLM2: one of two threads would do two). The split
-// depends on the row's context alone, so a row gives the same bits whatever else is in the call.
+// length (up to rounding), merged by their log-sum-exps: a decode row has only KVH work items
+// otherwise (3 for SmolLM2: one of two threads would do two). The split depends on the row's
+// context alone, so a row gives the same bits whatever else is in the call.
 #define SPLIT_TOKENS 256
+// Query rows of one sequence (a verification step, a short chunk) attend in one work item,
+// sharing its widened K/V rows: at most this many, fewer where the call would have too few
+// items to keep the threads busy.
+#define MAX_ITEM_ROWS 16
 
-typedef struct {
-    int64_t r, kh, t0, n;  // row, KV head, first position and token count of this part
-    int64_t first, parts;  // the (row, KV head)'s first item and its number of parts
-} attn_item;
+static int64_t forced_item_rows = 0;  // 0: chosen per call
+
+// Rows per item from now on (0: back to the choice per call), so the tests can compare
+// shared items with rows alone on any number of threads.
+void paged_attn_force_item_rows(int64_t rows) {
+    forced_item_rows = rows;
+}
 
 static inline int64_t num_parts(int64_t n) {
     return n > SPLIT_TOKENS ? (n + SPLIT_TOKENS - 1) / SPLIT_TOKENS : 1;
@@ -260,53 +277,180 @@ static inline int64_t visible_start(int64_t L, int64_t window) {
     return window > 0 && L > window ? L - window : 0;
 }
 
+typedef struct {
+    int64_t t0, n, parts, len;  // visible context [t0, t0 + n), split into parts of len
+    int64_t part_slot;          // its first (KV head, part) slot in the part buffers
+} row_span;
+
+// [*a, *b): the positions of part p of row span s
+static inline void part_range(const row_span *s, int64_t p, int64_t *a, int64_t *b) {
+    *a = s->t0 + p * s->len;
+    *b = *a + s->len < s->t0 + s->n ? *a + s->len : s->t0 + s->n;
+}
+
+typedef struct {
+    int64_t r0, nr, kh, p;  // rows r0 .. r0 + nr - 1 (one sequence), KV head, part
+} attn_item;
+
+// Work items with groups of up to max_rows consecutive rows of one sequence and one part
+// count; writes them to items (when not NULL) and returns their number.
+static int64_t make_items(const row_span *span, const int64_t *seq, int64_t R, int64_t KVH,
+                          int64_t max_rows, attn_item *items) {
+    int64_t count = 0;
+    for (int64_t r0 = 0, nr; r0 < R; r0 += nr) {
+        nr = 1;
+        while (r0 + nr < R && nr < max_rows && seq[r0 + nr] == seq[r0]
+               && span[r0 + nr].parts == span[r0].parts)
+            nr++;
+        for (int64_t kh = 0; kh < KVH; kh++)
+            for (int64_t p = 0; p < span[r0].parts; p++, count++)
+                if (items) {
+                    attn_item it = {r0, nr, kh, p};
+                    items[count] = it;
+                }
+    }
+    return count;
+}
+
+// Per-thread buffers of attend_item, grown as needed and kept for the thread's life: freed
+// and allocated again per call, a long context's buffers (over malloc's mmap threshold) were
+// new pages to fault in every layer of every step.
+typedef struct {
+    float *kf, *vf, *rs_k, *rs_v, *s, *inv, *lse;
+    const char **krows, **vrows;
+    const float **q, **p;
+    float **out;
+    int64_t rows_cap, q_cap, D;
+} scratch;
+
+static void scratch_fit(scratch *w, int64_t n8, int64_t nq, int64_t D) {
+    if (n8 > w->rows_cap || D != w->D) {
+        free(w->kf);
+        free(w->krows);
+        w->D = D;
+        w->rows_cap = n8 + 256;
+        w->kf = (float *)malloc(w->rows_cap * (2 * D + 2) * sizeof(float));
+        w->vf = w->kf + w->rows_cap * D;
+        w->rs_k = w->vf + w->rows_cap * D;
+        w->rs_v = w->rs_k + w->rows_cap;
+        w->krows = (const char **)malloc(2 * w->rows_cap * sizeof(char *));
+        w->vrows = w->krows + w->rows_cap;
+        w->q_cap = 0;  // s depends on rows_cap
+    }
+    if (nq > w->q_cap) {
+        free(w->s);
+        free(w->q);
+        w->q_cap = nq;
+        w->s = (float *)malloc(nq * (w->rows_cap + 2) * sizeof(float));
+        w->inv = w->s + nq * w->rows_cap;
+        w->lse = w->inv + nq;
+        w->q = (const float **)malloc(nq * 3 * sizeof(float *));
+        w->p = w->q + nq;
+        w->out = (float **)(w->p + nq);
+    }
+}
+
+// One work item: rows r0.. of one sequence, the G query heads sharing KV head kh, part p.
+// Each row's scores, softmax and output are computed as if it were alone: scores over the
+// item's positions (the union of its rows' part ranges), the softmax over the row's own
+// range, weights zeroed outside it. Outputs go to out (one part) or the part buffers.
+ALWAYS_INLINE void attend_item(const attn_item *it, const row_span *span, const float *q,
+                               int64_t q_stride, const void *k_cache, const void *v_cache,
+                               const uint16_t *k_scales, const uint16_t *v_scales, int dtype,
+                               const int64_t *table, int64_t BS, int64_t H, int64_t KVH,
+                               int64_t D, float scale, float *out, float *part_out,
+                               float *part_lse, scratch *w) {
+    const int64_t G = H / KVH, nq = it->nr * G;
+    int64_t A = INT64_MAX, B = 0;
+    for (int64_t i = 0; i < it->nr; i++) {
+        int64_t a, b;
+        part_range(&span[it->r0 + i], it->p, &a, &b);
+        A = a < A ? a : A;
+        B = b > B ? b : B;
+    }
+    const int64_t n = B - A, n8 = (n + 7) & ~(int64_t)7;
+    scratch_fit(w, n8, nq, D);
+    // fp32 caches are read in place; others are widened once where several rows share them
+    const int widened = dtype != KV_F32 && it->nr > 1;
+    const int rdt = widened ? KV_F32 : dtype;
+    const int64_t esz = rdt == KV_F32 ? 4 : rdt == KV_I8 || rdt == KV_F8 ? 1 : 2;
+    locate_rows(k_cache, k_scales, dtype, widened, table, A, n, BS, KVH, it->kh, D, w->kf,
+                w->krows, w->rs_k);
+    locate_rows(v_cache, v_scales, dtype, widened, table, A, n, BS, KVH, it->kh, D, w->vf,
+                w->vrows, w->rs_v);
+    const int64_t s_stride = w->rows_cap;
+    for (int64_t i = 0; i < it->nr; i++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t j = i * G + g, r = it->r0 + i, h = it->kh * G + g;
+            const row_span *sp = &span[r];
+            w->q[j] = q + r * q_stride + h * D;
+            w->p[j] = w->s + j * s_stride;
+            w->out[j] = sp->parts == 1 ? out + (r * H + h) * D
+                      : part_out + ((sp->part_slot + it->kh * sp->parts + it->p) * G + g) * D;
+        }
+#define QK(DT) qk_scores(w->q, nq, w->krows, w->rs_k, k_scales != NULL, DT, esz, n8, D, scale, \
+                         w->s, s_stride)
+#define PV(DT) pv_sum((const float *const *)w->p, w->inv, nq, w->vrows, w->rs_v, DT, esz, n8, D, w->out)
+    if (widened) QK(KV_F32);
+    else QK(dtype);
+    for (int64_t i = 0; i < it->nr; i++) {
+        const row_span *sp = &span[it->r0 + i];
+        int64_t a, b;
+        part_range(sp, it->p, &a, &b);
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t j = i * G + g;
+            float *sj = w->s + j * s_stride;
+            w->inv[j] = softmax_unnormalized(sj + (a - A), b - a, &w->lse[j]);
+            memset(sj, 0, (a - A) * sizeof(float));
+            memset(sj + (b - A), 0, (n8 - (b - A)) * sizeof(float));
+            if (sp->parts > 1)
+                part_lse[(sp->part_slot + it->kh * sp->parts + it->p) * G + g] = w->lse[j];
+        }
+    }
+    if (widened) PV(KV_F32);
+    else PV(dtype);
+#undef QK
+#undef PV
+}
+
 // out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context; query row r
 // starts q_stride floats after row r - 1 (its H x D values contiguous: a view into fused qkv).
-// Work items are (row, KV head, part): the query heads that share a KV head go together, so
-// its K/V rows are read from memory once per item.
+// Work items are (rows of one sequence, KV head, part): the query heads that share a KV head,
+// and the rows that share a sequence, go together, so its K/V rows are read and widened once
+// per item.
 void paged_attn_rows(const float *q, int64_t q_stride, const void *k_cache, const void *v_cache,
                      const uint16_t *k_scales, const uint16_t *v_scales, int64_t dtype,
                      const int64_t *tables, int64_t max_blocks, const int64_t *seq,
                      const int64_t *ctx, float *out, int64_t R, int64_t H, int64_t KVH,
                      int64_t D, int64_t BS, float scale, int64_t window) {
     const int64_t G = H / KVH;
-    int64_t nitems = 0;
-    for (int64_t r = 0; r < R; r++) nitems += KVH * num_parts(ctx[r] - visible_start(ctx[r], window));
-    attn_item *items = (attn_item *)malloc(nitems * sizeof(attn_item));
-    int64_t i = 0;
+    row_span *span = (row_span *)malloc(R * sizeof(row_span));
+    int64_t slots = 0;
     for (int64_t r = 0; r < R; r++) {
-        const int64_t t0 = visible_start(ctx[r], window), n = ctx[r] - t0;
-        const int64_t parts = num_parts(n), len = (n + parts - 1) / parts;
-        for (int64_t kh = 0; kh < KVH; kh++) {
-            const int64_t first = i;
-            for (int64_t p = 0; p < parts; p++, i++) {
-                const int64_t a = p * len, b = a + len > n ? n : a + len;
-                attn_item it = {r, kh, t0 + a, b - a, first, parts};
-                items[i] = it;
-            }
-        }
+        const int64_t t0 = visible_start(ctx[r], window), n = ctx[r] - t0, parts = num_parts(n);
+        row_span s = {t0, n, parts, (n + parts - 1) / parts, slots};
+        span[r] = s;
+        if (parts > 1) slots += KVH * parts;
     }
-    // per item: G x D outputs (normalized within the part) and G log-sum-exps
-    float *part_out = nitems > R * KVH ? (float *)malloc(nitems * G * (D + 1) * sizeof(float)) : NULL;
-    float *part_lse = part_out ? part_out + nitems * G * D : NULL;
+    // the most rows per item that still leaves two items per thread (bits do not depend on it)
+    int64_t max_rows = forced_item_rows ? forced_item_rows : MAX_ITEM_ROWS;
+    while (!forced_item_rows && max_rows > 1
+           && make_items(span, seq, R, KVH, max_rows, NULL) < 2 * omp_get_max_threads())
+        max_rows /= 2;
+    const int64_t nitems = make_items(span, seq, R, KVH, max_rows, NULL);
+    attn_item *items = (attn_item *)malloc(nitems * sizeof(attn_item));
+    make_items(span, seq, R, KVH, max_rows, items);
+    // per (row, KV head, part) of split rows: G x D outputs normalized within the part, G lse
+    float *part_out = slots ? (float *)malloc(slots * G * (D + 1) * sizeof(float)) : NULL;
+    float *part_lse = part_out ? part_out + slots * G * D : NULL;
 #pragma omp parallel
     {
-        float *scores = NULL, *inv = (float *)malloc(2 * G * sizeof(float)), *lse = inv + G;
-        int64_t cap = 0;
+        static __thread scratch w;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t j = 0; j < nitems; j++) {
-            const attn_item it = items[j];
-            const int64_t *table = tables + seq[it.r] * max_blocks;
-            if (G * it.n > cap) {
-                free(scores);
-                cap = G * it.n + 1024;
-                scores = (float *)malloc(cap * sizeof(float));
-            }
-            const float *qi = q + it.r * q_stride + it.kh * G * D;
-            float *oi = it.parts == 1 ? out + (it.r * H + it.kh * G) * D : part_out + j * G * D;
-            float *li = it.parts == 1 ? lse : part_lse + j * G;
-#define ATTEND(DT) attend_item(qi, G, k_cache, v_cache, k_scales, v_scales, DT, table, it.t0, it.n, \
-                               BS, KVH, it.kh, D, scale, scores, inv, li, oi)
+            const int64_t *table = tables + seq[items[j].r0] * max_blocks;
+#define ATTEND(DT) attend_item(&items[j], span, q, q_stride, k_cache, v_cache, k_scales, v_scales, \
+                               DT, table, BS, H, KVH, D, scale, out, part_out, part_lse, &w)
             switch (dtype) {
                 case KV_F32: ATTEND(KV_F32); break;
                 case KV_BF16: ATTEND(KV_BF16); break;
@@ -318,28 +462,28 @@ void paged_attn_rows(const float *q, int64_t q_stride, const void *k_cache, cons
         }
         // merge the parts: out = sum_p w_p out_p / sum_p w_p, w_p = exp(lse_p - max lse)
 #pragma omp for schedule(static)
-        for (int64_t j = 0; j < nitems; j++) {
-            const attn_item it = items[j];
-            if (it.parts == 1 || j != it.first) continue;
+        for (int64_t rk = 0; rk < R * KVH; rk++) {
+            const row_span *sp = &span[rk / KVH];
+            const int64_t r = rk / KVH, kh = rk % KVH, first = sp->part_slot + kh * sp->parts;
+            if (sp->parts == 1) continue;
             for (int64_t g = 0; g < G; g++) {
                 float mx = -INFINITY, wsum = 0.f;
-                for (int64_t p = 0; p < it.parts; p++) mx = fmaxf(mx, part_lse[(j + p) * G + g]);
-                float *o = out + (it.r * H + it.kh * G + g) * D;
+                for (int64_t p = 0; p < sp->parts; p++) mx = fmaxf(mx, part_lse[(first + p) * G + g]);
+                float *o = out + (r * H + kh * G + g) * D;
                 for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-                for (int64_t p = 0; p < it.parts; p++) {
-                    const float w = expf(part_lse[(j + p) * G + g] - mx);
-                    const float *op = part_out + ((j + p) * G + g) * D;
-                    wsum += w;
-                    for (int64_t d = 0; d < D; d++) o[d] += w * op[d];
+                for (int64_t p = 0; p < sp->parts; p++) {
+                    const float wp = expf(part_lse[(first + p) * G + g] - mx);
+                    const float *op = part_out + ((first + p) * G + g) * D;
+                    wsum += wp;
+                    for (int64_t d = 0; d < D; d++) o[d] += wp * op[d];
                 }
                 for (int64_t d = 0; d < D; d++) o[d] /= wsum;
             }
         }
-        free(scores);
-        free(inv);
     }
     free(items);
     free(part_out);
+    free(span);
 }
 
 // fp32 -> bf16 with round-to-nearest-even (as torch converts); NaN stays NaN
