@@ -103,69 +103,105 @@ static inline float slot_scale(const uint16_t *scales, int64_t slot, int64_t KVH
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-// Where each position's K or V row lies (rows[t], t < n8 = n rounded up to 8; the padding
-// points at zeros) and its int8 scale (rs[t], 1 for other caches). An item of one query row
-// reads the cache where it lies; an item of several rows of one sequence (a verification
-// step) widens each row to fp32 once (widened = 1), where widening every load on the fly (3
-// ops per vector of a bf16 cache) was repeated for every query row and cost as much as the
-// FMAs it fed. Widening is exact in every cache dtype, so the bits are the same either way.
-#define MAX_HEAD_DIM 1024  // native.supports() holds head_dim to this (the padding's zero row)
+// Where a pass over positions [t0, t0 + n) of KV head kh reads its K or V rows: in place in
+// the paged cache (an item of one query row), or from `wide`, the item's rows widened to fp32
+// once, D floats apart with their int8 scales in `wide_rs` (an item of several query rows of
+// one sequence, a verification step: widening every load on the fly, 3 ops per vector of a
+// bf16 cache, was repeated for every row and cost as much as the FMAs it fed). Widening is
+// exact in every cache dtype, so the bits are the same either way.
+typedef struct {
+    const void *cache;
+    const uint16_t *scales;
+    const int64_t *table;
+    int64_t t0, n, BS, KVH, kh, D, esz;
+    const float *wide, *wide_rs;
+} row_source;
+
+// A walk over a row_source's positions in order. In the cache it steps through the block
+// table (a division per position cost more than the math) and, when asked, requests the rows
+// PREFETCH_TOKENS positions ahead.
+typedef struct {
+    slot_iter it, ahead;
+    int64_t t, ahead_pos;
+} row_walk;
+
+ALWAYS_INLINE row_walk walk_start(const row_source *src, int wide) {
+    row_walk w;
+    w.t = 0;
+    if (!wide) {
+        w.it = slots_from(src->table, src->BS, src->t0);
+        w.ahead = prefetch_start(src->table, src->BS, src->t0, src->n, &w.ahead_pos);
+    }
+    return w;
+}
+
+// The next position's row, and its int8 scale in *rs (1 for other caches)
+ALWAYS_INLINE const char *walk_next(row_walk *w, const row_source *src, int wide, int prefetch,
+                                    float *rs) {
+    const int64_t t = w->t++;
+    if (wide) {
+        *rs = src->wide_rs[t];
+        return (const char *)(src->wide + t * src->D);
+    }
+    if (prefetch)
+        prefetch_next(&w->ahead, &w->ahead_pos, src->t0 + src->n, src->cache, src->KVH, src->kh,
+                      src->D, src->esz);
+    const int64_t slot = next_slot(&w->it);
+    *rs = slot_scale(src->scales, slot, src->KVH, src->kh);
+    return slot_row(src->cache, slot, src->KVH, src->kh, src->D, src->esz);
+}
+
+// The item's rows widened to fp32 [n8, D] (n8 = n rounded up to 8, the padding zero) with
+// their scales, read in order with the rows ahead requested
+ALWAYS_INLINE void widen_rows(row_source *src, int dtype, float *buf, float *rs) {
+    row_walk w = walk_start(src, 0);
+    const int64_t D = src->D, n8 = (src->n + 7) & ~(int64_t)7;
+    for (int64_t t = 0; t < src->n; t++) {
+        const char *row = walk_next(&w, src, 0, 1, &rs[t]);
+        for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(buf + t * D + d, load8(row, d, dtype));
+    }
+    memset(buf + src->n * D, 0, (n8 - src->n) * D * sizeof(float));
+    for (int64_t t = src->n; t < n8; t++) rs[t] = 1.0f;
+    src->wide = buf;
+    src->wide_rs = rs;
+}
+
+#define MAX_HEAD_DIM 1024  // native.supports() holds head_dim to this
 static const float zero_row[MAX_HEAD_DIM] __attribute__((aligned(32)));
 
-ALWAYS_INLINE void locate_rows(const void *cache, const uint16_t *scales, int dtype, int widened,
-                               const int64_t *table, int64_t t0, int64_t n, int64_t BS,
-                               int64_t KVH, int64_t kh, int64_t D, float *buf, const char **rows,
-                               float *rs) {
-    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 || dtype == KV_F8 ? 1 : 2;
-    slot_iter it = slots_from(table, BS, t0);
-    int64_t ahead_pos;  // widening reads the rows here, in order: fetch ahead as it goes
-    slot_iter ahead = prefetch_start(table, BS, t0, n, &ahead_pos);
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t slot = next_slot(&it);
-        const char *row = slot_row(cache, slot, KVH, kh, D, esz);
-        if (widened) {
-            prefetch_next(&ahead, &ahead_pos, t0 + n, cache, KVH, kh, D, esz);
-            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(buf + t * D + d, load8(row, d, dtype));
-            row = (const char *)(buf + t * D);
-        }
-        rows[t] = row;
-        rs[t] = slot_scale(scales, slot, KVH, kh);
-    }
-    for (int64_t t = n; t < ((n + 7) & ~(int64_t)7); t++) {
-        rows[t] = (const char *)zero_row;
-        rs[t] = 1.0f;
-    }
-}
-
-// Requests the rows of positions [t, t + 8) (called PREFETCH_TOKENS positions ahead of the
-// ones in use)
-static inline void prefetch_rows(const char *const *rows, int64_t t, int64_t n8, int64_t bytes) {
-    for (int64_t i = t; i < t + 8 && i < n8; i++)
-        for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(rows[i] + b, _MM_HINT_T0);
-}
-
-// s[j][t] = (q_j . k_t) * scale * rs[t] for the item's queries j, t < n8; 8 positions at a
-// time with one transposed reduction (hsum8x8), so every score is summed in one order wherever
-// its position falls (a row alone and among others give the same bits). The queries take
-// turns on each 8 rows while those are in L1.
-ALWAYS_INLINE void qk_scores(const float *const *q, int64_t nq, const char *const *rows,
-                             const float *rs, int scaled, int dtype, int64_t esz, int64_t n8,
-                             int64_t D, float scale, float *s, int64_t s_stride) {
+// s[j * s_stride + t] = (q_j . k_t) * scale * rs[t] for the item's queries j and positions
+// t < n rounded up to 8 (the padding scores 0). 8 positions at a time with one transposed
+// reduction (hsum8x8), the last few padded with a row of zeros, so every score is summed in
+// one order wherever its position falls: a row alone and among others give the same bits.
+// The 8 K rows are read from memory once and from L1 for the other queries.
+ALWAYS_INLINE void qk_scores(const float *const *q, int64_t nq, const row_source *src, int wide,
+                             int dtype, int scaled, float scale, float *s, int64_t s_stride) {
     const __m256 sc = _mm256_set1_ps(scale);
-    for (int64_t t = 0; t < n8; t += 8) {
-        prefetch_rows(rows, t + PREFETCH_TOKENS, n8, D * esz);
-        const char *r8[8];
-        for (int i = 0; i < 8; i++) r8[i] = rows[t + i];
+    const int64_t n = src->n, D = src->D;
+    row_walk w = walk_start(src, wide);
+    for (int64_t t = 0; t < n; t += 8) {
+        const char *rows[8];
+        float rs[8];
+        for (int i = 0; i < 8; i++) {
+            if (t + i < n) {
+                rows[i] = walk_next(&w, src, wide, 1, &rs[i]);
+            } else {
+                rows[i] = (const char *)zero_row;
+                rs[i] = 1.0f;
+            }
+        }
+        // widened rows are fp32 whatever the cache holds
+        const int rdt = wide ? KV_F32 : dtype;
         for (int64_t j = 0; j < nq; j++) {
             const float *qj = q[j];
             __m256 acc[8];
             for (int i = 0; i < 8; i++) acc[i] = _mm256_setzero_ps();
             for (int64_t d = 0; d < D; d += 8) {
                 const __m256 qv = _mm256_loadu_ps(qj + d);
-                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(r8[i], d, dtype), acc[i]);
+                for (int i = 0; i < 8; i++) acc[i] = _mm256_fmadd_ps(qv, load8(rows[i], d, rdt), acc[i]);
             }
             __m256 s8 = _mm256_mul_ps(hsum8x8(acc), sc);
-            if (scaled) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs + t));
+            if (scaled) s8 = _mm256_mul_ps(s8, _mm256_loadu_ps(rs));
             _mm256_storeu_ps(s + j * s_stride + t, s8);
         }
     }
@@ -199,22 +235,28 @@ static float softmax_unnormalized(float *sg, int64_t n, float *lse) {
 }
 
 // out[j][c .. c + 8 W) = inv[j] * sum_t p[j][t] rs[t] v_t[c ..] for QB queries and W vectors of
-// 8 columns, t < n8 in order. Always inlined with constant QB and W, so the QB x W
+// 8 columns, positions t < n in order. Always inlined with constant QB and W, so the QB x W
 // accumulators stay in registers (with run-time bounds gcc keeps them on the stack: 3x
-// slower). A query's weights are zero outside its row's positions: those FMAs add exact zeros.
+// slower). In an item of several rows, a query's weights are zero outside its row's
+// positions: those FMAs add exact zeros.
 ALWAYS_INLINE void pv_block(const float *const *p, const float *inv, int QB, int W,
-                            const char *const *rows, const float *rs, int dtype, int64_t esz,
-                            int64_t n8, int64_t D, int64_t c, float *const *out) {
-    __m256 o[4][2];
+                            const row_source *src, int wide, int dtype, int64_t c,
+                            float *const *out) {
+    __m256 o[3][4];
     for (int g = 0; g < QB; g++)
         for (int j = 0; j < W; j++) o[g][j] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < n8; t++) {
-        if (c == 0 && (t & 7) == 0) prefetch_rows(rows, t + PREFETCH_TOKENS, n8, D * esz);
-        __m256 v[4];
-        for (int j = 0; j < W; j++) v[j] = load8(rows[t], c + 8 * j, dtype);
-        for (int g = 0; g < QB; g++) {
-            const __m256 pt = _mm256_set1_ps(p[g][t] * rs[t]);
-            for (int j = 0; j < W; j++) o[g][j] = _mm256_fmadd_ps(pt, v[j], o[g][j]);
+    const int rdt = wide ? KV_F32 : dtype;
+    row_walk w = walk_start(src, wide);
+    for (int64_t t = 0; t < src->n; t++) {
+        float rs;
+        const char *row = walk_next(&w, src, wide, c == 0, &rs);
+        // the weights first, then one V vector at a time: 3 x 4 accumulators, 3 weights and a
+        // vector fit the 16 registers (all 4 vectors at once kept two accumulators on the stack)
+        __m256 pt[3];
+        for (int g = 0; g < QB; g++) pt[g] = _mm256_set1_ps(p[g][t] * rs);
+        for (int j = 0; j < W; j++) {
+            const __m256 v = load8(row, c + 8 * j, rdt);
+            for (int g = 0; g < QB; g++) o[g][j] = _mm256_fmadd_ps(pt[g], v, o[g][j]);
         }
     }
     for (int g = 0; g < QB; g++) {
@@ -223,25 +265,22 @@ ALWAYS_INLINE void pv_block(const float *const *p, const float *inv, int QB, int
     }
 }
 
-// pv_block over every query of the item: 4 queries x 16 columns at a time (a head_dim that is
-// not a multiple of 16 ends with an 8-column block), so each V row load serves 4 queries. (3 x
-// 32, as before, kept two of its 12 accumulators on the stack.)
+// pv_block over every query of the item: 3 queries x 32 columns at a time (a head_dim that is
+// not a multiple of 32 ends with 8-column blocks), so each V row load serves 3 queries.
 ALWAYS_INLINE void pv_sum(const float *const *p, const float *inv, int64_t nq,
-                          const char *const *rows, const float *rs, int dtype, int64_t esz,
-                          int64_t n8, int64_t D, float *const *out) {
+                          const row_source *src, int wide, int dtype, float *const *out) {
+    const int64_t D = src->D;
     for (int64_t c = 0; c < D;) {
-        const int W = D - c >= 16 ? 2 : 1;
-        for (int64_t j = 0; j < nq; j += 4) {
-            const int64_t qb = nq - j < 4 ? nq - j : 4;
-#define PV(QB, W) pv_block(p + j, inv + j, QB, W, rows, rs, dtype, esz, n8, D, c, out + j)
-            if (W == 2) {
-                if (qb == 4) PV(4, 2);
-                else if (qb == 3) PV(3, 2);
-                else if (qb == 2) PV(2, 2);
-                else PV(1, 2);
+        const int W = D - c >= 32 ? 4 : 1;
+        for (int64_t j = 0; j < nq; j += 3) {
+            const int64_t qb = nq - j < 3 ? nq - j : 3;
+#define PV(QB, W) pv_block(p + j, inv + j, QB, W, src, wide, dtype, c, out + j)
+            if (W == 4) {
+                if (qb == 3) PV(3, 4);
+                else if (qb == 2) PV(2, 4);
+                else PV(1, 4);
             } else {
-                if (qb == 4) PV(4, 1);
-                else if (qb == 3) PV(3, 1);
+                if (qb == 3) PV(3, 1);
                 else if (qb == 2) PV(2, 1);
                 else PV(1, 1);
             }
@@ -317,7 +356,6 @@ static int64_t make_items(const row_span *span, const int64_t *seq, int64_t R, i
 // new pages to fault in every layer of every step.
 typedef struct {
     float *kf, *vf, *rs_k, *rs_v, *s, *inv, *lse;
-    const char **krows, **vrows;
     const float **q, **p;
     float **out;
     int64_t rows_cap, q_cap, D;
@@ -326,15 +364,12 @@ typedef struct {
 static void scratch_fit(scratch *w, int64_t n8, int64_t nq, int64_t D) {
     if (n8 > w->rows_cap || D != w->D) {
         free(w->kf);
-        free(w->krows);
         w->D = D;
         w->rows_cap = n8 + 256;
         w->kf = (float *)malloc(w->rows_cap * (2 * D + 2) * sizeof(float));
         w->vf = w->kf + w->rows_cap * D;
         w->rs_k = w->vf + w->rows_cap * D;
         w->rs_v = w->rs_k + w->rows_cap;
-        w->krows = (const char **)malloc(2 * w->rows_cap * sizeof(char *));
-        w->vrows = w->krows + w->rows_cap;
         w->q_cap = 0;  // s depends on rows_cap
     }
     if (nq > w->q_cap) {
@@ -370,14 +405,14 @@ ALWAYS_INLINE void attend_item(const attn_item *it, const row_span *span, const 
     }
     const int64_t n = B - A, n8 = (n + 7) & ~(int64_t)7;
     scratch_fit(w, n8, nq, D);
-    // fp32 caches are read in place; others are widened once where several rows share them
-    const int widened = dtype != KV_F32 && it->nr > 1;
-    const int rdt = widened ? KV_F32 : dtype;
-    const int64_t esz = rdt == KV_F32 ? 4 : rdt == KV_I8 || rdt == KV_F8 ? 1 : 2;
-    locate_rows(k_cache, k_scales, dtype, widened, table, A, n, BS, KVH, it->kh, D, w->kf,
-                w->krows, w->rs_k);
-    locate_rows(v_cache, v_scales, dtype, widened, table, A, n, BS, KVH, it->kh, D, w->vf,
-                w->vrows, w->rs_v);
+    const int64_t esz = dtype == KV_F32 ? 4 : dtype == KV_I8 || dtype == KV_F8 ? 1 : 2;
+    row_source ks = {k_cache, k_scales, table, A, n, BS, KVH, it->kh, D, esz, NULL, NULL};
+    row_source vs = {v_cache, v_scales, table, A, n, BS, KVH, it->kh, D, esz, NULL, NULL};
+    const int wide = it->nr > 1;
+    if (wide) {
+        widen_rows(&ks, dtype, w->kf, w->rs_k);
+        widen_rows(&vs, dtype, w->vf, w->rs_v);
+    }
     const int64_t s_stride = w->rows_cap;
     for (int64_t i = 0; i < it->nr; i++)
         for (int64_t g = 0; g < G; g++) {
@@ -388,11 +423,8 @@ ALWAYS_INLINE void attend_item(const attn_item *it, const row_span *span, const 
             w->out[j] = sp->parts == 1 ? out + (r * H + h) * D
                       : part_out + ((sp->part_slot + it->kh * sp->parts + it->p) * G + g) * D;
         }
-#define QK(DT) qk_scores(w->q, nq, w->krows, w->rs_k, k_scales != NULL, DT, esz, n8, D, scale, \
-                         w->s, s_stride)
-#define PV(DT) pv_sum((const float *const *)w->p, w->inv, nq, w->vrows, w->rs_v, DT, esz, n8, D, w->out)
-    if (widened) QK(KV_F32);
-    else QK(dtype);
+    if (wide) qk_scores(w->q, nq, &ks, 1, dtype, k_scales != NULL, scale, w->s, s_stride);
+    else qk_scores(w->q, nq, &ks, 0, dtype, k_scales != NULL, scale, w->s, s_stride);
     for (int64_t i = 0; i < it->nr; i++) {
         const row_span *sp = &span[it->r0 + i];
         int64_t a, b;
@@ -407,10 +439,8 @@ ALWAYS_INLINE void attend_item(const attn_item *it, const row_span *span, const 
                 part_lse[(sp->part_slot + it->kh * sp->parts + it->p) * G + g] = w->lse[j];
         }
     }
-    if (widened) PV(KV_F32);
-    else PV(dtype);
-#undef QK
-#undef PV
+    if (wide) pv_sum((const float *const *)w->p, w->inv, nq, &vs, 1, dtype, w->out);
+    else pv_sum((const float *const *)w->p, w->inv, nq, &vs, 0, dtype, w->out);
 }
 
 // out[r, h, :] = softmax(q[r, h] . K^T * scale) V over row r's visible context; query row r
