@@ -1,6 +1,7 @@
 """Speculative decoding benchmark: verification cost, n-gram and draft speed-ups, batch 32.
 
     python -m turbollm.bench.spec_decode [--threads 2] [--tokens 128] [--json out.json]
+        [--sections ngram,draft,batch]
 
 On the bundled SmolLM2-135M with the engine's defaults, in one process and one run:
 - the cost of a step verifying k = 0..8 proposed tokens vs a plain decode step (batch 1), as
@@ -120,7 +121,12 @@ def ratio_entry(ref: dict, got: dict) -> dict:
             "same_tokens": same_fraction(got["tokens"], ref["tokens"])}
 
 
-def run(threads: int, tokens: int, batch_tokens: int) -> dict:
+SECTIONS = ("ngram", "draft", "batch")
+
+
+def run(threads: int, tokens: int, batch_tokens: int, sections=SECTIONS) -> dict:
+    """The sections asked for; the verification costs come with every run (the n-gram
+    engine measures them at start-up, and the batch section uses that engine too)."""
     base = dict(num_threads=threads)
     plain = LLM("smollm2-135m", **base)
     res: dict = {"threads": threads, "tokens": tokens}
@@ -131,11 +137,25 @@ def run(threads: int, tokens: int, batch_tokens: int) -> dict:
     res["verify_step_costs"] = costs
     res["verify_k8_over_plain_step"] = costs[8]
     print("step verifying k = 0..8 / plain step: " + " ".join(f"{c:.2f}" for c in costs))
+    if "ngram" in sections:
+        _ngram_section(res, plain, ngram, grounded, tokens)
+    if "draft" in sections:
+        _draft_section(res, plain, tokens, base)
+    if "batch" in sections:
+        batch = grounded_prompts(plain, 32, 256)
+        off, on = paired_throughput(plain, ngram, batch, batch_tokens)
+        res["batch32"] = {"plain_tok_s": off, "ngram_tok_s": on, "ratio": on / off}
+        print(f"batch 32, n-gram on/off: {on:.1f} / {off:.1f} tok/s ({on / off:.2f}x)")
+    return res
+
+
+def _ngram_section(res: dict, plain: LLM, ngram: LLM, grounded, tokens: int) -> None:
     ref, got = paired_rates(plain, ngram, grounded, tokens)
     res["ngram_grounded"] = entry = ratio_entry(ref, got)
     print(f"n-gram, grounded prompts: {got['tok_s']:.1f} vs {ref['tok_s']:.1f} tok/s "
           f"({entry['ratio']:.2f}x), acceptance {got['acceptance_rate']:.2f}")
     spec = ngram.engine.config.speculative
+    costs = res["verify_step_costs"]
     entry["bounds"] = b = bounds_report(grounded, ref["tokens"], costs, spec.ngram_min,
                                         spec.ngram_max)
     print(f"  on these answers at these step costs: oracle controller {b['oracle']:.2f}x, "
@@ -146,6 +166,8 @@ def run(threads: int, tokens: int, batch_tokens: int) -> dict:
               f"{c['max_k_step']:.2f}x plain): oracle {c['oracle']:.2f}x, ours replayed "
               f"{c['controller']:.2f}x")
 
+
+def _draft_section(res: dict, plain: LLM, tokens: int, base: dict) -> None:
     chat = open_prompts(plain)
     res["draft_open"] = {"configs": {}}
     for k in (6, 12):
@@ -169,12 +191,6 @@ def run(threads: int, tokens: int, batch_tokens: int) -> dict:
           f"({entry['ratio']:.2f}x), acceptance {got['acceptance_rate']}")
     del llm, dense
 
-    batch = grounded_prompts(plain, 32, 256)
-    off, on = paired_throughput(plain, ngram, batch, batch_tokens)
-    res["batch32"] = {"plain_tok_s": off, "ngram_tok_s": on, "ratio": on / off}
-    print(f"batch 32, n-gram on/off: {on:.1f} / {off:.1f} tok/s ({on / off:.2f}x)")
-    return res
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -182,8 +198,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=128, help="answer length, batch 1")
     ap.add_argument("--batch-tokens", type=int, default=64, help="answer length, batch 32")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="which comparisons to run, of " + ",".join(SECTIONS))
     args = ap.parse_args(argv)
-    res = run(args.threads, args.tokens, args.batch_tokens)
+    sections = set(args.sections.split(","))
+    if not sections <= set(SECTIONS):
+        ap.error(f"unknown section(s): {', '.join(sorted(sections - set(SECTIONS)))}")
+    res = run(args.threads, args.tokens, args.batch_tokens, sections)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
