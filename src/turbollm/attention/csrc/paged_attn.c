@@ -1,6 +1,7 @@
-// Paged attention for a few query rows per sequence (decode steps), for x86 CPUs with
-// AVX2 + FMA + F16C. It reads K/V where they lie in the block cache, so nothing is gathered or
-// padded, and each (query row, head) pair does its whole softmax as one work item.
+// Paged attention for a few query rows per sequence (decode steps, verification steps, short
+// chunks), for x86 CPUs with AVX2 + FMA + F16C. A row alone reads K/V where they lie in the
+// block cache, nothing gathered or padded; the rows of one sequence share a work item that
+// widens its K/V rows once (see row_source).
 //
 // Cache layout per layer: [num_blocks, block_size, num_kv_heads, head_dim], fp32, bf16, fp16,
 // fp8 e4m3fn, or int8 with one fp16 scale per (slot, KV head) ([num_blocks, block_size,
