@@ -13,9 +13,9 @@ pytestmark = pytest.mark.skipif(native.lib() is None,
 
 
 def test_run_times_every_cache_context_and_row_count(monkeypatch):
-    def run_once(fns):
+    def run_once(fns, iters, rounds):
         return [float(i + 1) for i, f in enumerate(fns) if f() is not None]
-    monkeypatch.setattr(attention, "best_us", run_once)
+    monkeypatch.setattr(attention, "best_times_us", run_once)
     results = attention.run(["f32", "bf16"], None, contexts=(40, 300), row_counts=(1, 3),
                             layers=2)
     assert [(r["cache"], r["context"], r["rows"]) for r in results] == [

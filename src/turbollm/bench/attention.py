@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from turbollm.attention import native
 from turbollm.native_build import load_library
+from turbollm.quantization.microbench import best_times_us
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 16
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32, "f16": torch.float16}
@@ -47,7 +47,7 @@ def attention_call(lib, caches, tables, rows: int, ctx: int):
     seq = torch.zeros(rows, dtype=torch.long)
     lens = torch.arange(ctx - rows + 1, ctx + 1)
     q, out = torch.randn(rows, HEADS, HEAD_DIM), torch.empty(rows, HEADS, HEAD_DIM)
-    code = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}[caches[0][0].dtype]
+    code = native.cache_parts(caches[0][0])[2]
     tail = (tables.data_ptr(), tables.shape[1], seq.data_ptr(), lens.data_ptr())
 
     def call():
@@ -57,17 +57,6 @@ def attention_call(lib, caches, tables, rows: int, ctx: int):
                                 HEAD_DIM, BLOCK, HEAD_DIM ** -0.5, 0)
         return out, (seq, lens, q)  # kept alive as long as the closure
     return call
-
-
-def best_us(fns, rounds: int = 15, iters: int = 3) -> list[float]:
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, f in enumerate(fns):
-            t0 = time.perf_counter()
-            for _ in range(iters):
-                f()
-            best[i] = min(best[i], (time.perf_counter() - t0) / iters * 1e6)
-    return best
 
 
 def run(dtypes, against: str | None, contexts=(128, 650, 1500), row_counts=(1, 9),
@@ -84,8 +73,8 @@ def run(dtypes, against: str | None, contexts=(128, 650, 1500), row_counts=(1, 9
         tables = torch.randperm(num_blocks)[:num_blocks - 8].unsqueeze(0).contiguous()
         for ctx in contexts:
             for rows in row_counts:
-                times = best_us([attention_call(lib, caches, tables, rows, ctx)
-                                 for lib in libs.values()])
+                times = best_times_us([attention_call(lib, caches, tables, rows, ctx)
+                                       for lib in libs.values()], iters=3, rounds=15)
                 results.append({"cache": name, "context": ctx, "rows": rows,
                                 "us": dict(zip(libs, times))})
     return results

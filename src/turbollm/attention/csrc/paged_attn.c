@@ -152,17 +152,15 @@ ALWAYS_INLINE const char *walk_next(row_walk *w, const row_source *src, int wide
     return slot_row(src->cache, slot, src->KVH, src->kh, src->D, src->esz);
 }
 
-// The item's rows widened to fp32 [n8, D] (n8 = n rounded up to 8, the padding zero) with
-// their scales, read in order with the rows ahead requested
+// The item's rows widened to fp32 [n, D] with their scales, read in order with the rows
+// ahead requested (qk_scores pads a last partial 8 with zero_row itself)
 ALWAYS_INLINE void widen_rows(row_source *src, int dtype, float *buf, float *rs) {
     row_walk w = walk_start(src, 0);
-    const int64_t D = src->D, n8 = (src->n + 7) & ~(int64_t)7;
+    const int64_t D = src->D;
     for (int64_t t = 0; t < src->n; t++) {
         const char *row = walk_next(&w, src, 0, 1, &rs[t]);
         for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(buf + t * D + d, load8(row, d, dtype));
     }
-    memset(buf + src->n * D, 0, (n8 - src->n) * D * sizeof(float));
-    for (int64_t t = src->n; t < n8; t++) rs[t] = 1.0f;
     src->wide = buf;
     src->wide_rs = rs;
 }
