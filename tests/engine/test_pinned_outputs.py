@@ -1,0 +1,24 @@
+"""The engine's greedy tokens on the bundled model are exactly those pinned before the
+worker-line redesign (pinned_outputs.py), in every pinned configuration and compute path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pinned_outputs import CONFIGS, FIXTURE, PATHS, generate
+
+PINNED = json.loads(FIXTURE.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", sorted(PATHS))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_greedy_tokens_equal_the_pinned_ones(name, path):
+    assert generate(CONFIGS[name], PATHS[path]) == PINNED[path][name]
+
+
+def test_the_pins_differ_between_configurations():
+    """A pin that every configuration shares would not notice a switch that stopped working."""
+    path = PINNED["fp32_math"]
+    assert path["int4"] != path["fp32"]
