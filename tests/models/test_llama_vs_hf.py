@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from turbollm import LLM, SamplingParams
-from turbollm.engine.request import Request
-from turbollm.engine.scheduler import SchedulerOutput
+from turbollm.core.request import Request
+from turbollm.core.scheduler import SchedulerOutput
 
 KINDS = ["llama", "llama3", "mistral", "mistral_window", "qwen2"]
 

@@ -10,11 +10,11 @@ import torch
 from turbollm.attention.backend import get_attention_backend
 from turbollm.config import EngineConfig, default_num_threads
 from turbollm.engine.errors import ContextLengthExceededError, RequestValidationError
-from turbollm.engine.kv_cache_manager import KVCacheManager
+from turbollm.core.kv_cache_manager import KVCacheManager
 from turbollm.engine.output_processor import OutputProcessor, RequestGroup
 from turbollm.engine.outputs import RequestOutput
-from turbollm.engine.request import Request, RequestStatus
-from turbollm.engine.scheduler import Scheduler
+from turbollm.core.request import Request, RequestStatus
+from turbollm.core.scheduler import Scheduler
 from turbollm.loader.model_loader import load_model
 from turbollm.sampling_params import SamplingParams
 from turbollm.spec_decode.draft import draft_kv_share, load_separate_draft

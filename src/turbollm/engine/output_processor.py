@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from turbollm.engine.outputs import (CompletionOutput, PositionLogprobs, RequestMetrics,
                                      RequestOutput, TokenLogprob)
-from turbollm.engine.request import Request, RequestStatus
+from turbollm.core.request import Request, RequestStatus
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turbollm.engine.request import Request
+from turbollm.core.request import Request
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 
 

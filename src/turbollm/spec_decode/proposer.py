@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from turbollm.config import SpeculativeConfig
-from turbollm.engine.request import Request
+from turbollm.core.request import Request
 from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
 from turbollm.spec_decode.step_cost import linear_costs

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from turbollm.attention.backend import AttentionMetadata
-from turbollm.engine.scheduler import SchedulerOutput
+from turbollm.core.scheduler import SchedulerOutput
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
                                      greedy_tokens, token_logprobs)
 from turbollm.spec_decode.verify import verify_greedy, verify_random

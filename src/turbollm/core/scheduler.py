@@ -10,8 +10,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from turbollm.config import SchedulerConfig
-from turbollm.engine.kv_cache_manager import KVCacheManager
-from turbollm.engine.request import Request, RequestStatus
+from turbollm.core.kv_cache_manager import KVCacheManager
+from turbollm.core.request import Request, RequestStatus
 
 
 @dataclass

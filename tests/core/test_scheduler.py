@@ -5,9 +5,9 @@ import random
 import pytest
 
 from turbollm.config import SchedulerConfig
-from turbollm.engine.kv_cache_manager import KVCacheManager
-from turbollm.engine.request import Request, RequestStatus
-from turbollm.engine.scheduler import Scheduler
+from turbollm.core.kv_cache_manager import KVCacheManager
+from turbollm.core.request import Request, RequestStatus
+from turbollm.core.scheduler import Scheduler
 from turbollm.sampling_params import SamplingParams
 
 EOS = 0

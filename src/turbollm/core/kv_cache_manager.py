@@ -6,8 +6,8 @@ blocks become reusable by others.
 """
 from __future__ import annotations
 
-from turbollm.engine.block_pool import BlockPool, KVBlock, hash_block
-from turbollm.engine.request import Request
+from turbollm.core.block_pool import BlockPool, KVBlock, hash_block
+from turbollm.core.request import Request
 
 
 def cdiv(a: int, b: int) -> int:

@@ -1,9 +1,9 @@
 """BlockPool and KVCacheManager without a model: counts, ref counts, prefix hits, LRU."""
 import pytest
 
-from turbollm.engine.block_pool import BlockPool, hash_block
-from turbollm.engine.kv_cache_manager import KVCacheManager
-from turbollm.engine.request import Request
+from turbollm.core.block_pool import BlockPool, hash_block
+from turbollm.core.kv_cache_manager import KVCacheManager
+from turbollm.core.request import Request
 from turbollm.sampling_params import SamplingParams
 
 

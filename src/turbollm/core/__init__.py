@@ -1,0 +1,1 @@
+"""The torch-free core: requests, the scheduler, KV block accounting. Imports no torch."""
