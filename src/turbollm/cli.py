@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_plan(sub)
     _add_bench_eval(sub)
-    from turbollm.quantization.cli import add_quantize_parser
+    from turbollm.compress.quantize import add_quantize_parser
     add_quantize_parser(sub)
     return parser
 

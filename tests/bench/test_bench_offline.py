@@ -60,7 +60,7 @@ def test_bench_matrix_in_process(tiny_llama, tmp_path, monkeypatch):
     assert rows["bf16"]["weight_bytes"] == pytest.approx(rows["fp32"]["weight_bytes"] / 2,
                                                          rel=0.01)
     assert rows["bf16"]["kv_bytes_per_token"] == rows["fp32"]["kv_bytes_per_token"] / 2
-    from turbollm.loader.model_loader import read_arch
+    from turbollm.worker.model_loader import read_arch
     from turbollm.loader.resolve import resolve_model
     from turbollm.sizing import kv_cache_bytes_per_token
     arch = read_arch(resolve_model(str(tiny_llama)))[0]

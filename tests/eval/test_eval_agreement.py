@@ -49,7 +49,7 @@ def test_eval_perplexity_command_matches_transformers(tiny_llama, tmp_path):
     import transformers
 
     from turbollm.eval.perplexity import perplexity
-    from turbollm.tokenizer import load_tokenizer
+    from turbollm.loader.tokenizer import load_tokenizer
     text = "The quick brown fox jumps over the lazy dog. " * 12 + "Packed bytes and sockets."
     path = tmp_path / "text.txt"
     path.write_text(text)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from turbollm.eval.corpus import builtin_corpus_text
+from turbollm.corpus import builtin_corpus_text
 from turbollm.eval.perplexity import perplexity, windows
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from turbollm import LLM
-from turbollm.loader.model_loader import compute_dtype_for, resolve_dtype
+from turbollm.worker.model_loader import compute_dtype_for, resolve_dtype
 from turbollm.model_arch import ModelArch
 
 from test_llama_vs_hf import our_logits  # noqa: E402 (same directory)

@@ -13,7 +13,7 @@ EVAL_TOKENS = 1024
 def quantized_perplexity(gguf_path, method: str) -> float:
     from turbollm import LLM
     from turbollm.eval.perplexity import perplexity
-    from turbollm.quantization.calibration import (apply_calibrated_quantization,
+    from turbollm.worker.calibration import (apply_calibrated_quantization,
                                                    corpus_token_ids, decoder_linears,
                                                    heldout_token_ids)
     from turbollm.quantization.int4 import install_int4, quantize_int4_rtn

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from turbollm.quantization.awq import awq_quantize_model, search_scales
-from turbollm.quantization.calibration import (calibration_windows, collect_stats,
+from turbollm.worker.calibration import (calibration_windows, collect_stats,
                                                corpus_token_ids, decoder_linears,
                                                engine_window_runner)
 
@@ -15,7 +15,7 @@ KW = dict(dtype="float32", device="cpu", num_threads=1, kv_cache_memory="16MiB")
 
 
 def _awq_stats(llm):
-    from turbollm.eval.corpus import builtin_corpus_text
+    from turbollm.corpus import builtin_corpus_text
     ids = corpus_token_ids(llm.tokenizer, builtin_corpus_text(max_chars=20000))
     return ids, collect_stats(engine_window_runner(llm.engine), calibration_windows(ids, 8, 64),
                               decoder_linears(llm.engine.model), hessian=False, abs_stats=True,
@@ -77,7 +77,7 @@ def test_awq_perplexity_below_rtn_on_bundled_model(bundled_gguf):
 
 def test_quantization_awq_at_load_refuses_quantized_weights_and_runs_on_dense(tiny_llama):
     from turbollm import LLM
-    from turbollm.quantization.calibration import apply_calibrated_quantization
+    from turbollm.worker.calibration import apply_calibrated_quantization
     llm = LLM(str(tiny_llama), quantization="awq", quantization_group_size=32, **KW)
     assert all(m.quant_method.name == "int4"
                for m in decoder_linears(llm.engine.model).values())

@@ -105,7 +105,7 @@ def test_install_rejects_wrong_forms():
 def test_fp8_model_perplexity_and_bytes(bundled_gguf, monkeypatch):
     """Both kernels on the bundled model: quality near fp32, half the weight bytes of bf16."""
     from turbollm import LLM
-    from turbollm.eval.corpus import corpus_token_ids
+    from turbollm.corpus import corpus_token_ids
     from turbollm.eval.perplexity import perplexity
     from turbollm.quantization.weight_bytes import model_weight_bytes
 

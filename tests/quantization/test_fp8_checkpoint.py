@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from turbollm import LLM
-from turbollm.quantization.fp8_checkpoint import fp8_checkpoint_config
+from turbollm.loader.fp8_checkpoint import fp8_checkpoint_config
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from turbollm.quantization import kernels
-from turbollm.quantization.calibration import (calibration_windows, collect_stats,
+from turbollm.worker.calibration import (calibration_windows, collect_stats,
                                                corpus_token_ids, decoder_linears,
                                                engine_window_runner)
 from turbollm.quantization.gptq import gptq_quantize_weight, output_error
@@ -20,7 +20,7 @@ KW = dict(dtype="float32", device="cpu", num_threads=1)
 @pytest.fixture(scope="module")
 def tiny_stats(tiny_llama):
     from turbollm import LLM
-    from turbollm.eval.corpus import builtin_corpus_text
+    from turbollm.corpus import builtin_corpus_text
     llm = LLM(str(tiny_llama), kv_cache_memory="16MiB", **KW)
     ids = corpus_token_ids(llm.tokenizer, builtin_corpus_text(max_chars=20000))
     linears = decoder_linears(llm.engine.model)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from turbollm.quantization import kernels
-from turbollm.quantization.hf_checkpoint import (awq_pack, awq_unpack, gptq_pack, gptq_unpack,
+from turbollm.loader.awq_gptq import (awq_pack, awq_unpack, gptq_pack, gptq_unpack,
                                                  prequantized_config, write_quantized_checkpoint)
 from turbollm.quantization.int4_result import Int4Weights
 
@@ -93,7 +93,7 @@ def test_gptq_ragged_last_group_reads_as_smaller_groups():
     q = torch.randint(0, 16, (8, 96), generator=g, dtype=torch.uint8)
     scales = torch.rand(2, 8, generator=g).half()
     zeros = torch.randint(1, 16, (2, 8), generator=g)
-    from turbollm.quantization.hf_checkpoint import pack_int4
+    from turbollm.loader.awq_gptq import pack_int4
     t = {"qweight": pack_int4(q).T.contiguous(), "qzeros": pack_int4(zeros - 1),
          "scales": scales, "g_idx": (torch.arange(96) // 64).to(torch.int32)}
     back = gptq_unpack(t, 64, "gptq")
@@ -165,7 +165,7 @@ def _dense_reference_dir(qdir: Path, out: Path, method: str) -> Path:
 def test_checkpoint_loads_and_matches_dequantized_reference(tiny_llama, tmp_path, method):
     from turbollm import LLM
     from turbollm.loader.safetensors import read_hf_config
-    from turbollm.quantization.calibration import apply_calibrated_quantization
+    from turbollm.worker.calibration import apply_calibrated_quantization
 
     kw = dict(dtype="float32", device="cpu", num_threads=1, kv_cache_memory="16MiB")
     src = LLM(str(tiny_llama), **kw)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from turbollm import LLM
-from turbollm.eval.corpus import corpus_token_ids
+from turbollm.corpus import corpus_token_ids
 from turbollm.eval.perplexity import perplexity
 
 pytestmark = pytest.mark.slow

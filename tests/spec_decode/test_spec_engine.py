@@ -6,7 +6,7 @@ import torch
 from chi2 import chi2_critical, chi2_statistic
 
 from turbollm import LLM, SamplingParams
-from turbollm.eval.corpus import builtin_corpus_text
+from turbollm.corpus import builtin_corpus_text
 from turbollm.quantization import native as quant_native
 
 COMMON = dict(dtype="float32", num_threads=2, quantization="none")

@@ -6,7 +6,7 @@ from chi2 import chi2_critical, chi2_statistic
 from turbollm.spec_decode.controller import SpecController, expected_tokens
 from turbollm.spec_decode.step_cost import linear_costs
 from turbollm.spec_decode.ngram import propose_ngram
-from turbollm.spec_decode.verify import verify_greedy, verify_random
+from turbollm.layers.rejection_sampler import verify_greedy, verify_random
 
 
 def test_ngram_takes_longest_then_most_recent_match():
@@ -157,7 +157,7 @@ def test_draft_kv_share_counts_each_cache_in_its_own_dtype():
     from types import SimpleNamespace
 
     from turbollm.model_arch import ModelArch
-    from turbollm.spec_decode.draft import draft_kv_share
+    from turbollm.worker.draft import draft_kv_share
     arch = ModelArch(model_type="llama", hidden_size=64, intermediate_size=128,
                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                      vocab_size=100)

@@ -81,7 +81,7 @@ def run_bench(args) -> int:
     from turbollm.bench.offline import run_matrix
     from turbollm.bench.workloads import PRESETS
     from turbollm.config import default_num_threads
-    from turbollm.loader.model_loader import read_arch
+    from turbollm.worker.model_loader import read_arch
     from turbollm.loader.resolve import resolve_model
 
     spec = PRESETS[args.preset].with_overrides(parse_overrides(args.set))

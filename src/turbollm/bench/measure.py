@@ -150,7 +150,7 @@ class Prompts:
     """Every prompt a configuration needs, cut once from the corpus (same for all configs)."""
 
     def __init__(self, tokenizer, spec: BenchSpec, vocab: int):
-        from turbollm.eval.corpus import corpus_prompts, corpus_token_ids
+        from turbollm.corpus import corpus_prompts, corpus_token_ids
         self.has_text = tokenizer is not None
         if tokenizer is None:  # dummy weights without a tokenizer: random ids
             def cut(n, length, seed):

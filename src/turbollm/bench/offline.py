@@ -62,7 +62,7 @@ def run_job(job: dict, stage=lambda s: None) -> dict:
 
 
 def _tokenizer_and_vocab(model: str, tokenizer: str | None):
-    from turbollm.loader.model_loader import load_tokenizer_for, read_arch
+    from turbollm.worker.model_loader import load_tokenizer_for, read_arch
     from turbollm.loader.resolve import resolve_model
     source = resolve_model(model)
     return source, load_tokenizer_for(source, tokenizer), read_arch(source)[0]

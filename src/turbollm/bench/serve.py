@@ -51,7 +51,7 @@ class RequestResult:
 def synthetic_dataset(tokenizer, n: int, input_len: int, output_len: int,
                       range_ratio: float = 0.0, seed: int = 0) -> list[ServeRequest]:
     """Corpus token slices with lengths drawn uniformly in len * [1 - r, 1 + r]."""
-    from turbollm.eval.corpus import corpus_token_ids
+    from turbollm.corpus import corpus_token_ids
     rng = random.Random(seed)
     ids = corpus_token_ids(tokenizer, max_tokens=max(20000, 4 * int(input_len * (1 + range_ratio))))
     out = []
@@ -74,7 +74,7 @@ def corpus_dataset(tokenizer, n: int, input_len: int, output_len: int,
                    seed: int = 0) -> list[ServeRequest]:
     """Input-heavy requests: a passage of ~input_len tokens of the built-in corpus and a task
     about it (summarize / answer from this text), sent as text."""
-    from turbollm.eval.corpus import corpus_prompts
+    from turbollm.corpus import corpus_prompts
     rng = random.Random(seed)
     out = []
     for passage in corpus_prompts(tokenizer, n, input_len, seed):
@@ -320,7 +320,7 @@ def argparse_bool():
 
 
 def run_serve_bench(args) -> int:
-    from turbollm.loader.model_loader import load_tokenizer_for
+    from turbollm.worker.model_loader import load_tokenizer_for
     from turbollm.loader.resolve import resolve_model
     for name in ("num_prompts", "input_len", "output_len"):
         if getattr(args, name) < 1:

@@ -26,7 +26,7 @@ import time
 
 from turbollm import LLM, SamplingParams
 from turbollm.bench.spec_bound import bounds_report
-from turbollm.eval.corpus import builtin_corpus_text
+from turbollm.corpus import builtin_corpus_text
 
 GROUNDED_TASKS = ("Summarize the following text in a few sentences.",
                   "List every Python keyword and built-in name mentioned in the text below.",

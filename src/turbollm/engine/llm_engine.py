@@ -15,9 +15,9 @@ from turbollm.engine.output_processor import OutputProcessor, RequestGroup
 from turbollm.engine.outputs import RequestOutput
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
-from turbollm.loader.model_loader import load_model
+from turbollm.worker.model_loader import load_model
 from turbollm.sampling_params import SamplingParams
-from turbollm.spec_decode.draft import draft_kv_share, load_separate_draft
+from turbollm.worker.draft import draft_kv_share, load_separate_draft
 from turbollm.spec_decode.proposer import make_speculative_decoder
 from turbollm.spec_decode.step_cost import measure_step_costs
 from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
@@ -90,7 +90,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         if config.model.quantization in ("awq", "gptq"):  # calibration runs the built engine
-            from turbollm.quantization.calibration import quantize_engine_at_load
+            from turbollm.worker.calibration import quantize_engine_at_load
             quantize_engine_at_load(self, config.model.quantization,
                                     config.model.quantization_group_size)
         if self.spec is not None and self.spec.measures_step_costs:

@@ -52,7 +52,7 @@ def _engine_kwargs(args, overrides: dict) -> dict:
 
 
 def _text_ids(llm, args) -> list[int]:
-    from turbollm.eval.corpus import corpus_token_ids
+    from turbollm.corpus import corpus_token_ids
     text = None
     if args.text:
         with open(args.text, encoding="utf-8") as f:
@@ -97,7 +97,7 @@ def compare(args, progress: bool) -> dict:
     from turbollm import LLM
     from turbollm.bench.configs import parse_overrides
     from turbollm.eval.agreement import greedy_agreement, greedy_continuations, logit_agreement
-    from turbollm.eval.corpus import corpus_prompts
+    from turbollm.corpus import corpus_prompts
     over_a = parse_overrides(args.config_a) if args.config_a else \
         {"dtype": "float32", "quantization": "none"}  # the dense fp32 reference
     over_b = parse_overrides(args.config_b)

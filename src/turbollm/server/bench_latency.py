@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     ekw = engine_kwargs(build_parser().parse_args(["serve", *engine_args]))
     ekw.pop("max_num_seqs")
 
-    from turbollm.loader.model_loader import load_tokenizer_for
+    from turbollm.worker.model_loader import load_tokenizer_for
     from turbollm.loader.resolve import resolve_model
     tokenizer = load_tokenizer_for(resolve_model(args.model), None)
     def num_requests(c: int) -> int:

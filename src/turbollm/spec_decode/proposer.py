@@ -94,6 +94,6 @@ def make_speculative_decoder(engine, draft=None) -> SpeculativeDecoder | None:
         return None
     if config.speculative_method == "ngram":
         return SpeculativeDecoder(config, NgramProposer(config), engine.max_model_len)
-    from turbollm.spec_decode.draft import build_draft_proposer
+    from turbollm.worker.draft import build_draft_proposer
     proposer = build_draft_proposer(engine, draft)
     return SpeculativeDecoder(config, proposer, engine.max_model_len)

@@ -10,7 +10,7 @@ from turbollm.attention.backend import AttentionMetadata
 from turbollm.core.scheduler import SchedulerOutput
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
                                      greedy_tokens, token_logprobs)
-from turbollm.spec_decode.verify import verify_greedy, verify_random
+from turbollm.layers.rejection_sampler import verify_greedy, verify_random
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
 
@@ -175,7 +175,7 @@ class ModelRunner:
 
     def _verify(self, so, batch: FlatBatch, logits, meta: SamplingMetadata, sampled, logprobs
                 ) -> None:
-        """Accept/reject each request's proposals (spec_decode/verify.py) from its k + 1 rows."""
+        """Accept/reject each request's proposals (layers/rejection_sampler.py) from its k + 1 rows."""
         x = self.sampler.process(logits, meta)
         greedy = greedy_tokens(x) if not meta.all_random else None
         probs = None

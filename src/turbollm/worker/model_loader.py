@@ -77,7 +77,7 @@ def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
 
 
 def load_tokenizer_for(source: ResolvedModel, tokenizer: str | None):
-    from turbollm.tokenizer import load_tokenizer
+    from turbollm.loader.tokenizer import load_tokenizer
     if tokenizer:
         return load_tokenizer(tokenizer)
     if source.kind == "preset":
@@ -89,10 +89,10 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
     """Resolve, construct on `device` and fill the model (random weights for load_format=dummy)."""
     from turbollm.loader.dummy import init_dummy_weights
     from turbollm.models.registry import get_model_class
-    from turbollm.quantization.checkpoint import checkpoint_config as turbollm_checkpoint_config
-    from turbollm.quantization.checkpoint import load_checkpoint as load_turbollm_checkpoint
-    from turbollm.quantization.fp8_checkpoint import fp8_checkpoint_config, load_fp8_checkpoint
-    from turbollm.quantization.hf_checkpoint import load_prequantized, prequantized_config
+    from turbollm.loader.turbollm_checkpoint import checkpoint_config as turbollm_checkpoint_config
+    from turbollm.loader.turbollm_checkpoint import load_checkpoint as load_turbollm_checkpoint
+    from turbollm.loader.fp8_checkpoint import fp8_checkpoint_config, load_fp8_checkpoint
+    from turbollm.loader.awq_gptq import load_prequantized, prequantized_config
 
     source = resolve_model(cfg.model, cfg.load_format)
     if cfg.load_format == "gguf" and source.kind != "gguf":

@@ -98,7 +98,7 @@ def load_separate_draft(config, device: str, backend):
         return None
     from dataclasses import replace
 
-    from turbollm.loader.model_loader import load_model
+    from turbollm.worker.model_loader import load_model
     draft_cfg = replace(config.model, model=spec.draft_model, tokenizer=None,
                         quantization=spec.draft_quantization, load_format="auto")
     return load_model(draft_cfg, device, backend)

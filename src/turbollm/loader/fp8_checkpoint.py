@@ -92,7 +92,7 @@ def load_fp8_checkpoint(model: torch.nn.Module, model_dir, dtype: torch.dtype, f
 
 def _install(model: torch.nn.Module, quantized: dict) -> None:
     """fp8 on each linear whose shards all came in fp8 (shards concatenated in row order)."""
-    from turbollm.quantization.hf_checkpoint import linear_shards, shard_order
+    from turbollm.loader.awq_gptq import linear_shards, shard_order
 
     for name, layer, shards in linear_shards(model, quantized, "fp8"):
         order = shard_order(layer, shards)

@@ -375,7 +375,7 @@ def export_calibrated_checkpoint(model: str, method: str, group_size: int, outpu
     """`turbollm quantize --method awq|gptq`: load `model` dense, calibrate on the built-in
     corpus, quantize, and write an AutoAWQ-GEMM (awq) or GPTQ (gptq) checkpoint directory."""
     from turbollm.llm import LLM
-    from turbollm.loader.model_loader import read_arch
+    from turbollm.worker.model_loader import read_arch
     from turbollm.loader.resolve import resolve_model
 
     if method not in ("awq", "gptq"):

@@ -17,9 +17,9 @@ def quantize_rtn(method: str) -> Callable[..., Path]:
     """int8 / int4: quantize at load (exactly what `--quantization` does), write our layout."""
     def run(model: str, output: Path, group_size: int, engine_kwargs: dict) -> Path:
         from turbollm import LLM
-        from turbollm.loader.model_loader import read_arch
+        from turbollm.worker.model_loader import read_arch
         from turbollm.loader.resolve import resolve_model
-        from turbollm.quantization.checkpoint import write_checkpoint
+        from turbollm.loader.turbollm_checkpoint import write_checkpoint
         llm = LLM(model, quantization=method, quantization_group_size=group_size,
                   **engine_kwargs)
         eng = llm.engine
@@ -31,7 +31,7 @@ def quantize_rtn(method: str) -> Callable[..., Path]:
 def quantize_calibrated(method: str) -> Callable[..., Path]:
     """awq / gptq: calibrate on the built-in corpus, write the AutoAWQ-GEMM / GPTQ layout."""
     def run(model: str, output: Path, group_size: int, engine_kwargs: dict) -> Path:
-        from turbollm.quantization.hf_checkpoint import export_calibrated_checkpoint
+        from turbollm.loader.awq_gptq import export_calibrated_checkpoint
         return export_calibrated_checkpoint(model, method, group_size, output, **engine_kwargs)
     return run
 

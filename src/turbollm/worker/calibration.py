@@ -22,7 +22,7 @@ CALIBRATION_FRACTION = 0.9
 
 
 def corpus_token_ids(tokenizer, text: str | None = None) -> list[int]:
-    from turbollm.eval.corpus import builtin_corpus_text
+    from turbollm.corpus import builtin_corpus_text
     text = builtin_corpus_text() if text is None else text
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
