@@ -2,7 +2,7 @@
 
     python scripts/gpu_tune.py [--json FILE] [--quick]
 
-Writes the chosen configurations with --tiles; TURBOLLM_TILE_CONFIG=that file makes the engine
+Writes the chosen configurations with --tiles; `--tile-config` that file (KernelConfig.tile_config) makes the engine
 use them (quantization/gpu_kernels.py).
 
 Kernel time only: each variant's calls are captured in a CUDA graph (20 calls cycling over
@@ -101,7 +101,7 @@ KERNELS = {  # tile-config name -> (weight kind, call, row counts it serves)
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", help="every measurement")
-    ap.add_argument("--tiles", help="the chosen configurations, a file for TURBOLLM_TILE_CONFIG")
+    ap.add_argument("--tiles", help="the chosen configurations, a file for --tile-config")
     ap.add_argument("--quick", action="store_true", help="one configuration per kernel")
     args = ap.parse_args()
     torch.manual_seed(0)

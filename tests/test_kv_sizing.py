@@ -12,7 +12,7 @@ def test_engine_blocks_follow_the_sizing_function(tiny_llama):
     per_token = kv_cache_bytes_per_token(llm.engine.arch, torch.float32)
     assert per_token == 2 * 2 * 2 * 16 * 4  # 2 x layers x kv_heads x head_dim x bytes
     assert llm.engine.num_kv_blocks == 4 * 2**20 // (16 * per_token)
-    assert llm.engine.kv_cache.numel() * 4 == llm.engine.num_kv_blocks * 16 * per_token
+    assert llm.engine.executor.worker.kv_cache.numel() * 4 == llm.engine.num_kv_blocks * 16 * per_token
 
 
 def test_parse_memory_size():
@@ -23,8 +23,9 @@ def test_parse_memory_size():
 
 def test_profile_pass_runs_on_cpu(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB")
-    e = llm.engine
-    assert profile_peak_bytes(e.model, e.arch, 100, 16, e.dtype, "cpu", num_sampled_rows=32) == 0
+    w = llm.engine.executor.worker
+    assert profile_peak_bytes(w.model, w.loaded.arch, 100, 16, w.loaded.dtype, "cpu",
+                              num_sampled_rows=32) == 0
 
 
 @pytest.mark.gpu

@@ -18,7 +18,7 @@ def test_dummy_weights_for_a_preset_shape():
 
 def test_dummy_weights_for_an_hf_dir(tiny_llama):
     llm = LLM(str(tiny_llama), load_format="dummy", dtype="float32", kv_cache_memory="8MiB")
-    w = llm.engine.model.model.layers[0].self_attn.qkv_proj.weight
+    w = llm.engine.executor.worker.model.model.layers[0].self_attn.qkv_proj.weight
     assert float(w.abs().max()) <= 1e-3  # random small values, not the checkpoint's
 
 

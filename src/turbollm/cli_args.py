@@ -6,10 +6,11 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from turbollm.config import (CacheConfig, DeviceConfig, ModelConfig, SchedulerConfig,
-                             SpeculativeConfig)
+from turbollm.config import (CacheConfig, DeviceConfig, KernelConfig, ModelConfig,
+                             SchedulerConfig, SpeculativeConfig)
 
-ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, SpeculativeConfig)
+ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, SpeculativeConfig,
+                   KernelConfig)
 
 
 def _base_type(hint):
@@ -52,4 +53,36 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         for f in fields(cls):
             if f.metadata.get("cli", True) is not False and hasattr(args, f.name):
                 out[f.name] = getattr(args, f.name)
+    return out
+
+
+def parse_value(text: str):
+    """'4' -> 4, '0.5' -> 0.5, 'true'/'false' -> bool, 'null' -> None, else the string
+    ('none' stays a string: it is a value of several options, e.g. quantization=none)."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "null":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text.strip()
+
+
+def parse_overrides(items: list[str] | str | None) -> dict:
+    """['dtype=float32', 'quantization=int4,kv_cache_dtype=int8'] -> engine kwargs."""
+    if items is None:
+        return {}
+    if isinstance(items, str):
+        items = [items]
+    out = {}
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(","))):
+            key, sep, value = part.partition("=")
+            if not sep or not key.strip():
+                raise ValueError(f"expected KEY=VALUE, got {part!r}")
+            out[key.strip().replace("-", "_")] = parse_value(value)
     return out

@@ -4,6 +4,7 @@ Each field's `metadata["help"]` becomes the `--flag` help text (see `cli_args.py
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf", "fp8")
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 DEFAULT_MODEL = "smollm2-135m"
+
+log = logging.getLogger(__name__)
 
 
 def _help(text: str, **extra) -> dict:
@@ -178,6 +181,43 @@ class DeviceConfig:
         return self.device
 
 
+# Environment variables that switched kernels before KernelConfig; read, with a warning, where
+# the field is left unset (deprecated: they go in the next release).
+DEPRECATED_KERNEL_ENV = {
+    "TURBOLLM_NATIVE_DECODE": ("native_decode", lambda v: v != "0"),
+    "TURBOLLM_EXACT_ACTIVATIONS": ("exact_activations", lambda v: v not in ("", "0")),
+    "TURBOLLM_TILE_CONFIG": ("tile_config", str),
+}
+
+
+@dataclass
+class KernelConfig:
+    """Which kernels serve the model: switches for the fast paths, chosen per engine."""
+
+    native_decode: bool | None = field(default=None, metadata=_help(
+        "run decode-shaped CPU steps as direct C calls (models/native_decode.py) instead of "
+        "torch modules; same numbers, less per-op overhead (default: on)"))
+    exact_activations: bool | None = field(default=None, metadata=_help(
+        "keep few-row activations of low-bit GEMVs in fp32 instead of int16 blocks (~2e-5 "
+        "relative; slower). Process-wide: the last engine built sets it (default: off)"))
+    tile_config: str | None = field(default=None, metadata=_help(
+        "JSON file of Triton tile configurations for the CUDA low-bit kernels, as written by "
+        "scripts/gpu_tune.py --tiles. Process-wide (default: the built-in H100 tiles)"))
+
+    def __post_init__(self) -> None:
+        for var, (name, parse) in DEPRECATED_KERNEL_ENV.items():
+            if getattr(self, name) is None and os.environ.get(var) is not None:
+                log.warning("%s is deprecated: use --%s (or %s=...)", var,
+                            name.replace("_", "-"), name)
+                setattr(self, name, parse(os.environ[var]))
+        if self.native_decode is None:
+            self.native_decode = True
+        if self.exact_activations is None:
+            self.exact_activations = False
+        if self.tile_config is not None and not os.path.isfile(self.tile_config):
+            raise ValueError(f"tile_config {self.tile_config!r} is not a file")
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs, grouped by concern."""
@@ -187,6 +227,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -195,7 +236,7 @@ class EngineConfig:
         parts = {}
         for name, klass in (("model", ModelConfig), ("cache", CacheConfig),
                             ("scheduler", SchedulerConfig), ("device", DeviceConfig),
-                            ("speculative", SpeculativeConfig)):
+                            ("speculative", SpeculativeConfig), ("kernel", KernelConfig)):
             own = {f.name for f in fields(klass)}
             parts[name] = klass(**{k: kwargs.pop(k) for k in list(kwargs) if k in own})
         if kwargs:

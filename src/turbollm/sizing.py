@@ -1,7 +1,11 @@
-"""The one sizing function for KV-cache bytes, shared by the engine's cache and the planner."""
+"""The one sizing function for KV-cache bytes, shared by the engine's cache and the planner.
+
+No torch here (the torch-free core's configuration imports it): a torch dtype is read through
+its `itemsize`.
+"""
 from __future__ import annotations
 
-import torch
+from typing import Any
 
 from turbollm.model_arch import ModelArch
 
@@ -13,17 +17,17 @@ _DTYPE_BYTES = {
 }
 
 
-def dtype_bytes(dtype: str | torch.dtype) -> int:
+def dtype_bytes(dtype: str | Any) -> int:
     """Bytes per element of a dtype given as a torch dtype or a name."""
-    if isinstance(dtype, torch.dtype):
-        return torch.empty((), dtype=dtype).element_size()
+    if not isinstance(dtype, str):
+        return dtype.itemsize
     try:
         return _DTYPE_BYTES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}") from None
 
 
-def kv_cache_bytes_per_token(arch: ModelArch, kv_dtype: str | torch.dtype,
+def kv_cache_bytes_per_token(arch: ModelArch, kv_dtype: str | Any,
                              scale_bytes_per_head: int | None = None) -> int:
     """Bytes of K and V one token occupies: 2 x layers x kv_heads x (head_dim x bytes + scale).
 

@@ -14,7 +14,7 @@ def test_reduced_precision_close_to_fp32(dtype, tiny_llama):
     ids = torch.randint(3, 49152, (24,), generator=torch.Generator().manual_seed(3)).tolist()
     ref = our_logits(LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB"), ids, [24])
     llm = LLM(str(tiny_llama), dtype=dtype, kv_cache_memory="4MiB")
-    assert llm.engine.kv_cache.dtype == getattr(torch, dtype)
+    assert llm.engine.executor.worker.kv_cache.dtype == getattr(torch, dtype)
     got = our_logits(llm, ids, [16] + [1] * 8)
     assert got.dtype == torch.float32
     # 16-bit rounding of weights and activations: close, not equal; same top token mostly.
@@ -44,11 +44,11 @@ def test_bf16_storage_fp32_compute_layout(tiny_llama, monkeypatch):
     import turbollm.platform_info as pi
     monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: False)
     llm = LLM(str(tiny_llama), dtype="bfloat16", kv_cache_memory="4MiB")
-    m = llm.engine.model
+    m = llm.engine.executor.worker.model
     assert m.model.layers[0].mlp.down_proj.weight.dtype == torch.bfloat16
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16
     assert m.model.norm.weight.dtype == torch.float32
-    assert llm.engine.kv_cache.dtype == torch.bfloat16
+    assert llm.engine.executor.worker.kv_cache.dtype == torch.bfloat16
     ids = torch.randint(3, 49152, (12,), generator=torch.Generator().manual_seed(5)).tolist()
     ref = our_logits(LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB"), ids, [12])
     got = our_logits(llm, ids, [8] + [1] * 4)  # multi-row (upcast) and one-row (bf16 GEMV)

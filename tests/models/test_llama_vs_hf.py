@@ -4,7 +4,7 @@ import torch
 
 from turbollm import LLM, SamplingParams
 from turbollm.core.request import Request
-from turbollm.core.scheduler import SchedulerOutput
+from turbollm.core.batch import sequence_work
 
 KINDS = ["llama", "llama3", "mistral", "mistral_window", "qwen2"]
 
@@ -22,11 +22,12 @@ def our_logits(llm: LLM, token_ids: list[int], chunks: list[int]) -> torch.Tenso
     rows = []
     for n in chunks:
         assert engine.kv_manager.allocate_slots(req, n)
-        so = SchedulerOutput([req], [n], [engine.kv_manager.block_ids("probe")])
-        batch = engine.runner.build_batch(so)
+        work = sequence_work(req, n, engine.kv_manager.block_ids("probe"))
+        worker = engine.executor.worker
+        batch = worker.runner.build_batch([work])
         with torch.inference_mode():
-            h = engine.model(batch.input_ids, batch.positions, engine.runner.kv_views, batch.meta)
-            rows.append(engine.model.compute_logits(h))
+            h = worker.model(batch.input_ids, batch.positions, worker.runner.kv_views, batch.meta)
+            rows.append(worker.model.compute_logits(h))
         req.num_computed_tokens += n
     engine.kv_manager.free(req)
     return torch.cat(rows)
@@ -65,7 +66,7 @@ def test_greedy_generation_matches_transformers(kind, tiny_model_factory):
 def test_parameter_count_matches_arch(tiny_model_factory):
     path = tiny_model_factory("qwen2")
     llm = LLM(str(path), dtype="float32", kv_cache_memory="8MiB")
-    n = sum(p.numel() for p in llm.engine.model.parameters())  # tied: counted once
+    n = sum(p.numel() for p in llm.engine.executor.worker.model.parameters())  # tied: counted once
     assert n == llm.engine.arch.num_parameters()
     assert n == sum(p.numel() for p in hf_model(path).parameters())
 

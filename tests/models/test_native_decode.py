@@ -96,7 +96,7 @@ def test_quantized_and_16_bit_kv_caches_take_the_c_path(tiny_llama, monkeypatch,
 
 def test_bf16_storage_matches_the_module_path(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="bfloat16", **ENGINE)
-    if llm.engine.model.model.compute_dtype != torch.float32:
+    if llm.engine.executor.worker.model.model.compute_dtype != torch.float32:
         pytest.skip("this CPU computes bf16 natively: the C path (fp32 activations) is not used")
     fast, slow = _run(llm, native=True), _run(llm, native=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
@@ -107,7 +107,7 @@ def test_16_bit_embedding_tables_are_read_by_c(tiny_llama, monkeypatch, dtype):
     """decode_layers gathers fp16/bf16 embedding rows itself; a table type it does not read
     is gathered by torch first. Both give the module path's tokens."""
     llm = LLM(str(tiny_llama), dtype=dtype, **ENGINE)
-    if llm.engine.model.model.compute_dtype != torch.float32:
+    if llm.engine.executor.worker.model.model.compute_dtype != torch.float32:
         pytest.skip("this CPU computes 16-bit natively: the C path (fp32 activations) is not used")
     taken = _count_native_steps(monkeypatch)
     in_c = _run(llm, native=True)
@@ -150,7 +150,7 @@ def test_self_draft_steps_take_the_c_path_on_its_first_layers(tiny_llama, monkey
     monkeypatch.setattr(NativeDecoder, "forward", spy)
     fast_llm, slow_llm = spec_llm(), spec_llm()
     fast = _run(fast_llm, native=True)
-    n_layers = len(fast_llm.engine.model.model.layers)
+    n_layers = len(fast_llm.engine.executor.worker.model.model.layers)
     assert 1 in layers_run and n_layers in layers_run  # draft and target steps both in C
     slow = _run(slow_llm, native=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
@@ -193,7 +193,7 @@ def test_ab_benchmark_times_both_paths(tiny_llama):
 def test_bound_head_kernel_matches_the_module_call(tiny_llama, quantization):
     llm = LLM(str(tiny_llama), dtype="float32", quantization=quantization,
               quantization_group_size=32, **ENGINE)
-    model = llm.engine.model
+    model = llm.engine.executor.worker.model
     for rows in (1, 3, 1):  # the second call with one row reuses the bound kernel
         hidden = torch.randn(rows, model.lm_head.in_features)
         got = model.compute_logits(hidden)
@@ -203,7 +203,7 @@ def test_bound_head_kernel_matches_the_module_call(tiny_llama, quantization):
 
 def test_bound_head_kernel_follows_a_new_weight(tiny_llama):
     llm = LLM(str(tiny_llama), dtype="float32", **ENGINE)
-    model = llm.engine.model
+    model = llm.engine.executor.worker.model
     hidden = torch.randn(2, model.lm_head.in_features)
     model.compute_logits(hidden)
     model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight),

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from turbollm.quantization.awq import awq_quantize_model, search_scales
-from turbollm.worker.calibration import (calibration_windows, collect_stats,
-                                               corpus_token_ids, decoder_linears,
-                                               engine_window_runner)
+from calib_target import calibration_target
+
+from turbollm.worker.calibration import (calibration_windows, collect_stats, corpus_token_ids,
+                                         decoder_linears, window_runner)
+
 
 KW = dict(dtype="float32", device="cpu", num_threads=1, kv_cache_memory="16MiB")
 
@@ -17,8 +19,8 @@ KW = dict(dtype="float32", device="cpu", num_threads=1, kv_cache_memory="16MiB")
 def _awq_stats(llm):
     from turbollm.corpus import builtin_corpus_text
     ids = corpus_token_ids(llm.tokenizer, builtin_corpus_text(max_chars=20000))
-    return ids, collect_stats(engine_window_runner(llm.engine), calibration_windows(ids, 8, 64),
-                              decoder_linears(llm.engine.model), hessian=False, abs_stats=True,
+    return ids, collect_stats(window_runner(calibration_target(llm)), calibration_windows(ids, 8, 64),
+                              decoder_linears(llm.engine.executor.worker.model), hessian=False, abs_stats=True,
                               sample_rows_per_window=32, progress=False)
 
 
@@ -35,9 +37,9 @@ def test_awq_folds_keep_the_float_model(tiny_model_factory, kind, monkeypatch):
     ids, stats = _awq_stats(llm)
     probe = ids[-40:]
     before = llm.score_logits(probe)
-    norms_before = llm.engine.model.model.layers[0].input_layernorm.weight.clone()
-    awq_quantize_model(llm.engine.model, stats, 32, n_grid=5, progress=False, fold_only=True)
-    assert not torch.equal(norms_before, llm.engine.model.model.layers[0].input_layernorm.weight)
+    norms_before = llm.engine.executor.worker.model.model.layers[0].input_layernorm.weight.clone()
+    awq_quantize_model(llm.engine.executor.worker.model, stats, 32, n_grid=5, progress=False, fold_only=True)
+    assert not torch.equal(norms_before, llm.engine.executor.worker.model.model.layers[0].input_layernorm.weight)
     torch.testing.assert_close(llm.score_logits(probe), before, rtol=1e-4, atol=1e-4)
 
 
@@ -60,9 +62,9 @@ def test_awq_quantized_model_runs_int4_and_stays_close(tiny_llama):
     ids, stats = _awq_stats(llm)
     probe = ids[-40:]
     ref = llm.score_logits(probe)
-    results = awq_quantize_model(llm.engine.model, stats, 32, n_grid=5, progress=False)
+    results = awq_quantize_model(llm.engine.executor.worker.model, stats, 32, n_grid=5, progress=False)
     assert len(results) == 8
-    assert all(m.quant_method.name == "int4" for m in decoder_linears(llm.engine.model).values())
+    assert all(m.quant_method.name == "int4" for m in decoder_linears(llm.engine.executor.worker.model).values())
     got = llm.score_logits(probe)
     assert torch.nn.functional.cosine_similarity(got, ref, dim=-1).min() > 0.95
 
@@ -80,6 +82,6 @@ def test_quantization_awq_at_load_refuses_quantized_weights_and_runs_on_dense(ti
     from turbollm.worker.calibration import apply_calibrated_quantization
     llm = LLM(str(tiny_llama), quantization="awq", quantization_group_size=32, **KW)
     assert all(m.quant_method.name == "int4"
-               for m in decoder_linears(llm.engine.model).values())
+               for m in decoder_linears(llm.engine.executor.worker.model).values())
     with pytest.raises(ValueError, match="already quantized"):
-        apply_calibrated_quantization(llm.engine, "awq", 32)
+        apply_calibrated_quantization(calibration_target(llm), "awq", 32)

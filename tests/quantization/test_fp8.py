@@ -117,7 +117,7 @@ def test_fp8_model_perplexity_and_bytes(bundled_gguf, monkeypatch):
     ids = corpus_token_ids(ref_llm.tokenizer, max_tokens=256)
     ref = ppl(ref_llm, ids)
     llm = LLM(str(bundled_gguf), dtype="float32", quantization="fp8", kv_cache_memory="32MiB")
-    model = llm.engine.runner.model
+    model = llm.engine.executor.worker.runner.model
     assert model.model.layers[0].mlp.down_proj.quant_method.name == "fp8"
     assert model.lm_head.quant_method.name == "none"  # dense, as vLLM serves fp8 checkpoints
     wb = model_weight_bytes(model)

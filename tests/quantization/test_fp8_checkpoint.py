@@ -56,7 +56,7 @@ def test_fp8_checkpoint_serves_its_exact_weights(tiny_llama, tmp_path, per_chann
     qdir, ref_dir = _write(tiny_llama, tmp_path, per_channel, static)
     kw = dict(dtype="float32", kv_cache_memory="8MiB")
     loaded = LLM(str(qdir), **kw)
-    fp8_layers = [m for m in loaded.engine.model.modules()
+    fp8_layers = [m for m in loaded.engine.executor.worker.model.modules()
                   if getattr(getattr(m, "quant_method", None), "name", "") == "fp8"]
     assert len(fp8_layers) == 2 * 4  # fused qkv / gate_up from per-shard scales, o, down
     ids = loaded.tokenizer("def f(x):\n    return x * 2  # a tiny test").input_ids

@@ -38,7 +38,7 @@ def _llm(path, tokenizer_dir, **kw):
 
 
 def _methods(llm):
-    return {n: m.quant_method.name for n, m in llm.engine.model.named_modules()
+    return {n: m.quant_method.name for n, m in llm.engine.executor.worker.model.named_modules()
             if hasattr(m, "quant_method")}
 
 
@@ -86,7 +86,7 @@ def test_bundled_q4_1_native_equals_dequantized(bundled_gguf):
     methods = set(_methods(native).values())
     assert methods == {"int4", "int8"}
     got = native.score_logits(ids)
-    sizes = model_weight_bytes(native.engine.model)
+    sizes = model_weight_bytes(native.engine.executor.worker.model)
     del native
     dense = LLM(str(bundled_gguf), dtype="float32", quantization="none", kv_cache_memory="16MiB")
     torch.testing.assert_close(got, dense.score_logits(ids), rtol=1e-3, atol=1e-3)

@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from turbollm.quantization import kernels
-from turbollm.worker.calibration import (calibration_windows, collect_stats,
-                                               corpus_token_ids, decoder_linears,
-                                               engine_window_runner)
+from calib_target import calibration_target
+
+from turbollm.worker.calibration import (calibration_windows, collect_stats, corpus_token_ids,
+                                         decoder_linears, window_runner)
+
 from turbollm.quantization.gptq import gptq_quantize_weight, output_error
 from turbollm.quantization.int4 import dequantize_int4, quantize_int4_rtn
 from turbollm.quantization.int4_result import install_int4_weights
@@ -23,8 +25,8 @@ def tiny_stats(tiny_llama):
     from turbollm.corpus import builtin_corpus_text
     llm = LLM(str(tiny_llama), kv_cache_memory="16MiB", **KW)
     ids = corpus_token_ids(llm.tokenizer, builtin_corpus_text(max_chars=20000))
-    linears = decoder_linears(llm.engine.model)
-    stats = collect_stats(engine_window_runner(llm.engine), calibration_windows(ids, 8, 64),
+    linears = decoder_linears(llm.engine.executor.worker.model)
+    stats = collect_stats(window_runner(calibration_target(llm)), calibration_windows(ids, 8, 64),
                           linears, hessian=True, abs_stats=False, progress=False)
     return llm, linears, stats
 
@@ -95,7 +97,7 @@ def test_quantization_gptq_at_load(tiny_llama):
     ref = LLM(str(tiny_llama), kv_cache_memory="16MiB", **KW)
     llm = LLM(str(tiny_llama), kv_cache_memory="16MiB", quantization="gptq",
               quantization_group_size=32, **KW)
-    layers = decoder_linears(llm.engine.model)
+    layers = decoder_linears(llm.engine.executor.worker.model)
     assert all(m.quant_method.name == "int4" and m.weight is None for m in layers.values())
     probe = ref.tokenizer("class A:\n    def method(self):\n        pass").input_ids
     got, want = llm.score_logits(probe), ref.score_logits(probe)

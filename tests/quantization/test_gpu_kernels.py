@@ -149,7 +149,7 @@ def test_quantized_model_on_cuda_matches_cpu(method, tiny_llama):
     for device in ("cpu", "cuda"):
         llm = LLM(str(tiny_llama), dtype="float32", device=device, quantization=method,
                   kv_cache_memory="8MiB")
-        layer = llm.engine.runner.model.model.layers[0].mlp.down_proj
+        layer = llm.engine.executor.worker.runner.model.model.layers[0].mlp.down_proj
         state = getattr(layer, f"{method}_state")
         assert next(t for t in vars(state).values() if torch.is_tensor(t)).device.type == device
         outs.append(llm.generate(["Hello there"], params)[0].outputs[0].token_ids)

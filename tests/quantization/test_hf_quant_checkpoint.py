@@ -165,20 +165,21 @@ def _dense_reference_dir(qdir: Path, out: Path, method: str) -> Path:
 def test_checkpoint_loads_and_matches_dequantized_reference(tiny_llama, tmp_path, method):
     from turbollm import LLM
     from turbollm.loader.safetensors import read_hf_config
+    from calib_target import calibration_target
     from turbollm.worker.calibration import apply_calibrated_quantization
 
     kw = dict(dtype="float32", device="cpu", num_threads=1, kv_cache_memory="16MiB")
     src = LLM(str(tiny_llama), **kw)
     extra = {"act_order": True} if method == "gptq" else {"n_grid": 5}
-    apply_calibrated_quantization(src.engine, method, 32, num_windows=4, window_len=64,
+    apply_calibrated_quantization(calibration_target(src), method, 32, num_windows=4, window_len=64,
                                   progress=False, **extra)
-    qdir = write_quantized_checkpoint(src.engine.model, read_hf_config(tiny_llama),
+    qdir = write_quantized_checkpoint(src.engine.executor.worker.model, read_hf_config(tiny_llama),
                                       tmp_path / "q", method, src.tokenizer)
     ref_dir = _dense_reference_dir(qdir, tmp_path / "ref", method)
 
     ids = src.tokenizer("def f(x):\n    return x * 2  # a tiny test").input_ids
     loaded = LLM(str(qdir), **kw)
-    quantized_layers = [m for m in loaded.engine.model.modules() if "int4" in
+    quantized_layers = [m for m in loaded.engine.executor.worker.model.modules() if "int4" in
                         getattr(getattr(m, "quant_method", None), "name", "")]
     assert len(quantized_layers) == 2 * 4  # every decoder linear runs the int4 kernel
     # fp32 activations: up to 16 rows are otherwise rounded to int16 (~2e-5 relative; tested
@@ -208,7 +209,7 @@ def test_quantize_cli_writes_a_loadable_directory(tiny_llama, tmp_path, method):
     assert (out / "tokenizer.json").is_file()
     llm = LLM(str(out), dtype="float32", quantization=method, num_threads=1,
               kv_cache_memory="16MiB")  # already quantized: served as it is
-    assert llm.engine.model.checkpoint_quantization == method
-    layers = [m for n, m in llm.engine.model.named_modules() if ".layers." in n
+    assert llm.engine.executor.worker.model.checkpoint_quantization == method
+    layers = [m for n, m in llm.engine.executor.worker.model.named_modules() if ".layers." in n
               and hasattr(m, "quant_method")]
     assert layers and all(m.quant_method.name == "int4" for m in layers)

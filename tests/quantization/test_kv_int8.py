@@ -98,7 +98,7 @@ def test_fp16_cache_under_fp32_activations(tiny_llama):
     twice the blocks of 'auto' in the same budget, and the same greedy tokens at first."""
     fp32 = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB")
     fp16 = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB", kv_cache_dtype="float16")
-    assert fp16.engine.runner.kv_views[0][0].dtype == torch.float16
+    assert fp16.engine.executor.worker.runner.kv_views[0][0].dtype == torch.float16
     assert fp16.engine.num_kv_blocks == 2 * fp32.engine.num_kv_blocks
     params = SamplingParams(max_tokens=8, temperature=0)
     prompt = [[5, 17, 300, 42, 7, 99, 1000, 3]]

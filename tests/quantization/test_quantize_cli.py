@@ -11,7 +11,7 @@ from turbollm.cli import main
 
 
 def _methods(llm):
-    return {n: m.quant_method.name for n, m in llm.engine.model.named_modules()
+    return {n: m.quant_method.name for n, m in llm.engine.executor.worker.model.named_modules()
             if hasattr(m, "quant_method")}
 
 

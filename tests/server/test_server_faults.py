@@ -17,13 +17,13 @@ POISON = 4242  # a prompt starting with this token id makes the patched step rai
 @pytest.fixture
 def faulty(make_server_fixture):
     live = make_server_fixture(max_num_seqs=8)
-    runner = live.llm_engine.runner
+    runner = live.llm_engine.executor.worker.runner
     original = runner.execute
 
-    def execute(so):
-        if any(r.prompt_token_ids[0] == POISON for r in so.requests):
+    def execute(batch):
+        if any(s.prompt_token_ids[0] == POISON for s in batch.sequences):
             raise RuntimeError("injected step failure")
-        return original(so)
+        return original(batch)
 
     runner.execute = execute  # a plain attribute swap: read by the engine thread next step
     return live

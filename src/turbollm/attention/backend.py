@@ -42,10 +42,3 @@ class AttentionBackend:
         """q: [T, H, D], k/v: [T, KVH, D] -> out: [T, H, D]."""
         raise NotImplementedError
 
-
-def get_attention_backend(name: str = "torch") -> AttentionBackend:
-    """Look up a backend by name."""
-    if name in ("torch", "torch_sdpa", "reference"):
-        from turbollm.attention.torch_sdpa import TorchAttentionBackend
-        return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}")

@@ -76,10 +76,10 @@ def _defaults() -> dict:
 
 def run_bench(args) -> int:
     from turbollm.bench import report
-    from turbollm.bench.configs import (PEER_DTYPES, build_matrix, parse_overrides,
-                                        peer_configs)
+    from turbollm.bench.configs import PEER_DTYPES, build_matrix, peer_configs
     from turbollm.bench.offline import run_matrix
     from turbollm.bench.workloads import PRESETS
+    from turbollm.cli_args import parse_overrides
     from turbollm.config import default_num_threads
     from turbollm.worker.model_loader import read_arch
     from turbollm.loader.resolve import resolve_model

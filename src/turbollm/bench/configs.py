@@ -20,38 +20,6 @@ class BenchConfig:
         return {"name": self.name, "kwargs": self.kwargs, "peer": self.peer}
 
 
-def parse_value(text: str):
-    """'4' -> 4, '0.5' -> 0.5, 'true'/'false' -> bool, 'null' -> None, else the string
-    ('none' stays a string: it is a value of several options, e.g. quantization=none)."""
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "null":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def parse_overrides(items: list[str] | str | None) -> dict:
-    """['dtype=float32', 'quantization=int4,kv_cache_dtype=int8'] -> engine kwargs."""
-    if items is None:
-        return {}
-    if isinstance(items, str):
-        items = [items]
-    out = {}
-    for item in items:
-        for part in filter(None, (p.strip() for p in item.split(","))):
-            key, sep, value = part.partition("=")
-            if not sep or not key.strip():
-                raise ValueError(f"expected KEY=VALUE, got {part!r}")
-            out[key.strip().replace("-", "_")] = parse_value(value)
-    return out
-
-
 def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
     """Every technique the engine has an option for, one switch at a time over the defaults."""
     draft_layers = max(1, (num_layers or 4) // 4)  # self-speculation on a quarter of the layers

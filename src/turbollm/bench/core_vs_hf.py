@@ -92,7 +92,7 @@ def main(argv=None) -> int:
                   num_threads=args.threads,
                   max_num_seqs=max(64, args.batch), max_num_batched_tokens=2048,
                   enable_prefix_caching=False)
-        wb = tensor_bytes(llm.engine.model)
+        wb = tensor_bytes(llm.engine.executor.worker.model)
         dec = ours_decode(llm)
         res[f"ours_{name}"] = {
             "decode_tok_s": dec, "decode_gbs": dec * wb / 1e9, "weight_bytes": wb,

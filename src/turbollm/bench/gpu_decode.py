@@ -30,9 +30,9 @@ FORMATS = {  # name -> LLM keyword arguments beyond the common ones
 }
 
 
-def build(model: str, fmt: str, kv_cache_memory: str) -> LLM:
+def build(model: str, fmt: str, kv_cache_memory: str, tile_config: str | None = None) -> LLM:
     return LLM(model, load_format="dummy", device="cuda", dtype="bfloat16",
-               kv_cache_memory=kv_cache_memory, **FORMATS[fmt])
+               kv_cache_memory=kv_cache_memory, tile_config=tile_config, **FORMATS[fmt])
 
 
 def measure(llms: dict[str, LLM], rounds: int, batch: int, prompt_len: int = 128,
@@ -51,7 +51,7 @@ def measure(llms: dict[str, LLM], rounds: int, batch: int, prompt_len: int = 128
             b["decode_tok_s"] = max(b["decode_tok_s"], d)
             b[f"batch{batch}_tok_s"] = max(b[f"batch{batch}_tok_s"], point["tok_s"])
     for fmt, llm in llms.items():
-        best[fmt]["weight_bytes"] = model_weight_bytes(llm.engine.model)
+        best[fmt]["weight_bytes"] = model_weight_bytes(llm.engine.executor.worker.model)
     return best
 
 
@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--kv-cache-memory", default="4GiB", help="KV cache of each format's engine")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--tile-config", help="Triton tiles from scripts/gpu_tune.py --tiles")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("needs a CUDA device")
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown format(s) {unknown}; choose from {list(FORMATS)}")
     llms = {}
     for f in formats:
-        llms[f] = build(args.model, f, args.kv_cache_memory)
+        llms[f] = build(args.model, f, args.kv_cache_memory, args.tile_config)
         print(f"built {f}", flush=True)
     results = measure(llms, args.rounds, args.batch)
     out = {"model": args.model, "device": torch.cuda.get_device_name(0), "batch": args.batch,

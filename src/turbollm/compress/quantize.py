@@ -17,23 +17,42 @@ def quantize_rtn(method: str) -> Callable[..., Path]:
     """int8 / int4: quantize at load (exactly what `--quantization` does), write our layout."""
     def run(model: str, output: Path, group_size: int, engine_kwargs: dict) -> Path:
         from turbollm import LLM
-        from turbollm.worker.model_loader import read_arch
         from turbollm.loader.resolve import resolve_model
         from turbollm.loader.turbollm_checkpoint import write_checkpoint
+        from turbollm.worker.model_loader import read_arch
         llm = LLM(model, quantization=method, quantization_group_size=group_size,
                   **engine_kwargs)
-        eng = llm.engine
+        worker = llm.engine.executor.worker
         _, hf_config = read_arch(resolve_model(model, engine_kwargs.get("load_format", "auto")))
-        return write_checkpoint(eng.model, hf_config, output, eng.tokenizer, eng.dtype)
+        return write_checkpoint(worker.model, hf_config, output, worker.tokenizer,
+                                worker.loaded.dtype)
     return run
 
 
 def quantize_calibrated(method: str) -> Callable[..., Path]:
     """awq / gptq: calibrate on the built-in corpus, write the AutoAWQ-GEMM / GPTQ layout."""
     def run(model: str, output: Path, group_size: int, engine_kwargs: dict) -> Path:
-        from turbollm.loader.awq_gptq import export_calibrated_checkpoint
         return export_calibrated_checkpoint(model, method, group_size, output, **engine_kwargs)
     return run
+
+
+def export_calibrated_checkpoint(model: str, method: str, group_size: int, output_dir,
+                                 checkpoint_format: str = "gptq", **engine_kwargs) -> Path:
+    """`turbollm quantize --method awq|gptq`: load `model` dense, calibrate on the built-in
+    corpus, quantize, and write an AutoAWQ-GEMM (awq) or GPTQ (gptq) checkpoint directory."""
+    from turbollm import LLM
+    from turbollm.loader.awq_gptq import write_quantized_checkpoint
+    from turbollm.loader.resolve import resolve_model
+    from turbollm.worker.model_loader import read_arch
+
+    if method not in ("awq", "gptq"):
+        raise ValueError(f"unknown calibrated method {method!r} (awq or gptq)")
+    engine_kwargs.setdefault("dtype", "float32")  # calibrate on full-precision activations
+    llm = LLM(model, quantization=method, quantization_group_size=group_size, **engine_kwargs)
+    _, hf_config = read_arch(resolve_model(model, engine_kwargs.get("load_format", "auto")))
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
+    return write_quantized_checkpoint(llm.engine.executor.worker.model, hf_config, output_dir,
+                                      method, llm.tokenizer, checkpoint_format)
 
 
 METHODS: dict[str, Callable[..., Path]] = {

@@ -5,24 +5,18 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 
-import torch
-
-from turbollm.attention.backend import get_attention_backend
-from turbollm.config import EngineConfig, default_num_threads
-from turbollm.engine.errors import ContextLengthExceededError, RequestValidationError
+from turbollm.config import EngineConfig
+from turbollm.core.batch import step_batch
 from turbollm.core.kv_cache_manager import KVCacheManager
-from turbollm.engine.output_processor import OutputProcessor, RequestGroup
-from turbollm.engine.outputs import RequestOutput
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
-from turbollm.worker.model_loader import load_model
+from turbollm.engine.errors import ContextLengthExceededError, RequestValidationError
+from turbollm.engine.output_processor import OutputProcessor, RequestGroup
+from turbollm.engine.outputs import RequestOutput
+from turbollm.executor.uniproc import make_executor
 from turbollm.sampling_params import SamplingParams
-from turbollm.worker.draft import draft_kv_share, load_separate_draft
 from turbollm.spec_decode.proposer import make_speculative_decoder
 from turbollm.spec_decode.step_cost import measure_step_costs
-from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
-                                      profile_peak_bytes)
-from turbollm.worker.model_runner import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -41,63 +35,43 @@ class EngineStats:
 
 
 class LLMEngine:
-    """Continuous-batching engine over a paged KV cache."""
+    """Continuous-batching engine over a paged KV cache; the executor's workers hold every
+    tensor, the engine schedules."""
 
     def __init__(self, config: EngineConfig):
         self.config = config
-        device = config.device.resolved_device()
-        self.device = device
-        if device == "cpu":
-            torch.set_num_threads(config.device.num_threads or default_num_threads())
-        torch.manual_seed(config.model.seed)
-        t0 = time.perf_counter()
-        loaded = load_model(config.model, device, get_attention_backend("torch"))
-        self.model, self.arch, self.tokenizer = loaded.model, loaded.arch, loaded.tokenizer
-        self.dtype = loaded.dtype
-        self.model_name = loaded.source.name
-        draft = load_separate_draft(config, device, get_attention_backend("torch"))
-        self.load_time_s = time.perf_counter() - t0
-
+        self.executor = make_executor(config)  # loads the model (and any draft)
+        info = self.executor.model_info()
+        self.arch, self.tokenizer, self.device = info.arch, info.tokenizer, info.device
+        self.model_name, self.dtype, self.eos_token_ids = info.name, info.dtype, info.eos_token_ids
+        self.num_kv_blocks = num_blocks = self.executor.num_kv_blocks()
+        self.max_model_len = self._context_length(info.max_model_len, num_blocks)
+        draft_cost = self.executor.init_cache(num_blocks)
         cc = config.cache
-        peak = None
-        if device.startswith("cuda") and cc.kv_cache_memory_bytes is None:
-            # Measure, then size: the cache gets what a full-size step leaves free.
-            step = min(config.scheduler.max_num_batched_tokens, loaded.max_model_len)
-            peak = profile_peak_bytes(self.model, self.arch, step, cc.block_size, self.dtype,
-                                      device, config.scheduler.max_num_seqs)
-        budget = kv_budget_bytes(cc.kv_cache_memory_bytes, device, peak)
-        # a separate draft's cache shares the budget
-        budget = int(budget * draft_kv_share(self.arch, self.dtype, draft, cc.kv_cache_dtype))
-        num_blocks = cc.num_gpu_blocks_override or blocks_for_budget(
-            self.arch, budget, cc.block_size, self.dtype, cc.kv_cache_dtype)
-        if num_blocks < 1:
-            raise ValueError("the KV cache budget is too small for a single block")
-        capacity = num_blocks * cc.block_size
-        if config.model.max_model_len and config.model.max_model_len > capacity:
-            raise ValueError(f"max_model_len {config.model.max_model_len} exceeds the KV cache "
-                             f"capacity of {capacity} tokens; raise --kv-cache-memory")
-        self.max_model_len = min(loaded.max_model_len, capacity)
-        self.num_kv_blocks = num_blocks
-        self.kv_cache = allocate_kv_cache(self.arch, num_blocks, cc.block_size, self.dtype, device,
-                                          cc.kv_cache_dtype)
-        self.eos_token_ids = self._eos_ids()
-        self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, device,
-                                  self.arch.vocab_size, self.eos_token_ids)
         self.kv_manager = KVCacheManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
-        self.spec = make_speculative_decoder(self, draft)
+        self.spec = make_speculative_decoder(config.speculative, self.max_model_len,
+                                             self.executor, self.kv_manager.block_ids, draft_cost)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
                                    self.spec.num_lookahead_tokens if self.spec else 0)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
-        if config.model.quantization in ("awq", "gptq"):  # calibration runs the built engine
-            from turbollm.worker.calibration import quantize_engine_at_load
-            quantize_engine_at_load(self, config.model.quantization,
-                                    config.model.quantization_group_size)
+        self._finished_ids: list[str] = []  # for the worker, with the next batch
         if self.spec is not None and self.spec.measures_step_costs:
             self._measure_step_costs()
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
-                 "loaded in %.1fs", self.model_name, device, self.dtype, num_blocks,
-                 cc.block_size, self.max_model_len, self.load_time_s)
+                 "loaded in %.1fs", self.model_name, self.device, self.dtype, num_blocks,
+                 cc.block_size, self.max_model_len, info.load_time_s)
+
+    def _context_length(self, model_len: int, num_blocks: int) -> int:
+        """The context the engine serves: the model's, capped by the KV cache's capacity."""
+        if num_blocks < 1:
+            raise ValueError("the KV cache budget is too small for a single block")
+        capacity = num_blocks * self.config.cache.block_size
+        asked = self.config.model.max_model_len
+        if asked and asked > capacity:
+            raise ValueError(f"max_model_len {asked} exceeds the KV cache capacity of "
+                             f"{capacity} tokens; raise --kv-cache-memory")
+        return min(model_len, capacity)
 
     def _measure_step_costs(self) -> None:
         """Time verification steps for the speculation controller (spec_decode/step_cost.py),
@@ -120,13 +94,6 @@ class LLMEngine:
     @classmethod
     def from_kwargs(cls, **kwargs) -> "LLMEngine":
         return cls(EngineConfig.from_kwargs(**kwargs))
-
-    def _eos_ids(self) -> list[int]:
-        ids = list(self.arch.eos_token_id)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None) if self.tokenizer else None
-        if not ids and tok_eos is not None:
-            ids = [tok_eos]
-        return ids
 
     # ----- requests -----
     def encode_prompt(self, prompt: str) -> list[int]:
@@ -190,7 +157,7 @@ class LLMEngine:
             return
         ids = [c.request_id for c in group.children]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
-        self.runner.release(ids)
+        self._finished_ids.extend(ids)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -199,7 +166,7 @@ class LLMEngine:
         """Ids (as given to add_request) of requests with a sequence not yet admitted."""
         return {r.extra[0].request_id for r in self.scheduler.waiting if r.extra is not None}
 
-    def score_logits(self, token_ids: list[int]) -> torch.Tensor:
+    def score_logits(self, token_ids: list[int]):
         """Next-token logits at every position of `token_ids`: [len, vocab] fp32.
 
         Row i is the model's prediction for token i + 1 given tokens[:i + 1]. Runs outside the
@@ -222,8 +189,7 @@ class LLMEngine:
                                f"{pool.num_available} are free")
         blocks = pool.allocate(need)
         try:
-            return self.runner.forward_logits(list(token_ids), [b.block_id for b in blocks],
-                                              self.config.scheduler.max_num_batched_tokens)
+            return self.executor.score_logits(list(token_ids), [b.block_id for b in blocks])
         finally:
             pool.release(blocks)
 
@@ -234,8 +200,10 @@ class LLMEngine:
         if so.is_empty:
             return []
         num_proposed = [len(r.spec_token_ids) for r in so.requests]
+        batch = step_batch(so, self._finished_ids)
+        self._finished_ids = []
         try:
-            ro = self.runner.execute(so)
+            ro = self.executor.execute(batch)
         except Exception as exc:  # fail only this step's requests; the engine goes on
             return self._fail_step(so, exc)
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
@@ -243,7 +211,7 @@ class LLMEngine:
         self.stats.generation_tokens += sum(kept for _, kept in new)
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
         released = [r.request_id for r in self.outputs.released]
-        self.runner.release(released)
+        self._finished_ids.extend(released)
         if self.spec is not None:
             self.spec.observe(so, ro.sampled_token_ids, num_proposed)
             self.spec.forget(released)
@@ -257,7 +225,7 @@ class LLMEngine:
         groups = {id(r.extra[0]): r.extra[0] for r in so.requests}.values()
         ids = [c.request_id for g in groups for c in g.children]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
-        self.runner.release(ids)
+        self._finished_ids.extend(ids)
         return self.outputs.fail(list(groups), f"{type(exc).__name__}: {exc}")
 
     def run_until_done(self) -> list[RequestOutput]:

@@ -65,7 +65,7 @@ def _text_ids(llm, args) -> list[int]:
 
 def run_eval(args) -> int:
     from turbollm import LLM
-    from turbollm.bench.configs import parse_overrides
+    from turbollm.cli_args import parse_overrides
     progress = not args.no_progress
     result: dict = {"model": args.model, "max_length": args.max_length,
                     "stride": args.stride or max(1, args.max_length // 2),
@@ -95,7 +95,7 @@ def run_eval(args) -> int:
 def compare(args, progress: bool) -> dict:
     """Both configurations loaded side by side; every measure on the same tokens."""
     from turbollm import LLM
-    from turbollm.bench.configs import parse_overrides
+    from turbollm.cli_args import parse_overrides
     from turbollm.eval.agreement import greedy_agreement, greedy_continuations, logit_agreement
     from turbollm.corpus import corpus_prompts
     over_a = parse_overrides(args.config_a) if args.config_a else \

@@ -1,5 +1,6 @@
 """Pre-quantized Hugging Face checkpoints in the AutoAWQ (GEMM) and GPTQ safetensors layouts:
-read them into the int4 interchange form (`int4.py`), and write them.
+read them into the int4 interchange form (`int4.py`), and write them (`turbollm quantize
+--method awq|gptq`, compress/quantize.py, calibrates a model and writes it here).
 
 Both layouts pack eight 4-bit values into an int32, value i in bits [4i, 4i + 4); tensors are
 stored transposed against nn.Linear (input dimension first). Per quantized linear `<m>`:
@@ -369,20 +370,3 @@ def write_quantized_checkpoint(model: torch.nn.Module, hf_config: dict, out_dir,
         tokenizer.save_pretrained(str(out_dir))
     return out_dir
 
-
-def export_calibrated_checkpoint(model: str, method: str, group_size: int, output_dir,
-                                 checkpoint_format: str = "gptq", **engine_kwargs) -> Path:
-    """`turbollm quantize --method awq|gptq`: load `model` dense, calibrate on the built-in
-    corpus, quantize, and write an AutoAWQ-GEMM (awq) or GPTQ (gptq) checkpoint directory."""
-    from turbollm.llm import LLM
-    from turbollm.worker.model_loader import read_arch
-    from turbollm.loader.resolve import resolve_model
-
-    if method not in ("awq", "gptq"):
-        raise ValueError(f"unknown calibrated method {method!r} (awq or gptq)")
-    engine_kwargs.setdefault("dtype", "float32")  # calibrate on full-precision activations
-    llm = LLM(model, quantization=method, quantization_group_size=group_size, **engine_kwargs)
-    _, hf_config = read_arch(resolve_model(model, engine_kwargs.get("load_format", "auto")))
-    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
-    return write_quantized_checkpoint(llm.engine.model, hf_config, output_dir, method,
-                                      llm.tokenizer, checkpoint_format)

@@ -51,7 +51,7 @@ def resolve_model(model: str, load_format: str = "auto") -> ResolvedModel:
             return ResolvedModel("gguf", ggufs[0], key)
         raise ModelNotFoundError(f"{path} has no config.json (and not exactly one .gguf file)")
     if load_format == "dummy":
-        from turbollm.plan.models import preset_config  # shapes of known models, no weights
+        from turbollm.model_presets import preset_config  # shapes of known models, no weights
         if preset_config(key) is not None:
             return ResolvedModel("preset", None, key)
     if path.exists() or key.startswith((".", "/", "~")) or key.count("/") != 1:

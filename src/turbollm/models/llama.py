@@ -16,7 +16,7 @@ from turbollm.layers.layernorm import RMSNorm
 from turbollm.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
 from turbollm.layers.rotary import RotaryEmbedding
 from turbollm.model_arch import ModelArch
-from turbollm.models.native_decode import NativeDecoder, native_decode_enabled
+from turbollm.models.native_decode import NativeDecoder
 from turbollm.quantization import kernels as quant_kernels
 
 # checkpoint name piece -> (our fused parameter name piece, shard id)
@@ -96,10 +96,11 @@ class LlamaModel(nn.Module):
                                     for _ in range(arch.num_hidden_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.native_decoder: NativeDecoder | None = None  # made at the first CPU step
+        self.native_decode = True  # KernelConfig.native_decode, set by the worker
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Runs the first len(kv_caches) layers: all of them, or a self-speculation draft's."""
-        if native_decode_enabled() and input_ids.device.type == "cpu":
+        if self.native_decode and input_ids.device.type == "cpu":
             if self.native_decoder is None:
                 self.native_decoder = NativeDecoder(self)
             out = self.native_decoder.forward(input_ids, positions, kv_caches, meta)

@@ -15,7 +15,6 @@ before this module is imported), which is how the tests check them without a GPU
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +61,6 @@ def load_tile_config(path: str) -> None:
             raise ValueError(f"{path}: unknown kernel {name!r}; expected {sorted(TILE_CONFIG)}")
         TILE_CONFIG[name] = dict(cfg)
 
-
-if os.environ.get("TURBOLLM_TILE_CONFIG"):
-    load_tile_config(os.environ["TURBOLLM_TILE_CONFIG"])
 
 
 def available() -> bool:

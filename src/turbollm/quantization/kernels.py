@@ -8,14 +8,13 @@ A kernel state holds the weight in the layout the kernels read (see csrc/lowbit.
 Activation rows of packed-kernel calls with up to MAX_ROWS_A16 rows (decode, small batches,
 verifications) are by default rounded to int16 per 32 columns first, so the kernels use
 integer dot products (llama.cpp rounds to int8, which changed greedy answers of the 135M model
-here; 16 bits are ~256x finer); `exact_activations(True)` (or TURBOLLM_EXACT_ACTIVATIONS=1)
-keeps them fp32. Without the C library (no AVX2 or no compiler)
-torch's own kernels serve. States on a GPU are served by gpu_kernels (Triton).
+here; 16 bits are ~256x finer); `exact_activations(True)` (`--exact-activations`,
+KernelConfig) keeps them fp32. Without the C library (no AVX2 or no compiler) torch's own
+kernels serve. States on a GPU are served by gpu_kernels (Triton).
 """
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +42,7 @@ _MAX_A16_BLOCKS = 4096
 # threads, ms int16 / fp32 rows (session 6): M=9 25.7 / 28.1, M=16 31.4 / 42.2, M=32 68.8 / 80.3,
 # M=48 104 / 129. Up to here a row gives the same bits whatever the batch (one kernel, one order).
 MAX_ROWS_A16 = 48
-_int16_activations = os.environ.get("TURBOLLM_EXACT_ACTIVATIONS", "") in ("", "0")
+_int16_activations = True  # KernelConfig.exact_activations turns it off (worker/worker.py)
 
 
 def exact_activations(on: bool = True) -> None:

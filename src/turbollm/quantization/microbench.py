@@ -81,7 +81,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
+    ap.add_argument("--tile-config", help="Triton tiles from scripts/gpu_tune.py --tiles")
     args = ap.parse_args(argv)
+    if args.tile_config:
+        from turbollm.quantization import gpu_kernels
+        gpu_kernels.load_tile_config(args.tile_config)
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"threads {torch.get_num_threads()}; speed-up over our bf16 path (higher is faster)")

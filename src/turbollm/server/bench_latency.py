@@ -135,15 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
 
-    from turbollm.cli import build_parser
-    from turbollm.cli_args import engine_kwargs
+    from turbollm.cli_args import add_engine_args, engine_kwargs
     engine_args = ["--model", args.model, *args.engine_arg,
                    "--max-num-seqs", str(max(args.concurrency))]
-    ekw = engine_kwargs(build_parser().parse_args(["serve", *engine_args]))
+    engine_parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(engine_parser)
+    # server flags among --engine-arg are left to the server process
+    ekw = engine_kwargs(engine_parser.parse_known_args(engine_args)[0])
     ekw.pop("max_num_seqs")
 
-    from turbollm.worker.model_loader import load_tokenizer_for
     from turbollm.loader.resolve import resolve_model
+    from turbollm.worker.model_loader import load_tokenizer_for
     tokenizer = load_tokenizer_for(resolve_model(args.model), None)
     def num_requests(c: int) -> int:
         return c * max(args.requests_per_client, -(-args.min_requests // c))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from turbollm.config import SpeculativeConfig
+from turbollm.core.batch import DraftWork
 from turbollm.core.request import Request
 from turbollm.spec_decode.controller import SpecController
 from turbollm.spec_decode.ngram import propose_ngram
@@ -27,6 +28,27 @@ class NgramProposer:
     def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
         return [propose_ngram(np.asarray(r.all_token_ids), k, self.n_min, self.n_max) if k
                 else [] for r, k in zip(reqs, ks)]
+
+
+class WorkerDraftProposer:
+    """A draft model's proposals, made by the worker that holds it: each request goes over as
+    DraftWork (its tokens, its blocks, how many of them the draft has seen)."""
+
+    def __init__(self, executor, block_ids_of, cost_per_token: float):
+        self.executor = executor
+        self.block_ids_of = block_ids_of  # request id -> its KV block ids
+        self.cost_per_token = cost_per_token  # one draft forward, in target decode steps
+
+    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
+        if not any(ks):
+            return [[] for _ in reqs]
+        work = [DraftWork(r.request_id, r.all_token_ids, self.block_ids_of(r.request_id), k,
+                          r.draft_num_computed) for r, k in zip(reqs, ks)]
+        out = self.executor.propose(work)
+        for r, props in zip(reqs, out):
+            if props:  # the draft saw every token but the last proposal
+                r.draft_num_computed = r.num_tokens + len(props) - 1
+        return out
 
 
 class SpeculativeDecoder:
@@ -86,14 +108,14 @@ class SpeculativeDecoder:
         self.controller.forget(request_ids)
 
 
-def make_speculative_decoder(engine, draft=None) -> SpeculativeDecoder | None:
-    """The engine's speculative decoder (None when off); `draft` is a separately loaded draft
-    model (LoadedModel) for `--draft-model`."""
-    config = engine.config.speculative
+def make_speculative_decoder(config: SpeculativeConfig, max_model_len: int, executor=None,
+                             block_ids_of=None, draft_cost: float | None = None
+                             ) -> SpeculativeDecoder | None:
+    """The engine's speculative decoder (None when off). A draft model runs in the worker
+    (`executor.propose`); `draft_cost` is its forward's cost in target steps."""
     if not config.enabled:
         return None
     if config.speculative_method == "ngram":
-        return SpeculativeDecoder(config, NgramProposer(config), engine.max_model_len)
-    from turbollm.worker.draft import build_draft_proposer
-    proposer = build_draft_proposer(engine, draft)
-    return SpeculativeDecoder(config, proposer, engine.max_model_len)
+        return SpeculativeDecoder(config, NgramProposer(config), max_model_len)
+    proposer = WorkerDraftProposer(executor, block_ids_of, draft_cost)
+    return SpeculativeDecoder(config, proposer, max_model_len)

@@ -1,5 +1,9 @@
 """Calibration for AWQ and GPTQ: token windows from the built-in corpus, and per-linear input
-statistics gathered with forward hooks while the engine runs the full-precision model.
+statistics gathered with forward hooks while the full-precision model runs.
+
+A calibration `target` is anything with `model`, `tokenizer`, `max_model_len` and
+`score_logits(token_ids)`: the Worker at start-up (`--quantization awq|gptq`), or a built
+engine's worker model with the engine's scoring (tests, `turbollm quantize`).
 
 All layers are calibrated from one pass of the unquantized model (not layer by layer on the
 outputs of already-quantized layers, as the GPTQ/AWQ papers do): one pass costs one forward per
@@ -113,34 +117,34 @@ def collect_stats(run_window, windows: list[list[int]], linears: dict[str, Linea
     return stats
 
 
-def engine_window_runner(engine):
-    """A function running token ids through the engine's model, skipping the vocab projection
+def window_runner(target):
+    """A function running token ids through the target's model, skipping the vocab projection
     (calibration only needs the decoder layers' inputs; the head is most of a 135M model's
     FLOPs per token)."""
-    model = engine.model
+    model = target.model
 
     def run(token_ids: list[int]) -> None:
         # An instance attribute shadows the method for this call only.
         model.compute_logits = lambda hidden: hidden[:, :1]
         try:
-            engine.score_logits(token_ids)
+            target.score_logits(token_ids)
         finally:
             del model.compute_logits
     return run
 
 
-def apply_calibrated_quantization(engine, method: str, group_size: int,
+def apply_calibrated_quantization(target, method: str, group_size: int,
                                   num_windows: int = 32, window_len: int = 256,
                                   progress: bool = True, text: str | None = None,
                                   **method_kwargs) -> dict:
-    """Calibrate on the built-in corpus (or `text`), then quantize the engine's decoder linears
+    """Calibrate on the built-in corpus (or `text`), then quantize the target's decoder linears
     to int4 with AWQ or GPTQ in place. Returns {layer name: int4 result}."""
-    if engine.tokenizer is None:
+    if target.tokenizer is None:
         raise ValueError(f"{method} calibration needs a tokenizer (the model has none)")
-    window_len = min(window_len, engine.max_model_len)
-    ids = corpus_token_ids(engine.tokenizer, text)
+    window_len = min(window_len, target.max_model_len)
+    ids = corpus_token_ids(target.tokenizer, text)
     windows = calibration_windows(ids, num_windows, window_len)
-    model = engine.model
+    model = target.model
     linears = decoder_linears(model)
     if any(m.weight is None for m in linears.values()):
         raise ValueError(f"{method} needs the dense weights, but the model's linears are already "
@@ -152,7 +156,7 @@ def apply_calibrated_quantization(engine, method: str, group_size: int,
         log.warning("%s: group size %d does not divide the input widths; using %d",
                     method, group_size, g)
     group_size = g
-    run = engine_window_runner(engine)
+    run = window_runner(target)
     if method == "gptq":
         from turbollm.quantization.gptq import gptq_quantize_model
         stats = collect_stats(run, windows, linears, hessian=True, abs_stats=False,
@@ -167,10 +171,10 @@ def apply_calibrated_quantization(engine, method: str, group_size: int,
     raise ValueError(f"unknown calibrated quantization method {method!r} (awq or gptq)")
 
 
-def quantize_engine_at_load(engine, method: str, group_size: int) -> None:
+def quantize_at_load(target, method: str, group_size: int) -> None:
     """`--quantization awq|gptq`: calibrate and quantize, unless the checkpoint already came
     quantized (an AutoAWQ/GPTQ directory loads as it is)."""
-    own = getattr(engine.model, "checkpoint_quantization", None)
+    own = getattr(target.model, "checkpoint_quantization", None)
     if own is not None:
         if own != method:
             log.warning("the checkpoint is already %s-quantized; serving it as it is, not %s",
@@ -178,6 +182,6 @@ def quantize_engine_at_load(engine, method: str, group_size: int) -> None:
         return
     import time
     t0 = time.perf_counter()
-    apply_calibrated_quantization(engine, method, group_size)
+    apply_calibrated_quantization(target, method, group_size)
     log.info("%s int4 calibration and quantization took %.1fs", method,
              time.perf_counter() - t0)

@@ -2,8 +2,9 @@
 autoregressively (argmax), batched over requests, with its own paged KV cache.
 
 The draft's cache uses the target's block tables (same block ids, same block size), so the
-scheduler's block accounting covers both; the scheduler keeps `k` lookahead slots per decoding
-request for the draft's proposals. Two kinds of draft:
+scheduler's block accounting covers both, and keeps `k` lookahead slots per decoding request
+for the draft's proposals. The engine sends each request's tokens, blocks and how many of them
+the draft has seen (DraftWork), so the worker keeps no draft state. Two kinds of draft:
 - a separate model (`--draft-model`, e.g. the target quantized to int4): its own cache tensor,
   caught up on each request's accepted tokens before proposing;
 - self-speculation (`--draft-layers k`): the target's first k layers with its final norm and
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from turbollm.core.request import Request
+from turbollm.core.batch import DraftWork
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 
 
@@ -44,43 +45,40 @@ class DraftProposer:
     """Runs the draft model for every decoding request that asks for proposals."""
 
     def __init__(self, model: nn.Module, kv_views, block_size: int, device: str,
-                 block_tables, shares_target_kv: bool, cost_per_token: float):
+                 shares_target_kv: bool, cost_per_token: float):
         self.model = model
         self.kv_views = kv_views
         self.block_size = block_size
         self.device = torch.device(device)
         self.shares_target_kv = shares_target_kv
         self.cost_per_token = cost_per_token  # one draft forward, in target decode steps
-        self.block_tables = block_tables  # request id -> its block ids (the target's)
 
     @torch.inference_mode()
-    def propose(self, reqs: list[Request], ks: list[int]) -> list[list[int]]:
-        active = [(r, k) for r, k in zip(reqs, ks) if k > 0]
-        out = {id(r): [] for r in reqs}
+    def propose(self, work: list[DraftWork]) -> list[list[int]]:
+        """work[i].k tokens for each request (argmax of the draft, one at a time)."""
+        out: list[list[int]] = [[] for _ in work]
+        active = [i for i, w in enumerate(work) if w.k > 0]
         if not active:
-            return [out[id(r)] for r in reqs]
+            return out
         # First forward: catch up on tokens the draft has not seen (at least the last one).
         chunks = []
-        for r, _ in active:
-            start = r.num_tokens - 1 if self.shares_target_kv else \
-                min(r.draft_num_computed, r.num_tokens - 1)
-            chunks.append(SeqChunk(r.all_token_ids[start:], start,
-                                   self.block_tables(r.request_id)))
-        tokens = self._step(chunks)
-        for (r, k), c, t in zip(active, chunks, tokens):
-            out[id(r)].append(t)
-            r.draft_num_computed = c.start + len(c.token_ids)
+        for i in active:
+            w = work[i]
+            n = len(w.token_ids)
+            start = n - 1 if self.shares_target_kv else min(w.num_computed, n - 1)
+            chunks.append(SeqChunk(w.token_ids[start:], start, w.block_ids))
+        for i, t in zip(active, self._step(chunks)):
+            out[i].append(t)
         # Then one token at a time, for the requests that want more.
-        for j in range(1, max(k for _, k in active)):
-            live = [(r, k) for r, k in active if k > j]
+        for j in range(1, max(work[i].k for i in active)):
+            live = [i for i in active if work[i].k > j]
             if not live:
                 break
-            chunks = [SeqChunk([out[id(r)][-1]], r.num_tokens - 1 + j,
-                               self.block_tables(r.request_id)) for r, _ in live]
-            for (r, _), t in zip(live, self._step(chunks)):
-                out[id(r)].append(t)
-                r.draft_num_computed += 1
-        return [out[id(r)] for r in reqs]
+            chunks = [SeqChunk([out[i][-1]], len(work[i].token_ids) - 1 + j, work[i].block_ids)
+                      for i in live]
+            for i, t in zip(live, self._step(chunks)):
+                out[i].append(t)
+        return out
 
     def _step(self, chunks: list[SeqChunk]) -> list[int]:
         """One draft forward; the argmax after each chunk's last token."""
@@ -112,32 +110,31 @@ def linear_bytes(module: nn.Module) -> int:
     return sum(linear_weight_bytes(m) for m in module.modules() if isinstance(m, LinearBase))
 
 
-def build_draft_proposer(engine, draft) -> DraftProposer:
-    """The draft proposer for an engine: `draft` (a LoadedModel) or the target's first layers."""
-    spec = engine.config.speculative
-    bs = engine.config.cache.block_size
+def build_draft_proposer(config, target, target_kv_views, draft, num_blocks: int,
+                         device: str) -> DraftProposer:
+    """The draft proposer: `draft` (a LoadedModel with its own cache of `num_blocks` blocks)
+    or the target's first --draft-layers layers (a LoadedModel too)."""
+    spec = config.speculative
+    bs = config.cache.block_size
     if draft is not None:
-        if draft.arch.vocab_size != engine.arch.vocab_size:
+        if draft.arch.vocab_size != target.arch.vocab_size:
             raise ValueError(f"the draft model's vocabulary ({draft.arch.vocab_size}) differs "
-                             f"from the target's ({engine.arch.vocab_size})")
+                             f"from the target's ({target.arch.vocab_size})")
         from turbollm.worker.kv_cache import allocate_kv_cache, layer_views
-        cache = allocate_kv_cache(draft.arch, engine.num_kv_blocks, bs, draft.dtype,
-                                  engine.device, engine.config.cache.kv_cache_dtype)
-        return DraftProposer(draft.model, layer_views(cache), bs, engine.device,
-                             engine.kv_manager.block_ids, shares_target_kv=False,
+        cache = allocate_kv_cache(draft.arch, num_blocks, bs, draft.dtype, device,
+                                  config.cache.kv_cache_dtype)
+        return DraftProposer(draft.model, layer_views(cache), bs, device, shares_target_kv=False,
                              cost_per_token=linear_bytes(draft.model)
-                             / linear_bytes(engine.model))
+                             / linear_bytes(target.model))
     k = spec.draft_layers
     if k is None:
         raise ValueError("speculative_method 'draft' needs --draft-model or --draft-layers")
-    model = TruncatedDraft(engine.model, k)
-    layers = engine.model.model.layers
-    share = ((linear_bytes(layers[0]) * k + linear_bytes(engine.model.lm_head))
-             / linear_bytes(engine.model))
-    return DraftProposer(model, engine.runner.kv_views[:k], bs, engine.device,
-                         engine.kv_manager.block_ids, shares_target_kv=True,
+    model = TruncatedDraft(target.model, k)
+    layers = target.model.model.layers
+    share = ((linear_bytes(layers[0]) * k + linear_bytes(target.model.lm_head))
+             / linear_bytes(target.model))
+    return DraftProposer(model, target_kv_views[:k], bs, device, shares_target_kv=True,
                          cost_per_token=share)
-
 
 
 def draft_kv_share(engine_arch, engine_dtype, draft, kv_cache_dtype: str = "auto") -> float:

@@ -35,7 +35,7 @@ def read_arch(source: ResolvedModel, overrides: dict | None = None) -> tuple[Mod
         from turbollm.loader.safetensors import read_hf_config
         hf_config = read_hf_config(source.path)
     else:
-        from turbollm.plan.models import preset_config
+        from turbollm.model_presets import preset_config
         hf_config = preset_config(source.name)
     hf_config = {**hf_config, **(overrides or {})}
     return ModelArch.from_hf_config(hf_config), hf_config

@@ -1,4 +1,4 @@
-"""ModelRunner: SchedulerOutput -> flat batch -> forward -> logits -> sampled tokens."""
+"""ModelRunner: StepBatch -> flat batch -> forward -> logits -> sampled tokens."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from turbollm.attention.backend import AttentionMetadata
-from turbollm.core.scheduler import SchedulerOutput
+from turbollm.core.batch import ModelRunnerOutput, SequenceWork, StepBatch
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
                                      greedy_tokens, token_logprobs)
 from turbollm.layers.rejection_sampler import verify_greedy, verify_random
@@ -20,31 +20,17 @@ PROMPT_LOGITS_ROWS = 256
 
 
 @dataclass
-class ModelRunnerOutput:
-    """Per scheduled request (same order as SchedulerOutput.requests)."""
-
-    # The tokens each request gained: [] for a partial prefill chunk, one token for a plain
-    # step, accepted proposals + one token for a speculative step.
-    sampled_token_ids: list[list[int]]
-    # Logprobs of those tokens (and top-k), one entry per token, where the request asked.
-    logprobs: list[list[Any] | None]
-    # Prompt logprobs scored this step (params.prompt_logprobs): for prompt tokens
-    # num_prompt_logprobs + 1, + 2, ... of the request, in order; None where not asked.
-    prompt_logprobs: list[list[Any] | None] | None = None
-
-
-@dataclass
 class FlatBatch:
     """One step's tokens laid out back to back (decodes first)."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     meta: AttentionMetadata
-    # Rows of `hidden` whose logits are sampled, and the index in SchedulerOutput each belongs
-    # to. A request verifying k proposals owns k + 1 consecutive rows.
+    # Rows of `hidden` whose logits are sampled, and the index in StepBatch.sequences each
+    # belongs to. A request verifying k proposals owns k + 1 consecutive rows.
     sample_rows: list[int]
     sample_owner: list[int]
-    # Proposals being verified, per index in SchedulerOutput (empty lists for plain requests).
+    # Proposals being verified, per sequence (empty lists for plain requests).
     proposals: list[list[int]]
     # First row of each request's chunk.
     offsets: list[int]
@@ -70,7 +56,7 @@ class ModelRunner:
         for rid in request_ids:
             self._generators.pop(rid, None)
 
-    def _generator(self, req) -> torch.Generator | None:
+    def _generator(self, req: SequenceWork) -> torch.Generator | None:
         seed = req.params.seed
         if seed is None:
             return None
@@ -80,36 +66,29 @@ class ModelRunner:
             self._generators[req.request_id] = gen
         return gen
 
-    def build_batch(self, so: SchedulerOutput) -> FlatBatch:
+    def build_batch(self, seqs: list[SequenceWork]) -> FlatBatch:
         """Flatten the scheduled work: token ids, positions, cache slots, attention groups."""
-        chunks: list[SeqChunk] = []
-        proposals: list[list[int]] = [[] for _ in so.requests]
-        for i, (req, n) in enumerate(zip(so.requests, so.num_scheduled_tokens)):
-            start = req.num_computed_tokens
-            tokens = req.all_token_ids[start:start + n]
-            if start + n > req.num_tokens:  # the scheduler keeps exactly the proposals that fit
-                proposals[i] = req.spec_token_ids[:start + n - req.num_tokens]
-                tokens = tokens + proposals[i]
-            chunks.append(SeqChunk(tokens, start, so.block_tables[i]))
+        chunks = [SeqChunk(s.token_ids, s.start, s.block_ids) for s in seqs]
         packed = pack_sequences(chunks, self.block_size, self.device)
         sample_rows, sample_owner = [], []
-        for i, (req, n) in enumerate(zip(so.requests, so.num_scheduled_tokens)):
-            if req.num_computed_tokens + n >= req.num_tokens:
-                # The chunk reaches the end: its last k + 1 rows are sampled (k proposals).
-                last = packed.offsets[i] + n - 1
-                k = len(proposals[i])
+        for i, s in enumerate(seqs):
+            if s.sample:  # the chunk reaches the end: its last k + 1 rows (k proposals)
+                last = packed.offsets[i] + len(s.token_ids) - 1
+                k = s.num_proposals
                 sample_rows.extend(range(last - k, last + 1))
                 sample_owner.extend([i] * (k + 1))
         return FlatBatch(packed.input_ids, packed.positions, packed.meta, sample_rows,
-                         sample_owner, proposals, packed.offsets)
+                         sample_owner, [s.proposals for s in seqs], packed.offsets)
 
     @torch.inference_mode()
-    def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute(self, step: StepBatch) -> ModelRunnerOutput:
         """Run one step of the model; sample (or verify proposals) where a chunk reached its end."""
+        self.release(step.finished_request_ids)
+        so = step.sequences
         batch = self.build_batch(so)
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)
-        sampled: list[list[int]] = [[] for _ in so.requests]
-        logprobs: list[list[Any] | None] = [None] * len(so.requests)
+        sampled: list[list[int]] = [[] for _ in so]
+        logprobs: list[list[Any] | None] = [None] * len(so)
         prompt_lps = self._prompt_logprobs(so, batch, hidden)
         if not batch.sample_rows:
             return ModelRunnerOutput(sampled, logprobs, prompt_lps)
@@ -127,7 +106,7 @@ class ModelRunner:
         self._verify(so, batch, logits, meta, sampled, logprobs)
         return ModelRunnerOutput(sampled, logprobs, prompt_lps)
 
-    def _prompt_logprobs(self, so: SchedulerOutput, batch: FlatBatch, hidden: torch.Tensor
+    def _prompt_logprobs(self, so: list[SequenceWork], batch: FlatBatch, hidden: torch.Tensor
                          ) -> list[list[Any] | None] | None:
         """Logprobs of the prompt tokens this step's chunks predict, for requests that ask.
 
@@ -136,12 +115,12 @@ class ModelRunner:
         a long chunk never holds [chunk, vocab] at once.
         """
         out: list[list[Any] | None] | None = None
-        for i, (req, n) in enumerate(zip(so.requests, so.num_scheduled_tokens)):
-            if not req.needs_prompt_logprobs:
+        for i, req in enumerate(so):
+            if req.num_prompt_logprobs < 0:
                 continue
-            start = req.num_computed_tokens
+            start = req.start
             first = max(start, req.num_prompt_logprobs)  # first position to score
-            end = min(start + n, req.num_prompt_tokens - 1)
+            end = min(start + len(req.token_ids), req.num_prompt_tokens - 1)
             if first >= end:
                 continue
             found = []
@@ -152,17 +131,17 @@ class ModelRunner:
                 found.extend(token_logprobs(self.model.compute_logits(rows), targets,
                                             req.params.prompt_logprobs))
             if out is None:
-                out = [None] * len(so.requests)
+                out = [None] * len(so)
             out[i] = found
         return out
 
-    def _sampling_metadata(self, so: SchedulerOutput, batch: FlatBatch) -> SamplingMetadata:
+    def _sampling_metadata(self, so: list[SequenceWork], batch: FlatBatch) -> SamplingMetadata:
         """One row per sampled position; row j of a verifying request sees proposals[:j] as
         already generated, so penalties and min_tokens apply exactly as in plain decoding."""
         params, prompts, outputs, gens = [], [], [], []
         j_of: dict[int, int] = {}
         for i in batch.sample_owner:
-            req = so.requests[i]
+            req = so[i]
             j = j_of[i] = j_of.get(i, -1) + 1
             params.append(req.params)
             prompts.append(req.prompt_token_ids)
@@ -192,7 +171,7 @@ class ModelRunner:
             first_row.setdefault(i, r)
         emitted_rows, emitted_tokens = [], []
         for i, r0 in first_row.items():
-            req, props = so.requests[i], batch.proposals[i]
+            req, props = so[i], batch.proposals[i]
             if req.params.greedy:
                 tokens = verify_greedy(props, greedy[r0:r0 + len(props) + 1])
             else:

@@ -1,0 +1,39 @@
+"""The in-process executor: one Worker, called directly."""
+from __future__ import annotations
+
+from turbollm.config import EngineConfig
+from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
+from turbollm.worker.worker import ModelInfo, Worker
+
+
+class UniProcExecutor:
+    """Drives one Worker in this process. Every call takes and returns plain data (plus the
+    scoring logits tensor), the contract a multi-process executor keeps too."""
+
+    def __init__(self, config: EngineConfig):
+        self.worker = Worker(config)
+
+    def model_info(self) -> ModelInfo:
+        return self.worker.model_info()
+
+    def num_kv_blocks(self) -> int:
+        return self.worker.num_kv_blocks()
+
+    def init_cache(self, num_blocks: int) -> float | None:
+        """Allocate the cache and build the runner; the draft's cost per token (or None)."""
+        self.worker.init_cache(num_blocks)
+        return self.worker.draft_cost_per_token
+
+    def execute(self, batch: StepBatch) -> ModelRunnerOutput:
+        return self.worker.execute(batch)
+
+    def propose(self, work: list[DraftWork]) -> list[list[int]]:
+        return self.worker.propose(work)
+
+    def score_logits(self, token_ids: list[int], block_ids: list[int]):
+        return self.worker.score_logits(token_ids, block_ids)
+
+
+def make_executor(config: EngineConfig) -> UniProcExecutor:
+    """The executor for `config` (one process, one device)."""
+    return UniProcExecutor(config)
