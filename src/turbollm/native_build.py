@@ -1,6 +1,6 @@
 """Build (once, cached) and load the project's small C kernels (AVX2 + FMA + F16C).
 
-Each library is one plain C file (plus the shared csrc/simd.h) compiled by the system's gcc
+Each library is one plain C file (plus the shared headers of csrc/) compiled by the system's gcc
 (about a second, no torch headers) and called through ctypes on tensors' data pointers. It is
 built on first use into ~/.cache/turbollm/kernels/ (or $XDG_CACHE_HOME), keyed by the hash of
 the source and headers. When the CPU lacks AVX2/FMA/F16C or no compiler works, `load_library`
@@ -21,7 +21,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PTR, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-# Headers every kernel may include (simd.h): on the include path, and part of each build's key.
+# Headers every kernel may include (simd.h, decode_abi.h): on the include path, and part of
+# each build's key.
 _INCLUDE = Path(__file__).parent / "csrc"
 
 
@@ -95,12 +96,14 @@ def function_address(fn) -> int:
 class RowKernel:
     """A projection's C call for a fixed row count, as fn(x_ptr, y_ptr), and the same call as
     data: `spec` = (function address, call kind, bound integer arguments), for callers that
-    make it from C (models/native_decode.py; kinds as in layers/csrc/cpu_ops.c)."""
+    make it from C (models/native_decode.py). A kind is the name of a LIN_* call kind of
+    csrc/decode_abi.h: its code is read from the library (layers/native_ops.decode_abi)."""
 
-    LOWBIT, Q8, DENSE = 0, 1, 2
+    # names, not codes: the codes live in decode_abi.h only
+    LOWBIT, Q8, DENSE = "LIN_LOWBIT", "LIN_Q8", "LIN_DENSE"
     __slots__ = ("call", "spec")
 
-    def __init__(self, call, fn, kind: int, *args: int):
+    def __init__(self, call, fn, kind: str, *args: int):
         self.call = call
         self.spec = (function_address(fn), kind, *args)
 

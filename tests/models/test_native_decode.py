@@ -102,10 +102,10 @@ def test_bf16_storage_matches_the_module_path(tiny_llama):
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
 
 
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_16_bit_embedding_tables_are_read_by_c(tiny_llama, monkeypatch, dtype):
-    """decode_layers gathers fp16/bf16 embedding rows itself; a table type it does not read
-    is gathered by torch first. Both give the module path's tokens."""
+    """decode_layers gathers fp16/bf16 (and fp32) embedding rows itself; a table type it does
+    not read is gathered by torch first. Both give the module path's tokens."""
     llm = LLM(str(tiny_llama), dtype=dtype, **ENGINE)
     if llm.engine.executor.worker.model.model.compute_dtype != torch.float32:
         pytest.skip("this CPU computes 16-bit natively: the C path (fp32 activations) is not used")

@@ -6,6 +6,8 @@ kernels use every thread. `usable(x)` says which path a tensor takes.
 """
 from __future__ import annotations
 
+import collections
+import ctypes
 import functools
 from pathlib import Path
 
@@ -25,6 +27,7 @@ _SIGNATURES = {
     "e4m3_gemm_scaled_f32": [PTR, I64, PTR, PTR, PTR, I64, I64, I64],
     "decode_layers": [PTR, I64, PTR, F32, F32],
     "argmax_rows_f32": [PTR, I64, I64, PTR],
+    "decode_abi": [PTR, PTR, PTR],
 }
 # Activation rows up to which dense_linear beats torch, measured on all 120 linears of the 135M
 # model (not cache-resident, as in a real forward), 2 threads: time C / torch at 1, 16, 64, 128,
@@ -41,6 +44,21 @@ MAX_VALUES = 1 << 15
 @functools.cache
 def lib():
     return load_library(_SRC, _SIGNATURES)
+
+
+@functools.cache
+def decode_abi():
+    """decode_layers' word layout (csrc/decode_abi.h) as the compiled library defines it: a
+    read-only namedtuple of ints by name (abi.S_T, abi.LAYER_WORDS, ...), or None without it."""
+    L = lib()
+    if L is None:
+        return None
+    sizes = (ctypes.c_int64 * 2)()
+    L.decode_abi(sizes, None, None)  # how many values, how many bytes of names
+    values = (ctypes.c_int64 * sizes[0])()
+    names = ctypes.create_string_buffer(sizes[1])
+    L.decode_abi(sizes, values, names)
+    return collections.namedtuple("DecodeAbi", names.value.decode().split())(*values)
 
 
 def usable(x: torch.Tensor) -> bool:

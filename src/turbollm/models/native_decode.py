@@ -34,12 +34,10 @@ from turbollm.quantization import kernels as quant_kernels
 MAX_ROWS = max(native_ops.MAX_DENSE_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
 _enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 _c_loop = True
-# Words of decode_layers' arrays (layers/csrc/cpu_ops.c): per projection, per layer, per step
-_LIN_WORDS = 10
-_LAYER_WORDS, _STEP_WORDS = 2 + 4 * _LIN_WORDS + 5, 32
-# decode_layers' embedding table types (EMBED_* in cpu_ops.c); EMBED_NONE: h is filled already
-_EMBED_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_EMBED_NONE = 3
+# The embedding tables decode_layers reads itself, by the name of their type in
+# csrc/decode_abi.h; its sizes, offsets and codes come from the library (native_ops.decode_abi)
+_EMBED_KINDS = {torch.float32: "EMBED_F32", torch.bfloat16: "EMBED_BF16",
+                torch.float16: "EMBED_F16"}
 
 
 def native_decode_enabled() -> bool:
@@ -97,7 +95,7 @@ class NativeDecoder:
     """Runs LlamaModel's decoder layers for decode-shaped steps (see the module docstring)."""
 
     def __init__(self, model):
-        self.lib = native_ops.lib()
+        self.lib, self.abi = native_ops.lib(), native_ops.decode_abi()
         first = model.layers[0].self_attn
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim, self.q_size, self.kv_size = first.head_dim, first.q_size, first.kv_size
@@ -160,7 +158,7 @@ class NativeDecoder:
         return bound[1]
 
     def _plan(self, T: int, kernels, kv_caches):
-        """(int64 [layers, _LAYER_WORDS] words of decode_layers, eps) for these kernels and
+        """(int64 [layers, LAYER_WORDS] words of decode_layers, eps) for these kernels and
         caches, or None where a layer needs the Python loop (a bias, its own eps, a kernel
         without a C spec)."""
         key = (T, quant_kernels.dispatch_key(), id(kv_caches))
@@ -173,8 +171,9 @@ class NativeDecoder:
         return plan[1]
 
     def _build_plan(self, kernels, kv_caches):
-        n = len(kv_caches)
+        n, abi = len(kv_caches), self.abi
         eps = self.layers[0][0].eps
+        projections = (abi.L_QKV, abi.L_O, abi.L_GATE_UP, abi.L_DOWN)
         words = []
         for i, ((norm1, qkv, o, norm2, gate_up, down), ks, (kc, vc)) in \
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
@@ -183,16 +182,19 @@ class NativeDecoder:
             if (None in specs or any(lin.bias is not None for lin in (qkv, o, gate_up, down))
                     or norm1.eps != eps or norm2.eps != eps or self.final_norm.eps != eps):
                 return None
-            row = [norm2.weight.data_ptr(), self._norm_after(i, n).weight.data_ptr()]
-            for spec in specs:
-                row += [*spec, *[0] * (_LIN_WORDS - len(spec))]
-            row += [kp[0].data_ptr(), vp[0].data_ptr(),
-                    kp[1].data_ptr() if kp[1] is not None else 0,
-                    vp[1].data_ptr() if vp[1] is not None else 0, kp[2]]
+            row = [0] * abi.LAYER_WORDS
+            row[abi.L_NORM2] = norm2.weight.data_ptr()
+            row[abi.L_NORM_NEXT] = self._norm_after(i, n).weight.data_ptr()
+            for at, (fn, kind, *args) in zip(projections, specs):
+                assert abi.LIN_ARGS + len(args) <= abi.LIN_WORDS
+                row[at + abi.LIN_FN], row[at + abi.LIN_KIND] = fn, getattr(abi, kind)
+                row[at + abi.LIN_ARGS:at + abi.LIN_ARGS + len(args)] = args
+            row[abi.L_K_CACHE], row[abi.L_V_CACHE] = kp[0].data_ptr(), vp[0].data_ptr()
+            row[abi.L_K_SCALES] = kp[1].data_ptr() if kp[1] is not None else 0
+            row[abi.L_V_SCALES] = vp[1].data_ptr() if vp[1] is not None else 0
+            row[abi.L_CACHE_DTYPE] = kp[2]
             words.append(row)
-        plan = torch.tensor(words, dtype=torch.int64)
-        assert plan.shape[1] == _LAYER_WORDS
-        return plan, eps
+        return torch.tensor(words, dtype=torch.int64), eps
 
     def _norm_after(self, i: int, n: int):
         """The norm applied to the residual stream after layer i of n: the next layer's input
@@ -233,27 +235,34 @@ class NativeDecoder:
         kind = _EMBED_KINDS.get(weight.dtype) if weight.is_contiguous() else None
         if kind is None:  # a table C does not read: torch gathers the rows
             h.copy_(self.embed(input_ids))
-            kind = _EMBED_NONE
         tables, seq, ctx = attention_rows(meta, T)
         slots = meta.slot_mapping.contiguous()
         ids, positions = input_ids.contiguous(), positions.contiguous()
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
         plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
         if plan is not None:
-            step = array.array("q", [
-                p_h, p_x, p_qkv, p_attn, p_o, p_gu, p_act, T, hidden, inter, H, KVH, D, stride,
-                q_size, qk_size, self.rotary.cos.data_ptr(), self.rotary.sin.data_ptr(),
-                positions.data_ptr(), slots.data_ptr(), tables.data_ptr(), tables.shape[1],
-                seq.data_ptr(), ctx.data_ptr(), kv_caches[0][0].shape[1], self.window or 0,
-                *self._c_calls, ids.data_ptr(), weight.data_ptr(), kind,
-                self.layers[0][0].weight.data_ptr()])
-            assert len(step) == _STEP_WORDS
+            abi, w = self.abi, [0] * self.abi.S_WORDS  # the step's words, by name
+            w[abi.S_H], w[abi.S_X], w[abi.S_QKV], w[abi.S_ATTN] = p_h, p_x, p_qkv, p_attn
+            w[abi.S_O], w[abi.S_GU], w[abi.S_ACT] = p_o, p_gu, p_act
+            w[abi.S_T], w[abi.S_HIDDEN], w[abi.S_INTER] = T, hidden, inter
+            w[abi.S_HEADS], w[abi.S_KVH], w[abi.S_D] = H, KVH, D
+            w[abi.S_STRIDE], w[abi.S_QSIZE], w[abi.S_QKSIZE] = stride, q_size, qk_size
+            w[abi.S_COS], w[abi.S_SIN] = self.rotary.cos.data_ptr(), self.rotary.sin.data_ptr()
+            w[abi.S_POS], w[abi.S_SLOTS] = positions.data_ptr(), slots.data_ptr()
+            w[abi.S_TABLES], w[abi.S_MAXB] = tables.data_ptr(), tables.shape[1]
+            w[abi.S_SEQ], w[abi.S_CTX] = seq.data_ptr(), ctx.data_ptr()
+            w[abi.S_BS], w[abi.S_WINDOW] = kv_caches[0][0].shape[1], self.window or 0
+            w[abi.S_WRITE], w[abi.S_ATTEND] = self._c_calls
+            w[abi.S_IDS], w[abi.S_EMBED] = ids.data_ptr(), weight.data_ptr()
+            w[abi.S_EMBED_KIND] = abi.EMBED_NONE if kind is None else getattr(abi, kind)
+            w[abi.S_NORM1] = self.layers[0][0].weight.data_ptr()
+            step = array.array("q", w)
             self.lib.decode_layers(plan[0].data_ptr(), n, step.buffer_info()[0], self.scale,
                                    plan[1])
             return x
         # The same calls from Python (a layer with a qkv bias, or the C loop switched off)
         lib = self.lib
-        if kind != _EMBED_NONE:
+        if kind is not None:  # else gathered above
             h.copy_(self.embed(input_ids))
         qkv = buf[2 * T * hidden:(2 * hidden + stride) * T].view(T, stride)
         cos, sin = (t.squeeze(1).contiguous() for t in self.rotary.cos_sin(positions))

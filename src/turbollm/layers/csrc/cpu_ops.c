@@ -3,10 +3,12 @@
 // 10-40 us per op dispatching several aten kernels; one C call does each in 1-3 us.
 #include <immintrin.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "decode_abi.h"
 #include "simd.h"
 
 // out[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w; dim % 8 == 0
@@ -208,11 +210,7 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 // overhead plus the loop's own bookkeeping (~1 ms of a ~8 ms step of the 135M model). Here the
 // same calls, in the same order on the same buffers, are made from C. The projections, the K/V
 // write and the attention live in other libraries and arrive as function pointers with their
-// bound arguments.
-
-// A projection: {fn, kind, args...}; y = x W^T for M rows (see linear_call)
-enum { LIN_LOWBIT = 0, LIN_Q8 = 1, LIN_DENSE = 2 };
-#define LIN_WORDS 10
+// bound arguments. The words' layout is csrc/decode_abi.h.
 typedef void (*lowbit_fn)(const float *, int64_t, const void *, const void *, const void *, int64_t,
                           float *, int64_t, int64_t, int64_t);
 typedef void (*q8_fn)(const float *, int64_t, const void *, const void *, float *, int64_t, int64_t,
@@ -225,34 +223,20 @@ typedef void (*attn_fn)(const float *, int64_t, const void *, const void *, cons
                         const int64_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
                         float, int64_t);
 
+// A projection's LIN_WORDS words: y = x W^T for M rows
 static void linear_call(const int64_t *l, const float *x, float *y) {
-    const int64_t *a = l + 2;
-    switch (l[1]) {
+    const int64_t *a = l + LIN_ARGS;
+    switch (l[LIN_KIND]) {
         case LIN_LOWBIT:  // M, packed, scales, offsets, zero_form, N, K, G
-            ((lowbit_fn)l[0])(x, a[0], (const void *)a[1], (const void *)a[2], (const void *)a[3], a[4], y, a[5], a[6], a[7]);
+            ((lowbit_fn)l[LIN_FN])(x, a[0], (const void *)a[1], (const void *)a[2], (const void *)a[3], a[4], y, a[5], a[6], a[7]);
             break;
         case LIN_Q8:  // M, q, scales, N, K, G
-            ((q8_fn)l[0])(x, a[0], (const void *)a[1], (const void *)a[2], y, a[3], a[4], a[5]);
+            ((q8_fn)l[LIN_FN])(x, a[0], (const void *)a[1], (const void *)a[2], y, a[3], a[4], a[5]);
             break;
         default:  // M, weight, N, K
-            ((dense_fn)l[0])(x, a[0], (const void *)a[1], y, a[2], a[3]);
+            ((dense_fn)l[LIN_FN])(x, a[0], (const void *)a[1], y, a[2], a[3]);
     }
 }
-
-// Per layer (LAYER_WORDS int64): norm2 weight, the norm that follows the layer (the next
-// layer's norm1, or the model's final norm after the last layer), qkv / o / gate_up / down
-// projections (LIN_WORDS each), then the K/V write's and the attention's cache pointers: k, v,
-// k_scales, v_scales, dtype code.
-#define LAYER_WORDS (2 + 4 * LIN_WORDS + 5)
-// The step (int64): h, x, qkv, attn, o, gu, act buffers; T, hidden, inter, H, KVH, D, qkv row
-// stride, q_size, qk_size; cos and sin tables [max_position, D/2], positions, slots; tables,
-// max_blocks, seq, ctx; block size, window; write fn, attention fn; token ids, embedding table
-// and its type (EMBED_*), the first layer's norm1 weight. scale and eps as floats.
-enum { S_H, S_X, S_QKV, S_ATTN, S_O, S_GU, S_ACT, S_T, S_HIDDEN, S_INTER, S_HEADS, S_KVH, S_D,
-       S_STRIDE, S_QSIZE, S_QKSIZE, S_COS, S_SIN, S_POS, S_SLOTS, S_TABLES, S_MAXB, S_SEQ, S_CTX,
-       S_BS, S_WINDOW, S_WRITE, S_ATTEND, S_IDS, S_EMBED, S_EMBED_KIND, S_NORM1, S_WORDS };
-// EMBED_NONE: the caller has put the embeddings in h already
-enum { EMBED_F32 = 0, EMBED_BF16 = 1, EMBED_F16 = 2, EMBED_NONE = 3 };
 
 // h[t] = embedding row ids[t], widened to fp32 (exact for bf16 and fp16)
 static void embed_rows(float *h, const int64_t *ids, const void *table, int64_t kind, int64_t T,
@@ -289,23 +273,45 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
         memcpy(sin + t * h2, (const float *)s[S_SIN] + pos[t] * h2, h2 * sizeof(float));
     }
     for (int64_t i = 0; i < n; i++) {
-        const int64_t *l = layers + i * LAYER_WORDS, *c = l + 2 + 4 * LIN_WORDS;
-        linear_call(l + 2, x, qkv);
+        const int64_t *l = layers + i * LAYER_WORDS;
+        void *kc = (void *)l[L_K_CACHE], *vc = (void *)l[L_V_CACHE];
+        void *ks = (void *)l[L_K_SCALES], *vs = (void *)l[L_V_SCALES];
+        linear_call(l + L_QKV, x, qkv);
         rope_f32(qkv, cos, sin, T, H + KVH, D, stride);
-        ((write_fn)s[S_WRITE])(k_new, v_new, stride, (void *)c[0], (void *)c[1], (void *)c[2],
-                               (void *)c[3], c[4], (const int64_t *)s[S_SLOTS], T, KVH, D);
-        ((attn_fn)s[S_ATTEND])(qkv, stride, (const void *)c[0], (const void *)c[1],
-                               (const void *)c[2], (const void *)c[3], c[4],
+        ((write_fn)s[S_WRITE])(k_new, v_new, stride, kc, vc, ks, vs, l[L_CACHE_DTYPE],
+                               (const int64_t *)s[S_SLOTS], T, KVH, D);
+        ((attn_fn)s[S_ATTEND])(qkv, stride, kc, vc, ks, vs, l[L_CACHE_DTYPE],
                                (const int64_t *)s[S_TABLES], s[S_MAXB], (const int64_t *)s[S_SEQ],
                                (const int64_t *)s[S_CTX], attn, T, H, KVH, D, s[S_BS], scale,
                                s[S_WINDOW]);
-        linear_call(l + 2 + LIN_WORDS, attn, o);
-        add_rms_norm_f32(h, o, (const float *)l[0], x, T, hidden, eps);
-        linear_call(l + 2 + 2 * LIN_WORDS, x, gu);
+        linear_call(l + L_O, attn, o);
+        add_rms_norm_f32(h, o, (const float *)l[L_NORM2], x, T, hidden, eps);
+        linear_call(l + L_GATE_UP, x, gu);
         silu_mul_f32(gu, act, T, s[S_INTER]);
-        linear_call(l + 2 + 3 * LIN_WORDS, act, o);
+        linear_call(l + L_DOWN, act, o);
         // the residual add fused with the norm that follows
-        add_rms_norm_f32(h, o, (const float *)l[1], x, T, hidden, eps);
+        add_rms_norm_f32(h, o, (const float *)l[L_NORM_NEXT], x, T, hidden, eps);
     }
     free(cos);
+}
+
+// decode_abi.h's values with their names, for Python (layers/native_ops.py decode_abi): with
+// values == NULL, sizes[0] = how many there are and sizes[1] = the bytes of their names
+// (space-separated, with the final NUL); else values and names are filled, in the same order.
+void decode_abi(int64_t *sizes, int64_t *values, char *names) {
+#define DECODE_ABI_ENTRY_(name) {#name, name},
+    static const struct { const char *name; int64_t value; } table[] = {
+        DECODE_ABI_VALUES(DECODE_ABI_ENTRY_)};
+#undef DECODE_ABI_ENTRY_
+    const int64_t count = sizeof table / sizeof table[0];
+    int64_t bytes = 0;
+    for (int64_t i = 0; i < count; i++) {
+        if (values != NULL) {
+            values[i] = table[i].value;
+            sprintf(names + bytes, i ? " %s" : "%s", table[i].name);
+        }
+        bytes += (i > 0) + (int64_t)strlen(table[i].name);
+    }
+    sizes[0] = count;
+    sizes[1] = bytes + 1;
 }
