@@ -18,13 +18,13 @@ PROMPTS = [[5, 17, 300, 4001, 23, 23, 99], [7, 8, 9], list(range(100, 140)), [42
 
 
 def _run(llm: LLM, native: bool, **params):
-    native_decode.enable_native_decode(native)
+    llm.engine.executor.worker.set_native_decode(native)
     try:
         sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=3,
                             **params)
         return llm.generate(PROMPTS, sp, use_tqdm=False)
     finally:
-        native_decode.enable_native_decode(True)
+        llm.engine.executor.worker.set_native_decode(True)
 
 
 def _count_native_steps(monkeypatch) -> list[int]:
@@ -186,7 +186,7 @@ def test_ab_benchmark_times_both_paths(tiny_llama):
     times = step_times(llm.engine, rounds=2, steps=3)
     assert [len(times[True]), len(times[False])] == [2, 2]
     assert all(t > 0 for t in times[True] + times[False])
-    assert native_decode.native_decode_enabled()  # switched back on afterwards
+    assert llm.engine.executor.worker.model.model.native_decode  # switched back afterwards
 
 
 @pytest.mark.parametrize("quantization", [None, "int4", "int8"])

@@ -13,23 +13,23 @@ import statistics
 import time
 
 from turbollm import LLM, SamplingParams
-from turbollm.models import native_decode
 from turbollm.plan.validate import _engine_kwargs
 
 
 def step_times(engine, rounds: int, steps: int) -> dict[bool, list[float]]:
     """ms per decode step of each path (True = native), `rounds` alternating rounds."""
     times: dict[bool, list[float]] = {True: [], False: []}
+    worker = engine.executor.worker
     try:
         for _ in range(rounds):
             for native in (True, False):
-                native_decode.enable_native_decode(native)
+                worker.set_native_decode(native)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     engine.step()
                 times[native].append((time.perf_counter() - t0) / steps * 1e3)
     finally:
-        native_decode.enable_native_decode(True)
+        worker.set_native_decode(engine.config.kernel.native_decode)
     return times
 
 

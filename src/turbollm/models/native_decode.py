@@ -32,22 +32,11 @@ from turbollm.quantization import kernels as quant_kernels
 # Row counts up to which some projection kernel may serve; each step still checks that every
 # projection has one for its T (dense weights stop at 128 rows, packed int4/int8 at 64).
 MAX_ROWS = max(native_ops.MAX_DENSE_ROWS, *quant_kernels.MAX_ROWS_PACKED.values())
-_enabled = os.environ.get("TURBOLLM_NATIVE_DECODE", "1") != "0"
 _c_loop = True
 # The embedding tables decode_layers reads itself, by the name of their type in
 # csrc/decode_abi.h; its sizes, offsets and codes come from the library (native_ops.decode_abi)
 _EMBED_KINDS = {torch.float32: "EMBED_F32", torch.bfloat16: "EMBED_BF16",
                 torch.float16: "EMBED_F16"}
-
-
-def native_decode_enabled() -> bool:
-    return _enabled
-
-
-def enable_native_decode(on: bool = True) -> None:
-    """Switch the path on or off (TURBOLLM_NATIVE_DECODE=0 starts with it off): for A/B runs."""
-    global _enabled
-    _enabled = on
 
 
 def enable_c_loop(on: bool = True) -> None:

@@ -67,13 +67,18 @@ class Worker:
         """KernelConfig: native decode per model; activation rounding and GPU tiles are
         process-wide switches of the kernel modules."""
         kc = self.config.kernel
-        for lm in (self.loaded, self.draft):
-            if lm is not None:
-                lm.model.model.native_decode = kc.native_decode
+        self.set_native_decode(kc.native_decode)
         quant_kernels.exact_activations(kc.exact_activations)
         if kc.tile_config is not None:
             from turbollm.quantization import gpu_kernels  # imports Triton
             gpu_kernels.load_tile_config(kc.tile_config)
+
+    def set_native_decode(self, on: bool) -> None:
+        """Decode-shaped CPU steps through the C path (models/native_decode.py) or the torch
+        modules; switchable between steps, for A/B runs."""
+        for lm in (self.loaded, self.draft):
+            if lm is not None:
+                lm.model.model.native_decode = on
 
     @property
     def tokenizer(self):
