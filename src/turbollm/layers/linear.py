@@ -1,7 +1,8 @@
 """Linear layers with HF-shard weight loaders and a quantization hook.
 
 Every projection in a model is one of these, so quantization, pruning and LoRA can replace
-how a layer computes (`quant_method`) without touching the model file.
+how a layer computes (`quant_method`, a layers/quant_method.QuantMethod) without touching the
+model file.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbollm.layers import native_ops
+from turbollm.layers.quant_method import QuantMethod
 
 
-class UnquantizedLinearMethod:
+class UnquantizedLinearMethod(QuantMethod):
     """Plain dense weights: y = x W^T + b.
 
     Up to native_ops.MAX_DENSE_ROWS fp32 activation rows run our C kernel
@@ -42,6 +44,12 @@ class UnquantizedLinearMethod:
     def row_kernel(self, layer: "LinearBase", M: int):
         """The C call `apply` makes for M fp32 rows (bias excluded), or None."""
         return native_ops.dense_row_kernel(layer.weight, M)
+
+    def canonical(self, layer: "LinearBase") -> torch.Tensor:
+        return layer.weight
+
+    def weight_bytes(self, layer: "LinearBase") -> int:
+        return layer.weight.numel() * layer.weight.element_size()
 
 
 class LinearBase(nn.Module):

@@ -17,15 +17,11 @@ embedding keeps its dense table for lookups.
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import torch
 from torch import nn
 
 from turbollm.layers.linear import LinearBase
-from turbollm.quantization.fp8 import install_fp8, quantize_fp8
-from turbollm.quantization.int4 import install_int4, quantize_int4_rtn
-from turbollm.quantization.int8 import install_int8, quantize_int8
+from turbollm.quantization.methods import get_method
 
 log = logging.getLogger(__name__)
 
@@ -35,30 +31,10 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, LinearBase]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearBase)]
 
 
-def _int8_layer(layer: LinearBase, group_size: int) -> None:
-    install_int8(layer, *quantize_int8(layer.weight))
-
-
-def _int4_layer(layer: LinearBase, group_size: int) -> None:
-    install_int4(layer, *quantize_int4_rtn(layer.weight, group_size), group_size)
-
-
-def _fp8_layer(layer: LinearBase, group_size: int) -> None:
-    install_fp8(layer, *quantize_fp8(layer.weight))
-
-
-# method name -> function quantizing one dense decoder linear in place
-LAYER_METHODS: dict[str, Callable[[LinearBase, int], None]] = {
-    "int8": _int8_layer,
-    "int4": _int4_layer,
-    "fp8": _fp8_layer,
-}
-# method name -> what lm_head gets (None: it stays dense)
-HEAD_METHODS: dict[str, Callable[[LinearBase, int], None] | None] = {
-    "int8": _int8_layer,
-    "int4": _int8_layer,
-    "fp8": None,
-}
+# the built-in methods that quantize dense weights at load (create_weights), and what lm_head
+# gets under each (None: it stays dense; a method not listed quantizes lm_head as the rest)
+LAYER_METHODS = ("int8", "int4", "fp8")
+HEAD_METHODS: dict[str, str | None] = {"int8": "int8", "int4": "int8", "fp8": None}
 
 
 def model_group_size(model: nn.Module, requested: int) -> int:
@@ -77,8 +53,6 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128,
                    progress: bool = True) -> None:
     """Round-to-nearest `method` (int8/int4/fp8) of every dense linear, in place, with a progress
     bar over decoder layers; lm_head as HEAD_METHODS says (see the module docstring)."""
-    if method not in LAYER_METHODS:
-        raise ValueError(f"unknown quantization at load {method!r}; one of {sorted(LAYER_METHODS)}")
     if method == "int4":
         group_size = model_group_size(model, group_size)
     layers = [(n, m) for n, m in quantized_linears(model) if m.weight is not None]
@@ -87,14 +61,16 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128,
     for name, layer in layers:
         block = name.split(".mlp.")[0].split(".self_attn.")[0]  # model.layers.3 / lm_head
         by_block.setdefault(block, []).append(layer)
+    body, head = get_method(method), HEAD_METHODS.get(method, method)
+    head = None if head is None else get_method(head)
     for block, mods in tqdm(by_block.items(), desc=f"quantizing ({method})", unit="layer",
                             disable=not progress, leave=False):
         for layer in mods:
             if block.endswith("lm_head"):
-                if HEAD_METHODS[method] is not None:
-                    HEAD_METHODS[method](layer, group_size)
+                if head is not None:
+                    head.create_weights(layer, group_size)
             else:
-                LAYER_METHODS[method](layer, group_size)
+                body.create_weights(layer, group_size)
 
 
 def resolve_method(requested: str | None, source_kind: str) -> str | None:

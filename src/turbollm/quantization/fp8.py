@@ -27,8 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from turbollm.layers import native_ops
+from turbollm.layers.quant_method import QuantMethod
 from turbollm.quantization import kernels
 from turbollm.quantization.int4 import _drop_dense_weight, layer_device
+from turbollm.quantization.registry import register
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -121,10 +123,20 @@ def fp8_linear(x: torch.Tensor, state: Fp8State) -> torch.Tensor:
     return fp8_weight_only_linear(x, state)
 
 
-class Fp8LinearMethod:
+@register
+class Fp8LinearMethod(QuantMethod):
     """Serves y = x W^T + b from per-channel fp8 weights through `fp8_linear`."""
 
     name = "fp8"
+
+    @classmethod
+    def create_weights(cls, layer, group_size: int) -> None:
+        """Per-channel e4m3 of the dense weight (group_size does not apply)."""
+        install_fp8(layer, *quantize_fp8(layer.weight))
+
+    @classmethod
+    def load(cls, layer, qweight, scales) -> None:
+        install_fp8(layer, qweight, scales)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -23,7 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from turbollm.layers.quant_method import QuantMethod
 from turbollm.quantization import kernels
+from turbollm.quantization.registry import register
 
 
 def quantize_int4_rtn(weight: torch.Tensor, group_size: int):
@@ -60,13 +62,23 @@ def _num_groups(in_f: int, group_size: int) -> int:
     return -(-in_f // group_size)
 
 
-class Int4LinearMethod:
+@register
+class Int4LinearMethod(QuantMethod):
     """Serves y = x W^T + b from group-wise int4 weights through `kernels.int4_linear`."""
 
     name = "int4"
 
     def __init__(self, group_size: int):
         self.group_size = group_size
+
+    @classmethod
+    def create_weights(cls, layer, group_size: int) -> None:
+        """Round-to-nearest int4 of the dense weight in groups of `group_size` columns."""
+        install_int4(layer, *quantize_int4_rtn(layer.weight, group_size), group_size)
+
+    @classmethod
+    def load(cls, layer, qweight, scales, zeros, group_size: int) -> None:
+        install_int4(layer, qweight, scales, zeros, group_size)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

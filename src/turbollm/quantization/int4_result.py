@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from turbollm.layers.quant_method import QuantMethod
+
 
 @dataclass
 class Int4Weights:
@@ -39,7 +41,7 @@ class Int4Weights:
                            self.zeros[start:start + count], self.group_size, self.perm)
 
 
-class PermutedInputMethod:
+class PermutedInputMethod(QuantMethod):
     """Gathers the input channels into the weight's column order, then runs the int4 method."""
 
     def __init__(self, inner, perm: torch.Tensor):

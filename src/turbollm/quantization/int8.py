@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import torch
 
+from turbollm.layers.quant_method import QuantMethod
 from turbollm.quantization import kernels
 from turbollm.quantization.int4 import _drop_dense_weight, layer_device
+from turbollm.quantization.registry import register
 
 
 def quantize_int8(weight: torch.Tensor):
@@ -30,10 +32,20 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor
     return qweight.float() * scales.float()[:, None]
 
 
-class Int8LinearMethod:
+@register
+class Int8LinearMethod(QuantMethod):
     """Serves y = x W^T + b from per-channel int8 weights through `kernels.int8_linear`."""
 
     name = "int8"
+
+    @classmethod
+    def create_weights(cls, layer, group_size: int) -> None:
+        """Per-channel int8 of the dense weight (group_size does not apply)."""
+        install_int8(layer, *quantize_int8(layer.weight))
+
+    @classmethod
+    def load(cls, layer, qweight, scales, group_size: int | None = None) -> None:
+        install_int8(layer, qweight, scales, group_size)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

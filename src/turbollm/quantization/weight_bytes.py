@@ -8,10 +8,7 @@ from turbollm.layers.linear import LinearBase
 
 def linear_weight_bytes(layer: LinearBase) -> int:
     """Bytes of one linear layer's weight (packed values + scales), bias excluded."""
-    qm = layer.quant_method
-    if hasattr(qm, "weight_bytes"):
-        return qm.weight_bytes(layer)
-    return layer.weight.numel() * layer.weight.element_size()
+    return layer.quant_method.weight_bytes(layer)
 
 
 def model_weight_bytes(model: nn.Module) -> dict[str, int]:
