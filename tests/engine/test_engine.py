@@ -165,15 +165,15 @@ def test_bad_requests_raise_clear_errors(llm):
 def test_engine_step_error_fails_only_its_requests(llm, monkeypatch):
     eng = llm.engine
     eng.add_request("boom", "hello", SamplingParams(max_tokens=3))
-    real = eng.runner.execute
+    real = eng.executor.execute
 
     def broken(so):
         raise RuntimeError("injected failure")
-    monkeypatch.setattr(eng.runner, "execute", broken)
+    monkeypatch.setattr(eng.executor, "execute", broken)
     outs = eng.step()
     assert outs and outs[0].finished and outs[0].outputs[0].finish_reason == "error"
     assert "injected failure" in outs[0].error
-    monkeypatch.setattr(eng.runner, "execute", real)
+    monkeypatch.setattr(eng.executor, "execute", real)
     assert_no_blocks_held(llm)
     ok = llm.generate(["hello"], SamplingParams(max_tokens=3, temperature=0))
     assert len(ok[0].outputs[0].token_ids) == 3

@@ -44,6 +44,7 @@ class LLMEngine:
         info = self.executor.model_info()
         self.arch, self.tokenizer, self.device = info.arch, info.tokenizer, info.device
         self.model_name, self.dtype, self.eos_token_ids = info.name, info.dtype, info.eos_token_ids
+        self.load_time_s = info.load_time_s
         self.num_kv_blocks = num_blocks = self.executor.num_kv_blocks()
         self.max_model_len = self._context_length(info.max_model_len, num_blocks)
         draft_cost = self.executor.init_cache(num_blocks)
@@ -60,7 +61,7 @@ class LLMEngine:
             self._measure_step_costs()
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
                  "loaded in %.1fs", self.model_name, self.device, self.dtype, num_blocks,
-                 cc.block_size, self.max_model_len, info.load_time_s)
+                 cc.block_size, self.max_model_len, self.load_time_s)
 
     def _context_length(self, model_len: int, num_blocks: int) -> int:
         """The context the engine serves: the model's, capped by the KV cache's capacity."""
