@@ -206,6 +206,7 @@ class LLMEngine:
         try:
             ro = self.executor.execute(batch)
         except Exception as exc:  # fail only this step's requests; the engine goes on
+            self._finished_ids.extend(batch.finished_request_ids)  # releasing twice is harmless
             return self._fail_step(so, exc)
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
