@@ -44,6 +44,37 @@ def _run_generate(args) -> int:
     return 0
 
 
+def _add_info(sub) -> None:
+    from turbollm.cli_args import add_dataclass_args
+    from turbollm.config import KernelConfig
+    p = sub.add_parser("info", help="what runs here: CPU, flags, kernel variant, dtype, threads")
+    p.add_argument("--model", default="smollm2-135m", help="model whose dtype=auto to report")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--num-threads", type=int, default=None)
+    add_dataclass_args(p, KernelConfig)
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from turbollm.config import DeviceConfig, KernelConfig
+    from turbollm.loader.resolve import resolve_model
+    from turbollm.native_build import select_isa
+    from turbollm.worker.model_loader import compute_dtype_for, read_arch, resolve_dtype
+    from turbollm.worker.system_info import system_info
+    device = DeviceConfig(device=args.device).resolved_device()
+    isa = select_isa(KernelConfig(cpu_isa=args.cpu_isa).cpu_isa) if device == "cpu" else None
+    arch, _ = read_arch(resolve_model(args.model))
+    storage = resolve_dtype(args.dtype, arch, device)
+    from turbollm.config import default_num_threads
+    info = system_info(device, isa, args.num_threads or default_num_threads(), storage,
+                       compute_dtype_for(storage, device))
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
 def _add_serve(sub) -> None:
     try:
         from turbollm.server.cli import add_serve_parser
@@ -75,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
     _add_generate(sub)
+    _add_info(sub)
     _add_plan(sub)
     _add_bench_eval(sub)
     from turbollm.compress.quantize import add_quantize_parser

@@ -200,6 +200,9 @@ class KernelConfig:
     exact_activations: bool | None = field(default=None, metadata=_help(
         "keep few-row activations of low-bit GEMVs in fp32 instead of int16 blocks (~2e-5 "
         "relative; slower). Process-wide: the last engine built sets it (default: off)"))
+    cpu_isa: str = field(default="auto", metadata=_help(
+        "x86 variant of our C kernels: auto = the best this CPU runs (amx > avx512 > avx2); "
+        "process-wide, fixed by the first engine", choices=("auto", "avx2", "avx512", "amx")))
     tile_config: str | None = field(default=None, metadata=_help(
         "JSON file of Triton tile configurations for the CUDA low-bit kernels, as written by "
         "scripts/gpu_tune.py --tiles. Process-wide (default: the built-in H100 tiles)"))
@@ -214,6 +217,8 @@ class KernelConfig:
             self.native_decode = True
         if self.exact_activations is None:
             self.exact_activations = False
+        if self.cpu_isa not in ("auto", "avx2", "avx512", "amx"):
+            raise ValueError(f"cpu_isa must be auto, avx2, avx512 or amx, got {self.cpu_isa!r}")
         if self.tile_config is not None and not os.path.isfile(self.tile_config):
             raise ValueError(f"tile_config {self.tile_config!r} is not a file")
 

@@ -1,15 +1,20 @@
-"""Build (once, cached) and load the project's small C kernels (AVX2 + FMA + F16C).
+"""Build (once, cached) and load the project's small C kernels, one build per x86 ISA variant.
 
 Each library is one plain C file (plus the shared headers of csrc/) compiled by the system's gcc
 (about a second, no torch headers) and called through ctypes on tensors' data pointers. It is
 built on first use into ~/.cache/turbollm/kernels/ (or $XDG_CACHE_HOME), keyed by the hash of
-the source and headers. When the CPU lacks AVX2/FMA/F16C or no compiler works, `load_library`
-returns None and callers use torch instead.
+the source and headers and by the ISA variant.
+
+Variants (llama.cpp's CPU backend variants are the model): `avx2` (AVX2 + FMA + F16C), `avx512`
+(+ AVX-512 F/BW/VL/VNNI/BF16: Zen 4/5, Sapphire Rapids and later) and `amx` (+ AMX tile, int8
+and bf16: Sapphire Rapids and later). The same sources build for each; code for the wider
+instructions sits under `#ifdef __AVX512VNNI__` etc. The variant is chosen once per process
+(`select_isa`, from KernelConfig.cpu_isa): by default the best one the CPU's flags allow. A CPU
+without AVX2/FMA/F16C, or no working compiler, gives no library and callers use torch.
 """
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -18,6 +23,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from turbollm.platform_info import cpu_flags
+
 log = logging.getLogger(__name__)
 
 PTR, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
@@ -25,14 +32,58 @@ PTR, I64, F32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 # each build's key.
 _INCLUDE = Path(__file__).parent / "csrc"
 
+_AVX2_FLAGS = frozenset({"avx2", "fma", "f16c"})
+_AVX512_FLAGS = _AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
+_AMX_FLAGS = _AVX512_FLAGS | {"amx_tile", "amx_int8", "amx_bf16"}
+# name -> (/proc/cpuinfo flags it needs, gcc flags); best first
+ISA_VARIANTS: dict[str, tuple[frozenset, list[str]]] = {
+    "amx": (_AMX_FLAGS, ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
+                         "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-int8",
+                         "-mamx-bf16"]),
+    "avx512": (_AVX512_FLAGS, ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
+                               "-mavx512vl", "-mavx512vnni", "-mavx512bf16"]),
+    "avx2": (_AVX2_FLAGS, ["-mavx2", "-mfma", "-mf16c"]),
+}
+ISA_CHOICES = ("auto", *ISA_VARIANTS)
+_selected: str | None = None  # the process's variant, fixed by the first library loaded
 
-@functools.cache
+
+def supported_isas(flags: frozenset | None = None) -> list[str]:
+    """The variants this CPU runs (or a CPU with `flags`), best first."""
+    flags = cpu_flags() if flags is None else flags
+    return [name for name, (need, _) in ISA_VARIANTS.items() if need <= flags]
+
+
+def best_isa(flags: frozenset | None = None) -> str | None:
+    """The best variant this CPU runs, or None (no AVX2/FMA/F16C)."""
+    isas = supported_isas(flags)
+    return isas[0] if isas else None
+
+
 def cpu_has_avx2_fma() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx2" in flags and "fma" in flags and "f16c" in flags
+    return best_isa() is not None
+
+
+def select_isa(isa: str = "auto") -> str | None:
+    """Fix the process's kernel variant ('auto': the best the CPU runs); returns it. A variant
+    the CPU cannot run is an error; so is changing it once a library is loaded."""
+    global _selected
+    if isa not in ISA_CHOICES:
+        raise ValueError(f"cpu_isa must be one of {ISA_CHOICES}, got {isa!r}")
+    chosen = best_isa() if isa == "auto" else isa
+    if chosen is not None and chosen not in supported_isas():
+        raise ValueError(f"cpu_isa {isa!r}: this CPU lacks "
+                         f"{', '.join(sorted(ISA_VARIANTS[isa][0] - cpu_flags()))}")
+    if _selected is not None and _loaded_any() and chosen != _selected:
+        raise ValueError(f"the C kernels of this process are already the {_selected!r} variant; "
+                         f"cpu_isa {isa!r} needs a new process")
+    _selected = chosen
+    return chosen
+
+
+def selected_isa() -> str | None:
+    """The process's kernel variant (the best the CPU runs until select_isa says otherwise)."""
+    return _selected if _selected is not None else best_isa()
 
 
 def _cache_dir() -> Path:
@@ -40,7 +91,19 @@ def _cache_dir() -> Path:
     return Path(base) / "turbollm" / "kernels"
 
 
-def _build(src: Path, out: Path) -> None:
+def library_path(src: Path, isa: str) -> Path:
+    """Where the `isa` build of `src` lives: keyed by source, headers and variant."""
+    h = hashlib.sha256(src.read_bytes())
+    for header in sorted(_INCLUDE.glob("*.h")):
+        h.update(header.read_bytes())
+    return _cache_dir() / f"{src.stem}-{isa}-{h.hexdigest()[:16]}.so"
+
+
+def build_library(src: Path, isa: str) -> Path:
+    """Compile `src` for `isa` (any variant builds on any x86 machine); raises on failure."""
+    out = library_path(src, isa)
+    if out.exists():
+        return out
     cc = shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         raise RuntimeError("no C compiler (gcc) on PATH")
@@ -48,38 +111,51 @@ def _build(src: Path, out: Path) -> None:
     # build into a temporary name, then rename: concurrent processes never load a partial file
     with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so", delete=False) as tmp:
         tmp_path = tmp.name
-    cmd = [cc, "-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC",
+    cmd = [cc, "-O3", *ISA_VARIANTS[isa][1], "-fopenmp", "-shared", "-fPIC",
            f"-I{_INCLUDE}", str(src), "-o", tmp_path, "-lm"]
     try:
-        subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode:
+            raise RuntimeError(f"gcc failed on {src.name} ({isa}): {done.stderr.strip()[-2000:]}")
         os.replace(tmp_path, out)
     finally:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
+    return out
 
 
-@functools.cache
-def _load(src: Path) -> ctypes.CDLL | None:
-    if not cpu_has_avx2_fma():
+_handles: dict[tuple[Path, str], ctypes.CDLL] = {}
+
+
+def _loaded_any() -> bool:
+    return bool(_handles)
+
+
+def _load(src: Path, isa: str) -> ctypes.CDLL | None:
+    key = (src, isa)
+    if key not in _handles:
+        try:
+            # torch has already loaded its libgomp, so the library's OpenMP shares its threads
+            _handles[key] = ctypes.CDLL(str(build_library(src, isa)))
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            log.warning("C kernels of %s (%s) unavailable (%s); using torch's kernels",
+                        src.name, isa, e)
+            return None
+    return _handles[key]
+
+
+def load_library(src: Path, signatures: dict[str, list], isa: str | None = None
+                 ) -> ctypes.CDLL | None:
+    """The compiled `src` (the process's variant, or `isa`) with its functions' argument types
+    set (all return void), or None where it cannot run here."""
+    global _selected
+    if isa is None:
+        if _selected is None:
+            _selected = best_isa()
+        isa = _selected
+    if isa is None or isa not in supported_isas():
         return None
-    try:
-        h = hashlib.sha256(src.read_bytes())
-        for header in sorted(_INCLUDE.glob("*.h")):
-            h.update(header.read_bytes())
-        digest = h.hexdigest()[:16]
-        path = _cache_dir() / f"{src.stem}-{digest}.so"
-        if not path.exists():
-            _build(src, path)
-        # torch has already loaded its libgomp, so the library's OpenMP shares torch's threads
-        return ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-        log.warning("C kernels of %s unavailable (%s); using torch's kernels", src.name, e)
-        return None
-
-
-def load_library(src: Path, signatures: dict[str, list]) -> ctypes.CDLL | None:
-    """The compiled `src` with its functions' argument types set (all return void), or None."""
-    handle = _load(src)
+    handle = _load(src, isa)
     if handle is None:
         return None
     for name, args in signatures.items():

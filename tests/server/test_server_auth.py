@@ -114,6 +114,9 @@ def test_metrics(server):
         assert name in text, name
     assert 'turbollm_http_requests_total{route="/v1/completions",status="200"}' in text
     assert 'turbollm_http_requests_total{route="/v1/completions",status="400"}' in text
+    from turbollm.native_build import selected_isa
+    system = next(line for line in text.splitlines() if line.startswith("turbollm_system_info"))
+    assert f'isa="{selected_isa() or "none (torch kernels)"}"' in system and 'cpu="' in system
     gen = [line for line in text.splitlines()
            if line.startswith("turbollm_generation_tokens_total")]
     assert float(gen[0].split()[-1]) >= 5

@@ -135,6 +135,7 @@ def test_kernel_flags_on_the_command_line(tmp_path):
     tiles.write_text("{}")
     kw = engine_kwargs(p.parse_args(["--no-native-decode", "--exact-activations",
                                      "--tile-config", str(tiles)]))
-    assert EngineConfig.from_kwargs(**kw).kernel == KernelConfig(False, True, str(tiles))
+    assert EngineConfig.from_kwargs(**kw).kernel == KernelConfig(
+        native_decode=False, exact_activations=True, tile_config=str(tiles))
     with pytest.raises(ValueError, match="tile_config"):
         KernelConfig(tile_config=str(tmp_path / "missing.json"))

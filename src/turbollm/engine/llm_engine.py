@@ -44,7 +44,7 @@ class LLMEngine:
         info = self.executor.model_info()
         self.arch, self.tokenizer, self.device = info.arch, info.tokenizer, info.device
         self.model_name, self.dtype, self.eos_token_ids = info.name, info.dtype, info.eos_token_ids
-        self.load_time_s = info.load_time_s
+        self.load_time_s, self.system = info.load_time_s, info.system
         self.num_kv_blocks = num_blocks = self.executor.num_kv_blocks()
         self.max_model_len = self._context_length(info.max_model_len, num_blocks)
         draft_cost = self.executor.init_cache(num_blocks)

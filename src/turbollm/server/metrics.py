@@ -7,7 +7,7 @@ requests are counted by route template and status in an ASGI middleware.
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 from turbollm.engine.async_engine import AsyncLLMEngine, EngineState
 from turbollm.engine.outputs import RequestOutput
@@ -67,6 +67,10 @@ class _EngineCollector:
         for st in EngineState:
             state.add_metric([st.value], 1.0 if self.engine.state == st else 0.0)
         yield state
+        llm = self.engine.engine  # None until the engine is built
+        if llm is not None:
+            yield InfoMetricFamily("turbollm_system", "What runs here: CPU, flags, C kernel "
+                                   "variant, dtypes, threads", value=llm.system)
 
 
 class ServerMetrics:

@@ -20,12 +20,14 @@ from turbollm.attention.selector import get_attention_backend
 from turbollm.config import EngineConfig, default_num_threads
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
 from turbollm.model_arch import ModelArch
+from turbollm.native_build import select_isa
 from turbollm.quantization import kernels as quant_kernels
 from turbollm.worker.draft import build_draft_proposer, draft_kv_share, load_separate_draft
 from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
                                       profile_peak_bytes)
 from turbollm.worker.model_loader import load_model
 from turbollm.worker.model_runner import ModelRunner
+from turbollm.worker.system_info import format_line, system_info
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class ModelInfo:
     max_model_len: int  # the model's context (before the KV cache caps it)
     eos_token_ids: list[int]
     load_time_s: float
+    system: dict[str, str]  # CPU, flags, kernel variant, dtypes, threads (system_info.py)
 
 
 class Worker:
@@ -53,6 +56,7 @@ class Worker:
         if device == "cpu":
             torch.set_num_threads(config.device.num_threads or default_num_threads())
         torch.manual_seed(config.model.seed)
+        self.cpu_isa = select_isa(config.kernel.cpu_isa) if device == "cpu" else None
         t0 = time.perf_counter()
         backend = get_attention_backend("torch")
         self.loaded = load_model(config.model, device, backend)
@@ -60,6 +64,9 @@ class Worker:
         self.draft = load_separate_draft(config, device, backend)
         self.load_time_s = time.perf_counter() - t0
         self._apply_kernel_config()
+        self.system = system_info(device, self.cpu_isa, torch.get_num_threads(),
+                                  self.loaded.dtype, self.model.model.compute_dtype)
+        log.info("system: %s", format_line(self.system))
         self.kv_cache = self.runner = self.drafter = None
         self.max_model_len = self.loaded.max_model_len
 
@@ -88,7 +95,7 @@ class Worker:
         lm = self.loaded
         return ModelInfo(lm.source.name, lm.arch, lm.tokenizer, self.device,
                          str(lm.dtype).removeprefix("torch."), lm.max_model_len,
-                         self._eos_ids(), self.load_time_s)
+                         self._eos_ids(), self.load_time_s, dict(self.system))
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.loaded.arch.eos_token_id)
