@@ -68,7 +68,7 @@ def _run_info(args) -> int:
     storage = resolve_dtype(args.dtype, arch, device)
     from turbollm.config import default_num_threads
     info = system_info(device, isa, args.num_threads or default_num_threads(), storage,
-                       compute_dtype_for(storage, device))
+                       compute_dtype_for(storage, device, args.dtype))
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")

@@ -3,9 +3,11 @@
 `python tests/engine/pinned_outputs.py` (re)writes fixtures/pinned_outputs.json from the code
 as it stands; test_pinned_outputs.py checks the engine still gives exactly those tokens. The
 file was written before the worker-line redesign (issue 24), so the redesign is checked against
-the code before it. Each configuration is pinned under both CPU compute paths (bf16 math where
-the CPU has bf16 instructions, fp32 math over 16-bit storage elsewhere), chosen by patching the
-CPU-feature probe, so the same file holds on every CPU.
+the code before it. Each configuration is pinned under both CPU compute paths, chosen by
+patching the CPU-feature probe so the same file holds on every CPU: fp32 math over 16-bit
+storage (what dtype=auto computes in wherever our C kernels run, and on CPUs without bf16
+instructions), and bf16 math (dtype=bfloat16 on a CPU with bf16 instructions; before issue 25
+dtype=auto chose it there, and the pins were written that way).
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ def bf16_probe(has_bf16: bool):
 
 def generate(config: dict, has_bf16: bool) -> list[list[int]]:
     from turbollm import LLM, SamplingParams
+    if has_bf16:  # bf16 math is what dtype=bfloat16 asks for (the checkpoint's storage too)
+        config = {"dtype": "bfloat16", **config}
     with bf16_probe(has_bf16):
         llm = LLM(kv_cache_memory="64MiB", max_model_len=512, **config)
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))

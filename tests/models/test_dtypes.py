@@ -26,15 +26,22 @@ def test_auto_dtype_rules(monkeypatch):
     arch = ModelArch(model_type="llama", hidden_size=8, intermediate_size=16,
                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                      vocab_size=10, torch_dtype="float16")
+    import turbollm.native_build as nb
     import turbollm.platform_info as pi
     assert resolve_dtype("auto", arch, "cpu") == torch.bfloat16
     assert resolve_dtype("auto", arch, "cuda") == torch.float16
-    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: False)
-    assert compute_dtype_for(torch.bfloat16, "cpu") == torch.float32  # stored bf16, fp32 math
-    monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda: True)
-    assert compute_dtype_for(torch.bfloat16, "cpu") == torch.bfloat16
-    assert compute_dtype_for(torch.float16, "cpu") == torch.float32  # bf16 math is not fp16 math
-    assert compute_dtype_for(torch.bfloat16, "cuda") == torch.bfloat16
+    for isa in ("avx2", "avx512", "amx", None):  # with our C kernels, and without
+        monkeypatch.setattr(nb, "selected_isa", lambda isa=isa: isa)
+        for native_bf16 in (False, True):
+            monkeypatch.setattr(pi, "cpu_has_native_bf16", lambda v=native_bf16: v)
+            bf16_math = torch.bfloat16 if native_bf16 else torch.float32
+            # auto: fp32 activations wherever the C kernels (which take them) run
+            assert compute_dtype_for(torch.bfloat16, "cpu") == (torch.float32 if isa
+                                                                else bf16_math)
+            # asked for: bf16 math where the CPU has it, else bf16 storage with fp32 math
+            assert compute_dtype_for(torch.bfloat16, "cpu", "bfloat16") == bf16_math
+            assert compute_dtype_for(torch.float16, "cpu", "float16") == torch.float32
+            assert compute_dtype_for(torch.bfloat16, "cuda") == torch.bfloat16
     arch.torch_dtype = "float32"
     assert resolve_dtype("auto", arch, "cuda") == torch.float32
     assert resolve_dtype("float16", arch, "cpu") == torch.float16

@@ -54,16 +54,26 @@ def resolve_dtype(requested: str, arch: ModelArch, device: str) -> torch.dtype:
     return torch.bfloat16
 
 
-def compute_dtype_for(dtype: torch.dtype, device: str) -> torch.dtype:
-    """Activations' dtype: the storage dtype, except 16-bit on a CPU without math for it.
+def compute_dtype_for(dtype: torch.dtype, device: str, requested: str = "auto") -> torch.dtype:
+    """Activations' dtype, decided with the kernels that will serve them (the one place where
+    `dtype=auto` becomes a compute dtype on CPU).
 
-    On CPU only bf16 has detected hardware math (AMX / AVX-512 BF16); elsewhere bf16 and fp16 are
-    storage formats: weights and KV cache keep half the bytes, matmuls run in fp32 — as llama.cpp
-    does with F16 weights on such CPUs.
+    - CUDA, or fp32 storage: the storage dtype.
+    - CPU, 16-bit storage, dtype auto, with our C kernels (any x86 CPU with AVX2): fp32. Every
+      C fast path (low-bit and 16-bit GEMVs that widen weights in registers, paged attention,
+      the native decode step) takes fp32 activations; torch's bf16 math skips them all. On a
+      Sapphire Rapids VM (AMX) this decodes the bundled Q4_1 model at ~4.4x the tok/s of bf16
+      math, with a 512-token prefill ~7% slower (docs/benchmarks.md).
+    - Otherwise (dtype asked for explicitly, or no C kernels): bf16 math where the CPU has bf16
+      instructions (AMX / AVX-512 BF16); elsewhere bf16 and fp16 are storage formats computed
+      in fp32 — as llama.cpp does with F16 weights on such CPUs.
     """
     if dtype == torch.float32 or device.startswith("cuda"):
         return dtype
+    from turbollm.native_build import selected_isa
     from turbollm.platform_info import cpu_has_native_bf16
+    if requested == "auto" and selected_isa() is not None:
+        return torch.float32
     return dtype if dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
@@ -103,7 +113,7 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         raise ValueError(f"{cfg.model!r} is a config preset: it only loads with load_format='dummy'")
     arch, _ = read_arch(source, cfg.hf_config_overrides)
     dtype = resolve_dtype(cfg.dtype, arch, device)
-    compute = compute_dtype_for(dtype, device)
+    compute = compute_dtype_for(dtype, device, cfg.dtype)
     max_len = cfg.max_model_len or arch.max_position_embeddings
     model_cls = get_model_class(arch)
     # Constructing under torch.device puts rotary tables and weights straight on the target.

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from turbollm import native_build
 from turbollm.config import default_num_threads
+from turbollm.native_build import selected_isa, supported_isas
 from turbollm.platform_info import cpu_flags
 
 # The /proc/cpuinfo flags our kernels and dtype choice look at.
@@ -36,8 +36,8 @@ def system_info(device: str = "cpu", isa: str | None = None, num_threads: int | 
     info = {
         "cpu": cpu_model(),
         "flags": " ".join(f for f in FLAGS_THAT_MATTER if f in flags) or "none",
-        "isa_supported": " ".join(native_build.supported_isas()) or "none",
-        "isa": isa or native_build.selected_isa() or "none (torch kernels)",
+        "isa_supported": " ".join(supported_isas()) or "none",
+        "isa": isa or selected_isa() or "none (torch kernels)",
         "threads": str(num_threads or torch.get_num_threads() or default_num_threads()),
         "device": device,
         "torch": torch.__version__,
