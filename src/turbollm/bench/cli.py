@@ -135,6 +135,10 @@ def _machine() -> dict:
     import platform
 
     import torch
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "python": platform.python_version(),
+
+    from turbollm.worker.system_info import system_info
+    info = system_info()
+    return {"cpu": info["cpu"], "flags": info["flags"], "isa": info["isa"],
+            "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

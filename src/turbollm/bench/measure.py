@@ -179,7 +179,8 @@ def measure_ours(llm, spec: BenchSpec, prompts: Prompts, stage=lambda s: None) -
     from turbollm.sizing import kv_cache_bytes_per_token
     eng = llm.engine
     res: dict = {"load_s": eng.load_time_s, "storage_dtype": str(eng.dtype).replace("torch.", ""),
-                 "weight_bytes": model_weight_bytes(eng.executor.worker.model)}
+                 "weight_bytes": model_weight_bytes(eng.executor.worker.model),
+                 "system": dict(eng.system)}
     kv_alloc = tensor_bytes(eng.executor.worker.kv_cache)
     slots = eng.num_kv_blocks * eng.config.cache.block_size
     res["kv_bytes_per_token"] = kv_alloc / slots if kv_alloc else \

@@ -165,6 +165,13 @@ def load_llamacpp(gguf_path: str | Path, threads: int, n_ctx: int, logits_all: b
                  n_threads_batch=threads, n_batch=512, logits_all=logits_all, verbose=False)
 
 
+def llamacpp_system_info() -> str:
+    """llama.cpp's own line of the CPU features its build uses (e.g. 'AVX512 = 1 | AMX_INT8 = 1')."""
+    import llama_cpp
+    info = llama_cpp.llama_print_system_info()
+    return (info.decode() if isinstance(info, bytes) else str(info)).strip()
+
+
 def llamacpp_greedy(llm, prompt: list[int], n: int, times: list[float] | None = None) -> list[int]:
     """n greedy tokens from llama.cpp (no EOS stop); `times` gets the clock as each one is made."""
     import time
@@ -190,7 +197,8 @@ def measure_llamacpp(llm, spec, prompts, stage=lambda s: None) -> dict:
 
     from turbollm.bench.measure import peak_rss_bytes
     from turbollm.eval.perplexity import perplexity
-    res: dict = {"weight_bytes": Path(llm.model_path).stat().st_size, "storage_dtype": "gguf"}
+    res: dict = {"weight_bytes": Path(llm.model_path).stat().st_size, "storage_dtype": "gguf",
+                 "system": {"llama.cpp": llamacpp_system_info()}}
 
     def gen(prompt, n, times=None):
         return llamacpp_greedy(llm, prompt, n, times)

@@ -25,8 +25,14 @@ def markdown(results: list[dict], meta: dict) -> str:
     """The main table, the per-workload latency table, the batch sweep and the peer ratios."""
     first_w = meta["workloads"][0] if meta.get("workloads") else None
     bmax = max(meta.get("batch_sizes") or [1])
+    machine = meta.get("machine") or {}
     lines = [f"model {meta['model']}, {meta['threads']} threads, preset {meta['preset']}, "
              f"{'one process per configuration' if meta['isolate'] else 'one process (peak RSS shared)'}",
+             "",
+             f"machine: {machine.get('cpu', '?')}; flags {machine.get('flags', '?')}; "
+             f"our C kernels: {machine.get('isa', '?')}",
+             *[f"llama.cpp build: {r['system']['llama.cpp']}" for r in results
+               if r.get("status") == "ok" and "llama.cpp" in r.get("system", {})][:1],
              "",
              f"| config | status | prefill tok/s | decode tok/s | TTFT ms ({first_w}) | "
              f"TPOT ms ({first_w}) | e2e s ({first_w}) | batch {bmax} tok/s | weights MiB | "
