@@ -94,11 +94,21 @@ def test_quantized_and_16_bit_kv_caches_take_the_c_path(tiny_llama, monkeypatch,
         assert a.outputs[0].logprobs == b.outputs[0].logprobs
 
 
-def test_bf16_storage_matches_the_module_path(tiny_llama):
-    llm = LLM(str(tiny_llama), dtype="bfloat16", **ENGINE)
-    if llm.engine.executor.worker.model.model.compute_dtype != torch.float32:
-        pytest.skip("this CPU computes bf16 natively: the C path (fp32 activations) is not used")
-    fast, slow = _run(llm, native=True), _run(llm, native=False)
+def _fp32_math_over(model, dtype: str, monkeypatch) -> LLM:
+    """An engine storing `dtype` and computing in fp32 (the C path) on any CPU: a CPU with bf16
+    instructions would compute an explicit bfloat16 in bf16, so its probe is patched."""
+    monkeypatch.setattr("turbollm.platform_info.cpu_has_native_bf16", lambda: False)
+    llm = LLM(str(model), dtype=dtype, **ENGINE)
+    assert llm.engine.executor.worker.model.model.compute_dtype == torch.float32
+    return llm
+
+
+def test_bf16_storage_matches_the_module_path(tiny_llama, monkeypatch):
+    llm = _fp32_math_over(tiny_llama, "bfloat16", monkeypatch)
+    taken = _count_native_steps(monkeypatch)
+    fast = _run(llm, native=True)
+    assert taken  # the C path served
+    slow = _run(llm, native=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
 
 
@@ -106,9 +116,7 @@ def test_bf16_storage_matches_the_module_path(tiny_llama):
 def test_16_bit_embedding_tables_are_read_by_c(tiny_llama, monkeypatch, dtype):
     """decode_layers gathers fp16/bf16 (and fp32) embedding rows itself; a table type it does
     not read is gathered by torch first. Both give the module path's tokens."""
-    llm = LLM(str(tiny_llama), dtype=dtype, **ENGINE)
-    if llm.engine.executor.worker.model.model.compute_dtype != torch.float32:
-        pytest.skip("this CPU computes 16-bit natively: the C path (fp32 activations) is not used")
+    llm = _fp32_math_over(tiny_llama, dtype, monkeypatch)
     taken = _count_native_steps(monkeypatch)
     in_c = _run(llm, native=True)
     assert taken
