@@ -203,6 +203,10 @@ class KernelConfig:
     cpu_isa: str = field(default="auto", metadata=_help(
         "x86 variant of our C kernels: auto = the best this CPU runs (amx > avx512 > avx2); "
         "process-wide, fixed by the first engine", choices=("auto", "avx2", "avx512", "amx")))
+    prefill_dtype: str = field(default="auto", metadata=_help(
+        "products of more rows than the C kernels serve (prefill), with fp32 activations: auto "
+        "= bf16 AMX tiles where the amx kernel variant runs and dtype is auto, else float32. "
+        "Process-wide", choices=("auto", "float32", "bfloat16")))
     tile_config: str | None = field(default=None, metadata=_help(
         "JSON file of Triton tile configurations for the CUDA low-bit kernels, as written by "
         "scripts/gpu_tune.py --tiles. Process-wide (default: the built-in H100 tiles)"))
@@ -219,6 +223,9 @@ class KernelConfig:
             self.exact_activations = False
         if self.cpu_isa not in ("auto", "avx2", "avx512", "amx"):
             raise ValueError(f"cpu_isa must be auto, avx2, avx512 or amx, got {self.cpu_isa!r}")
+        if self.prefill_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("prefill_dtype must be auto, float32 or bfloat16, got "
+                             f"{self.prefill_dtype!r}")
         if self.tile_config is not None and not os.path.isfile(self.tile_config):
             raise ValueError(f"tile_config {self.tile_config!r} is not a file")
 

@@ -7,7 +7,9 @@ the code before it. Each configuration is pinned under both CPU compute paths, c
 patching the CPU-feature probe so the same file holds on every CPU: fp32 math over 16-bit
 storage (what dtype=auto computes in wherever our C kernels run, and on CPUs without bf16
 instructions), and bf16 math (dtype=bfloat16 on a CPU with bf16 instructions; before issue 25
-dtype=auto chose it there, and the pins were written that way).
+dtype=auto chose it there, and the pins were written that way). A third set, written after
+issue 25 gave AMX CPUs bf16 tiles for prefill-sized products, pins dtype=auto on AMX CPUs
+(fp32 decode, bf16 prefill); it runs only where the CPU has AMX.
 """
 from __future__ import annotations
 
@@ -33,7 +35,11 @@ CONFIGS = {
     "spec_draft": {"speculative_method": "draft", "draft_layers": 8,
                    "num_speculative_tokens": 3, "verify_cost": "0.25"},
 }
-PATHS = {"bf16_math": True, "fp32_math": False}
+# path -> (the bf16 probe's answer, dtype asked for where a configuration names none)
+PATHS = {"bf16_math": (True, "bfloat16"), "fp32_math": (False, "auto"),
+         "amx_prefill": (True, "auto")}
+# Paths that need a CPU feature (the probe cannot fake AMX tiles), and the kernel variant
+NEEDS_ISA = {"amx_prefill": "amx"}
 
 
 def bf16_probe(has_bf16: bool):
@@ -41,10 +47,10 @@ def bf16_probe(has_bf16: bool):
     return mock.patch("turbollm.platform_info.cpu_has_native_bf16", return_value=has_bf16)
 
 
-def generate(config: dict, has_bf16: bool) -> list[list[int]]:
+def generate(config: dict, path: str) -> list[list[int]]:
     from turbollm import LLM, SamplingParams
-    if has_bf16:  # bf16 math is what dtype=bfloat16 asks for (the checkpoint's storage too)
-        config = {"dtype": "bfloat16", **config}
+    has_bf16, dtype = PATHS[path]
+    config = {"dtype": dtype, **config}  # bf16 math is what dtype=bfloat16 asks for
     with bf16_probe(has_bf16):
         llm = LLM(kv_cache_memory="64MiB", max_model_len=512, **config)
         outs = llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
@@ -52,8 +58,11 @@ def generate(config: dict, has_bf16: bool) -> list[list[int]]:
 
 
 def main() -> None:
-    result = {path: {name: generate(cfg, has_bf16) for name, cfg in CONFIGS.items()}
-              for path, has_bf16 in PATHS.items()}
+    """Rewrite the paths named on the command line (default: all), keep the others."""
+    paths = sys.argv[1:] or list(PATHS)
+    result = json.loads(FIXTURE.read_text()) if FIXTURE.exists() else {}
+    for path in paths:
+        result[path] = {name: generate(cfg, path) for name, cfg in CONFIGS.items()}
     FIXTURE.parent.mkdir(exist_ok=True)
     FIXTURE.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {FIXTURE}", file=sys.stderr)

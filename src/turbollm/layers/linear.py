@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from turbollm.layers import native_ops
+from turbollm.layers.prefill_gemm import prefill_gemm
 from turbollm.layers.quant_method import QuantMethod
 
 
@@ -38,6 +39,10 @@ class UnquantizedLinearMethod(QuantMethod):
             b = b.to(x.dtype)
         if x.numel() == x.shape[-1]:  # one row: y = (x in bf16) W^T, accumulated in fp32
             y = F.linear(x.to(w.dtype), w).to(x.dtype)
+            return y if b is None else y + b
+        if x.dtype == torch.float32:  # 16-bit weights, prefill-sized: fp32 or AMX bf16 tiles
+            shape = x.shape
+            y = prefill_gemm(x.reshape(-1, shape[-1]), w).reshape(*shape[:-1], w.shape[0])
             return y if b is None else y + b
         return F.linear(x, w.to(x.dtype), b)
 

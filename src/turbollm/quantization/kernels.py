@@ -18,9 +18,9 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from turbollm.layers import native_ops
+from turbollm.layers.prefill_gemm import prefill_gemm
 from turbollm.native_build import RowKernel
 from turbollm.quantization import native
 
@@ -264,10 +264,11 @@ _scratch = torch.empty(0)
 
 def _dense_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] fp32 times the widened fp32 chunk w [N, K]^T: our C GEMM where it serves (up to
-    native_ops.MAX_DENSE_ROWS rows; ~half torch's time at 64 rows), else torch."""
+    native_ops.MAX_DENSE_ROWS rows; ~half torch's time at 64 rows), else torch's (fp32, or
+    bf16 AMX tiles: layers/prefill_gemm.py)."""
     if native_ops.dense_linear_usable(x, w):
         return native_ops.dense_linear(x, w)
-    return F.linear(x, w)
+    return prefill_gemm(x, w)
 
 
 def _widened_linear(x: torch.Tensor, n: int, dequant_rows) -> torch.Tensor:

@@ -19,6 +19,8 @@ import torch
 from turbollm.attention.selector import get_attention_backend
 from turbollm.config import EngineConfig, default_num_threads
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
+import turbollm.platform_info as platform_info
+from turbollm.layers import prefill_gemm
 from turbollm.model_arch import ModelArch
 from turbollm.native_build import select_isa
 from turbollm.quantization import kernels as quant_kernels
@@ -66,6 +68,7 @@ class Worker:
         self._apply_kernel_config()
         self.system = system_info(device, self.cpu_isa, torch.get_num_threads(),
                                   self.loaded.dtype, self.model.model.compute_dtype)
+        self.system["prefill_dtype"] = "bfloat16" if prefill_gemm.in_bf16() else "float32"
         log.info("system: %s", format_line(self.system))
         self.kv_cache = self.runner = self.drafter = None
         self.max_model_len = self.loaded.max_model_len
@@ -76,9 +79,22 @@ class Worker:
         kc = self.config.kernel
         self.set_native_decode(kc.native_decode)
         quant_kernels.exact_activations(kc.exact_activations)
+        prefill_gemm.use_bf16(self._prefill_in_bf16())
         if kc.tile_config is not None:
             from turbollm.quantization import gpu_kernels  # imports Triton
             gpu_kernels.load_tile_config(kc.tile_config)
+
+    def _prefill_in_bf16(self) -> bool:
+        """Prefill-sized products in bf16 AMX tiles: asked for, or (auto) where the amx kernel
+        variant runs, dtype is auto over a 16-bit or low-bit checkpoint and activations are
+        fp32 (layers/prefill_gemm.py)."""
+        asked = self.config.kernel.prefill_dtype
+        if asked != "auto":
+            return asked == "bfloat16"
+        # a 16-bit (or low-bit) checkpoint: an fp32 one under dtype auto stays fp32 throughout
+        return (self.cpu_isa == "amx" and platform_info.cpu_has_native_bf16()
+                and self.config.model.dtype == "auto" and self.loaded.dtype != torch.float32
+                and self.model.model.compute_dtype == torch.float32)
 
     def set_native_decode(self, on: bool) -> None:
         """Decode-shaped CPU steps through the C path (models/native_decode.py) or the torch
