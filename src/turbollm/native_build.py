@@ -92,9 +92,10 @@ def _cache_dir() -> Path:
 
 
 def library_path(src: Path, isa: str) -> Path:
-    """Where the `isa` build of `src` lives: keyed by source, headers and variant."""
+    """Where the `isa` build of `src` lives: keyed by source, headers and variant (the shared
+    headers and those next to the source, which its `#include "..."` finds first)."""
     h = hashlib.sha256(src.read_bytes())
-    for header in sorted(_INCLUDE.glob("*.h")):
+    for header in sorted({*_INCLUDE.glob("*.h"), *src.parent.glob("*.h")}):
         h.update(header.read_bytes())
     return _cache_dir() / f"{src.stem}-{isa}-{h.hexdigest()[:16]}.so"
 

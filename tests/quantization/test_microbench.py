@@ -1,5 +1,7 @@
 """The kernel micro-benchmark runs every variant through the engine's dispatch (its numbers are
 measured by hand; here only that each variant ran and was timed)."""
+import pytest
+
 from turbollm.quantization import microbench
 
 
@@ -18,3 +20,17 @@ def test_microbench_cli_prints_a_row_per_shape_and_count(capsys, monkeypatch):
     assert microbench.main(["--rows", "2", "--shapes", "tiny"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[-1].split()[:2] == ["32x64", "2"] and out[-1].count("x") == 5  # the shape and 4 ratios
+
+
+def test_microbench_cli_takes_the_kernel_variant(capsys, monkeypatch):
+    """--cpu-isa fixes the C kernels' build before they load (the process's own one here: a
+    test process cannot switch once a library is loaded) and names it in the header"""
+    from turbollm import native_build
+    isa = native_build.selected_isa()
+    if isa is None:
+        pytest.skip("no C kernels on this CPU")
+    monkeypatch.setitem(microbench.SHAPES, "tiny", [(32, 64)])
+    run = microbench.run
+    monkeypatch.setattr(microbench, "run", lambda *a: run(*a, max_iters=3))
+    assert microbench.main(["--rows", "1", "--shapes", "tiny", "--cpu-isa", isa]) == 0
+    assert f"C kernels {isa}" in capsys.readouterr().out

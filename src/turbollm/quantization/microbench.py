@@ -1,6 +1,6 @@
 """Micro-benchmark of the quantized linear kernels against our bf16 path, on SmolLM2's shapes.
 
-    python -m turbollm.quantization.microbench [--rows 1 64] [--threads 2]
+    python -m turbollm.quantization.microbench [--rows 1 64] [--threads 2] [--cpu-isa avx2]
         [--device cuda --shapes llama2-7b]
 
 For each weight shape [out, in] and row count M, every variant runs in the same process, in
@@ -9,7 +9,8 @@ bf16 = the engine's dense path (bf16 weights, fp32 activations: layers/linear.py
 int8 per channel, int4 RTN group 32 (= the Q4_1 layout), fp8 per channel, through the
 engine's own dispatch. On CUDA, bf16 is torch's bf16 matmul, fp32 the fp32 one, and the low-bit
 variants take gpu_kernels (Triton) and fp8's torch._scaled_mm where the device has fp8 tensor
-cores; every timed call is synchronized.
+cores; every timed call is synchronized. --cpu-isa picks the C kernels' x86 build (as the
+engine's --cpu-isa does), e.g. avx2 against the default avx512/amx one, in two runs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import types
 
 import torch
 
+from turbollm import native_build
 from turbollm.layers.linear import UnquantizedLinearMethod
 from turbollm.quantization import fp8, kernels
 from turbollm.quantization.int4 import quantize_int4_rtn
@@ -82,13 +84,19 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="smollm2")
     ap.add_argument("--tile-config", help="Triton tiles from scripts/gpu_tune.py --tiles")
+    ap.add_argument("--cpu-isa", choices=native_build.ISA_CHOICES, default="auto",
+                    help="x86 build of the C kernels (fixed before any of them loads)")
     args = ap.parse_args(argv)
+    # "auto" keeps whatever this process already runs (a test's process may have loaded one)
+    isa = (native_build.select_isa(args.cpu_isa) if args.cpu_isa != "auto"
+           else native_build.selected_isa())
     if args.tile_config:
         from turbollm.quantization import gpu_kernels
         gpu_kernels.load_tile_config(args.tile_config)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"threads {torch.get_num_threads()}; speed-up over our bf16 path (higher is faster)")
+    print(f"threads {torch.get_num_threads()}, C kernels {isa or 'none'}; speed-up over our bf16 "
+          f"path (higher is faster)")
     print(f"{'shape [out x in]':>16} {'M':>3} {'bf16 us':>9} {'fp32':>6} {'int8':>6} {'int4':>6} "
           f"{'fp8':>6}")
     for r in run(args.rows, SHAPES[args.shapes], args.device):

@@ -1,4 +1,5 @@
-"""The AVX2 low-bit kernels of csrc/lowbit.c (built and loaded by turbollm.native_build)."""
+"""The low-bit kernels of csrc/lowbit.c (built and loaded by turbollm.native_build; the avx512
+and amx builds take csrc/lowbit_avx512.h's AVX-512 VNNI dot products, bit-identical to avx2's)."""
 from __future__ import annotations
 
 import functools

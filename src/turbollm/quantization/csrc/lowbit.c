@@ -18,6 +18,13 @@
 
 #include "simd.h"
 
+// The avx512 and amx builds (native_build.py) take the AVX-512 BW + VNNI forms of the
+// int16-activation dot products (lowbit_avx512.h), bit-identical to the AVX2 ones here.
+#if defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define LOWBIT_AVX512 1
+static void pair_order_i16(int16_t *xq, int64_t nchunks, int64_t span);  // lowbit_avx512.h
+#endif
+
 #define ROWS 4        // output rows computed together so that each x load feeds several rows
 #define MAX_ROWS_TILED 64  // activation rows per gemm_a16 call (kernels.MAX_ROWS_A16 is 48)
 #define MAX_GROUPS 1024
@@ -355,7 +362,7 @@ static inline float min_term(const float *mn, const float *xg, int64_t n8) {
 #define TILE 8
 
 typedef struct {
-    int16_t *xq;  // [M, K]
+    int16_t *xq;  // [M, K] (AVX-512 builds: blocks reordered in pairs, see pair_order_i16)
     float *xd;    // [M, ncs]: K / 32 block scales, then zeros up to ncs = pad8(K / 32)
     float *xs;    // [M, ncs]: xd * (sum of the block's xq)
     float *xg;    // [M, ngs]: xs summed per group of G / 32 blocks, then zeros up to ngs =
@@ -374,6 +381,10 @@ static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K, int64_t 
     r.xg = cpg == 1 ? r.xs : r.xs + M * r.ncs;
     for (int64_t m = 0; m < M; m++) {
         quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * r.ncs, r.xs + m * r.ncs);
+#ifdef LOWBIT_AVX512
+        // pairs of blocks within each group (the whole row at G = 32), as the dots read them
+        pair_order_i16(r.xq + m * K, nchunks, cpg == 1 ? nchunks : cpg);
+#endif
         for (int64_t c = 0; cpg > 1 && c < nchunks; c++) r.xg[m * r.ngs + c / cpg] += r.xs[m * r.ncs + c];
     }
     return r;
@@ -391,6 +402,20 @@ static inline __attribute__((always_inline)) void unpack_block(const uint8_t *ro
     else unpack_i8((const int8_t *)row + 32 * c, lo, hi);
 }
 
+// The row-walking dot products (row_dots*) request the lines PREFETCH_ROWS rows ahead as the
+// walk goes: the hardware prefetcher alone left a decode step waiting on DRAM (four rows walked
+// without it were ~8% slower than one row at a time; with it, 1.2x faster).
+#define PREFETCH_ROWS 8
+static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *w, int64_t w_stride,
+                                                                 int is_int4, int NR, int64_t c) {
+    if (__builtin_expect((c & (is_int4 ? 3 : 1)) == 0, 0))  // a 64-byte line: 4 int4 / 2 int8 blocks
+        for (int r = 0; r < NR; r++)
+            _mm_prefetch((const char *)w + (r + PREFETCH_ROWS) * w_stride + (is_int4 ? 16 : 32) * c, _MM_HINT_T0);
+}
+
+#ifdef LOWBIT_AVX512
+#include "lowbit_avx512.h"  // the same six dot-product functions with 512-bit integer steps
+#else
 // MT activation rows of the tile against one weight row of G = 32 blocks: every weight block
 // is widened to 16 bits once and used by each of the MT rows. bs[j * bstride + c] is the
 // combined scale of block c for tile row j. MT is a constant after inlining, so the MT
@@ -439,18 +464,7 @@ static inline __attribute__((always_inline)) void tile_dots_grouped(
 
 // One activation row (batch-1 decode) against NR weight rows: the NR accumulator chains are
 // independent, where one row alone waits on each block's fma, and each xq load feeds every row.
-// The lines PREFETCH_ROWS rows ahead are requested as the walk goes: the hardware prefetcher
-// alone left a decode step waiting on DRAM (four rows walked without it were ~8% slower than
-// one row at a time; with it, 1.2x faster). Each output is summed in the same order as in
-// tile_dots, so the bits match the tiled path.
-#define PREFETCH_ROWS 8
-static inline __attribute__((always_inline)) void prefetch_ahead(const uint8_t *w, int64_t w_stride,
-                                                                 int is_int4, int NR, int64_t c) {
-    if (__builtin_expect((c & (is_int4 ? 3 : 1)) == 0, 0))  // a 64-byte line: 4 int4 / 2 int8 blocks
-        for (int r = 0; r < NR; r++)
-            _mm_prefetch((const char *)w + (r + PREFETCH_ROWS) * w_stride + (is_int4 ? 16 : 32) * c, _MM_HINT_T0);
-}
-
+// Each output is summed in the same order as in tile_dots, so the bits match the tiled path.
 static inline __attribute__((always_inline)) void row_dots(
     const uint8_t *w, int64_t w_stride, int is_int4, int NR, int64_t nchunks, const int16_t *xq,
     const float *bs, float *out) {
@@ -552,6 +566,8 @@ static inline __attribute__((always_inline)) void row_dots_grouped_pair(
         out[2 + r] = hsum256(acc1[r]);
     }
 }
+
+#endif  // LOWBIT_AVX512
 
 // Group scales and, for int4, mins of ROWS consecutive rows: their parameters lie contiguous
 // in memory, so one vector pass over ROWS * ng values replaces ROWS per-row passes with short
