@@ -90,6 +90,10 @@ def test_chat_stream(client, offline):
         model=MODEL_NAME, messages=CHAT, max_tokens=12, temperature=0, stream=True,
         stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
+    # the first chunk is sent with the first token (true TTFT for clients that time it); a
+    # slow reader may get it coalesced with the next ones
+    first = offline.tokenizer.decode(exp.outputs[0].token_ids[:1])
+    assert first and chunks[0].choices[0].delta.content.startswith(first)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == exp.outputs[0].text
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"

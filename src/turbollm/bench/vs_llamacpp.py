@@ -1,8 +1,13 @@
-"""Batch-1 decode of our configurations and llama.cpp on the same GGUF file, alternating in one process.
+"""Batch-1 decode (or prefill) of our configurations and llama.cpp on the same GGUF file,
+alternating in one process.
 
     python -m turbollm.bench.vs_llamacpp [--configs default,bf16,int8,int4] [--no-llamacpp]
                                          [--prompt-tokens 16] [--tokens 128] [--rounds 4]
-                                         [--threads 2] [--json F]
+                                         [--threads 2] [--prefill] [--json F]
+
+--prefill times the prompt instead (llama-bench's pp: `--prompt-tokens 512`): a fresh prompt
+every round (no cache hit), rate = prompt tokens / time to the first token (ours: the engine's
+clock from arrival; llama.cpp: eval() of the prompt).
 
 `turbollm bench` runs each configuration in its own process, one after another, so on this VM
 (whose speed drifts by tens of percent within minutes) two rows of its table are not a fair
@@ -37,6 +42,28 @@ def llamacpp_rate(lc, prompt: list[int], n: int) -> float:
     return (len(times) - 1) / (times[-1] - times[0])
 
 
+def ours_prefill_rate(llm: LLM, prompt: list[int]) -> float:
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0),
+                       use_tqdm=False)[0]
+    return len(prompt) / (out.metrics.first_token_time - out.metrics.arrival_time)
+
+
+def llamacpp_prefill_rate(lc, prompt: list[int]) -> float:
+    import time
+    lc.reset()
+    t0 = time.perf_counter()
+    lc.eval(prompt)
+    return len(prompt) / (time.perf_counter() - t0)
+
+
+def fresh_prompts(n: int, vocab: int = 49152):
+    """A new random prompt of n tokens per call (no prefix-cache hit, no KV reuse)."""
+    import random
+    rng = random.Random(0)
+    while True:
+        yield [rng.randrange(100, vocab) for _ in range(n)]
+
+
 def alternate(runs: dict, rounds: int) -> dict[str, list[float]]:
     """Each run's rate per round, the runs taken in turns (reversed every other round)."""
     for run in runs.values():
@@ -69,6 +96,8 @@ def main(argv=None) -> int:
                     help="prompt length (the context decode steps attend over grows from it)")
     ap.add_argument("--tokens", type=int, default=128, help="tokens decoded per round")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--prefill", action="store_true",
+                    help="time the prompt (prefill tok/s) instead of decoding")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     try:
@@ -77,6 +106,7 @@ def main(argv=None) -> int:
         print(e)
         return 2
     prompt = list(range(1000, 1000 + args.prompt_tokens))
+    prompts = fresh_prompts(args.prompt_tokens)
     runs = {}
     if not args.no_llamacpp:
         from turbollm.loader.resolve import resolve_model
@@ -87,20 +117,24 @@ def main(argv=None) -> int:
             print("llama-cpp-python is not installed (pip install llama-cpp-python, "
                   "or --no-llamacpp)")
             return 2
-        runs[LLAMACPP] = lambda: llamacpp_rate(lc, prompt, args.tokens)
+        runs[LLAMACPP] = (lambda: llamacpp_prefill_rate(lc, next(prompts))) if args.prefill \
+            else (lambda: llamacpp_rate(lc, prompt, args.tokens))
     for c in configs:
         llm = LLM("smollm2-135m", **{"num_threads": args.threads, "kv_cache_memory": "256MiB",
                                      "enable_prefix_caching": False, **c.kwargs})
-        runs[c.name] = lambda llm=llm: ours_rate(llm, prompt, args.tokens)
+        runs[c.name] = (lambda llm=llm: ours_prefill_rate(llm, next(prompts))) if args.prefill \
+            else (lambda llm=llm: ours_rate(llm, prompt, args.tokens))
     rates = alternate(runs, args.rounds)
+    what = "prefill" if args.prefill else "decode"
     for name, r in rates.items():
-        print(f"{name:12s} decode tok/s: " + ", ".join(f"{x:.1f}" for x in r))
+        print(f"{name:12s} {what} tok/s: " + ", ".join(f"{x:.1f}" for x in r))
     ratio = ratios(rates)
     for name, x in ratio.items():
         print(f"{name} (best rounds): {x:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"threads": args.threads, "prompt_tokens": args.prompt_tokens,
+                       "measure": what, "system": llm.engine.system if configs else None,
                        "tokens": args.tokens, "rates": rates,
                        "ratios": ratio}, f, indent=2)
     return 0

@@ -105,13 +105,15 @@ class _Ctx:
 
 
 async def _stream(ctx: _Ctx, stream):
-    """SSE chunks: the role first, then content deltas, a finish chunk, usage, [DONE]."""
+    """SSE chunks: each choice's first chunk carries the role with its first content (sent when
+    the first token is ready, so a client timing the first chunk measures the true time to
+    first token, as with vLLM and llama-server), then content deltas, a finish chunk, usage,
+    [DONE]."""
     n = ctx.req.n
     done = [False] * n
+    started = [False] * n
     sent_lp = [0] * n
     try:
-        for i in range(n):
-            yield ctx.chunk(i, {"role": "assistant", "content": ""}, None, None)
         async for out in stream:
             err = output_error(out)
             if err is not None:
@@ -124,7 +126,11 @@ async def _stream(ctx: _Ctx, stream):
                 if c.logprobs is not None and len(c.logprobs) > sent_lp[c.index]:
                     lp = chat_logprobs(c.logprobs[sent_lp[c.index]:], ctx.text_of)
                     sent_lp[c.index] = len(c.logprobs)
-                if c.delta_text or lp:
+                if not started[c.index]:
+                    yield ctx.chunk(c.index, {"role": "assistant", "content": c.delta_text},
+                                    lp, None)
+                    started[c.index] = True
+                elif c.delta_text or lp:
                     yield ctx.chunk(c.index, {"content": c.delta_text}, lp, None)
                 if c.finish_reason is not None:
                     yield ctx.chunk(c.index, {}, None, c.finish_reason)
