@@ -42,11 +42,15 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
 
 
 # Dense weights at each precision (quantization=none: a GGUF file is dequantized, not served in
-# its own format), then the engine's defaults as a user gets them (for the bundled GGUF: its
+# its own format; an explicit bfloat16 computes in bf16 where the CPU has bf16 math), then the
+# engine's defaults as a user gets them (for the bundled GGUF: its
 # Q4_1/Q8_0 layers served natively), which the technique switches are applied on top of.
 DTYPE_CONFIGS = [BenchConfig("fp32", {"dtype": "float32", "quantization": "none"}),
                  BenchConfig("bf16", {"dtype": "bfloat16", "quantization": "none"}),
                  BenchConfig("fp16", {"dtype": "float16", "quantization": "none"}),
+                 # dense weights in the default dtype (auto: bf16 storage, the math the
+                 # kernels of this machine want): issue 4/25's "dense bf16" baseline
+                 BenchConfig("dense", {"quantization": "none"}),
                  BenchConfig("default", {})]
 
 PEER_DTYPES = {"quick": ["float32"], "full": ["float32", "bfloat16"]}

@@ -76,10 +76,11 @@ def alternate(runs: dict, rounds: int) -> dict[str, list[float]]:
 
 
 def ratios(rates: dict[str, list[float]]) -> dict[str, float]:
-    """Best-round ratios: each of ours against llama.cpp, and against our bf16 when both ran."""
+    """Best-round ratios: each of ours against llama.cpp, and against our dense bf16 (`dense`:
+    default dtype; `bf16`: dtype=bfloat16) when they ran."""
     best = {name: max(r) for name, r in rates.items()}
     out = {}
-    for base in (LLAMACPP, "bf16"):
+    for base in (LLAMACPP, "dense", "bf16"):
         if base in best:
             out.update({f"{name}/{base}": b / best[base] for name, b in best.items()
                         if name not in (base, LLAMACPP)})
