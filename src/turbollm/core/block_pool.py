@@ -59,12 +59,39 @@ class BlockPool:
         return len(self._free) + len(self._cached_lru)
 
     def check_invariant(self) -> None:
-        """free + cached + used == total, and the ref counts agree with the state lists."""
+        """The three states, the lists and the prefix-cache hash map agree (O(blocks); tests only).
+
+        free + cached + used == total; the free list is exactly the unhashed unreferenced blocks
+        (each once: a block listed twice would be handed out twice); the LRU is exactly the
+        hashed unreferenced ones; the hash map and the blocks' hashes are one bijection, so a
+        lookup never returns a block whose KV is another prefix, and no hashed block is lost
+        to lookups.
+        """
+        assert len(self.blocks) == self.num_blocks
+        for i, b in enumerate(self.blocks):
+            assert b.block_id == i, (i, b.block_id)
+            assert b.ref_cnt >= 0, (b.block_id, b.ref_cnt)
         used = sum(1 for b in self.blocks if b.ref_cnt > 0)
         assert used == self.num_used, (used, self.num_used)
         assert self.num_free + self.num_cached + self.num_used == self.num_blocks
-        assert all(b.ref_cnt == 0 and b.block_hash is None for b in self._free)
-        assert all(b.ref_cnt == 0 and b.block_hash is not None for b in self._cached_lru.values())
+        free_ids = [b.block_id for b in self._free]
+        assert len(set(free_ids)) == len(free_ids), f"a block is twice in the free list: {free_ids}"
+        assert all(self.blocks[b.block_id] is b for b in self._free)
+        assert set(free_ids) == {b.block_id for b in self.blocks
+                                 if b.ref_cnt == 0 and b.block_hash is None}
+        for block_id, b in self._cached_lru.items():
+            assert self.blocks[block_id] is b, (block_id, b.block_id)
+        assert set(self._cached_lru) == {b.block_id for b in self.blocks
+                                         if b.ref_cnt == 0 and b.block_hash is not None}
+        for h, b in self._hash_to_block.items():
+            assert self.blocks[b.block_id] is b, b.block_id
+            assert b.block_hash == h, f"hash map entry points at block {b.block_id} of another hash"
+        for b in self.blocks:
+            if b.block_hash is not None:
+                assert self._hash_to_block.get(b.block_hash) is b, \
+                    f"block {b.block_id} has a hash but is not the map's entry for it"
+        if not self.enable_caching:
+            assert not self._hash_to_block
 
     # ----- allocation -----
     def allocate(self, n: int) -> list[KVBlock]:

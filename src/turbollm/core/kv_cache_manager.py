@@ -121,8 +121,33 @@ class KVCacheManager:
             self._hashes.pop(req.request_id, None)
 
     def check_invariant(self) -> None:
-        self.pool.check_invariant()
-        held = sum(len(v) for v in self._blocks.values())
-        distinct = len({b.block_id for v in self._blocks.values() for b in v})
-        assert distinct == self.pool.num_used, (distinct, self.pool.num_used)
-        assert held >= distinct
+        """The pool's own invariant, plus the block tables agree with it (O(table entries)).
+
+        - every block's ref count is the number of block tables holding it (a block shared by a
+          prefix hit, e.g. an n > 1 child attaching its leader's prompt blocks, is in several
+          tables and counted once per table), and no table holds a block twice;
+        - a hashed block at table index i carries the chain hash of the holder's own tokens of
+          block i (a shared block's KV is the same prefix for everyone holding it);
+        - only the leading `_num_registered` blocks of a table can be hashed: the manager
+          registers leading full blocks, and hits are attached first.
+        """
+        pool = self.pool
+        pool.check_invariant()
+        refs = [0] * pool.num_blocks
+        for rid, held in self._blocks.items():
+            ids = [b.block_id for b in held]
+            assert len(set(ids)) == len(ids), f"request {rid} holds a block twice: {ids}"
+            hashes = self._hashes.get(rid, [])
+            num_registered = self._num_registered.get(rid, 0)
+            assert num_registered <= len(held), (rid, num_registered, len(held))
+            for i, b in enumerate(held):
+                assert pool.blocks[b.block_id] is b, (rid, b.block_id)
+                refs[b.block_id] += 1
+                if b.block_hash is not None:
+                    assert i < num_registered, (rid, i, num_registered)
+                    assert i < len(hashes) and b.block_hash == hashes[i], \
+                        f"request {rid} block {i} (id {b.block_id}) has another prefix's hash"
+        for b in pool.blocks:
+            assert b.ref_cnt == refs[b.block_id], \
+                f"block {b.block_id}: ref_cnt {b.ref_cnt} but held by {refs[b.block_id]} tables"
+        assert set(self._num_registered) <= set(self._blocks)
