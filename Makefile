@@ -9,6 +9,9 @@ AUTOAWQ    ?= autoawq==0.2.9
 # benchmark peer: llama.cpp built from source for the CPU at hand (-DGGML_NATIVE=ON: AVX-512,
 # VNNI, AMX where present), so that we compare against it at its best; ~10-25 min on 2 cores
 LLAMACPP   ?= llama-cpp-python==0.3.36
+# e.g. where llama.cpp's AMX matmul crashes (a Sapphire Rapids VM, session 15), its best build
+# without AMX: LLAMACPP_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON ..."
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
@@ -34,7 +37,7 @@ bench: $(STAMP)
 	$(BIN)/turbollm bench $(ARGS)
 
 peers: $(STAMP)
-	CMAKE_ARGS="-DGGML_NATIVE=ON" FORCE_CMAKE=1 $(BIN)/pip install --no-cache-dir \
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" FORCE_CMAKE=1 $(BIN)/pip install --no-cache-dir \
 		--no-binary llama-cpp-python "$(LLAMACPP)"
 	$(BIN)/python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 
