@@ -38,6 +38,7 @@ bench: $(STAMP)
 
 peers: $(STAMP)
 	CMAKE_ARGS="$(LLAMACPP_CMAKE)" FORCE_CMAKE=1 $(BIN)/pip install --no-cache-dir \
+		--force-reinstall --no-deps \
 		--no-binary llama-cpp-python "$(LLAMACPP)"
 	$(BIN)/python -c "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"
 

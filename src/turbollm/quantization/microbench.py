@@ -20,7 +20,7 @@ import types
 
 import torch
 
-from turbollm import native_build
+import turbollm.native_build as native_build
 from turbollm.layers.linear import UnquantizedLinearMethod
 from turbollm.quantization import fp8, kernels
 from turbollm.quantization.int4 import quantize_int4_rtn
