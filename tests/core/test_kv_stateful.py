@@ -119,10 +119,8 @@ class KVMachine(RuleBasedStateMachine):
                                           min(req.num_computed_tokens, req.num_prompt_tokens) - 1)
         self.kv.cache_full_blocks(req)
         if self.caching:
-            # Blocks completed by this chunk are now in the hash map: registered, or their hash
-            # was already there (this copy then stays private). Only these: an older private
-            # copy is not registered again when the map's block for its hash is evicted (see
-            # test_private_copy_is_not_findable_once_the_registered_block_is_evicted).
+            # Blocks completed by this chunk are now in the hash map (every copy is registered
+            # under its hash, test_a_copy_computed_at_the_same_time_stays_findable_...).
             for i in range(old // self.bs, req.num_computed_tokens // self.bs):
                 self.sure.add(self._key(req, i))
                 self.ever.add(self._key(req, i))
@@ -286,11 +284,10 @@ def test_kv_cache_manager_stateful():
         assert COVERAGE[what] > 0, (what, dict(COVERAGE))
 
 
-@pytest.mark.xfail(strict=True, reason="a limitation found by the machine above: the hash map "
-                   "keeps one block per hash, so a duplicate computed while the hash was taken "
-                   "stays private for good; once the registered block is evicted, the prefix is "
-                   "lost even though a running request still holds its KV")
-def test_private_copy_is_not_findable_once_the_registered_block_is_evicted():
+def test_a_copy_computed_at_the_same_time_stays_findable_once_the_first_is_evicted():
+    """Found by the machine above when the hash map kept one block per hash: the second copy
+    stayed private for good, so evicting the first lost the prefix while a request still held
+    its KV. Now every copy is registered under the hash."""
     kv = KVCacheManager(num_blocks=10, block_size=2)
     prompt = [1, 2, 3, 4, 5, 6, 7]
     a, b = (Request(rid, prompt, SamplingParams(max_tokens=4), [EOS], 4) for rid in "ab")
@@ -298,7 +295,7 @@ def test_private_copy_is_not_findable_once_the_registered_block_is_evicted():
     assert kv.allocate_slots(a, 7) and kv.allocate_slots(b, 7)
     a.num_computed_tokens = b.num_computed_tokens = 7
     kv.cache_full_blocks(a)
-    kv.cache_full_blocks(b)  # hashes taken by a's blocks: b's three full blocks stay private
+    kv.cache_full_blocks(b)  # b's three full blocks are copies of a's, registered as well
     a.status = RequestStatus.FINISHED_ABORTED
     kv.free(a)  # a's three hashed blocks are now cached (evictable)
     filler = Request("c", list(range(100, 112)), SamplingParams(max_tokens=4), [EOS], 4)

@@ -41,7 +41,10 @@ class BlockPool:
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: deque[KVBlock] = deque(self.blocks)
         self._cached_lru: OrderedDict[int, KVBlock] = OrderedDict()  # block_id -> block
-        self._hash_to_block: dict[bytes, KVBlock] = {}
+        # hash -> every block holding that prefix (block_id -> block): two requests that
+        # computed the same prefix at once both register it, so the prefix stays findable
+        # while either copy lives (vLLM v1 keeps several blocks per hash the same way)
+        self._hash_to_blocks: dict[bytes, dict[int, KVBlock]] = {}
         self.num_used = 0
 
     # ----- counts -----
@@ -63,9 +66,9 @@ class BlockPool:
 
         free + cached + used == total; the free list is exactly the unhashed unreferenced blocks
         (each once: a block listed twice would be handed out twice); the LRU is exactly the
-        hashed unreferenced ones; the hash map and the blocks' hashes are one bijection, so a
-        lookup never returns a block whose KV is another prefix, and no hashed block is lost
-        to lookups.
+        hashed unreferenced ones; the hash map holds exactly the hashed blocks, each under its
+        own hash, so a lookup never returns a block whose KV is another prefix, and no hashed
+        block is lost to lookups.
         """
         assert len(self.blocks) == self.num_blocks
         for i, b in enumerate(self.blocks):
@@ -83,15 +86,17 @@ class BlockPool:
             assert self.blocks[block_id] is b, (block_id, b.block_id)
         assert set(self._cached_lru) == {b.block_id for b in self.blocks
                                          if b.ref_cnt == 0 and b.block_hash is not None}
-        for h, b in self._hash_to_block.items():
-            assert self.blocks[b.block_id] is b, b.block_id
-            assert b.block_hash == h, f"hash map entry points at block {b.block_id} of another hash"
+        for h, copies in self._hash_to_blocks.items():
+            assert copies, f"an empty entry for a hash is left in the map"
+            for block_id, b in copies.items():
+                assert self.blocks[block_id] is b, block_id
+                assert b.block_hash == h, f"hash map entry points at block {block_id} of another hash"
         for b in self.blocks:
             if b.block_hash is not None:
-                assert self._hash_to_block.get(b.block_hash) is b, \
-                    f"block {b.block_id} has a hash but is not the map's entry for it"
+                assert self._hash_to_blocks.get(b.block_hash, {}).get(b.block_id) is b, \
+                    f"block {b.block_id} has a hash but is not among the map's entries for it"
         if not self.enable_caching:
-            assert not self._hash_to_block
+            assert not self._hash_to_blocks
 
     # ----- allocation -----
     def allocate(self, n: int) -> list[KVBlock]:
@@ -135,21 +140,26 @@ class BlockPool:
 
     # ----- prefix cache -----
     def lookup(self, block_hash: bytes) -> KVBlock | None:
-        return self._hash_to_block.get(block_hash)
+        """A block holding this prefix: one in use if any (no revival needed), else a cached one."""
+        copies = self._hash_to_blocks.get(block_hash)
+        if not copies:
+            return None
+        return next((b for b in copies.values() if b.ref_cnt > 0), next(iter(copies.values())))
 
     def register_full_block(self, block: KVBlock, block_hash: bytes) -> None:
         """Record a just-filled block under its chain hash so later prompts can reuse it."""
         if not self.enable_caching or block.block_hash is not None:
             return
-        if block_hash in self._hash_to_block:
-            return  # an identical block is cached already; this copy stays private
         block.block_hash = block_hash
-        self._hash_to_block[block_hash] = block
+        self._hash_to_blocks.setdefault(block_hash, {})[block.block_id] = block
 
     def _forget_hash(self, block: KVBlock) -> None:
         if block.block_hash is not None:
-            if self._hash_to_block.get(block.block_hash) is block:
-                del self._hash_to_block[block.block_hash]
+            copies = self._hash_to_blocks.get(block.block_hash)
+            if copies is not None:
+                copies.pop(block.block_id, None)
+                if not copies:
+                    del self._hash_to_blocks[block.block_hash]
             block.block_hash = None
 
     def reset_prefix_cache(self) -> None:
