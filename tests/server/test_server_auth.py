@@ -25,14 +25,14 @@ def secured(tiny_llama):
 
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
-PROTECTED = [("GET", "/ready"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"),
+PROTECTED = [("GET", "/v1/models"), ("GET", "/v1/models/tiny"),
              ("GET", "/metrics"), ("GET", "/openapi.json"), ("POST", "/v1/completions"),
              ("POST", "/v1/chat/completions"), ("POST", "/generate"),
              ("POST", "/generate_stream")]
 
 
 @pytest.mark.parametrize("method,path", PROTECTED)
-def test_every_route_but_health_needs_the_key(secured, method, path):
+def test_every_route_but_health_and_ready_needs_the_key(secured, method, path):
     r = httpx.request(method, secured.base_url + path, json={})
     assert_error_shape(r, 401, "invalid_api_key")
     assert r.headers["www-authenticate"] == "Bearer"
@@ -43,8 +43,11 @@ def test_every_route_but_health_needs_the_key(secured, method, path):
     assert r.status_code != 401
 
 
-def test_health_is_open(secured):
+def test_health_and_ready_are_open(secured):
+    """Load balancers probe both without credentials; they tell only the engine's state."""
     assert httpx.get(secured.base_url + "/health").status_code == 200
+    r = httpx.get(secured.base_url + "/ready")
+    assert r.status_code == 200 and r.json() == {"status": "ready"}
 
 
 def test_openai_client_with_key(secured):

@@ -44,3 +44,37 @@ def test_flags_and_env_key(monkeypatch):
 def test_invalid_config(kw):
     with pytest.raises(ValueError):
         ServerConfig(**kw)
+
+
+def test_an_empty_key_is_an_error_never_no_auth(monkeypatch, tmp_path):
+    """`--api-key "$UNSET_VAR"` must not silently turn authentication off (issue 31)."""
+    monkeypatch.delenv("TURBOLLM_API_KEY", raising=False)
+    for argv in (("--api-key", ""), ("--api-key", "  ")):
+        with pytest.raises(ValueError, match="--api-key is empty"):
+            server_config_from_args(parse(*argv))
+    monkeypatch.setenv("TURBOLLM_API_KEY", "")
+    with pytest.raises(ValueError, match=r"\$TURBOLLM_API_KEY is empty"):
+        server_config_from_args(parse())
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="--api-key-file .* is empty"):
+        server_config_from_args(parse("--api-key-file", str(empty)))
+
+
+def test_the_key_from_a_file(monkeypatch, tmp_path):
+    monkeypatch.setenv("TURBOLLM_API_KEY", "from-env")  # a file given wins over the env
+    secret = tmp_path / "key"
+    secret.write_text("s3cret\n")
+    assert server_config_from_args(parse("--api-key-file", str(secret))).api_key == "s3cret"
+    with pytest.raises(ValueError, match="not both"):
+        server_config_from_args(parse("--api-key", "a", "--api-key-file", str(secret)))
+    with pytest.raises(ValueError, match="cannot read"):
+        server_config_from_args(parse("--api-key-file", str(tmp_path / "missing")))
+
+
+def test_an_empty_key_stops_serve_with_one_line(monkeypatch, capsys):
+    from turbollm.cli import main
+    monkeypatch.delenv("TURBOLLM_API_KEY", raising=False)
+    assert main(["serve", "--api-key", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--api-key is empty" in err[0]

@@ -75,9 +75,10 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_name: str) -> Fas
             return JSONResponse({"status": "broken"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @api.get("/ready")
+    @public.get("/ready")
     async def ready() -> JSONResponse:
-        """200 when taking work; 503 while loading, draining or broken."""
+        """200 when taking work; 503 while loading, draining or broken. Open like /health:
+        load balancers probe it without credentials, and it tells nothing but the state."""
         status = 200 if engine.state == EngineState.READY else 503
         return JSONResponse({"status": engine.state.value}, status_code=status)
 

@@ -1,4 +1,4 @@
-"""API-key check: a dependency attached to every route except /health.
+"""API-key check: a dependency attached to every route except /health and /ready.
 
 Because it hangs off the routes themselves, the decision follows the path the router matched:
 `//v1/models`, `/v1/%2E%2E/health` or `/health/../v1/models` either match a protected route

@@ -6,6 +6,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import fields
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,35 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def server_config_from_args(args: argparse.Namespace):
-    """ServerConfig from parsed flags; the API key falls back to $TURBOLLM_API_KEY."""
+    """ServerConfig from parsed flags. The API key comes from --api-key, else --api-key-file,
+    else $TURBOLLM_API_KEY; one that is given but empty is an error, never "no auth"."""
     from turbollm.server.config import ServerConfig
     kw = {f.name: getattr(args, f.name) for f in fields(ServerConfig) if hasattr(args, f.name)}
-    if not kw.get("api_key"):
-        kw["api_key"] = os.environ.get(API_KEY_ENV) or None
+    kw["api_key"] = resolve_api_key(kw.get("api_key"), kw.pop("api_key_file", None))
     return ServerConfig(**kw)
+
+
+def resolve_api_key(flag: str | None, path: str | None) -> str | None:
+    """The key from the flag, the file or the environment (in that order), stripped."""
+    if flag is not None and path is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if flag is not None:
+        source, key = "--api-key", flag
+    elif path is not None:
+        source = f"--api-key-file {path}"
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as e:
+            raise ValueError(f"cannot read {source}: {e.strerror}") from None
+        key = lines[0] if lines else ""
+    elif API_KEY_ENV in os.environ:
+        source, key = f"${API_KEY_ENV}", os.environ[API_KEY_ENV]
+    else:
+        return None
+    if not key.strip():
+        raise ValueError(f"{source} is empty: refusing to serve without authentication by "
+                         "accident (leave every key source unset to serve without one)")
+    return key.strip()
 
 
 def _is_loopback(host: str) -> bool:

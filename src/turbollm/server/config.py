@@ -18,8 +18,11 @@ class ServerConfig:
         "address to bind; 0.0.0.0 exposes the server to the network"))
     port: int = field(default=8000, metadata=_help("TCP port (0 = any free port)"))
     api_key: str | None = field(default=None, metadata=_help(
-        "require 'Authorization: Bearer <key>' on every route but /health; falls back to "
-        "$TURBOLLM_API_KEY; no auth when neither is set"))
+        "require 'Authorization: Bearer <key>' on every route but /health and /ready; falls "
+        "back to --api-key-file, then $TURBOLLM_API_KEY; no auth when none is set; an empty "
+        "key is an error (an unset variable in a launch script must not turn auth off)"))
+    api_key_file: str | None = field(default=None, metadata=_help(
+        "read the API key from this file (its first line), e.g. a mounted secret"))
     allowed_origins: str | None = field(default=None, metadata=_help(
         "comma-separated CORS origins ('*' for any); no CORS headers when unset"))
     served_model_name: str | None = field(default=None, metadata=_help(
