@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+
+from turbollm.loader.errors import CheckpointError
 
 
 def read_hf_config(model_dir: Path) -> dict:
@@ -14,7 +16,13 @@ def read_hf_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(path, f"not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(path, "not a JSON object")
+    return config
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -33,9 +41,15 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 def iter_safetensors_raw(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) for every tensor of every shard, as stored."""
     for file in safetensors_files(model_dir):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        # safetensors checks the header (its length, JSON, offsets within the file) before it
+        # hands out a tensor; its error becomes ours, with the file named
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                names = list(f.keys())
+                for name in names:
+                    yield name, f.get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(file, f"not a readable safetensors file ({e})") from None
 
 
 def cast_floats(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
