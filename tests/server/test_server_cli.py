@@ -112,8 +112,21 @@ def test_unloadable_model_exits_nonzero(tmp_path):
     srv = ServeProcess("--model", str(tmp_path / "no-such-model"), *TINY_ARGS)
     try:
         code = srv.proc.wait(60)
-        assert code != 0
+        assert code == 2
         assert "not found" in srv.output()
+    finally:
+        srv.kill()
+
+
+def test_a_corrupt_model_file_stops_serve_with_one_line(tmp_path):
+    """Checked before the server starts: exit 2, the file and the offset named, no traceback."""
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(b"GGUF\x03\x00\x00\x00")
+    srv = ServeProcess("--model", str(cut))
+    try:
+        assert srv.proc.wait(60) == 2
+        out = srv.output()
+        assert f"{cut}: truncated" in out and "Traceback" not in out
     finally:
         srv.kill()
 

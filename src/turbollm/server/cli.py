@@ -68,6 +68,15 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _check_model_files(engine_config) -> None:
+    """Read the model's header (GGUF metadata or config.json) before serving, so a missing or
+    corrupt checkpoint is one line and exit 2 rather than a server that goes broken later."""
+    from turbollm.loader.resolve import resolve_model
+    from turbollm.worker.model_loader import read_arch
+    mc = engine_config.model
+    read_arch(resolve_model(mc.model, mc.load_format), mc.hf_config_overrides)
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model in the background, serve until SIGTERM; the exit code (0 clean, 1 broken)."""
     from turbollm.cli_args import engine_kwargs
@@ -78,6 +87,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     cfg = server_config_from_args(args)
     engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))  # bad flags fail here, fast
+    _check_model_files(engine_config)
     model_name = cfg.served_model_name or engine_config.model.model
     if not _is_loopback(cfg.host) and cfg.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address "
