@@ -57,7 +57,7 @@ def _add_info(sub) -> None:
 
 
 def _run_info(args) -> int:
-    from turbollm.config import DeviceConfig, KernelConfig
+    from turbollm.config import DeviceConfig, KernelConfig, default_num_threads
     from turbollm.loader.resolve import resolve_model
     from turbollm.native_build import select_isa
     from turbollm.worker.model_loader import compute_dtype_for, read_arch, resolve_dtype
@@ -66,7 +66,6 @@ def _run_info(args) -> int:
     isa = select_isa(KernelConfig(cpu_isa=args.cpu_isa).cpu_isa) if device == "cpu" else None
     arch, _ = read_arch(resolve_model(args.model))
     storage = resolve_dtype(args.dtype, arch, device)
-    from turbollm.config import default_num_threads
     info = system_info(device, isa, args.num_threads or default_num_threads(), storage,
                        compute_dtype_for(storage, device, args.dtype))
     width = max(map(len, info))

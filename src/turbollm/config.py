@@ -8,6 +8,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 
+from turbollm.native_build import ISA_CHOICES
 from turbollm.sizing import parse_memory_size
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -15,6 +16,8 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf", "fp8")
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
+CPU_ISAS = ISA_CHOICES  # auto, then native_build's variants
+PREFILL_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_MODEL = "smollm2-135m"
 
 log = logging.getLogger(__name__)
@@ -202,11 +205,11 @@ class KernelConfig:
         "relative; slower). Process-wide: the last engine built sets it (default: off)"))
     cpu_isa: str = field(default="auto", metadata=_help(
         "x86 variant of our C kernels: auto = the best this CPU runs (amx > avx512 > avx2); "
-        "process-wide, fixed by the first engine", choices=("auto", "avx2", "avx512", "amx")))
+        "process-wide, fixed by the first engine", choices=CPU_ISAS))
     prefill_dtype: str = field(default="auto", metadata=_help(
         "products of more rows than the C kernels serve (prefill), with fp32 activations: auto "
         "= bf16 AMX tiles where the amx kernel variant runs and dtype is auto, else float32. "
-        "Process-wide", choices=("auto", "float32", "bfloat16")))
+        "Process-wide", choices=PREFILL_DTYPES))
     tile_config: str | None = field(default=None, metadata=_help(
         "JSON file of Triton tile configurations for the CUDA low-bit kernels, as written by "
         "scripts/gpu_tune.py --tiles. Process-wide (default: the built-in H100 tiles)"))
@@ -221,10 +224,10 @@ class KernelConfig:
             self.native_decode = True
         if self.exact_activations is None:
             self.exact_activations = False
-        if self.cpu_isa not in ("auto", "avx2", "avx512", "amx"):
-            raise ValueError(f"cpu_isa must be auto, avx2, avx512 or amx, got {self.cpu_isa!r}")
-        if self.prefill_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError("prefill_dtype must be auto, float32 or bfloat16, got "
+        if self.cpu_isa not in CPU_ISAS:
+            raise ValueError(f"cpu_isa must be one of {CPU_ISAS}, got {self.cpu_isa!r}")
+        if self.prefill_dtype not in PREFILL_DTYPES:
+            raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES}, got "
                              f"{self.prefill_dtype!r}")
         if self.tile_config is not None and not os.path.isfile(self.tile_config):
             raise ValueError(f"tile_config {self.tile_config!r} is not a file")

@@ -35,14 +35,15 @@ _INCLUDE = Path(__file__).parent / "csrc"
 _AVX2_FLAGS = frozenset({"avx2", "fma", "f16c"})
 _AVX512_FLAGS = _AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"}
 _AMX_FLAGS = _AVX512_FLAGS | {"amx_tile", "amx_int8", "amx_bf16"}
+_AVX2_CFLAGS = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512_CFLAGS = _AVX2_CFLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                                 "-mavx512bf16"]
+_AMX_CFLAGS = _AVX512_CFLAGS + ["-mamx-tile", "-mamx-int8", "-mamx-bf16"]
 # name -> (/proc/cpuinfo flags it needs, gcc flags); best first
 ISA_VARIANTS: dict[str, tuple[frozenset, list[str]]] = {
-    "amx": (_AMX_FLAGS, ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl",
-                         "-mavx512vnni", "-mavx512bf16", "-mamx-tile", "-mamx-int8",
-                         "-mamx-bf16"]),
-    "avx512": (_AVX512_FLAGS, ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw",
-                               "-mavx512vl", "-mavx512vnni", "-mavx512bf16"]),
-    "avx2": (_AVX2_FLAGS, ["-mavx2", "-mfma", "-mf16c"]),
+    "amx": (_AMX_FLAGS, _AMX_CFLAGS),
+    "avx512": (_AVX512_FLAGS, _AVX512_CFLAGS),
+    "avx2": (_AVX2_FLAGS, _AVX2_CFLAGS),
 }
 ISA_CHOICES = ("auto", *ISA_VARIANTS)
 _selected: str | None = None  # the process's variant, fixed by the first library loaded
@@ -58,10 +59,6 @@ def best_isa(flags: frozenset | None = None) -> str | None:
     """The best variant this CPU runs, or None (no AVX2/FMA/F16C)."""
     isas = supported_isas(flags)
     return isas[0] if isas else None
-
-
-def cpu_has_avx2_fma() -> bool:
-    return best_isa() is not None
 
 
 def select_isa(isa: str = "auto") -> str | None:

@@ -20,10 +20,12 @@ generator yields each token as it is made). Configuration names are `turbollm be
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 from turbollm import LLM, SamplingParams
 from turbollm.bench.configs import build_matrix
+from turbollm.bench.measure import random_prompts
 from turbollm.bench.peers import llamacpp_greedy, load_llamacpp
 
 LLAMACPP = "llamacpp"
@@ -54,14 +56,6 @@ def llamacpp_prefill_rate(lc, prompt: list[int]) -> float:
     t0 = time.perf_counter()
     lc.eval(prompt)
     return len(prompt) / (time.perf_counter() - t0)
-
-
-def fresh_prompts(n: int, vocab: int = 49152):
-    """A new random prompt of n tokens per call (no prefix-cache hit, no KV reuse)."""
-    import random
-    rng = random.Random(0)
-    while True:
-        yield [rng.randrange(100, vocab) for _ in range(n)]
 
 
 def alternate(runs: dict, rounds: int) -> dict[str, list[float]]:
@@ -107,7 +101,9 @@ def main(argv=None) -> int:
         print(e)
         return 2
     prompt = list(range(1000, 1000 + args.prompt_tokens))
-    prompts = fresh_prompts(args.prompt_tokens)
+    # --prefill: a new random prompt each call (no prefix-cache hit, no KV reuse)
+    prompts = (random_prompts(1, args.prompt_tokens, 49152, seed)[0]
+               for seed in itertools.count())
     runs = {}
     if not args.no_llamacpp:
         from turbollm.loader.resolve import resolve_model

@@ -17,6 +17,7 @@ embedding keeps its dense table for lookups.
 from __future__ import annotations
 
 import logging
+
 import torch
 from torch import nn
 

@@ -62,7 +62,6 @@ def load_tile_config(path: str) -> None:
         TILE_CONFIG[name] = dict(cfg)
 
 
-
 def available() -> bool:
     return triton is not None
 

@@ -13,4 +13,3 @@ def register(cls: type[QuantMethod]) -> type[QuantMethod]:
         raise ValueError(f"quantization method {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
     return cls
-

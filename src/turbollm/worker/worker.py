@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+import turbollm.platform_info as platform_info
 from turbollm.attention.selector import get_attention_backend
 from turbollm.config import EngineConfig, default_num_threads
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
-import turbollm.platform_info as platform_info
 from turbollm.layers import prefill_gemm
 from turbollm.model_arch import ModelArch
 from turbollm.native_build import select_isa
@@ -65,6 +65,7 @@ class Worker:
         self.model = self.loaded.model
         self.draft = load_separate_draft(config, device, backend)
         self.load_time_s = time.perf_counter() - t0
+        self.eos_token_ids = self._eos_ids()
         self._apply_kernel_config()
         self.system = system_info(device, self.cpu_isa, torch.get_num_threads(),
                                   self.loaded.dtype, self.model.model.compute_dtype)
@@ -111,7 +112,7 @@ class Worker:
         lm = self.loaded
         return ModelInfo(lm.source.name, lm.arch, lm.tokenizer, self.device,
                          str(lm.dtype).removeprefix("torch."), lm.max_model_len,
-                         self._eos_ids(), self.load_time_s, dict(self.system))
+                         self.eos_token_ids, self.load_time_s, dict(self.system))
 
     def _eos_ids(self) -> list[int]:
         ids = list(self.loaded.arch.eos_token_id)
@@ -143,7 +144,7 @@ class Worker:
         self.kv_cache = allocate_kv_cache(lm.arch, num_blocks, cc.block_size, lm.dtype,
                                           self.device, cc.kv_cache_dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, self.device,
-                                  lm.arch.vocab_size, self._eos_ids())
+                                  lm.arch.vocab_size, self.eos_token_ids)
         if self.config.speculative.speculative_method == "draft":
             self.drafter = build_draft_proposer(self.config, lm, self.runner.kv_views,
                                                 self.draft, num_blocks, self.device)
