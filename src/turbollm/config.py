@@ -104,6 +104,11 @@ class SchedulerConfig:
         "token budget of one step (prefill chunks + decodes)"))
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "split long prompts across steps so running decodes never stall"))
+    prefill_chunk_while_decoding: int = field(default=64, metadata=_help(
+        "most prompt tokens a step computes while other requests are decoding: every step "
+        "delays each running request's next token, so a long prompt is cut into chunks this "
+        "big (64 rows still take the C decode path at full prefill speed per token on CPU; "
+        "0 = up to the step budget). Chunked prefill only"))
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -111,6 +116,9 @@ class SchedulerConfig:
         if self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.prefill_chunk_while_decoding < 0:
+            raise ValueError("prefill_chunk_while_decoding must be >= 0, got "
+                             f"{self.prefill_chunk_while_decoding}")
 
 
 @dataclass

@@ -18,10 +18,11 @@ def fake_next_token(tokens):
 
 
 def make_sched(num_blocks=64, block_size=4, max_seqs=8, budget=32, chunked=True, caching=True,
-               max_len=1000):
+               max_len=1000, chunk_while_decoding=0):
     kv = KVCacheManager(num_blocks, block_size, caching)
     cfg = SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=budget,
-                          enable_chunked_prefill=chunked)
+                          enable_chunked_prefill=chunked,
+                          prefill_chunk_while_decoding=chunk_while_decoding)
     return Scheduler(cfg, kv, max_len)
 
 
@@ -124,6 +125,28 @@ def test_chunked_prefill_never_stalls_decodes():
         s.update(out, sampled)
         s.kv.check_invariant()
     assert decode_steps >= 7  # 59 prompt tokens in chunks of at most 7
+
+
+def test_prompts_take_small_chunks_only_while_others_decode():
+    s = make_sched(budget=32, num_blocks=128, chunk_while_decoding=5)
+    s.add_request(req("first", list(range(1, 40)), 2))
+    out = step_once(s)
+    assert out.num_scheduled_tokens == [32]  # nobody decodes yet: the whole budget
+    step_once(s)
+    assert not s.requests["first"].is_prefilling
+    s.add_request(req("a", list(range(50, 61)), 2))  # no prefix shared with "first"
+    s.add_request(req("b", list(range(70, 81)), 2))
+    while "first" in s.requests:  # decoding
+        out = step_once(s)
+        ids = [r.request_id for r in out.requests]
+        assert ids[0] == "first" and out.num_scheduled_tokens[0] == 1
+        assert sum(out.num_scheduled_tokens[1:]) == 5  # 5 prompt tokens in all
+    out = step_once(s)  # nobody decodes: the prompts take what they need
+    assert [r.request_id for r in out.requests] == ["a", "b"]
+    assert out.num_scheduled_tokens == [6, 11]
+    results, _ = run(s)
+    assert results == {"a": expected(list(range(50, 61)), 2),
+                       "b": expected(list(range(70, 81)), 2)}
 
 
 def test_no_chunking_waits_for_budget():

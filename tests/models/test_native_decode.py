@@ -49,7 +49,8 @@ def test_same_tokens_and_logprobs_as_the_module_path(tiny_model_factory, monkeyp
               quantization_group_size=32, **ENGINE)
     taken = _count_native_steps(monkeypatch)
     fast = _run(llm, native=True)
-    assert taken and max(taken) == len(PROMPTS)  # the batched decode steps went through C
+    assert len(PROMPTS) in taken  # the batched decode steps went through C
+    assert sum(map(len, PROMPTS)) in taken  # and so did the prompts (62 rows, one chunk each)
     n_native = len(taken)
     slow = _run(llm, native=False)
     assert len(taken) == n_native  # switched off: no step took it
@@ -87,7 +88,7 @@ def test_quantized_and_16_bit_kv_caches_take_the_c_path(tiny_llama, monkeypatch,
     llm = LLM(str(tiny_llama), dtype="float32", kv_cache_dtype=kv_cache_dtype, **ENGINE)
     taken = _count_native_steps(monkeypatch)
     fast = _run(llm, native=True)
-    assert taken and max(taken) == len(PROMPTS)
+    assert len(PROMPTS) in taken and sum(map(len, PROMPTS)) in taken
     slow = _run(llm, native=False)
     for a, b in zip(fast, slow):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -179,11 +180,18 @@ def test_attention_rows_cover_decodes_then_verification_chunks():
     assert ctx.tolist() == [7, 20, 31, 32, 33]  # each verified token sees itself and before
 
 
-def test_a_fresh_prompt_chunk_is_not_decode_shaped():
-    meta = AttentionMetadata(
-        slot_mapping=torch.zeros(3, dtype=torch.long), num_decodes=0, decode_block_tables=None,
-        decode_seq_lens=None, prefills=[(0, 3, 3, torch.tensor([1]))], block_size=16)
-    assert attention_rows(meta, 3) is None
+def test_only_short_prompt_chunks_are_decode_shaped():
+    from turbollm.attention.native import MAX_ROW_CHUNK
+
+    def meta(qlen):
+        return AttentionMetadata(
+            slot_mapping=torch.zeros(qlen, dtype=torch.long), num_decodes=0,
+            decode_block_tables=None, decode_seq_lens=None,
+            prefills=[(0, qlen, qlen, torch.tensor([1] * (-(-qlen // 16))))], block_size=16)
+    tables, seq, ctx = attention_rows(meta(3), 3)
+    assert seq.tolist() == [0, 0, 0] and ctx.tolist() == [1, 2, 3]  # row j sees j + 1 tokens
+    assert attention_rows(meta(MAX_ROW_CHUNK), MAX_ROW_CHUNK) is not None
+    assert attention_rows(meta(MAX_ROW_CHUNK + 1), MAX_ROW_CHUNK + 1) is None
 
 
 def test_ab_benchmark_times_both_paths(tiny_llama):

@@ -19,6 +19,10 @@ _SIGNATURES = {
 _KV_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _KV_QUANT = {"int8": 3, "fp8_e4m3": 4}
 MAX_HEAD_DIM = 1024  # MAX_HEAD_DIM in paged_attn.c (its row of zeros for padding)
+# Query chunks up to this many rows (speculative verification, short prompt chunks) attend row
+# by row in C, each row over the cache up to its own token, on the module path and the C decode
+# path alike (so both give the same bits); past it a chunk's rows are better done together.
+MAX_ROW_CHUNK = 64
 
 
 @functools.cache

@@ -59,8 +59,8 @@ class TorchAttentionBackend(AttentionBackend):
             out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta, scale, sliding_window)
         for start, qlen, ctx_len, block_ids in meta.prefills:
             end = start + qlen
-            if qlen <= SMALL_QUERY and qlen < ctx_len and native.supports(q, k_cache):
-                # A few queries over a cached context (speculative verification): row i sees
+            if qlen <= native.MAX_ROW_CHUNK and native.supports(q, k_cache):
+                # A few queries (speculative verification, a short prompt chunk): row i sees
                 # the first ctx_len - qlen + 1 + i tokens, read in place.
                 key = ("few_query_rows", start)
                 rows = meta.derived.get(key)

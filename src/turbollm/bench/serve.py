@@ -85,16 +85,17 @@ def corpus_dataset(tokenizer, n: int, input_len: int, output_len: int,
 
 
 # ----- one request -----
-def _body(req: ServeRequest, model: str, endpoint: str, ignore_eos: bool, usage: bool) -> dict:
+def _body(req: ServeRequest, model: str, endpoint: str, ignore_eos: bool, usage: bool,
+          stream: bool = True) -> dict:
     body: dict = {"model": model, "max_tokens": req.output_len, "temperature": 0,
-                  "stream": True}
+                  "stream": stream}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": req.text}]
     else:
         body["prompt"] = req.prompt
     if ignore_eos:
         body["ignore_eos"] = True  # an extension (ours, vLLM); --no-ignore-eos for others
-    if usage:
+    if usage and stream:
         body["stream_options"] = {"include_usage": True}
     return body
 
@@ -104,6 +105,8 @@ async def send_request(http, url: str, body: dict, t_run: float) -> RequestResul
     import httpx
     t0 = time.perf_counter()
     res = RequestResult(ok=False, status="transport", start=t0 - t_run)
+    if not body["stream"]:
+        return await _send_whole(http, url, body, t0, res)
     stamps: list[float] = []
     usage = None
     try:
@@ -143,15 +146,37 @@ async def send_request(http, url: str, body: dict, t_run: float) -> RequestResul
     return res
 
 
+async def _send_whole(http, url: str, body: dict, t0: float, res: RequestResult
+                      ) -> RequestResult:
+    """A request answered whole: only its end-to-end time and token counts."""
+    import httpx
+    try:
+        r = await http.post(url, json=body)
+        res.status = str(r.status_code)
+        if r.status_code != 200:
+            res.error = r.text[:300]
+        else:
+            usage = r.json()["usage"]
+            res.ok = True
+            res.output_tokens, res.prompt_tokens = usage["completion_tokens"], \
+                usage["prompt_tokens"]
+    except (httpx.HTTPError, json.JSONDecodeError, KeyError) as e:
+        res.status, res.error = "transport", f"{type(e).__name__}: {e}"[:300]
+    res.e2e_s = time.perf_counter() - t0
+    return res
+
+
 # ----- the load -----
 async def run_load(base_url: str, requests: list[ServeRequest], model: str | None = None,
                    endpoint: str = "completions", concurrency: int | None = None,
                    request_rate: float = math.inf, max_concurrency: int | None = None,
                    ignore_eos: bool = True, usage: bool = True, api_key: str | None = None,
-                   seed: int = 0, progress: bool = True, timeout: float = 3600
+                   seed: int = 0, progress: bool = True, timeout: float = 3600,
+                   stream: bool = True, stagger_s: float = 0.0
                    ) -> tuple[list[RequestResult], float, str]:
     """(results in request order, wall seconds, model name). Closed loop when `concurrency`
-    is given, else open loop at `request_rate` (inf: all at once) capped by max_concurrency."""
+    is given (client k starts k * stagger_s after the first), else open loop at
+    `request_rate` (inf: all at once) capped by max_concurrency."""
     import httpx
     from tqdm import tqdm
     base = base_url.rstrip("/")
@@ -164,7 +189,7 @@ async def run_load(base_url: str, requests: list[ServeRequest], model: str | Non
             r.raise_for_status()
             model = r.json()["data"][0]["id"]
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-        bodies = [_body(q, model, endpoint, ignore_eos, usage) for q in requests]
+        bodies = [_body(q, model, endpoint, ignore_eos, usage, stream) for q in requests]
         results: list[RequestResult | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="bench serve", unit="req", disable=not progress)
         t_run = time.perf_counter()
@@ -177,10 +202,11 @@ async def run_load(base_url: str, requests: list[ServeRequest], model: str | Non
         if concurrency:
             queue = iter(range(len(requests)))
 
-            async def client() -> None:
+            async def client(k: int) -> None:
+                await asyncio.sleep(k * stagger_s)
                 for i in queue:  # a shared iterator: each index is taken once
                     await one(i)
-            await asyncio.gather(*(client() for _ in range(concurrency)))
+            await asyncio.gather(*(client(k) for k in range(concurrency)))
         else:
             rng = random.Random(seed)
             sem = asyncio.Semaphore(limit)

@@ -84,6 +84,7 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
+        prefill_budget = self._prefill_budget()
 
         # Decodes are one token each: serving them before any prefill chunk means a long
         # prompt can only take the budget that is left, never stall the running streams.
@@ -98,7 +99,7 @@ class Scheduler:
             if req.spec_token_ids:  # proposals fit the budget whole or are cut, never chunked
                 del req.spec_token_ids[max(0, budget - n):]
                 n += len(req.spec_token_ids)
-            n = min(n, budget)
+            n = min(n, budget, prefill_budget) if req.is_prefilling else min(n, budget)
             if n <= 0:
                 continue
             lookahead = self._lookahead(req, req.num_computed_tokens + n)
@@ -113,13 +114,24 @@ class Scheduler:
             self._add(out, req, n)
             scheduled_ids.add(req.request_id)
             budget -= n
+            if req.is_prefilling:
+                prefill_budget -= n
 
         # Admit waiting requests, unless this step had to preempt (no room anyway).
         if not out.preempted:
-            budget = self._admit_waiting(out, budget)
+            self._admit_waiting(out, min(budget, prefill_budget))
         return out
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+    def _prefill_budget(self) -> int:
+        """Prompt tokens this step may compute: capped while some request decodes, since the
+        whole step delays its next token (SchedulerConfig.prefill_chunk_while_decoding)."""
+        cap = self.config.prefill_chunk_while_decoding
+        if cap and self.config.enable_chunked_prefill and any(
+                not r.is_prefilling for r in self.running):
+            return cap
+        return self.config.max_num_batched_tokens
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
@@ -144,7 +156,6 @@ class Scheduler:
             self._add(out, req, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
-        return budget
 
     def _lookahead(self, req: Request, end: int) -> int:
         """Draft slots for a request whose step ends at `end` (= decoding after the step)."""

@@ -10,9 +10,10 @@ calls built once per row count and cache list, and the final norm; a layer that 
 qkv bias) keeps the loop in Python, with the same calls.
 
 A step takes this path when it is decode-shaped: on CPU with fp32 activations, at most
-MAX_ROWS tokens, every chunk attending like a decode (one token, or a few over a cached
-context: speculative verification), a KV cache the C attention reads, and every projection
-served by a C kernel at that row count. Anything else takes the module path.
+MAX_ROWS tokens, every chunk attending row by row (one token, or up to MAX_ROW_CHUNK: a
+speculative verification, a short prompt chunk such as the scheduler cuts while others decode),
+a KV cache the C attention reads, and every projection served by a C kernel at that row count.
+Anything else takes the module path.
 """
 from __future__ import annotations
 
@@ -54,8 +55,8 @@ def _row_ids(n: int) -> torch.Tensor:
 
 def attention_rows(meta: AttentionMetadata, num_tokens: int):
     """(block tables [S, W], sequence of each row [T], context each row sees [T]) when every
-    token attends like a decode row (decodes, then few-query chunks over a cached context),
-    else None. Built once per step."""
+    token attends like a decode row (decodes, then chunks of at most MAX_ROW_CHUNK queries:
+    verifications, short prompt chunks), else None. Built once per step."""
     if "attention_rows" in meta.derived:
         return meta.derived["attention_rows"]
     rows = None
@@ -63,7 +64,7 @@ def attention_rows(meta: AttentionMetadata, num_tokens: int):
     if nd and not meta.prefills:  # decodes only: the tables and lengths as they are
         rows = (meta.decode_block_tables.contiguous(), _row_ids(nd),
                 meta.decode_seq_lens.contiguous())
-    elif all(qlen <= SMALL_QUERY and qlen < ctx for _, qlen, ctx, _ in meta.prefills):
+    elif all(qlen <= native_attention.MAX_ROW_CHUNK for _, qlen, _, _ in meta.prefills):
         tables = [meta.decode_block_tables] if nd else []
         seq = [torch.arange(nd)]
         ctx = [meta.decode_seq_lens] if nd else []

@@ -15,11 +15,13 @@ kernels serve. States on a GPU are served by gpu_kernels (Triton).
 from __future__ import annotations
 
 import dataclasses
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 
 from turbollm.layers import native_ops
+from turbollm.layers import prefill_gemm as multi_row
 from turbollm.layers.prefill_gemm import prefill_gemm
 from turbollm.native_build import RowKernel
 from turbollm.quantization import native
@@ -43,6 +45,15 @@ _MAX_A16_BLOCKS = 4096
 # M=48 104 / 129. Up to here a row gives the same bits whatever the batch (one kernel, one order).
 MAX_ROWS_A16 = 48
 _int16_activations = True  # KernelConfig.exact_activations turns it off (worker/worker.py)
+# Row counts whose packed int4/int8 products take bf16 AMX tiles (csrc/lowbit_amx.h) where
+# multi-row products are in bf16 (layers/prefill_gemm.py's switch) and the amx build runs. All
+# int4 linears of one SmolLM2 layer shape, 2 SPR threads, us int16 rows / tiles (session 16):
+# 3072x576 M=4 118 / 130, M=8 199 / 135, M=16 460 / 140, M=64 1560 / 258; past 256 rows
+# torch's oneDNN bf16 GEMM on the widened weight is as fast (M=512: 1.81 / 1.60 ms).
+AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
+# A step verifying speculative proposals: its rows must equal one-row decoding bit for bit
+# (greedy speculation reproduces plain decoding), so it keeps the int16 row kernels.
+_verifying = False
 
 
 def exact_activations(on: bool = True) -> None:
@@ -51,9 +62,26 @@ def exact_activations(on: bool = True) -> None:
     _int16_activations = not on
 
 
+@contextmanager
+def verifying(on: bool = True):
+    """Within: products keep the kernels one decode row gets (see _verifying)."""
+    global _verifying
+    old, _verifying = _verifying, on
+    try:
+        yield
+    finally:
+        _verifying = old
+
+
 def dispatch_key() -> tuple:
     """The switches that change which kernel a row count gets (callers caching kernels key on it)."""
-    return (_int16_activations,)
+    return (_int16_activations, multi_row.in_bf16(), _verifying)
+
+
+def _tiles(M: int, k: int, group_size: int) -> bool:
+    """Packed-kernel calls of M rows in AMX tiles (q4_gemm_amx / q8_gemm_amx)."""
+    return (AMX_MIN_ROWS <= M <= AMX_MAX_ROWS and not _verifying and k % 32 == 0
+            and group_size % 32 == 0 and multi_row.in_bf16() and native.amx() is not None)
 
 
 def _a16(M: int, k: int) -> bool:
@@ -65,7 +93,8 @@ def _a16(M: int, k: int) -> bool:
 def rounds_activations(x: torch.Tensor, group_size: int, kind: str = "int4") -> bool:
     """True when a packed kernel will see x [M, K] rounded to int16 (see int16_activations)."""
     M, k = x.shape
-    return M <= MAX_ROWS_PACKED[kind] and _a16(M, k) and group_size % 32 == 0
+    return (M <= MAX_ROWS_PACKED[kind] and _a16(M, k) and group_size % 32 == 0
+            and not _tiles(M, k, group_size))
 
 
 def int16_activations(x: torch.Tensor) -> torch.Tensor:
@@ -200,11 +229,14 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
     fp32 [M, out]; None where it takes another path (widening, torch, no C library)."""
     n, g = state.packed.shape[0], state.group_size
     L = native.lib()
-    if M > MAX_ROWS_PACKED["int4"] or L is None or not _q4_ok(k, g) or not _on_cpu(state.packed):
+    if L is None or not _q4_ok(k, g) or not _on_cpu(state.packed):
+        return None
+    tiles = _tiles(M, k, g)
+    if M > MAX_ROWS_PACKED["int4"] and not tiles:
         return None
     w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
          int(state.zero_form))
-    fn = L.q4_gemm_a16 if _a16(M, k) else L.q4_gemm
+    fn = L.q4_gemm_amx if tiles else L.q4_gemm_a16 if _a16(M, k) else L.q4_gemm
     return RowKernel(lambda x, y: fn(x, M, *w, y, n, k, g), fn, RowKernel.LOWBIT, M, *w, n, k, g)
 
 
@@ -234,10 +266,13 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
     """Like int4_row_kernel, for int8_linear."""
     n, g = state.qweight.shape[0], state.group_size
     L = native.lib()
-    if M > MAX_ROWS_PACKED["int8"] or L is None or not _q8_ok(k, g) or not _on_cpu(state.qweight):
+    if L is None or not _q8_ok(k, g) or not _on_cpu(state.qweight):
+        return None
+    tiles = _tiles(M, k, g)
+    if M > MAX_ROWS_PACKED["int8"] and not tiles:
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
-    fn = L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm
+    fn = L.q8_gemm_amx if tiles else L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm
     return RowKernel(lambda x, y: fn(x, M, w, s, y, n, k, g), fn, RowKernel.Q8, M, w, s, n, k, g)
 
 

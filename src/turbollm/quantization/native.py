@@ -20,7 +20,29 @@ _SIGNATURES = {
 }
 
 
+_AMX_SIGNATURES = {
+    "q4_gemm_amx": _SIGNATURES["q4_gemm"],
+    "q8_gemm_amx": _SIGNATURES["q8_gemm"],
+}
+
+
 @functools.cache
 def lib():
     """The loaded kernel library, or None where it cannot run here (then torch kernels serve)."""
     return load_library(_SRC, _SIGNATURES)
+
+
+@functools.cache
+def amx():
+    """The library when it is the amx build and the kernel may use AMX tiles (csrc/lowbit_amx.h:
+    q4_gemm_amx, q8_gemm_amx), else None."""
+    L = lib()
+    if L is None or not hasattr(L, "lowbit_amx_ready"):
+        return None
+    L.lowbit_amx_ready.argtypes, L.lowbit_amx_ready.restype = [], _I
+    if not L.lowbit_amx_ready():
+        return None
+    for name, args in _AMX_SIGNATURES.items():
+        fn = getattr(L, name)
+        fn.argtypes, fn.restype = args, None
+    return L

@@ -11,6 +11,7 @@ from turbollm.core.batch import ModelRunnerOutput, SequenceWork, StepBatch
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
                                      greedy_tokens, token_logprobs)
 from turbollm.layers.rejection_sampler import verify_greedy, verify_random
+from turbollm.quantization import kernels as quant_kernels
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
 
@@ -86,6 +87,11 @@ class ModelRunner:
         self.release(step.finished_request_ids)
         so = step.sequences
         batch = self.build_batch(so)
+        # A verification's rows must equal one-row decoding bit for bit, the logits included
+        with quant_kernels.verifying(any(batch.proposals)):
+            return self._run(so, batch)
+
+    def _run(self, so: list[SequenceWork], batch: FlatBatch) -> ModelRunnerOutput:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)
         sampled: list[list[int]] = [[] for _ in so]
         logprobs: list[list[Any] | None] = [None] * len(so)
@@ -204,7 +210,16 @@ class ModelRunner:
                        ) -> torch.Tensor:
         """Logits at every position of one sequence, prefilled `chunk` tokens at a time into
         the given blocks: [len(token_ids), vocab] fp32. For scoring (perplexity, calibration),
-        not for serving."""
+        not for serving: always the module path, whose forward hooks calibration reads."""
+        inner = self.model.model
+        native, inner.native_decode = inner.native_decode, False
+        try:
+            return self._forward_logits(token_ids, block_ids, chunk)
+        finally:
+            inner.native_decode = native
+
+    def _forward_logits(self, token_ids: list[int], block_ids: list[int], chunk: int
+                        ) -> torch.Tensor:
         bs = self.block_size
         dev = self.device
         table = torch.tensor(block_ids, dtype=torch.long, device=dev)

@@ -858,3 +858,7 @@ void q8_dequant(const int8_t *q, const float *scales, float *out, int64_t row0, 
 #pragma omp parallel for schedule(static)
     for (int64_t o = row0; o < row1; o++) q8_widen_row(q, scales, out + (o - row0) * K, o, K, G);
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include "lowbit_amx.h"  // q4_gemm_amx, q8_gemm_amx: bf16 tiles for several activation rows
+#endif
