@@ -215,9 +215,10 @@ class KernelConfig:
         "x86 variant of our C kernels: auto = the best this CPU runs (amx > avx512 > avx2); "
         "process-wide, fixed by the first engine", choices=CPU_ISAS))
     prefill_dtype: str = field(default="auto", metadata=_help(
-        "products of more rows than the C kernels serve (prefill), with fp32 activations: auto "
-        "= bf16 AMX tiles where the amx kernel variant runs and dtype is auto, else float32. "
-        "Process-wide", choices=PREFILL_DTYPES))
+        "products of several rows (prompt chunks, decode batches) with fp32 activations: auto "
+        "= AMX tiles where the amx kernel variant runs and dtype is auto (8-128 rows of packed "
+        "int4/int8 weights: our exact tiles; more rows, or dense weights past 128 rows: bf16 via "
+        "oneDNN), else float32. Process-wide", choices=PREFILL_DTYPES))
     tile_config: str | None = field(default=None, metadata=_help(
         "JSON file of Triton tile configurations for the CUDA low-bit kernels, as written by "
         "scripts/gpu_tune.py --tiles. Process-wide (default: the built-in H100 tiles)"))

@@ -4,7 +4,9 @@ Sapphire Rapids VM (512-token prefill of the bundled model, session 15).
 
 bf16 rounds the activations and the (widened) weights to 8 mantissa bits for these products
 only; decode steps keep our fp32/int16 kernels. KernelConfig.prefill_dtype chooses; the worker
-sets this process-wide switch (the last engine built sets it, like exact_activations).
+sets this process-wide switch (the last engine built sets it, like exact_activations). The same
+switch lets packed int4/int8 products of 8-128 rows take our AMX tile kernels
+(quantization/kernels.py), which round nothing.
 """
 from __future__ import annotations
 
