@@ -105,10 +105,10 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "split long prompts across steps so running decodes never stall"))
     prefill_chunk_while_decoding: int = field(default=64, metadata=_help(
-        "most prompt tokens a step computes while other requests are decoding: every step "
-        "delays each running request's next token, so a long prompt is cut into chunks this "
-        "big (64 rows still take the C decode path at full prefill speed per token on CPU; "
-        "0 = up to the step budget). Chunked prefill only"))
+        "most prompt tokens a step computes while other requests are decoding (or 16 per "
+        "decoding request, where that is more): every step delays each running request's next "
+        "token, so a long prompt is cut into short chunks (up to 64 rows take the C decode "
+        "path on CPU; 0 = up to the step budget). Chunked prefill only"))
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -149,6 +149,17 @@ def test_prompts_take_small_chunks_only_while_others_decode():
                        "b": expected(list(range(70, 81)), 2)}
 
 
+def test_the_prompt_share_grows_with_the_decoding_requests():
+    from turbollm.core.scheduler import PREFILL_TOKENS_PER_DECODE as per_decode
+    s = make_sched(budget=200, num_blocks=512, max_seqs=16, chunk_while_decoding=5)
+    for i in range(6):
+        s.add_request(req(f"d{i}", [10 * i + 1], 50))
+    step_once(s)  # six one-token prompts: all decoding from now on
+    s.add_request(req("big", list(range(1, 150)), 1))
+    out = step_once(s)
+    assert out.num_scheduled_tokens == [1] * 6 + [max(5, 6 * per_decode)]
+
+
 def test_no_chunking_waits_for_budget():
     s = make_sched(budget=16, chunked=False)
     s.add_request(req("a", list(range(1, 10)), 1))
