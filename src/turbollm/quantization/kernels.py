@@ -45,11 +45,12 @@ _MAX_A16_BLOCKS = 4096
 # M=48 104 / 129. Up to here a row gives the same bits whatever the batch (one kernel, one order).
 MAX_ROWS_A16 = 48
 _int16_activations = True  # KernelConfig.exact_activations turns it off (worker/worker.py)
-# Row counts whose packed int4/int8 products take bf16 AMX tiles (csrc/lowbit_amx.h) where
-# multi-row products are in bf16 (layers/prefill_gemm.py's switch) and the amx build runs. All
-# int4 linears of one SmolLM2 layer shape, 2 SPR threads, us int16 rows / tiles (session 16):
-# 3072x576 M=4 118 / 130, M=8 199 / 135, M=16 460 / 140, M=64 1560 / 258; past 256 rows
-# torch's oneDNN bf16 GEMM on the widened weight is as fast (M=512: 1.81 / 1.60 ms).
+# Row counts whose packed int4/int8 products take AMX tiles (csrc/lowbit_amx.h: exact codes,
+# activations as two bf16 halves, fp32 group scales) where multi-row products may use AMX
+# (layers/prefill_gemm.py's switch) and the amx build runs. One int4 linear of SmolLM2,
+# 3072x576, 2 SPR threads, us int16 rows / tiles (session 16): M=1 30 / 182, M=4 109 / 186,
+# M=8 307 / 186, M=16 447 / 197, M=64 1739 / 502; from ~128 rows torch's oneDNN bf16 GEMM on
+# the widened weight is faster (M=256: 1.27 ms vs ~2 ms).
 AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
 # A step verifying speculative proposals: its rows must equal one-row decoding bit for bit
 # (greedy speculation reproduces plain decoding), so it keeps the int16 row kernels.
