@@ -128,7 +128,7 @@ class Scheduler:
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may compute. While requests decode the whole step delays
         their next token, so prompts get SchedulerConfig.prefill_chunk_while_decoding tokens,
-        or PREFILL_TOKENS_PER_DECODE per decoding request where more decode: their own rows
+        or PREFILL_TOKENS_PER_DECODE per decoding request when that is more: many decode rows
         already make the step long, and a share that grows with them keeps waiting prompts
         from starving (64 clients on 2 SPR cores: a fixed 64-token cap took the median time
         to first token from 2.8 s to 36 s)."""
