@@ -1,4 +1,4 @@
-"""What the machine can compute fast (decides `dtype=auto` on CPU)."""
+"""What the machine can compute fast (decides `dtype=auto` on CPU), and its free memory."""
 from __future__ import annotations
 
 import functools
@@ -24,3 +24,15 @@ def cpu_has_native_bf16() -> bool:
     EPYC, 10x slower than fp32), so fp32 is the fast choice there.
     """
     return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the kernel can hand out without swapping (MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -128,25 +128,23 @@ def test_chunked_prefill_never_stalls_decodes():
 
 
 def test_prompts_take_small_chunks_only_while_others_decode():
-    s = make_sched(budget=32, num_blocks=128, chunk_while_decoding=5)
-    s.add_request(req("first", list(range(1, 40)), 2))
+    s = make_sched(budget=64, num_blocks=128, chunk_while_decoding=20)  # 20 > 16 per decode
+    s.add_request(req("first", list(range(1, 81)), 2))
     out = step_once(s)
-    assert out.num_scheduled_tokens == [32]  # nobody decodes yet: the whole budget
+    assert out.num_scheduled_tokens == [64]  # nobody decodes yet: the whole budget
     step_once(s)
     assert not s.requests["first"].is_prefilling
-    s.add_request(req("a", list(range(50, 61)), 2))  # no prefix shared with "first"
-    s.add_request(req("b", list(range(70, 81)), 2))
-    while "first" in s.requests:  # decoding
-        out = step_once(s)
-        ids = [r.request_id for r in out.requests]
-        assert ids[0] == "first" and out.num_scheduled_tokens[0] == 1
-        assert sum(out.num_scheduled_tokens[1:]) == 5  # 5 prompt tokens in all
-    out = step_once(s)  # nobody decodes: the prompts take what they need
+    s.add_request(req("a", list(range(100, 130)), 2))  # no prefix shared with "first"
+    s.add_request(req("b", list(range(200, 230)), 2))
+    out = step_once(s)  # "first" decodes its last token
+    assert [r.request_id for r in out.requests] == ["first", "a"]
+    assert out.num_scheduled_tokens == [1, 20]  # 20 prompt tokens in all
+    out = step_once(s)  # "first" finished: nobody decodes, the prompts take what they need
     assert [r.request_id for r in out.requests] == ["a", "b"]
-    assert out.num_scheduled_tokens == [6, 11]
+    assert out.num_scheduled_tokens == [10, 30]
     results, _ = run(s)
-    assert results == {"a": expected(list(range(50, 61)), 2),
-                       "b": expected(list(range(70, 81)), 2)}
+    assert results == {"a": expected(list(range(100, 130)), 2),
+                       "b": expected(list(range(200, 230)), 2)}
 
 
 def test_the_prompt_share_grows_with_the_decoding_requests():

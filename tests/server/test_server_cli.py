@@ -100,6 +100,7 @@ def test_sigterm_drains_then_exits_zero(tiny_llama):
         r = httpx.post(srv.url + "/v1/completions", timeout=10,
                        json={"model": "tiny", "prompt": "late", "max_tokens": 2})
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+        assert r.headers["Retry-After"] == "5"  # come back, not "connection refused"
         assert httpx.get(srv.url + "/health", timeout=5).status_code == 200
         t.join(60)
         assert result == {"done": True, "finish": "length"}  # the in-flight request finished

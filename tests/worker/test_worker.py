@@ -139,3 +139,13 @@ def test_kernel_flags_on_the_command_line(tmp_path):
         native_decode=False, exact_activations=True, tile_config=str(tiles))
     with pytest.raises(ValueError, match="tile_config"):
         KernelConfig(tile_config=str(tmp_path / "missing.json"))
+
+
+def test_a_kv_budget_over_free_memory_is_an_error_naming_the_flag(tiny_llama, monkeypatch):
+    from turbollm import platform_info
+    free = platform_info.available_memory_bytes()
+    assert free is None or free > 0  # read from /proc/meminfo here
+    monkeypatch.setattr(platform_info, "available_memory_bytes", lambda: 8 * 2**20)
+    with pytest.raises(ValueError, match="--kv-cache-memory"):
+        LLM(str(tiny_llama), dtype="float32", kv_cache_memory="64MiB")
+    LLM(str(tiny_llama), dtype="float32", kv_cache_memory="4MiB")  # within: fine

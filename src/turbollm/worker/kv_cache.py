@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+import turbollm.platform_info as platform_info
 from turbollm.attention.kv_quant import QuantKVCache, allocate_quant_kv_cache
 from turbollm.model_arch import ModelArch
 from turbollm.sizing import kv_cache_bytes_per_token, num_kv_blocks
@@ -41,12 +42,26 @@ def kv_budget_bytes(requested: int | None, device: str, reserved_after_warmup: i
                     gpu_fraction: float = 0.9) -> int:
     """The KV budget: as asked, or a CPU default, or what is left of the GPU after warm-up."""
     if requested is not None:
+        check_fits(requested, device)
         return requested
     if not device.startswith("cuda"):
         return CPU_DEFAULT_KV_BYTES
     free, total = torch.cuda.mem_get_info(torch.device(device))
     used = reserved_after_warmup if reserved_after_warmup is not None else total - free
     return max(0, int(total * gpu_fraction) - used)
+
+
+def check_fits(requested: int, device: str) -> None:
+    """An asked-for KV budget larger than the device's free memory is an error now, naming the
+    flag: on CPU the allocation itself would succeed (memory is overcommitted) and the process
+    would be killed later, once the cache fills."""
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        free = platform_info.available_memory_bytes()
+    if free is not None and requested > free:
+        raise ValueError(f"kv_cache_memory ({requested / 2**30:.2f} GiB) is more than the "
+                         f"{free / 2**30:.2f} GiB free on {device}; lower --kv-cache-memory")
 
 
 def kv_storage_dtype(dtype, kv_cache_dtype: str = "auto"):
