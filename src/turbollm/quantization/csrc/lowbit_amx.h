@@ -125,23 +125,30 @@ typedef struct {
     int zero_form;
 } amx_weight;
 
-// Scales and mins (w = q * s + m) of weight rows [o0, o0 + AMX_NB), group-major:
-// sc[g * AMX_NB + r] (rows past N: zero)
+// Scales and mins (w = q * s + m) of weight rows [o0, o0 + AMX_NB) in fp32, row-major:
+// sc[r * ng + g] (rows past N: zero)
 static void amx_params(const amx_weight *W, int64_t o0, int64_t N, int64_t ng, float *sc,
                        float *mn) {
     for (int64_t r = 0; r < AMX_NB; r++) {
         const int64_t o = o0 + r;
-        for (int64_t g = 0; g < ng; g++) {
-            float s = 0.0f, m = 0.0f;
-            if (o < N && W->is_int4) {
-                s = _cvtsh_ss(((const uint16_t *)W->sh)[o * ng + g]);
-                const float f = _cvtsh_ss(W->oh[o * ng + g]);
-                m = W->zero_form ? -f * s : f;
-            } else if (o < N) {
-                s = ((const float *)W->sh)[o * ng + g];
-            }
-            sc[g * AMX_NB + r] = s;
-            mn[g * AMX_NB + r] = m;
+        float *s = sc + r * ng, *m = mn + r * ng;
+        if (o >= N) {
+            memset(s, 0, sizeof(float) * ng);
+            memset(m, 0, sizeof(float) * ng);
+            continue;
+        }
+        if (!W->is_int4) {
+            memcpy(s, (const float *)W->sh + o * ng, sizeof(float) * ng);
+            continue;
+        }
+        const uint16_t *sh = (const uint16_t *)W->sh + o * ng, *oh = W->oh + o * ng;
+        for (int64_t g = 0; g < ng; g += 16) {
+            const __mmask16 k = ng - g >= 16 ? 0xFFFF : (__mmask16)((1u << (ng - g)) - 1);
+            const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, sh + g));
+            const __m512 fv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, oh + g));
+            _mm512_mask_storeu_ps(s + g, k, sv);
+            _mm512_mask_storeu_ps(m + g, k, W->zero_form ? _mm512_mul_ps(_mm512_sub_ps(
+                _mm512_setzero_ps(), fv), sv) : fv);
         }
     }
 }
@@ -189,13 +196,15 @@ static void amx_gemm(const float *x, int64_t M, amx_weight W, float *y, int64_t 
                     for (int half = 0; half < 2; half++) {
                         if (half == 0) _tile_stored(0, c, 64);
                         else _tile_stored(1, c, 64);
-                        const float *gs = sc + g * AMX_NB + 16 * half;
-                        const float *gm = mn + g * AMX_NB + 16 * half;
+                        const float *gs = sc + 16 * half * ng + g;
+                        const float *gm = mn + 16 * half * ng + g;
                         for (int64_t i = 0; i < 16; i++) {  // rows past N: zero scale and min
                             float *a = acc[16 * half + i];
                             __m512 v = _mm512_fmadd_ps(_mm512_load_ps(c[i]),
-                                                       _mm512_set1_ps(gs[i]), _mm512_load_ps(a));
-                            if (W.is_int4) v = _mm512_fmadd_ps(xsum, _mm512_set1_ps(gm[i]), v);
+                                                       _mm512_set1_ps(gs[i * ng]),
+                                                       _mm512_load_ps(a));
+                            if (W.is_int4)
+                                v = _mm512_fmadd_ps(xsum, _mm512_set1_ps(gm[i * ng]), v);
                             _mm512_store_ps(a, v);
                         }
                     }
