@@ -48,8 +48,8 @@ _int16_activations = True  # KernelConfig.exact_activations turns it off (worker
 # Row counts whose packed int4/int8 products take AMX tiles (csrc/lowbit_amx.h: exact codes,
 # activations as two bf16 halves, fp32 group scales) where multi-row products may use AMX
 # (layers/prefill_gemm.py's switch) and the amx build runs. One int4 linear of SmolLM2,
-# 3072x576, 2 SPR threads, us int16 rows / tiles (session 16): M=1 30 / 182, M=4 109 / 186,
-# M=8 307 / 186, M=16 447 / 197, M=64 1739 / 502; from ~128 rows torch's oneDNN bf16 GEMM on
+# 3072x576, 2 SPR threads, us int16 rows / tiles (session 16): M=1 33 / 140, M=4 110 / 142,
+# M=8 278 / 149, M=16 503 / 161, M=64 1763 / 488; from ~128 rows torch's oneDNN bf16 GEMM on
 # the widened weight is faster (M=256: 1.27 ms vs ~2 ms).
 AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
 # A step verifying speculative proposals: its rows must equal one-row decoding bit for bit
