@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -209,5 +210,30 @@ def test_chat_template_from_request_when_allowed(server):
         evil = "{{ messages.__class__.__mro__[1].__subclasses__() }}"
         r = httpx.post(server.base_url + CHAT, json=chat(chat_template=evil), timeout=30)
         assert_error_shape(r, 400, "invalid_chat")
+    finally:
+        cfg.allow_request_chat_template = False
+
+
+def test_a_request_template_that_never_ends_is_stopped_and_others_go_on(server):
+    cfg = server.cfg
+    cfg.allow_request_chat_template = True
+    endless = ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+               "{% endfor %}")
+    try:
+        t0 = time.monotonic()
+        r = httpx.post(server.base_url + CHAT, json=chat(chat_template=endless), timeout=120)
+        assert_error_shape(r, 400, "invalid_chat")
+        assert "did not finish rendering" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 60  # the start of the renderer process, then 2 s
+        r = httpx.post(server.base_url + CHAT, json=chat(), timeout=30)  # the server's template
+        assert r.status_code == 200, r.text
+        huge = "{{ 'x' * 5000000 }}"
+        r = httpx.post(server.base_url + CHAT, json=chat(chat_template=huge), timeout=120)
+        assert_error_shape(r, 400, "invalid_chat")
+        assert "characters" in r.json()["error"]["message"]
+        template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # a new child
+        r = httpx.post(server.base_url + CHAT, json=chat(chat_template=template), timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["prompt_tokens"] == 1
     finally:
         cfg.allow_request_chat_template = False

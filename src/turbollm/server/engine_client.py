@@ -20,6 +20,7 @@ from turbollm.sampling_params import SamplingParams
 from turbollm.server.config import ServerConfig
 from turbollm.server.errors import APIError
 from turbollm.server.logprobs import TokenText
+from turbollm.server.template_render import TemplateRenderer
 
 log = logging.getLogger(__name__)
 
@@ -66,9 +67,19 @@ class EngineClient:
         self._ids = itertools.count()
         self._id_salt = os.urandom(4).hex()
         self._token_text: TokenText | None = None
+        self._renderer: TemplateRenderer | None = None
 
     def close(self) -> None:
         self._tok_pool.shutdown(wait=False, cancel_futures=True)
+        if self._renderer is not None:
+            self._renderer.close()
+
+    def request_template_renderer(self) -> TemplateRenderer:
+        """The child process that renders chat templates sent in requests, started on first use
+        (on the tokenizer thread, which serializes its callers)."""
+        if self._renderer is None:
+            self._renderer = TemplateRenderer(self.tokenizer)
+        return self._renderer
 
     @property
     def token_text(self) -> TokenText:

@@ -39,14 +39,22 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def _render_and_encode(tokenizer, messages: list[dict], template: str | None) -> list[int]:
-    """Token ids of the conversation, exactly as the offline LLM.chat builds them."""
+def _render_and_encode(client: EngineClient, messages: list[dict], template: str | None
+                       ) -> list[int]:
+    """Token ids of the conversation, exactly as the offline LLM.chat builds them. A template
+    sent in the request renders in a child process with a time limit (server/template_render)."""
+    tokenizer = client.tokenizer
     try:
-        text = render_chat(tokenizer, messages, template)
-    except Exception as e:  # template errors (raise_exception, sandbox violations) are the
-        # request's fault: a bad role order, or a template the operator let clients send
-        raise APIError(400, f"could not apply the chat template: {type(e).__name__}: {e}",
-                       "messages", "invalid_chat") from None
+        if template is None:
+            text = render_chat(tokenizer, messages)
+        else:
+            text = client.request_template_renderer().render(messages, template)
+    except Exception as e:  # template errors (raise_exception, sandbox violations, the time
+        # limit) are the request's fault: a bad role order, or a template the operator let
+        # clients send
+        detail = str(e) if template is not None else f"{type(e).__name__}: {e}"
+        raise APIError(400, f"could not apply the chat template: {detail}", "messages",
+                       "invalid_chat") from None
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
@@ -59,8 +67,7 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
     params = chat_params(req, client.cfg)
     messages = _message_dicts(req.messages)
     client.check_accepting()
-    ids = await client.run_tokenizer(_render_and_encode, client.tokenizer, messages,
-                                     req.chat_template)
+    ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template)
     rid = client.new_id("chatcmpl")
     stream = await client.submit(rid, ids, params, arrival)
     ctx = _Ctx(client, rid, model, req)
