@@ -102,3 +102,7 @@ def test_turbollm_info_names_the_cpu_the_variant_and_the_dtype():
     assert lines["isa"] == (best_isa() or "none (torch kernels)")
     assert lines["dtype"] == "bfloat16" and lines["compute_dtype"] in ("bfloat16", "float32")
     assert lines["cpu"].strip("'") and "threads" in lines
+    # what the engine built here would log (worker: system ... | prefill_dtype ...)
+    from turbollm import LLM
+    llm = LLM(kv_cache_memory="64MiB", max_model_len=256)
+    assert lines["prefill_dtype"] == llm.engine.executor.worker.system["prefill_dtype"]

@@ -60,14 +60,19 @@ def _run_info(args) -> int:
     from turbollm.config import DeviceConfig, KernelConfig, default_num_threads
     from turbollm.loader.resolve import resolve_model
     from turbollm.native_build import select_isa
-    from turbollm.worker.model_loader import compute_dtype_for, read_arch, resolve_dtype
+    from turbollm.worker.model_loader import (compute_dtype_for, multi_row_products_in_bf16,
+                                              read_arch, resolve_dtype)
     from turbollm.worker.system_info import system_info
     device = DeviceConfig(device=args.device).resolved_device()
-    isa = select_isa(KernelConfig(cpu_isa=args.cpu_isa).cpu_isa) if device == "cpu" else None
+    kc = KernelConfig(cpu_isa=args.cpu_isa, prefill_dtype=args.prefill_dtype)
+    isa = select_isa(kc.cpu_isa) if device == "cpu" else None
     arch, _ = read_arch(resolve_model(args.model))
     storage = resolve_dtype(args.dtype, arch, device)
-    info = system_info(device, isa, args.num_threads or default_num_threads(), storage,
-                       compute_dtype_for(storage, device, args.dtype))
+    compute = compute_dtype_for(storage, device, args.dtype)
+    info = system_info(device, isa, args.num_threads or default_num_threads(), storage, compute)
+    if device == "cpu":
+        bf16 = multi_row_products_in_bf16(kc.prefill_dtype, isa, args.dtype, storage, compute)
+        info["prefill_dtype"] = "bfloat16" if bf16 else "float32"
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")

@@ -77,6 +77,19 @@ def compute_dtype_for(dtype: torch.dtype, device: str, requested: str = "auto") 
     return dtype if dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
 
 
+def multi_row_products_in_bf16(asked: str, isa: str | None, requested: str,
+                               storage: torch.dtype, compute: torch.dtype) -> bool:
+    """KernelConfig.prefill_dtype resolved: products of several rows in AMX tiles (our exact
+    int4/int8 tiles, oneDNN bf16 for more rows; layers/prefill_gemm.py). `auto`: where the amx
+    kernel variant runs, dtype is auto over a 16-bit or low-bit checkpoint (an fp32 one stays
+    fp32 throughout) and activations are fp32."""
+    if asked != "auto":
+        return asked == "bfloat16"
+    from turbollm.platform_info import cpu_has_native_bf16
+    return (isa == "amx" and cpu_has_native_bf16() and requested == "auto"
+            and storage != torch.float32 and compute == torch.float32)
+
+
 def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
     """(hf_name, tensor) pairs of a checkpoint, whatever its format."""
     if source.kind == "gguf":

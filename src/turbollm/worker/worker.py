@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-import turbollm.platform_info as platform_info
 from turbollm.attention.selector import get_attention_backend
 from turbollm.config import EngineConfig, default_num_threads
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
@@ -27,7 +26,7 @@ from turbollm.quantization import kernels as quant_kernels
 from turbollm.worker.draft import build_draft_proposer, draft_kv_share, load_separate_draft
 from turbollm.worker.kv_cache import (allocate_kv_cache, blocks_for_budget, kv_budget_bytes,
                                       profile_peak_bytes)
-from turbollm.worker.model_loader import load_model
+from turbollm.worker.model_loader import load_model, multi_row_products_in_bf16
 from turbollm.worker.model_runner import ModelRunner
 from turbollm.worker.system_info import format_line, system_info
 
@@ -86,16 +85,9 @@ class Worker:
             gpu_kernels.load_tile_config(kc.tile_config)
 
     def _prefill_in_bf16(self) -> bool:
-        """Prefill-sized products in bf16 AMX tiles: asked for, or (auto) where the amx kernel
-        variant runs, dtype is auto over a 16-bit or low-bit checkpoint and activations are
-        fp32 (layers/prefill_gemm.py)."""
-        asked = self.config.kernel.prefill_dtype
-        if asked != "auto":
-            return asked == "bfloat16"
-        # a 16-bit (or low-bit) checkpoint: an fp32 one under dtype auto stays fp32 throughout
-        return (self.cpu_isa == "amx" and platform_info.cpu_has_native_bf16()
-                and self.config.model.dtype == "auto" and self.loaded.dtype != torch.float32
-                and self.model.model.compute_dtype == torch.float32)
+        return multi_row_products_in_bf16(
+            self.config.kernel.prefill_dtype, self.cpu_isa, self.config.model.dtype,
+            self.loaded.dtype, self.model.model.compute_dtype)
 
     def set_native_decode(self, on: bool) -> None:
         """Decode-shaped CPU steps through the C path (models/native_decode.py) or the torch
