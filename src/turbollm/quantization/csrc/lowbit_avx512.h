@@ -92,26 +92,34 @@ static inline __attribute__((always_inline)) void prefetch_pair(const uint8_t *w
     prefetch_ahead(w, w_stride, is_int4, NR, c + 1);
 }
 
+// acc[j] += the dots of blocks [c0, c1) of one weight row with MT activation rows, block c
+// scaled by f[j * fstride + c]: pairs of blocks, then a lone last one
+static inline __attribute__((always_inline)) void tile_span(
+    const uint8_t *row, int is_int4, int MT, int64_t c0, int64_t c1, const int16_t *xq,
+    int64_t K, const float *f, int64_t fstride, __m256 *acc) {
+    int64_t c = c0;
+    for (; c + 2 <= c1; c += 2) {
+        __m512i lo, hi;
+        unpack_pair(row, is_int4, c, &lo, &hi);
+        for (int j = 0; j < MT; j++)
+            acc[j] = fma_pair(dot64_i16(lo, hi, xq + j * K + 32 * c), f + j * fstride + c, acc[j]);
+    }
+    if (c < c1) {
+        __m256i lo, hi;
+        unpack_block(row, is_int4, c, &lo, &hi);
+        for (int j = 0; j < MT; j++)
+            acc[j] = _mm256_fmadd_ps(dot32_at(lo, hi, xq + j * K + 32 * c),
+                                     _mm256_broadcast_ss(f + j * fstride + c), acc[j]);
+    }
+}
+
 // tile_dots (see lowbit.c): MT activation rows against one G = 32 weight row
 static inline __attribute__((always_inline)) void tile_dots(
     const uint8_t *row, int is_int4, int MT, int64_t nchunks, const int16_t *xq, int64_t K,
     const float *bs, int64_t bstride, float *out) {
     __m256 acc[TILE];
     for (int j = 0; j < MT; j++) acc[j] = _mm256_setzero_ps();
-    int64_t c = 0;
-    for (; c + 2 <= nchunks; c += 2) {
-        __m512i lo, hi;
-        unpack_pair(row, is_int4, c, &lo, &hi);
-        for (int j = 0; j < MT; j++)
-            acc[j] = fma_pair(dot64_i16(lo, hi, xq + j * K + 32 * c), bs + j * bstride + c, acc[j]);
-    }
-    if (c < nchunks) {
-        __m256i lo, hi;
-        unpack_block(row, is_int4, c, &lo, &hi);
-        for (int j = 0; j < MT; j++)
-            acc[j] = _mm256_fmadd_ps(dot32_at(lo, hi, xq + j * K + 32 * c),
-                                     _mm256_broadcast_ss(bs + j * bstride + c), acc[j]);
-    }
+    tile_span(row, is_int4, MT, 0, nchunks, xq, K, bs, bstride, acc);
     for (int j = 0; j < MT; j++) out[j] = hsum256(acc[j]);
 }
 
@@ -124,20 +132,7 @@ static inline __attribute__((always_inline)) void tile_dots_grouped(
     for (int64_t c0 = 0, g = 0; c0 < nchunks; c0 += cpg, g++) {
         const int64_t c1 = c0 + cpg < nchunks ? c0 + cpg : nchunks;
         for (int j = 0; j < MT; j++) t[j] = _mm256_setzero_ps();
-        int64_t c = c0;
-        for (; c + 2 <= c1; c += 2) {
-            __m512i lo, hi;
-            unpack_pair(row, is_int4, c, &lo, &hi);
-            for (int j = 0; j < MT; j++)
-                t[j] = fma_pair(dot64_i16(lo, hi, xq + j * K + 32 * c), xd + j * xdstride + c, t[j]);
-        }
-        if (c < c1) {
-            __m256i lo, hi;
-            unpack_block(row, is_int4, c, &lo, &hi);
-            for (int j = 0; j < MT; j++)
-                t[j] = _mm256_fmadd_ps(dot32_at(lo, hi, xq + j * K + 32 * c),
-                                       _mm256_broadcast_ss(xd + j * xdstride + c), t[j]);
-        }
+        tile_span(row, is_int4, MT, c0, c1, xq, K, xd, xdstride, t);
         const __m256 s = _mm256_broadcast_ss(sc + g);
         for (int j = 0; j < MT; j++) acc[j] = _mm256_fmadd_ps(t[j], s, acc[j]);
     }
