@@ -73,8 +73,9 @@ static uint16_t *amx_activations(const float *x, int64_t M, int64_t K, int64_t G
     return xv;
 }
 
-// The integer codes of weight rows [o0, o0 + AMX_NB) as bf16, row stride K (rows past N zero)
-static void amx_codes_q4(const uint8_t *packed, int64_t o0, int64_t N, int64_t K, uint16_t *dst) {
+// The integer codes of weight rows [o0, o0 + nr) as bf16, row stride K
+static void amx_codes_q4(const uint8_t *packed, int64_t o0, int64_t nr, int64_t K,
+                         uint16_t *dst) {
     const int64_t nchunks = K / 32;
     const __m128i mask = _mm_set1_epi8(0x0F);
     // bf16 of 0..15 (vpermw reads the low 16 words)
@@ -82,13 +83,9 @@ static void amx_codes_q4(const uint8_t *packed, int64_t o0, int64_t N, int64_t K
         0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
         0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
         0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
-    for (int64_t i = 0; i < AMX_NB; i++) {
+    for (int64_t i = 0; i < nr; i++) {
         const int64_t o = o0 + i;
         uint16_t *row = dst + i * K;
-        if (o >= N) {
-            memset(row, 0, (size_t)K * 2);
-            continue;
-        }
         for (int64_t c = 0; c < nchunks; c++) {
             const __m128i v = _mm_loadu_si128((const __m128i *)(packed + (o * nchunks + c) * 16));
             const __m256i nib = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), mask),
@@ -99,14 +96,10 @@ static void amx_codes_q4(const uint8_t *packed, int64_t o0, int64_t N, int64_t K
     }
 }
 
-static void amx_codes_q8(const int8_t *q, int64_t o0, int64_t N, int64_t K, uint16_t *dst) {
-    for (int64_t i = 0; i < AMX_NB; i++) {
+static void amx_codes_q8(const int8_t *q, int64_t o0, int64_t nr, int64_t K, uint16_t *dst) {
+    for (int64_t i = 0; i < nr; i++) {
         const int64_t o = o0 + i;
         uint16_t *row = dst + i * K;
-        if (o >= N) {
-            memset(row, 0, (size_t)K * 2);
-            continue;
-        }
         for (int64_t k = 0; k < K; k += 32) {
             const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                 _mm_loadu_si128((const __m128i *)(q + o * K + k))));
@@ -125,18 +118,13 @@ typedef struct {
     int zero_form;
 } amx_weight;
 
-// Scales and mins (w = q * s + m) of weight rows [o0, o0 + AMX_NB) in fp32, row-major:
-// sc[r * ng + g] (rows past N: zero)
-static void amx_params(const amx_weight *W, int64_t o0, int64_t N, int64_t ng, float *sc,
+// Scales and mins (w = q * s + m; int8: no mins) of weight rows [o0, o0 + nr) in fp32,
+// row-major: sc[r * ng + g]
+static void amx_params(const amx_weight *W, int64_t o0, int64_t nr, int64_t ng, float *sc,
                        float *mn) {
-    for (int64_t r = 0; r < AMX_NB; r++) {
+    for (int64_t r = 0; r < nr; r++) {
         const int64_t o = o0 + r;
         float *s = sc + r * ng, *m = mn + r * ng;
-        if (o >= N) {
-            memset(s, 0, sizeof(float) * ng);
-            memset(m, 0, sizeof(float) * ng);
-            continue;
-        }
         if (!W->is_int4) {
             memcpy(s, (const float *)W->sh + o * ng, sizeof(float) * ng);
             continue;
@@ -171,10 +159,15 @@ static void amx_gemm(const float *x, int64_t M, amx_weight W, float *y, int64_t 
         amx_config();
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t o0 = b * AMX_NB;
-            if (W.is_int4) amx_codes_q4((const uint8_t *)W.w, o0, N, K, wb);
-            else amx_codes_q8((const int8_t *)W.w, o0, N, K, wb);
-            amx_params(&W, o0, N, ng, sc, mn);
+            const int64_t o0 = b * AMX_NB, nr = N - o0 < AMX_NB ? N - o0 : AMX_NB;
+            if (W.is_int4) amx_codes_q4((const uint8_t *)W.w, o0, nr, K, wb);
+            else amx_codes_q8((const int8_t *)W.w, o0, nr, K, wb);
+            amx_params(&W, o0, nr, ng, sc, mn);
+            if (nr < AMX_NB) {  // the last block's missing rows: zero codes, scales and mins
+                memset(wb + nr * K, 0, (size_t)((AMX_NB - nr) * K * 2));
+                memset(sc + nr * ng, 0, sizeof(float) * (AMX_NB - nr) * ng);
+                memset(mn + nr * ng, 0, sizeof(float) * (AMX_NB - nr) * ng);
+            }
             for (int64_t mb = 0; mb < nmb; mb++) {
                 memset(acc, 0, sizeof(acc));
                 for (int64_t g = 0; g < ng; g++) {
