@@ -22,7 +22,6 @@ import torch
 
 from turbollm.layers import native_ops
 from turbollm.layers import prefill_gemm as multi_row
-from turbollm.layers.prefill_gemm import prefill_gemm
 from turbollm.native_build import RowKernel
 from turbollm.quantization import native
 
@@ -304,7 +303,7 @@ def _dense_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     bf16 AMX tiles: layers/prefill_gemm.py)."""
     if native_ops.dense_linear_usable(x, w):
         return native_ops.dense_linear(x, w)
-    return prefill_gemm(x, w)
+    return multi_row.prefill_gemm(x, w)
 
 
 def _widened_linear(x: torch.Tensor, n: int, dequant_rows) -> torch.Tensor:
