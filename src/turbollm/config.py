@@ -18,6 +18,7 @@ KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 CPU_ISAS = ISA_CHOICES  # auto, then native_build's variants
 PREFILL_DTYPES = ("auto", "float32", "bfloat16")
+BATCH_INVARIANT = ("seeded", "all", "off")
 DEFAULT_MODEL = "smollm2-135m"
 
 log = logging.getLogger(__name__)
@@ -219,6 +220,12 @@ class KernelConfig:
         "= AMX tiles where the amx kernel variant runs and dtype is auto (8-128 rows of packed "
         "int4/int8 weights: our exact tiles; more rows, or dense weights past 128 rows: bf16 via "
         "oneDNN), else float32. Process-wide", choices=PREFILL_DTYPES))
+    batch_invariant: str = field(default="seeded", metadata=_help(
+        "steps whose every row is computed as if alone (row kernels, C row attention; slower "
+        "for prompts and big batches), so outputs do not depend on what else runs: seeded = "
+        "steps holding a seeded sampling request (its text then depends on its seed alone), "
+        "all = every step (greedy answers too), off = none. CPU fp32 C path only",
+        choices=BATCH_INVARIANT))
     tile_config: str | None = field(default=None, metadata=_help(
         "JSON file of Triton tile configurations for the CUDA low-bit kernels, as written by "
         "scripts/gpu_tune.py --tiles. Process-wide (default: the built-in H100 tiles)"))
@@ -238,6 +245,9 @@ class KernelConfig:
         if self.prefill_dtype not in PREFILL_DTYPES:
             raise ValueError(f"prefill_dtype must be one of {PREFILL_DTYPES}, got "
                              f"{self.prefill_dtype!r}")
+        if self.batch_invariant not in BATCH_INVARIANT:
+            raise ValueError(f"batch_invariant must be one of {BATCH_INVARIANT}, got "
+                             f"{self.batch_invariant!r}")
         if self.tile_config is not None and not os.path.isfile(self.tile_config):
             raise ValueError(f"tile_config {self.tile_config!r} is not a file")
 

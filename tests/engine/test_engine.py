@@ -85,6 +85,16 @@ def tokens_n(out):
     return [o.token_ids for o in out.outputs]
 
 
+def test_n_with_the_largest_seed_wraps_instead_of_failing(llm):
+    """Children take seed + i; past 2**64 - 1 (the largest seed the API takes) it wraps to 0
+    rather than failing the step (and every request in it) in torch's generator."""
+    p = SamplingParams(n=2, max_tokens=4, temperature=1.0, seed=2**64 - 1, ignore_eos=True)
+    out = llm.generate(["a b c"], p)[0]
+    second = llm.generate(["a b c"], SamplingParams(max_tokens=4, temperature=1.0, seed=0,
+                                                    ignore_eos=True))[0]
+    assert out.outputs[1].token_ids == second.outputs[0].token_ids
+
+
 def test_seed_reproducible_whatever_the_batch(llm):
     p = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
     alone = tokens(llm.generate(["Hello world"], p))[0]

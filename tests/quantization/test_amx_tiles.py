@@ -106,7 +106,7 @@ def test_linears_route_tile_row_counts_to_the_tiles(amx, multi_row_bf16):
         uses_tiles = kernel is not None and kernel.spec[0] == native_build.function_address(
             amx.q4_gemm_amx)
         assert uses_tiles == tiles, M
-    with kernels.verifying():  # speculative verification keeps the one-row kernels
+    with prefill_gemm.row_invariant():  # e.g. a speculative verification: one-row kernels
         kernel = kernels.int4_row_kernel(state, 9, 576)
         assert kernel.spec[0] == native_build.function_address(amx.q4_gemm_a16)
     x = torch.randn(16, 576)

@@ -48,7 +48,9 @@ class KVCacheManager:
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs]))
+            # the salt enters the first block; the chain carries it to the rest
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs],
+                                     req.cache_salt if parent is None else b""))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

@@ -117,17 +117,26 @@ class LLMEngine:
         leader = None
         for i in range(params.n):
             # Prompt logprobs are the same for every child: the first one scores them.
+            # seeds are 64-bit (torch's generators refuse more): the last wraps to 0
             child_params = replace(params, n=1, seed=None if params.seed is None
-                                   else params.seed + i,
+                                   else (params.seed + i) % 2**64,
                                    prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             child = Request(f"{request_id}#{i}", ids, child_params, self.eos_token_ids,
-                            max_tokens, group.metrics.arrival_time, prefix_leader=leader)
+                            max_tokens, group.metrics.arrival_time, prefix_leader=leader,
+                            cache_salt=self._cache_salt(child_params))
             if self.config.cache.enable_prefix_caching and leader is None:
                 leader = child
             group.add_child(child, self.outputs.make_detokenizer(ids, child_params))
             self.scheduler.add_request(child)
         self.outputs.add_group(group)
         self.stats.prompt_tokens += len(ids)
+
+    def _cache_salt(self, params: SamplingParams) -> bytes:
+        """Seeded sampling requests run in batch-invariant steps (KernelConfig.batch_invariant
+        'seeded'): they share prefix-cache blocks only among themselves, whose KV was computed
+        row by row like theirs."""
+        seeded = params.seed is not None and not params.greedy
+        return b"row-invariant" if seeded and self.config.kernel.batch_invariant == "seeded" else b""
 
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
         if not ids:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from turbollm.layers import prefill_gemm as multi_row
 from turbollm.native_build import F32, I64, PTR, RowKernel, load_library
 
 _SRC = Path(__file__).parent / "csrc" / "cpu_ops.c"
@@ -33,7 +34,9 @@ _SIGNATURES = {
 # model (not cache-resident, as in a real forward), 2 threads: time C / torch at 1, 16, 64, 128,
 # 256 rows = 0.45, 0.55, 0.54, 0.85, 0.91 for bf16 weights (torch widens the whole weight to
 # fp32 first) and 0.57, 0.60, 0.55, 0.77, 0.94 for fp32. Past ~128 rows the activations no
-# longer fit in L2 beside the weight block, so the margin shrinks.
+# longer fit in L2 beside the weight block, so the margin shrinks. Row-invariant products
+# (prefill_gemm.row_invariant) take it at any row count: it sums each output in one order
+# whatever M, where torch's GEMM blocks by M.
 MAX_DENSE_ROWS = 128
 _GEMM_KERNELS = {torch.bfloat16: "bf16_gemm_f32", torch.float32: "f32_gemm_f32",
                  torch.float16: "f16_gemm_f32"}
@@ -105,14 +108,16 @@ def argmax_rows(x: torch.Tensor) -> list[int] | None:
 def dense_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `dense_linear` takes x (fp32, few rows) with this bf16, fp16 or fp32 weight."""
     return (weight.dtype in _GEMM_KERNELS and x.dtype == torch.float32 and x.dim() == 2
-            and x.shape[0] <= MAX_DENSE_ROWS and x.device.type == "cpu"
+            and (x.shape[0] <= MAX_DENSE_ROWS or multi_row.is_row_invariant())
+            and x.device.type == "cpu"
             and x.shape[1] % 8 == 0 and weight.is_contiguous() and lib() is not None)
 
 
 def dense_row_kernel(weight: torch.Tensor, M: int):
     """The C call dense_linear makes for M fp32 rows, as fn(x_ptr, y_ptr) writing fp32
     [M, out]; None where dense_linear does not serve (see dense_linear_usable)."""
-    if (weight.dtype not in _GEMM_KERNELS or M > MAX_DENSE_ROWS or weight.device.type != "cpu"
+    rows_ok = M <= MAX_DENSE_ROWS or multi_row.is_row_invariant()
+    if (weight.dtype not in _GEMM_KERNELS or not rows_ok or weight.device.type != "cpu"
             or weight.shape[1] % 8 or not weight.is_contiguous() or lib() is None):
         return None
     kernel = getattr(lib(), _GEMM_KERNELS[weight.dtype])

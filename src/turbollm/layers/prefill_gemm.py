@@ -7,13 +7,23 @@ only; decode steps keep our fp32/int16 kernels. KernelConfig.prefill_dtype choos
 sets this process-wide switch (the last engine built sets it, like exact_activations). The same
 switch lets packed int4/int8 products of 8-128 rows take our AMX tile kernels
 (quantization/kernels.py), which round nothing.
+
+Within `row_invariant()` none of that applies: every product of several rows is computed row by
+row the way one decode row is (the kernels that sum each output in one order whatever the row
+count), so a row's bits do not depend on what else shares the step. The model runner turns it on
+for steps verifying speculative proposals (greedy speculation must reproduce plain decoding) and
+for batch-invariant steps (KernelConfig.batch_invariant: a seeded request's text must not depend
+on the batch).
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 
 _bf16 = False
+_row_invariant = False
 
 
 def use_bf16(on: bool) -> None:
@@ -23,6 +33,21 @@ def use_bf16(on: bool) -> None:
 
 def in_bf16() -> bool:
     return _bf16
+
+
+@contextmanager
+def row_invariant(on: bool = True):
+    """Within: products of several rows give each row the bits it gets alone (see above)."""
+    global _row_invariant
+    old, _row_invariant = _row_invariant, on
+    try:
+        yield
+    finally:
+        _row_invariant = old
+
+
+def is_row_invariant() -> bool:
+    return _row_invariant
 
 
 def prefill_gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,8 @@ A step takes this path when it is decode-shaped: on CPU with fp32 activations, a
 MAX_ROWS tokens, every chunk attending row by row (one token, or up to MAX_ROW_CHUNK: a
 speculative verification, a short prompt chunk such as the scheduler cuts while others decode),
 a KV cache the C attention reads, and every projection served by a C kernel at that row count.
-Anything else takes the module path.
+Anything else takes the module path. Row-invariant steps (layers/prefill_gemm.row_invariant)
+take this path at any row count and chunk length: every call here computes each row alone.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from turbollm.attention import native as native_attention
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.attention.torch_sdpa import SMALL_QUERY
 from turbollm.layers import native_ops
+from turbollm.layers import prefill_gemm as multi_row
 from turbollm.native_build import function_address
 from turbollm.quantization import kernels as quant_kernels
 
@@ -64,7 +66,8 @@ def attention_rows(meta: AttentionMetadata, num_tokens: int):
     if nd and not meta.prefills:  # decodes only: the tables and lengths as they are
         rows = (meta.decode_block_tables.contiguous(), _row_ids(nd),
                 meta.decode_seq_lens.contiguous())
-    elif all(qlen <= native_attention.MAX_ROW_CHUNK for _, qlen, _, _ in meta.prefills):
+    elif (multi_row.is_row_invariant()
+          or all(qlen <= native_attention.MAX_ROW_CHUNK for _, qlen, _, _ in meta.prefills)):
         tables = [meta.decode_block_tables] if nd else []
         seq = [torch.arange(nd)]
         ctx = [meta.decode_seq_lens] if nd else []
@@ -105,8 +108,8 @@ class NativeDecoder:
             function_address(fn) for fn in (attention.write_kv_rows, attention.paged_attn_rows))
 
     def usable(self, T: int, kv_caches, meta: AttentionMetadata) -> bool:
-        if (self.lib is None or self.compute_dtype != torch.float32 or T > MAX_ROWS
-                or self.hidden % 16 or self.head_dim % 16):
+        if (self.lib is None or self.compute_dtype != torch.float32
+                or (T > MAX_ROWS and not multi_row.is_row_invariant()) or self.hidden % 16 or self.head_dim % 16):
             return False
         ok = self._attention_ok.get(id(kv_caches))
         if ok is None or ok[0] is not kv_caches:

@@ -15,7 +15,6 @@ kernels serve. States on a GPU are served by gpu_kernels (Triton).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,9 +50,6 @@ _int16_activations = True  # KernelConfig.exact_activations turns it off (worker
 # M=8 278 / 149, M=16 503 / 161, M=64 1763 / 488; from ~128 rows torch's oneDNN bf16 GEMM on
 # the widened weight is faster (M=256: 1.27 ms vs ~2 ms).
 AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
-# A step verifying speculative proposals: its rows must equal one-row decoding bit for bit
-# (greedy speculation reproduces plain decoding), so it keeps the int16 row kernels.
-_verifying = False
 
 
 def exact_activations(on: bool = True) -> None:
@@ -62,30 +58,24 @@ def exact_activations(on: bool = True) -> None:
     _int16_activations = not on
 
 
-@contextmanager
-def verifying(on: bool = True):
-    """Within: products keep the kernels one decode row gets (see _verifying)."""
-    global _verifying
-    old, _verifying = _verifying, on
-    try:
-        yield
-    finally:
-        _verifying = old
-
-
 def dispatch_key() -> tuple:
     """The switches that change which kernel a row count gets (callers caching kernels key on it)."""
-    return (_int16_activations, multi_row.in_bf16(), _verifying)
+    return (_int16_activations, multi_row.in_bf16(), multi_row.is_row_invariant())
 
 
 def _tiles(M: int, k: int, group_size: int) -> bool:
     """Packed-kernel calls of M rows in AMX tiles (q4_gemm_amx / q8_gemm_amx)."""
-    return (AMX_MIN_ROWS <= M <= AMX_MAX_ROWS and not _verifying and k % 32 == 0
+    return (AMX_MIN_ROWS <= M <= AMX_MAX_ROWS and not multi_row.is_row_invariant() and k % 32 == 0
             and group_size % 32 == 0 and multi_row.in_bf16() and native.amx() is not None)
 
 
 def _a16(M: int, k: int) -> bool:
-    """Packed-kernel calls on int16-rounded activation rows."""
+    """Packed-kernel calls on int16-rounded activation rows. Row-invariant products
+    (layers/prefill_gemm.row_invariant) take them at any row count: they alone sum every
+    output in one order whatever M (the fp32 packed kernel, the tiles and the widened GEMM do
+    not), so they override exact_activations there."""
+    if multi_row.is_row_invariant():
+        return k % 32 == 0 and k // 32 <= _MAX_A16_BLOCKS and native.lib() is not None
     return (_int16_activations and M <= MAX_ROWS_A16 and k % 32 == 0
             and k // 32 <= _MAX_A16_BLOCKS and native.lib() is not None)
 
@@ -93,8 +83,8 @@ def _a16(M: int, k: int) -> bool:
 def rounds_activations(x: torch.Tensor, group_size: int, kind: str = "int4") -> bool:
     """True when a packed kernel will see x [M, K] rounded to int16 (see int16_activations)."""
     M, k = x.shape
-    return (M <= MAX_ROWS_PACKED[kind] and _a16(M, k) and group_size % 32 == 0
-            and not _tiles(M, k, group_size))
+    return ((M <= MAX_ROWS_PACKED[kind] or multi_row.is_row_invariant()) and _a16(M, k)
+            and group_size % 32 == 0 and not _tiles(M, k, group_size))
 
 
 def int16_activations(x: torch.Tensor) -> torch.Tensor:
@@ -232,7 +222,7 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
     if L is None or not _q4_ok(k, g) or not _on_cpu(state.packed):
         return None
     tiles = _tiles(M, k, g)
-    if M > MAX_ROWS_PACKED["int4"] and not tiles:
+    if M > MAX_ROWS_PACKED["int4"] and not (tiles or _a16(M, k)):
         return None
     w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
          int(state.zero_form))
@@ -269,7 +259,7 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
     if L is None or not _q8_ok(k, g) or not _on_cpu(state.qweight):
         return None
     tiles = _tiles(M, k, g)
-    if M > MAX_ROWS_PACKED["int8"] and not tiles:
+    if M > MAX_ROWS_PACKED["int8"] and not (tiles or (_a16(M, k) and g % 32 == 0)):
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
     fn = L.q8_gemm_amx if tiles else L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm

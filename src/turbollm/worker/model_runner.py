@@ -8,10 +8,10 @@ import torch
 
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.core.batch import ModelRunnerOutput, SequenceWork, StepBatch
+from turbollm.layers import prefill_gemm as multi_row
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
                                      greedy_tokens, token_logprobs)
 from turbollm.layers.rejection_sampler import verify_greedy, verify_random
-from turbollm.quantization import kernels as quant_kernels
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
 
@@ -41,7 +41,8 @@ class ModelRunner:
     """Owns the model, the KV cache tensor and per-request sampling generators."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
-                 device: str, vocab_size: int, eos_token_ids: list[int]):
+                 device: str, vocab_size: int, eos_token_ids: list[int],
+                 batch_invariant: str = "seeded"):
         self.model = model
         self.kv_cache = kv_cache
         self.kv_views = layer_views(kv_cache)
@@ -51,6 +52,7 @@ class ModelRunner:
         self.eos_token_ids = eos_token_ids
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
+        self.batch_invariant = batch_invariant  # KernelConfig.batch_invariant
 
     def release(self, request_ids) -> None:
         """Forget per-request state of finished requests."""
@@ -88,8 +90,15 @@ class ModelRunner:
         so = step.sequences
         batch = self.build_batch(so)
         # A verification's rows must equal one-row decoding bit for bit, the logits included
-        with quant_kernels.verifying(any(batch.proposals)):
+        with multi_row.row_invariant(any(batch.proposals) or self._invariant_step(so)):
             return self._run(so, batch)
+
+    def _invariant_step(self, so: list[SequenceWork]) -> bool:
+        """Whether every row of this step is computed as if alone (KernelConfig.batch_invariant):
+        a seeded sampling request's tokens must depend on its seed, not on its neighbours."""
+        if self.batch_invariant == "seeded":
+            return any(s.params.seed is not None and not s.params.greedy for s in so)
+        return self.batch_invariant == "all"
 
     def _run(self, so: list[SequenceWork], batch: FlatBatch) -> ModelRunnerOutput:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)

@@ -136,7 +136,8 @@ class Worker:
         self.kv_cache = allocate_kv_cache(lm.arch, num_blocks, cc.block_size, lm.dtype,
                                           self.device, cc.kv_cache_dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, self.device,
-                                  lm.arch.vocab_size, self.eos_token_ids)
+                                  lm.arch.vocab_size, self.eos_token_ids,
+                                  self.config.kernel.batch_invariant)
         if self.config.speculative.speculative_method == "draft":
             self.drafter = build_draft_proposer(self.config, lm, self.runner.kv_views,
                                                 self.draft, num_blocks, self.device)
