@@ -74,3 +74,82 @@ def test_engine_loop_death_fails_fast_and_exits_nonzero(make_server_fixture):
     assert not live.thread.is_alive()
     assert live.server.exit_code == 1
     assert live.engine.state.value == "broken"
+
+
+def _arm(live, monkeypatch_steps: int, fault_times: list):
+    """The server's fault plan (TURBOLLM_INJECT_FAULT) moved to `monkeypatch_steps` forwards
+    from now, noting when it fires."""
+    from turbollm.worker.faults import InjectedFault
+    plan = live.llm_engine.executor.worker.runner.faults
+    plan.first = plan.forwards + monkeypatch_steps
+    fire = plan.before_forward
+
+    def noted():
+        try:
+            fire()
+        except InjectedFault:
+            fault_times.append(time.monotonic())
+            raise
+    plan.before_forward = noted
+
+
+async def _stream(http, url: str, i: int) -> tuple[str, float]:
+    """('ok' | 'error', when the stream ended) for one streamed completion."""
+    body = {"model": MODEL_NAME, "prompt": f"story {i} about", "max_tokens": 40,
+            "ignore_eos": True, "stream": True, "temperature": 0.7}
+    async with http.stream("POST", url + "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        outcome = "ok"
+        async for line in r.aiter_lines():
+            if line.startswith("data: {") and '"error"' in line:
+                outcome = "error"
+            if line == "data: [DONE]":
+                break
+    return outcome, time.monotonic()
+
+
+def _run_streams(url: str, n: int) -> list[tuple[str, float]]:
+    import asyncio
+
+    async def main():
+        async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=n + 8)) \
+                as http:
+            return await asyncio.gather(*(_stream(http, url, i) for i in range(n)))
+    return asyncio.run(main())
+
+
+def test_forward_fault_with_64_streams_fails_its_step_only(make_server_fixture, monkeypatch):
+    """An exception in the model forward with 64 streams in flight: the requests of that step
+    end with an error event at once, the rest finish, the server stays ready and every KV block
+    comes back (free + cached == total)."""
+    monkeypatch.setenv("TURBOLLM_INJECT_FAULT", "1000000")  # armed below, once streams run
+    live = make_server_fixture(max_num_seqs=32)  # 64 streams: half wait their turn
+    fault_times: list[float] = []
+    _arm(live, 20, fault_times)
+    results = _run_streams(live.base_url, 64)
+    assert len(fault_times) == 1
+    errors = [t for outcome, t in results if outcome == "error"]
+    assert 0 < len(errors) <= 32 and len(errors) < len(results)
+    assert max(errors) - fault_times[0] < 5.0  # every affected request told within 5 s
+    assert httpx.get(live.base_url + "/ready").status_code == 200
+    assert _complete(live, "after the fault").status_code == 200
+    live.wait_idle()
+    live.llm_engine.kv_manager.pool.check_invariant()
+    live.assert_no_blocks_held()
+
+
+def test_persistent_forward_fault_stops_the_server(make_server_fixture, monkeypatch):
+    """A forward that fails whatever runs (the one-token probe after the failed step fails
+    too): the engine stops, clients get an error at once, and the server exits non-zero
+    instead of failing every later request one step at a time."""
+    monkeypatch.setenv("TURBOLLM_INJECT_FAULT", "1000000+")
+    live = make_server_fixture(max_num_seqs=8)
+    fault_times: list[float] = []
+    _arm(live, 3, fault_times)
+    results = _run_streams(live.base_url, 8)
+    assert all(outcome == "error" for outcome, _ in results)
+    assert max(t for _, t in results) - fault_times[0] < 5.0
+    live.thread.join(15)
+    assert not live.thread.is_alive() and live.server.exit_code == 1
+    assert live.engine.state.value == "broken"
+    assert "EngineDeadError" in repr(live.engine.fatal_error)

@@ -10,7 +10,8 @@ from turbollm.core.batch import step_batch
 from turbollm.core.kv_cache_manager import KVCacheManager
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
-from turbollm.engine.errors import ContextLengthExceededError, RequestValidationError
+from turbollm.engine.errors import (ContextLengthExceededError, EngineDeadError,
+                                    RequestValidationError)
 from turbollm.engine.output_processor import OutputProcessor, RequestGroup
 from turbollm.engine.outputs import RequestOutput
 from turbollm.executor.uniproc import make_executor
@@ -237,7 +238,23 @@ class LLMEngine:
         ids = [c.request_id for g in groups for c in g.children]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
         self._finished_ids.extend(ids)
-        return self.outputs.fail(list(groups), f"{type(exc).__name__}: {exc}")
+        outs = self.outputs.fail(list(groups), f"{type(exc).__name__}: {exc}")
+        self._probe_model(exc)
+        return outs
+
+    def _probe_model(self, step_exc: Exception) -> None:
+        """After a failed step, one forward of a single token in a free KV block. If that fails
+        too, the fault is not in the step's requests but in the model, its memory or its device:
+        raise EngineDeadError (the server goes not-ready and exits) instead of failing every
+        later request one step at a time. No free block to probe with: go on serving."""
+        if self.kv_manager.pool.num_available < 1:
+            return
+        try:
+            self.score_logits([0])
+        except Exception as exc:
+            raise EngineDeadError(
+                f"the model fails on any input ({type(exc).__name__}: {exc}); the failed step: "
+                f"{type(step_exc).__name__}: {step_exc}") from exc
 
     def run_until_done(self) -> list[RequestOutput]:
         """Step until no request is left; the finished outputs in completion order."""

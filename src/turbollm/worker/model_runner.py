@@ -12,6 +12,7 @@ from turbollm.layers import prefill_gemm as multi_row
 from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs,
                                      greedy_tokens, token_logprobs)
 from turbollm.layers.rejection_sampler import verify_greedy, verify_random
+from turbollm.worker.faults import fault_plan_from_env
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
 from turbollm.worker.kv_cache import layer_views
 
@@ -53,6 +54,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}
         self.batch_invariant = batch_invariant  # KernelConfig.batch_invariant
+        self.faults = fault_plan_from_env()  # reliability tests only (worker/faults.py)
 
     def release(self, request_ids) -> None:
         """Forget per-request state of finished requests."""
@@ -87,6 +89,8 @@ class ModelRunner:
     def execute(self, step: StepBatch) -> ModelRunnerOutput:
         """Run one step of the model; sample (or verify proposals) where a chunk reached its end."""
         self.release(step.finished_request_ids)
+        if self.faults is not None:
+            self.faults.before_forward()
         so = step.sequences
         batch = self.build_batch(so)
         # A verification's rows must equal one-row decoding bit for bit, the logits included
@@ -220,6 +224,8 @@ class ModelRunner:
         """Logits at every position of one sequence, prefilled `chunk` tokens at a time into
         the given blocks: [len(token_ids), vocab] fp32. For scoring (perplexity, calibration),
         not for serving: always the module path, whose forward hooks calibration reads."""
+        if self.faults is not None:
+            self.faults.before_forward()
         inner = self.model.model
         native, inner.native_decode = inner.native_decode, False
         try:
