@@ -62,7 +62,8 @@ def start_server(model_dir, cfg: ServerConfig | None = None, **engine_kwargs) ->
     cfg = cfg or ServerConfig(port=0)
     kwargs = {**ENGINE_KWARGS, **engine_kwargs}
     engine = AsyncLLMEngine(lambda: LLMEngine.from_kwargs(model=str(model_dir), **kwargs),
-                            max_queued_requests=cfg.max_queued_requests)
+                            max_queued_requests=cfg.max_queued_requests,
+                            max_queue_delay=cfg.max_queue_delay)
     app = build_app(engine, cfg, MODEL_NAME)
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]

@@ -39,8 +39,9 @@ def test_flags_and_env_key(monkeypatch):
 
 
 @pytest.mark.parametrize("kw", [dict(port=70000), dict(max_n=0), dict(max_logprobs=-1),
-                                dict(max_queued_requests=-1), dict(max_request_bytes="0"),
-                                dict(shutdown_timeout=-1), dict(api_key="")])
+                                dict(max_queued_requests=-1), dict(max_queue_delay=-0.5),
+                                dict(max_request_bytes="0"), dict(shutdown_timeout=-1),
+                                dict(api_key="")])
 def test_invalid_config(kw):
     with pytest.raises(ValueError):
         ServerConfig(**kw)

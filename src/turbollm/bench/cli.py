@@ -50,11 +50,13 @@ def add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_engine_args(p)
     p.set_defaults(func=run_bench)
-    modes = p.add_subparsers(dest="bench_mode", metavar="{serve,serve-vs-offline}")
-    from turbollm.bench import serve_vs_offline
+    modes = p.add_subparsers(dest="bench_mode", metavar="{serve,serve-vs-offline,overload,soak}")
+    from turbollm.bench import overload, serve_vs_offline, soak
     from turbollm.bench.serve import add_serve_bench_parser
     add_serve_bench_parser(modes)
     serve_vs_offline.add_parser(modes)
+    overload.add_parser(modes)
+    soak.add_parser(modes)
     return p
 
 

@@ -151,13 +151,17 @@ class AsyncLLMEngine:
 
     def __init__(self, engine: "LLMEngine | Callable[[], LLMEngine]",
                  max_queued_requests: int = 256,
-                 on_fatal: Callable[[BaseException], None] | None = None):
+                 on_fatal: Callable[[BaseException], None] | None = None,
+                 max_queue_delay: float = 0.0):
         if max_queued_requests < 0:
             raise ValueError("max_queued_requests must be >= 0")
+        if max_queue_delay < 0:
+            raise ValueError("max_queue_delay must be >= 0")
         is_engine = hasattr(engine, "step")
         self._factory = None if is_engine else engine
         self.engine: LLMEngine | None = engine if is_engine else None  # type: ignore[assignment]
         self.max_queued_requests = max_queued_requests
+        self.max_queue_delay = max_queue_delay  # seconds; 0 = no shedding by waiting time
         self.on_fatal = on_fatal  # called on the event loop when the engine loop dies
         self.state = EngineState.LOADING
         self.fatal_error: BaseException | None = None
@@ -172,10 +176,11 @@ class AsyncLLMEngine:
         self._streams: dict[str, RequestStream] = {}
         self._pending_adds: dict[str, asyncio.Future] = {}
         self._idle: asyncio.Event | None = None
-        # Requests submitted but not yet scheduled: bounded by max_queued_requests. Written
-        # by both threads, hence the lock.
+        # Requests submitted but not yet scheduled, with when they were submitted (oldest
+        # first): bounded by max_queued_requests and max_queue_delay. Written by both threads,
+        # hence the lock.
         self._queued_lock = threading.Lock()
-        self._num_queued = 0
+        self._queued_since: dict[str, float] = {}
         # Engine-thread side: ids added to the engine but not yet seen scheduled.
         self._unscheduled: set[str] = set()
 
@@ -203,13 +208,27 @@ class AsyncLLMEngine:
         return self.state == EngineState.READY
 
     def has_capacity(self) -> bool:
-        """True while the waiting queue has room (a cheap check before tokenizing)."""
-        return self._num_queued < self.max_queued_requests
+        """True while the waiting queue takes more (a cheap check before tokenizing)."""
+        return self._refusal(time.monotonic()) is None
+
+    def _refusal(self, now: float) -> str | None:
+        """Why a new request is refused (429) now, or None. Past max_queue_delay the queue
+        sheds load: while the longest-waiting request has waited that long for a batch slot,
+        a newcomer would wait longer still, so it is told at once to retry."""
+        queued = self._queued_since
+        if len(queued) >= self.max_queued_requests:
+            return "too many requests are waiting; retry later"
+        if self.max_queue_delay and queued:
+            waited = now - next(iter(queued.values()), now)
+            if waited > self.max_queue_delay:
+                return (f"requests have waited {waited:.1f} s for a batch slot (more than "
+                        f"{self.max_queue_delay:g} s); retry later")
+        return None
 
     @property
     def num_queued(self) -> int:
         """Requests submitted and not yet scheduled."""
-        return self._num_queued
+        return len(self._queued_since)
 
     @property
     def num_in_flight(self) -> int:
@@ -272,9 +291,11 @@ class AsyncLLMEngine:
         if request_id in self._streams or request_id in self._pending_adds:
             raise ValueError(f"request id {request_id!r} is already in use")
         with self._queued_lock:
-            if self._num_queued >= self.max_queued_requests:
-                raise EngineOverloadedError("too many requests are waiting; retry later")
-            self._num_queued += 1
+            now = time.monotonic()
+            refusal = self._refusal(now)
+            if refusal is not None:
+                raise EngineOverloadedError(refusal)
+            self._queued_since[request_id] = now
         assert self._loop is not None
         fut = self._loop.create_future()
         # The stream exists before the engine sees the request: its first output (or a step
@@ -422,12 +443,12 @@ class AsyncLLMEngine:
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival)
                 except (RequestValidationError, ValueError) as exc:
-                    self._dequeue(1)
+                    self._dequeue(rid)
                     self._post(self._on_added, rid, exc)
                     continue
                 except Exception as exc:  # a bug in one request must not stop the loop
                     log.exception("add_request failed for %s", rid)
-                    self._dequeue(1)
+                    self._dequeue(rid)
                     self._post(self._on_added, rid, exc)
                     continue
                 self._unscheduled.add(rid)
@@ -437,11 +458,11 @@ class AsyncLLMEngine:
                 self.engine.abort_request(rid)
                 if rid in self._unscheduled:
                     self._unscheduled.discard(rid)
-                    self._dequeue(1)
+                    self._dequeue(rid)
 
-    def _dequeue(self, n: int) -> None:
+    def _dequeue(self, request_id: str) -> None:
         with self._queued_lock:
-            self._num_queued -= n
+            self._queued_since.pop(request_id, None)
 
     def _track_scheduled(self, outs: list[RequestOutput]) -> None:
         """Release queue slots of requests that left the waiting queue in this step."""
@@ -451,8 +472,7 @@ class AsyncLLMEngine:
         left = [rid for rid in self._unscheduled if rid not in waiting]
         for rid in left:
             self._unscheduled.discard(rid)
-        if left:
-            self._dequeue(len(left))
+            self._dequeue(rid)
 
     def _take_snapshot(self) -> None:
         e = self.engine

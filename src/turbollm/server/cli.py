@@ -97,7 +97,8 @@ def run_serve(args: argparse.Namespace) -> int:
         from turbollm.engine.llm_engine import LLMEngine
         return LLMEngine(engine_config)
 
-    engine = AsyncLLMEngine(load, max_queued_requests=cfg.max_queued_requests)
+    engine = AsyncLLMEngine(load, max_queued_requests=cfg.max_queued_requests,
+                            max_queue_delay=cfg.max_queue_delay)
     app = build_app(engine, cfg, model_name)
     server = make_server(app, engine, cfg.host, cfg.port, cfg.shutdown_timeout,
                          log_level=logging.getLevelName(logging.getLogger().level))

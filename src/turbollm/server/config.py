@@ -29,6 +29,10 @@ class ServerConfig:
         "model name clients must send; the --model value when unset"))
     max_queued_requests: int = field(default=256, metadata=_help(
         "requests waiting for a batch slot before new ones get 429"))
+    max_queue_delay: float = field(default=0.0, metadata=_help(
+        "seconds: while the longest-waiting request has waited this long for a batch slot, new "
+        "requests get 429 at once (load shedding: under overload the admitted ones keep a "
+        "short time to first token instead of queueing for minutes); 0 = off"))
     shutdown_timeout: float = field(default=30.0, metadata=_help(
         "seconds in-flight requests get to finish after SIGTERM"))
     max_request_bytes: str = field(default="1MiB", metadata=_help(
@@ -53,6 +57,8 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+        if self.max_queue_delay < 0:
+            raise ValueError(f"max_queue_delay must be >= 0, got {self.max_queue_delay}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_request_bytes_int < 1:
