@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
 import statistics
 import time
@@ -129,6 +130,7 @@ def format_summary(s: dict) -> str:
 
 def run(args) -> int:
     from turbollm.bench.serve_vs_offline import ServeProcess
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     server = ServeProcess([a for a in args.engine_args if a != "--"])
     try:
         url = server.wait_ready()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import random
 import re
 import statistics
@@ -53,6 +54,7 @@ async def client(http: httpx.AsyncClient, url: str, model: str, k: int, stop: fl
             if r.status_code != 200:
                 await r.aread()
                 log.append((time.monotonic(), "error", None))
+                await asyncio.sleep(0.1)  # a refusing server is not hammered
                 continue
             async for line in r.aiter_lines():
                 if not line.startswith("data: {"):
@@ -116,6 +118,7 @@ def wait_idle(url: str, timeout: float = 60.0) -> dict[str, float]:
 
 def run(args) -> int:
     from turbollm.bench.serve_vs_offline import ServeProcess
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     server = ServeProcess([a for a in args.engine_args if a != "--"])
     try:
         url = server.wait_ready()
