@@ -32,6 +32,9 @@ class SequenceWork:
     output_token_ids: list[int]  # for penalties and min_tokens
     # prompt positions whose logprobs are already scored (before a preemption); -1: not asked
     num_prompt_logprobs: int = -1
+    # constrained decoding: the tokens the grammar allows next, a numpy int32
+    # [ceil(vocab / 32)] bitmask (bit j of word w = token 32 w + j); None when unconstrained
+    grammar_bitmask: Any = None
 
     @property
     def proposals(self) -> list[int]:

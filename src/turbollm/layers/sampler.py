@@ -1,7 +1,7 @@
 """Batched sampler: logit processors, greedy / random sampling with per-request seeds, logprobs.
 
 Order per step (vLLM v1): logit_bias -> min_tokens mask -> repetition/presence/frequency
-penalties -> greedy rows take argmax -> temperature -> top_k -> top_p -> min_p -> sample.
+penalties -> grammar bitmask (constrained rows only) -> greedy rows take argmax -> temperature -> top_k -> top_p -> min_p -> sample.
 
 Logprobs are taken from the RAW model logits (log_softmax before bias, penalties and
 temperature), like vLLM's default `raw_logprobs` mode: they describe what the model
@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from turbollm.layers import native_ops
@@ -88,6 +89,10 @@ class SamplingMetadata:
     # Logprobs: per row the number of top entries wanted, or None.
     num_logprobs: list[int | None]
     max_num_logprobs: int  # -1 when no row asks
+    # Constrained decoding: the rows with a grammar and their allowed tokens, bool [C, V]
+    # (None when no row is constrained: unconstrained batches do no extra work)
+    grammar_rows: torch.Tensor | None = None
+    grammar_allowed: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -99,6 +104,7 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: Sequence[int] = (),
+        grammar_bitmasks: Sequence[np.ndarray | None] | None = None,
     ) -> SamplingMetadata:
         """Gather one step's per-row parameters into device tensors (skips unused features)."""
         R, V = len(params), vocab_size
@@ -165,6 +171,7 @@ class SamplingMetadata:
             **pen,
             num_logprobs=n_lp,
             max_num_logprobs=max((k for k in n_lp if k is not None), default=-1),
+            **_grammar_masks(grammar_bitmasks, V, device),
         )
 
     @staticmethod
@@ -216,6 +223,27 @@ class SamplingMetadata:
             out["repetition_penalty"] = per_row("repetition_penalty")
             out["seen_mask"] = (counts([prompt_ids[i] for i in rows]) > 0) | (out_counts > 0)
         return out
+
+
+def _grammar_masks(bitmasks: Sequence[np.ndarray | None] | None, V: int, device) -> dict:
+    """Unpack the constrained rows' int32 bitmasks ([words] each) into bool [C, V]."""
+    rows = [i for i, m in enumerate(bitmasks or ()) if m is not None]
+    if not rows:
+        return {}
+    packed = torch.from_numpy(np.stack([bitmasks[i] for i in rows])).to(device)  # [C, W] int32
+    shifts = torch.arange(32, dtype=torch.int32, device=device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [C, W, 32]: bit j of word w = token 32 w + j
+    allowed = bits.view(len(rows), -1)[:, :V].bool()  # [C, V]
+    return {"grammar_rows": torch.tensor(rows, dtype=torch.long, device=device),
+            "grammar_allowed": allowed}
+
+
+def apply_grammar_masks(logits: torch.Tensor, meta: SamplingMetadata) -> None:
+    """In place: -inf on the tokens each constrained row's grammar does not allow."""
+    if meta.grammar_rows is None:
+        return
+    rows = meta.grammar_rows
+    logits[rows] = logits[rows].masked_fill(~meta.grammar_allowed, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
@@ -347,6 +375,7 @@ class Sampler(torch.nn.Module):
             meta.bias_rows is not None
             or meta.mask_rows is not None
             or meta.penalty_rows is not None
+            or meta.grammar_rows is not None
             or (meta.all_random and meta.temperature is not None)
         )
         x = logits.float()
@@ -357,6 +386,7 @@ class Sampler(torch.nn.Module):
         if meta.mask_rows is not None:
             x[meta.mask_rows, meta.mask_tokens] = float("-inf")
         apply_penalties(x, meta)
+        apply_grammar_masks(x, meta)
         return x
 
     @staticmethod
