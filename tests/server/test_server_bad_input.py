@@ -75,7 +75,12 @@ CASES = [
     ("suffix", C, comp(suffix="x"), 400, "unsupported", "suffix"),
     ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
      "unsupported", "tools"),
-    ("json-mode", CHAT, chat(response_format={"type": "json_object"}), 400, "unsupported",
+    ("json-mode-unknown", CHAT, chat(response_format={"type": "yaml"}), 400, "invalid_value",
+     "response_format.type"),
+    ("bad-schema", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}), 400, None, "response_format"),
+    ("bad-regex", C, comp(guided_regex="a(("), 400, None, "response_format"),
+    ("bad-grammar", C, comp(guided_grammar="root ::= undefined_rule"), 400, None,
      "response_format"),
     ("request-chat-template", CHAT, chat(chat_template="{{ 'x' }}"), 400,
      "chat_template_not_allowed", "chat_template"),

@@ -8,6 +8,7 @@ from turbollm.server.config import ServerConfig
 from turbollm.server.errors import APIError
 from turbollm.server.protocol import (ChatCompletionRequest, CompletionRequest, TGIRequest,
                                       _SamplingFields)
+from turbollm.server.structured import structured_output_of
 
 _SP_FIELDS = {f.name for f in fields(SamplingParams)}
 
@@ -55,6 +56,9 @@ def _common(req: _SamplingFields, stop: list[str]) -> dict:
     kw = dict(n=req.n, stop=stop, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
               skip_special_tokens=req.skip_special_tokens,
               include_stop_str_in_output=req.include_stop_str_in_output)
+    constraint = structured_output_of(req)
+    if constraint is not None:
+        kw["structured_output"] = constraint
     for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "stop_token_ids", "logit_bias"):
         value = getattr(req, name)
@@ -101,9 +105,6 @@ def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams
         raise APIError(400, "tools are not supported by this server", "tools", "unsupported")
     if req.tool_choice not in (None, "none", "auto"):
         raise APIError(400, "tool_choice is not supported by this server", "tool_choice",
-                       "unsupported")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format type 'text' is supported", "response_format",
                        "unsupported")
     if req.chat_template is not None and not cfg.allow_request_chat_template:
         raise APIError(400, "chat_template in a request is not allowed on this server (the "

@@ -42,6 +42,13 @@ class _SamplingFields(_Strict):
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
+    # Output constraints (server/structured.py): OpenAI's response_format, vLLM's extras.
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -78,7 +85,6 @@ class ChatCompletionRequest(_SamplingFields):
     # Not supported: refused when set to anything that would change the answer.
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
 
 class TGIParameters(_Strict):

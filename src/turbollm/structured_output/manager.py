@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from turbollm.structured_output.backend import (BITMASK_DTYPE, GrammarBackend, bitmask_words,
-                                                make_backend)
+from turbollm.structured_output.backend import BITMASK_DTYPE, GrammarBackend, bitmask_words
+from turbollm.structured_output.registry import make_backend
 from turbollm.structured_output.state import GrammarState
 from turbollm.structured_spec import StructuredOutputSpec
 
