@@ -11,6 +11,11 @@ from turbollm.structured_output.backend import GrammarError, choice_grammar, cle
 from turbollm.structured_spec import StructuredOutputSpec
 
 
+# The same separators as the xgrammar backend (", " and ": ", no free whitespace), so the
+# backend choice does not change the output.
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
 class LLGuidanceMatcher:
     def __init__(self, matcher: Any):
         self._m = matcher
@@ -39,14 +44,14 @@ class LLGuidanceBackend:
     def _grammar(self, spec: StructuredOutputSpec) -> str:
         m = self._llg.LLMatcher
         if spec.kind == "json":
-            return m.grammar_from_json_schema(spec.value, defaults={"whitespace_flexible": False})
+            return m.grammar_from_json_schema(spec.value, defaults=_COMPACT)
         if spec.kind == "json_object":
             return m.grammar_from_json_schema('{"type": "object"}',
-                                              defaults={"whitespace_flexible": False})
+                                              defaults=_COMPACT)
         if spec.kind == "regex":
             return m.grammar_from_regex(spec.value)
         text = choice_grammar(spec.value) if spec.kind == "choice" else spec.value
-        return m.grammar_from_lark(self._llg.gbnf_to_lark(text))
+        return self._llg.grammar_from("gbnf", text)  # GBNF (or Lark) text
 
     def compile(self, spec: StructuredOutputSpec) -> Any:
         try:
