@@ -49,6 +49,15 @@ class ConstrainedRequests:
                 "structured output cannot be combined with speculative decoding on this "
                 "server (restart it without --speculative-method)", PARAM)
 
+    def validate(self, spec: "StructuredOutputSpec") -> None:
+        """Compile `spec` now (blocking the caller; cached); RequestValidationError if bad."""
+        self.check(spec)
+        try:
+            self.manager.compile(spec).result()
+        except ValueError as exc:  # GrammarError: the parser's message
+            raise RequestValidationError(f"invalid {spec.kind} constraint: {exc}",
+                                         PARAM) from None
+
     def attach(self, children: list["Request"], spec: "StructuredOutputSpec") -> None:
         """Give each child its grammar state; a grammar known to be bad raises at once."""
         self.check(spec)

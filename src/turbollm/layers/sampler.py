@@ -89,10 +89,10 @@ class SamplingMetadata:
     # Logprobs: per row the number of top entries wanted, or None.
     num_logprobs: list[int | None]
     max_num_logprobs: int  # -1 when no row asks
-    # Constrained decoding: the rows with a grammar and their allowed tokens, bool [C, V]
-    # (None when no row is constrained: unconstrained batches do no extra work)
-    grammar_rows: torch.Tensor | None = None
-    grammar_allowed: torch.Tensor | None = None
+    # Constrained decoding: the rows with a grammar (host ints) and the tokens each may NOT
+    # take, bool [C, V] (None when no row is constrained: unconstrained batches do no extra work)
+    grammar_rows: list[int] | None = None
+    grammar_banned: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -226,24 +226,27 @@ class SamplingMetadata:
 
 
 def _grammar_masks(bitmasks: Sequence[np.ndarray | None] | None, V: int, device) -> dict:
-    """Unpack the constrained rows' int32 bitmasks ([words] each) into bool [C, V]."""
+    """Unpack the constrained rows' int32 bitmasks ([words] each; bit j of word w allows token
+    32 w + j) into the banned tokens, bool [C, V]: one numpy unpackbits of the inverted words
+    (little-endian words, so bits come out in token order)."""
     rows = [i for i, m in enumerate(bitmasks or ()) if m is not None]
     if not rows:
         return {}
-    packed = torch.from_numpy(np.stack([bitmasks[i] for i in rows])).to(device)  # [C, W] int32
-    shifts = torch.arange(32, dtype=torch.int32, device=device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1  # [C, W, 32]: bit j of word w = token 32 w + j
-    allowed = bits.view(len(rows), -1)[:, :V].bool()  # [C, V]
-    return {"grammar_rows": torch.tensor(rows, dtype=torch.long, device=device),
-            "grammar_allowed": allowed}
+    packed = ~np.stack([bitmasks[i] for i in rows])  # [C, W] int32, set bit = banned
+    bits = np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")[:, :V]  # [C, V]
+    banned = torch.from_numpy(bits).view(torch.bool)
+    return {"grammar_rows": rows, "grammar_banned": banned.to(device)}
 
 
 def apply_grammar_masks(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     """In place: -inf on the tokens each constrained row's grammar does not allow."""
     if meta.grammar_rows is None:
         return
-    rows = meta.grammar_rows
-    logits[rows] = logits[rows].masked_fill(~meta.grammar_allowed, float("-inf"))
+    if len(meta.grammar_rows) == logits.shape[0]:  # every row constrained: one call
+        logits.masked_fill_(meta.grammar_banned, float("-inf"))
+        return
+    for k, r in enumerate(meta.grammar_rows):  # row views: no gather/scatter copy
+        logits[r].masked_fill_(meta.grammar_banned[k], float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
