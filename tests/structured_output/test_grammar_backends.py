@@ -72,6 +72,16 @@ def test_mask_forbids_what_breaks_the_grammar(backend, tokenizer):
     assert not m.accept(letter)
 
 
+@pytest.mark.parametrize("schema", [{"type": "string", "maxLength": 5}, {"type": "string"}])
+def test_json_strings_never_take_raw_control_characters(backend, tokenizer, schema):
+    # xgrammar 0.2.9 allows them under maxLength; the backend filters them out
+    m = walk(backend, tokenizer, Spec.json(schema), '"a')
+    control = [t for t in range(VOCAB) if any(ord(ch) < 0x20 for ch in tokenizer.decode([t]))]
+    assert len(control) > 10
+    assert not any(allowed(m, t) for t in control)
+    assert allowed(m, tokenizer.encode('"', add_special_tokens=False)[0])
+
+
 @pytest.mark.parametrize("spec,words", [
     (Spec.json({"type": "nonsense"}), ["nonsense"]),
     (Spec.regex("a(("), ["parenthesis", "unclosed group"]),  # xgrammar's / llguidance's words
