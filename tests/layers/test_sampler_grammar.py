@@ -53,7 +53,8 @@ def test_constrained_rows_obey_the_mask_and_others_are_unchanged():
 def test_all_rows_constrained():
     logits = torch.randn(3, V)
     params = [SamplingParams(temperature=0)] * 3
-    _, got = run(logits, params, [bitmask([i, 7 + i]) for i in range(3)], [None] * 3)
+    meta, got = run(logits, params, [bitmask([i, 7 + i]) for i in range(3)], [None] * 3)
+    assert meta.grammar_rows == [0, 1, 2] and meta.grammar_banned.shape == (3, V)
     assert all(t in (i, 7 + i) for i, t in enumerate(got))
 
 
