@@ -72,6 +72,14 @@ def test_regex_choice_grammar_and_json_object(llm):
             assert isinstance(json.loads(c.text), dict)
 
 
+def test_long_prompt_is_chunked_then_constrained(llm):
+    # 256-token step budget: the prompt takes several steps, and only its last one samples
+    long_prompt = list(range(100, 800))
+    out = llm.generate([long_prompt], SamplingParams(temperature=0, max_tokens=100,
+                                                     structured_output=Spec.regex(r"[a-f]{6}")))
+    assert re.fullmatch(r"[a-f]{6}", out[0].outputs[0].text)
+
+
 def test_max_tokens_first_is_length_not_a_truncated_answer(llm):
     out = llm.generate(PROMPTS[0], SamplingParams(temperature=0, max_tokens=3,
                                                   structured_output=Spec.json(SCHEMA)))[0]

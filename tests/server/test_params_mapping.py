@@ -24,6 +24,11 @@ from turbollm.server.request_body import parse_json_object
 from turbollm.structured_spec import StructuredOutputSpec as Spec
 
 CFG = ServerConfig()
+TOOL = {"type": "function", "function": {"name": "get", "parameters": {
+    "type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"]}}}
+CALL = {"type": "object", "properties": {"name": {"type": "string", "enum": ["get"]},
+                                         "arguments": TOOL["function"]["parameters"]},
+        "required": ["name", "arguments"], "additionalProperties": False}
 MSGS = [{"role": "user", "content": "hi"}]
 
 
@@ -115,6 +120,8 @@ CHAT_INERT = [
     ("model", "tiny"), ("user", "u-1"), ("stream", True),
     ("messages", [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]),
     ("tools", []), ("tool_choice", "auto"), ("tool_choice", "none"),
+    ("tools", [TOOL]),  # auto: the model may call it; nothing is constrained
+    ("parallel_tool_calls", False),
 ]
 # Fields whose effect needs another field with them.
 COMPLETION_PAIRS = [
@@ -129,6 +136,11 @@ CHAT_PAIRS = [
     ({"max_tokens": 9, "max_completion_tokens": 7}, {"max_tokens": 7}),  # the newer name wins
     ({"stream": True, "stream_options": {"include_usage": True}}, {}),
     ({"chat_template": "{{ messages[0].content }}"}, {}),  # with the operator's permission
+]
+CHAT_PAIRS += [  # a forced tool call is a JSON constraint on the answer
+    ({"tools": [TOOL], "tool_choice": "required"}, {"structured_output": Spec.json(CALL)}),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get"}}},
+     {"structured_output": Spec.json(CALL)}),
 ]
 CHAT_CFG = ServerConfig(allow_request_chat_template=True)
 # SamplingParams fields no endpoint sets: the engine never reads spaces_between_special_tokens,
@@ -228,8 +240,12 @@ def test_tgi_parameter_arrives(parameters, want):
     (completion, {"best_of": 3}, "best_of"),
     (completion, {"stream_options": {"include_usage": True}}, "stream_options"),
     (chat, {"top_logprobs": 2}, "top_logprobs"),
-    (chat, {"tools": [{"type": "function"}]}, "tools"),
-    (chat, {"tool_choice": "required"}, "tool_choice"),
+    (chat, {"tools": [TOOL, TOOL]}, "tools"),  # the same name twice
+    (chat, {"tool_choice": "required"}, "tool_choice"),  # no tools
+    (chat, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice"),
+    (chat, {"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    (chat, {"tools": [TOOL], "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
     (chat, {"response_format": {"type": "xml"}}, "response_format.type"),
     (chat, {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     (completion, {"guided_json": "{not json"}, "guided_json"),
