@@ -58,10 +58,8 @@ def walk(backend, tokenizer, spec: Spec, text: str):
 def test_valid_answer_passes_and_ends_on_eos(backend, tokenizer, spec, text):
     m = walk(backend, tokenizer, spec, text)
     assert allowed(m, EOS)  # the answer is complete: the stop token is allowed
-    # xgrammar terminates on the stop token; llguidance already when nothing else may follow
-    if not m.is_terminated():
-        assert m.accept(EOS)
-    assert m.is_terminated()
+    assert not m.is_terminated()  # both backends end on the stop token itself
+    assert m.accept(EOS) and m.is_terminated()
 
 
 def test_mask_forbids_what_breaks_the_grammar(backend, tokenizer):

@@ -6,6 +6,7 @@ the matchers follow the scheduler's accepted tokens, and the worker gets plain i
 """
 from __future__ import annotations
 
+import threading
 from typing import TYPE_CHECKING, Any
 
 from turbollm.engine.errors import RequestValidationError
@@ -26,19 +27,21 @@ class ConstrainedRequests:
                  speculative: bool):
         self._args = (tokenizer, vocab_size, list(stop_token_ids), backend)
         self._manager: StructuredOutputManager | None = None
+        self._lock = threading.Lock()  # the server's event loop and the engine thread both ask
         self._speculative = speculative
         self._pending: list[Request] = []  # admitted to the scheduler, grammar compiling
 
     @property
     def manager(self) -> StructuredOutputManager:
         """Built on first use: engines that never see a constrained request load no backend."""
-        if self._manager is None:
-            tokenizer, vocab, stops, backend = self._args
-            if tokenizer is None:
-                raise RequestValidationError("structured output needs the model's tokenizer",
-                                             PARAM)
-            self._manager = StructuredOutputManager(tokenizer, vocab, stops, backend)
-        return self._manager
+        with self._lock:
+            if self._manager is None:
+                tokenizer, vocab, stops, backend = self._args
+                if tokenizer is None:
+                    raise RequestValidationError(
+                        "structured output needs the model's tokenizer", PARAM)
+                self._manager = StructuredOutputManager(tokenizer, vocab, stops, backend)
+            return self._manager
 
     def check(self, spec: "StructuredOutputSpec") -> None:
         """Refuse what this engine cannot constrain (before any request is queued)."""

@@ -17,10 +17,13 @@ _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator
 
 
 class LLGuidanceMatcher:
-    def __init__(self, matcher: Any):
+    def __init__(self, matcher: Any, stop_token_ids: set[int]):
         self._m = matcher
+        self._stops = stop_token_ids
+        self._took_stop = False
 
     def accept(self, token_id: int) -> bool:
+        self._took_stop = token_id in self._stops
         return bool(self._m.consume_token(token_id))
 
     def fill_bitmask(self, out: np.ndarray) -> None:
@@ -28,7 +31,10 @@ class LLGuidanceMatcher:
         lnp.fill_next_token_bitmask(self._m, out.reshape(1, -1), 0)
 
     def is_terminated(self) -> bool:
-        return bool(self._m.is_stopped())
+        # llguidance stops as soon as nothing but a stop token may follow; we finish on the
+        # stop token itself, like xgrammar, because the engine leaves a finishing token's text
+        # out of the answer only when it is a stop token (the mask allows only that token then)
+        return self._took_stop and bool(self._m.is_stopped())
 
 
 class LLGuidanceBackend:
@@ -40,6 +46,7 @@ class LLGuidanceBackend:
         self._llg = llguidance
         self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab_size,
                                                        eos_token=list(stop_token_ids) or None)
+        self._stops = set(stop_token_ids)
 
     def _grammar(self, spec: StructuredOutputSpec) -> str:
         m = self._llg.LLMatcher
@@ -65,4 +72,4 @@ class LLGuidanceBackend:
         return grammar
 
     def matcher(self, compiled: Any) -> LLGuidanceMatcher:
-        return LLGuidanceMatcher(self._llg.LLMatcher(self._tokenizer, compiled))
+        return LLGuidanceMatcher(self._llg.LLMatcher(self._tokenizer, compiled), self._stops)
