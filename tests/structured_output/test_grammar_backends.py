@@ -13,8 +13,6 @@ from turbollm.structured_output import GrammarError, StructuredOutputManager
 from turbollm.structured_output.registry import make_backend
 from turbollm.structured_spec import MAX_SCHEMA_DEPTH, StructuredOutputSpec as Spec
 
-from conftest import BUNDLED_GGUF
-
 VOCAB, EOS = 49152, 2
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 20},
@@ -24,8 +22,8 @@ SCHEMA = {"type": "object", "properties": {
 
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer(BUNDLED_GGUF)
+def tokenizer(bundled_gguf):
+    return load_tokenizer(bundled_gguf)
 
 
 @pytest.fixture(scope="module", params=["xgrammar", "llguidance"])

@@ -1,7 +1,8 @@
 """The engine-to-worker hand-off: what one step runs, and what it gave back. Plain data only.
 
-Every field is an int, a list of ints, a string or a SamplingParams (a dataclass of plain
-values), so a batch can be pickled to a worker in another process as it is. In one process
+Every field is an int, a list of ints, a string, a SamplingParams (a dataclass of plain
+values) or a grammar bitmask (a numpy int32 array), so a batch can be pickled to a worker in
+another process as it is. In one process
 the lists are the requests' own (no copy is made).
 """
 from __future__ import annotations
