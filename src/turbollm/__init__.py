@@ -1,8 +1,9 @@
 """turbollm: a fast LLM inference engine and OpenAI-compatible server."""
 from turbollm.sampling_params import SamplingParams
+from turbollm.structured_spec import StructuredOutputSpec
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputSpec", "__version__"]
 
 
 def __getattr__(name):

@@ -35,6 +35,9 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError("sampling_params must be one object or one per prompt")
+        # A bad schema or grammar raises here, before anything is queued (compiles are cached).
+        for spec in {p.structured_output for p in params} - {None}:
+            self.engine.constrained.validate(spec)
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         for rid, prompt, p in zip(ids, prompts, params):
             self.engine.add_request(rid, prompt, p)

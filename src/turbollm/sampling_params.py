@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from turbollm.structured_spec import StructuredOutputSpec
+
 # Temperatures below this are treated as greedy: dividing logits by a near-zero
 # temperature overflows float32, and the result would be argmax anyway.
 GREEDY_TEMPERATURE_EPS = 1e-5
@@ -76,6 +78,8 @@ class SamplingParams:
     spaces_between_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None  # token id -> additive bias in [-100, 100]
     detokenize: bool = True
+    # Constrained decoding: the output must match this (a JSON schema, regex, choice, grammar).
+    structured_output: StructuredOutputSpec | None = None
     # Derived, not an argument: longest stop string length (0 if none).
     max_stop_len: int = field(init=False, repr=False, compare=False, default=0)
 
@@ -125,6 +129,18 @@ class SamplingParams:
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True (stop is set but detokenize=False)")
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self._check_structured_output()
+
+    def _check_structured_output(self) -> None:
+        so = self.structured_output
+        if so is None:
+            return
+        if not isinstance(so, StructuredOutputSpec):
+            raise ValueError("structured_output must be a StructuredOutputSpec, got "
+                             f"{type(so).__name__}")
+        # min_tokens masks the stop tokens a finished grammar allows alone: no token would be left.
+        if self.min_tokens:
+            raise ValueError("min_tokens cannot be combined with structured_output")
 
     @staticmethod
     def _normalize_stop(stop: Any) -> list[str]:

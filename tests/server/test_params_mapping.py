@@ -21,8 +21,14 @@ from turbollm.server.params import chat_params, completion_params, tgi_params
 from turbollm.server.protocol import (ChatCompletionRequest, CompletionRequest, TGIParameters,
                                       TGIRequest)
 from turbollm.server.request_body import parse_json_object
+from turbollm.structured_spec import StructuredOutputSpec as Spec
 
 CFG = ServerConfig()
+TOOL = {"type": "function", "function": {"name": "get", "parameters": {
+    "type": "object", "properties": {"k": {"type": "integer"}}, "required": ["k"]}}}
+CALL = {"type": "object", "properties": {"name": {"type": "string", "enum": ["get"]},
+                                         "arguments": TOOL["function"]["parameters"]},
+        "required": ["name", "arguments"], "additionalProperties": False}
 MSGS = [{"role": "user", "content": "hi"}]
 
 
@@ -76,6 +82,21 @@ SHARED = [
     ("logit_bias", {"50": -5.5, "7": 100}, {"logit_bias": {50: -5.5, 7: 100.0}}),  # JSON keys
     ("skip_special_tokens", False, {"skip_special_tokens": False}),
     ("include_stop_str_in_output", True, {"include_stop_str_in_output": True}),
+    # output constraints (server/structured.py)
+    ("response_format", {"type": "json_object"}, {"structured_output": Spec.json_object()}),
+    ("response_format", {"type": "json_schema", "json_schema": {
+        "name": "p", "strict": True, "schema": {"type": "object", "properties": {
+            "b": {"type": "integer"}, "a": {"type": "string"}}}}},
+     {"structured_output": Spec("json", '{"type":"object","properties":{"b":{"type":'
+                                         '"integer"},"a":{"type":"string"}}}')}),
+    ("guided_json", {"type": "integer"}, {"structured_output": Spec("json", '{"type":"integer"}')}),
+    ("guided_json", '{"type": "integer"}',
+     {"structured_output": Spec("json", '{"type":"integer"}')}),
+    ("guided_regex", "[a-z]+", {"structured_output": Spec("regex", "[a-z]+")}),
+    ("guided_choice", ["yes", "no"], {"structured_output": Spec("choice", ("yes", "no"))}),
+    ("guided_grammar", 'root ::= "a"', {"structured_output": Spec("grammar", 'root ::= "a"')}),
+    ("structured_outputs", {"choice": ["x"]}, {"structured_output": Spec("choice", ("x",))}),
+    ("structured_outputs", {"json_object": True}, {"structured_output": Spec.json_object()}),
 ]
 COMPLETION_ONLY = [
     ("max_tokens", 5, {"max_tokens": 5}),
@@ -99,7 +120,8 @@ CHAT_INERT = [
     ("model", "tiny"), ("user", "u-1"), ("stream", True),
     ("messages", [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]),
     ("tools", []), ("tool_choice", "auto"), ("tool_choice", "none"),
-    ("response_format", {"type": "text"}),
+    ("tools", [TOOL]),  # auto: the model may call it; nothing is constrained
+    ("parallel_tool_calls", False),
 ]
 # Fields whose effect needs another field with them.
 COMPLETION_PAIRS = [
@@ -114,6 +136,11 @@ CHAT_PAIRS = [
     ({"max_tokens": 9, "max_completion_tokens": 7}, {"max_tokens": 7}),  # the newer name wins
     ({"stream": True, "stream_options": {"include_usage": True}}, {}),
     ({"chat_template": "{{ messages[0].content }}"}, {}),  # with the operator's permission
+]
+CHAT_PAIRS += [  # a forced tool call is a JSON constraint on the answer
+    ({"tools": [TOOL], "tool_choice": "required"}, {"structured_output": Spec.json(CALL)}),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "get"}}},
+     {"structured_output": Spec.json(CALL)}),
 ]
 CHAT_CFG = ServerConfig(allow_request_chat_template=True)
 # SamplingParams fields no endpoint sets: the engine never reads spaces_between_special_tokens,
@@ -213,9 +240,20 @@ def test_tgi_parameter_arrives(parameters, want):
     (completion, {"best_of": 3}, "best_of"),
     (completion, {"stream_options": {"include_usage": True}}, "stream_options"),
     (chat, {"top_logprobs": 2}, "top_logprobs"),
-    (chat, {"tools": [{"type": "function"}]}, "tools"),
-    (chat, {"tool_choice": "required"}, "tool_choice"),
-    (chat, {"response_format": {"type": "json_object"}}, "response_format"),
+    (chat, {"tools": [TOOL, TOOL]}, "tools"),  # the same name twice
+    (chat, {"tool_choice": "required"}, "tool_choice"),  # no tools
+    (chat, {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice"),
+    (chat, {"tools": [TOOL], "tool_choice": "sometimes"}, "tool_choice"),
+    (chat, {"tools": [TOOL], "tool_choice": "required", "guided_regex": "a"}, "tool_choice"),
+    (chat, {"response_format": {"type": "xml"}}, "response_format.type"),
+    (chat, {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    (completion, {"guided_json": "{not json"}, "guided_json"),
+    (completion, {"guided_json": "[1]"}, "guided_json"),  # JSON, but not a schema
+    (completion, {"guided_choice": []}, "guided_choice"),
+    (completion, {"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    (chat, {"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    (chat, {"guided_regex": "a", "min_tokens": 2}, "min_tokens"),  # SamplingParams refuses it
     (chat, {"chat_template": "{{ 1 }}"}, "chat_template"),  # the default config forbids it
     (completion, {"min_tokens": 20}, "min_tokens"),  # > max_tokens 16: SamplingParams refuses
     (chat, {"max_completion_tokens": 2, "min_tokens": 3}, "min_tokens"),

@@ -23,6 +23,13 @@ def chat(**kw):
     return {"model": MODEL_NAME, "messages": MSG, "max_tokens": 4, **kw}
 
 
+def _nested_arrays(depth: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
 # (id, path, JSON body, status, code, param)
 CASES = [
     ("context-overflow", C, comp(max_tokens=100_000), 400, "context_length_exceeded", "max_tokens"),
@@ -73,9 +80,20 @@ CASES = [
     ("stream-options-without-stream", C, comp(stream_options={"include_usage": True}), 400,
      None, "stream_options"),
     ("suffix", C, comp(suffix="x"), 400, "unsupported", "suffix"),
-    ("tools", CHAT, chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400,
-     "unsupported", "tools"),
-    ("json-mode", CHAT, chat(response_format={"type": "json_object"}), 400, "unsupported",
+    ("tool-choice-unknown-function", CHAT, chat(
+        tools=[{"type": "function", "function": {"name": "f"}}],
+        tool_choice={"type": "function", "function": {"name": "g"}}), 400, "invalid_value",
+     "tool_choice"),
+    ("tool-without-function", CHAT, chat(tools=[{"type": "function"}]), 400, None, None),
+    ("json-mode-unknown", CHAT, chat(response_format={"type": "yaml"}), 400, "invalid_value",
+     "response_format.type"),
+    ("bad-schema", CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}), 400, None, "response_format"),
+    ("bad-regex", C, comp(guided_regex="a(("), 400, None, "response_format"),
+    ("schema-too-deep", C, comp(guided_json=_nested_arrays(30)), 400, None, "guided_json"),
+    ("schema-too-large", C, comp(guided_json={"enum": ["x" * 1000] * 70}), 400, None,
+     "guided_json"),
+    ("bad-grammar", C, comp(guided_grammar="root ::= undefined_rule"), 400, None,
      "response_format"),
     ("request-chat-template", CHAT, chat(chat_template="{{ 'x' }}"), 400,
      "chat_template_not_allowed", "chat_template"),

@@ -1,7 +1,8 @@
 """The engine-to-worker hand-off: what one step runs, and what it gave back. Plain data only.
 
-Every field is an int, a list of ints, a string or a SamplingParams (a dataclass of plain
-values), so a batch can be pickled to a worker in another process as it is. In one process
+Every field is an int, a list of ints, a string, a SamplingParams (a dataclass of plain
+values) or a grammar bitmask (a numpy int32 array), so a batch can be pickled to a worker in
+another process as it is. In one process
 the lists are the requests' own (no copy is made).
 """
 from __future__ import annotations
@@ -32,6 +33,9 @@ class SequenceWork:
     output_token_ids: list[int]  # for penalties and min_tokens
     # prompt positions whose logprobs are already scored (before a preemption); -1: not asked
     num_prompt_logprobs: int = -1
+    # constrained decoding: the tokens the grammar allows next, a numpy int32
+    # [ceil(vocab / 32)] bitmask (bit j of word w = token 32 w + j); None when unconstrained
+    grammar_bitmask: Any = None
 
     @property
     def proposals(self) -> list[int]:

@@ -77,6 +77,10 @@ class Request:
         # Prompt logprobs (params.prompt_logprobs): how many prompt tokens after the first have
         # been scored. Until all are, the prompt is computed in full (no prefix-cache hits).
         self.num_prompt_logprobs = 0
+        # Constrained decoding (params.structured_output): the engine's GrammarState, which
+        # takes every output token as it is appended; None for unconstrained requests.
+        self.grammar: Any = None
+        self.grammar_refused = False  # a token the grammar did not allow (never expected)
 
     @property
     def num_tokens(self) -> int:
@@ -107,6 +111,8 @@ class Request:
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
+        if self.grammar is not None and not self.grammar.accept(token_id):
+            self.grammar_refused = True
 
     def clear_spec(self) -> None:
         self.spec_token_ids = []
@@ -118,6 +124,13 @@ class Request:
 
     def check_stop(self) -> bool:
         """Set a finished status if the last token ends the request; True when it does."""
+        if self.grammar is not None:
+            if self.grammar_refused:
+                self.status, self.stop_reason = RequestStatus.FINISHED_ERROR, "grammar"
+                return True
+            if self.grammar.is_terminated():  # the output is complete (a stop token taken)
+                self.status, self.stop_reason = RequestStatus.FINISHED_STOPPED, None
+                return True
         if self.num_output_tokens < self.params.min_tokens:
             return False
         last = self.output_token_ids[-1]

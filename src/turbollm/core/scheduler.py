@@ -149,6 +149,10 @@ class Scheduler:
                 # n > 1: wait until the leader's prompt blocks are cached, then share them.
                 skipped.append(self.waiting.popleft())
                 continue
+            if req.grammar is not None and not req.grammar.ready:
+                # its grammar is still compiling (engine thread pool): the others go first
+                skipped.append(self.waiting.popleft())
+                continue
             hits, num_hit = self.kv.get_computed_blocks(req)
             n = req.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:

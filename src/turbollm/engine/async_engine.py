@@ -290,6 +290,8 @@ class AsyncLLMEngine:
         self._check_accepting()
         if request_id in self._streams or request_id in self._pending_adds:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.structured_output is not None:
+            await self._compile_grammar(params.structured_output)
         with self._queued_lock:
             now = time.monotonic()
             refusal = self._refusal(now)
@@ -320,6 +322,20 @@ class AsyncLLMEngine:
             self._pending_adds.pop(request_id, None)
             self._update_idle()
         return stream
+
+    async def _compile_grammar(self, spec) -> None:
+        """Compile a request's grammar on the engine's grammar threads before queueing it, so
+        a bad schema is a 400 at once and a good one is cached when the engine thread
+        attaches it (the event loop and the engine loop both go on meanwhile)."""
+        from turbollm.engine.constrained import PARAM
+        from turbollm.engine.errors import RequestValidationError
+        constrained = self.engine.constrained
+        constrained.check(spec)
+        try:
+            await asyncio.wrap_future(constrained.manager.compile(spec))
+        except ValueError as exc:  # GrammarError: the parser's message
+            raise RequestValidationError(f"invalid {spec.kind} constraint: {exc}",
+                                         PARAM) from None
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: "SamplingParams", arrival_time: float | None = None

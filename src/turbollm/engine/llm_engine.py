@@ -10,6 +10,7 @@ from turbollm.core.batch import step_batch
 from turbollm.core.kv_cache_manager import KVCacheManager
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
+from turbollm.engine.constrained import ConstrainedRequests
 from turbollm.engine.errors import (ContextLengthExceededError, EngineDeadError,
                                     RequestValidationError)
 from turbollm.engine.output_processor import OutputProcessor, RequestGroup
@@ -56,6 +57,9 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
                                    self.spec.num_lookahead_tokens if self.spec else 0)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.constrained = ConstrainedRequests(
+            self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
+            config.scheduler.structured_output_backend, speculative=self.spec is not None)
         self.stats = EngineStats()
         self._finished_ids: list[str] = []  # for the worker, with the next batch
         if self.spec is not None and self.spec.measures_step_costs:
@@ -116,6 +120,7 @@ class LLMEngine:
         max_tokens = self._validate(ids, params)
         group = RequestGroup(request_id, text, ids, params, arrival_time or time.monotonic())
         leader = None
+        children = []
         for i in range(params.n):
             # Prompt logprobs are the same for every child: the first one scores them.
             # seeds are 64-bit (torch's generators refuse more): the last wraps to 0
@@ -127,6 +132,10 @@ class LLMEngine:
                             cache_salt=self._cache_salt(child_params))
             if self.config.cache.enable_prefix_caching and leader is None:
                 leader = child
+            children.append((child, child_params))
+        if params.structured_output is not None:  # raises on a grammar known to be bad
+            self.constrained.attach([c for c, _ in children], params.structured_output)
+        for child, child_params in children:
             group.add_child(child, self.outputs.make_detokenizer(ids, child_params))
             self.scheduler.add_request(child)
         self.outputs.add_group(group)
@@ -207,17 +216,19 @@ class LLMEngine:
     # ----- the step -----
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, advance requests, and report what changed."""
+        failed = self._fail_grammars(self.constrained.poll())
         so = self.scheduler.schedule()
         if so.is_empty:
-            return []
+            return failed
         num_proposed = [len(r.spec_token_ids) for r in so.requests]
         batch = step_batch(so, self._finished_ids)
+        self.constrained.fill_bitmasks(so, batch)
         self._finished_ids = []
         try:
             ro = self.executor.execute(batch)
         except Exception as exc:  # fail only this step's requests; the engine goes on
             self._finished_ids.extend(batch.finished_request_ids)  # releasing twice is harmless
-            return self._fail_step(so, exc)
+            return failed + self._fail_step(so, exc)
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
         self.stats.generation_tokens += sum(kept for _, kept in new)
@@ -228,6 +239,20 @@ class LLMEngine:
             self.spec.observe(so, ro.sampled_token_ids, num_proposed)
             self.spec.forget(released)
             self.spec.propose(self.scheduler.running)
+        return failed + outs
+
+    def _fail_grammars(self, reqs: list[Request]) -> list[RequestOutput]:
+        """Fail the groups of requests whose grammar did not compile, with the parser's words."""
+        outs = []
+        for req in reqs:
+            group = self.outputs.pop_group(req.extra[0].request_id)
+            if group is None:
+                continue
+            ids = [c.request_id for c in group.children]
+            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
+            self._finished_ids.extend(ids)
+            outs += self.outputs.fail([group], f"invalid {req.params.structured_output.kind} "
+                                               f"constraint: {req.grammar.error}")
         return outs
 
     def _fail_step(self, so, exc: Exception) -> list[RequestOutput]:

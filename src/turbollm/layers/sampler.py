@@ -1,7 +1,7 @@
 """Batched sampler: logit processors, greedy / random sampling with per-request seeds, logprobs.
 
 Order per step (vLLM v1): logit_bias -> min_tokens mask -> repetition/presence/frequency
-penalties -> greedy rows take argmax -> temperature -> top_k -> top_p -> min_p -> sample.
+penalties -> grammar bitmask (constrained rows only) -> greedy rows take argmax -> temperature -> top_k -> top_p -> min_p -> sample.
 
 Logprobs are taken from the RAW model logits (log_softmax before bias, penalties and
 temperature), like vLLM's default `raw_logprobs` mode: they describe what the model
@@ -14,6 +14,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from turbollm.layers import native_ops
@@ -88,6 +89,11 @@ class SamplingMetadata:
     # Logprobs: per row the number of top entries wanted, or None.
     num_logprobs: list[int | None]
     max_num_logprobs: int  # -1 when no row asks
+    # Constrained decoding: the rows with a grammar (host ints) and the tokens each may NOT
+    # take, bool [C, V] on device (both None when no row is constrained: unconstrained batches
+    # do no extra work)
+    grammar_rows: list[int] | None = None
+    grammar_banned: torch.Tensor | None = None
 
     @classmethod
     def build(
@@ -99,6 +105,7 @@ class SamplingMetadata:
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: Sequence[int] = (),
+        grammar_bitmasks: Sequence[np.ndarray | None] | None = None,
     ) -> SamplingMetadata:
         """Gather one step's per-row parameters into device tensors (skips unused features)."""
         R, V = len(params), vocab_size
@@ -165,6 +172,7 @@ class SamplingMetadata:
             **pen,
             num_logprobs=n_lp,
             max_num_logprobs=max((k for k in n_lp if k is not None), default=-1),
+            **_grammar_masks(grammar_bitmasks, V, device),
         )
 
     @staticmethod
@@ -216,6 +224,36 @@ class SamplingMetadata:
             out["repetition_penalty"] = per_row("repetition_penalty")
             out["seen_mask"] = (counts([prompt_ids[i] for i in rows]) > 0) | (out_counts > 0)
         return out
+
+
+def _grammar_masks(bitmasks: Sequence[np.ndarray | None] | None, V: int, device) -> dict:
+    """Unpack the constrained rows' int32 bitmasks ([words] each; bit j of word w allows token
+    32 w + j) into the banned tokens, bool [C, V]: one numpy unpackbits of the inverted words
+    (little-endian words, so bits come out in token order)."""
+    rows = [i for i, m in enumerate(bitmasks or ()) if m is not None]
+    if not rows:
+        return {}
+    packed = ~np.stack([bitmasks[i] for i in rows])  # [C, W] int32, set bit = banned
+    bits = np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")[:, :V]  # [C, V]
+    banned = torch.from_numpy(bits).view(torch.bool).to(device)
+    return {"grammar_rows": rows, "grammar_banned": banned}
+
+
+def apply_grammar_masks(logits: torch.Tensor, meta: SamplingMetadata) -> None:
+    """In place: -inf on the tokens each constrained row's grammar does not allow."""
+    if meta.grammar_banned is None:
+        return
+    rows = meta.grammar_rows
+    if logits.device.type == "cpu":
+        # numpy, one row at a time, in place: torch's CPU kernels here start an OpenMP region
+        # per call, and on our 2 busy cores a masked_fill_ / index_select took 10-150 ms
+        # where this takes ~0.2 ms a row (measured; see docs/structured_output.md).
+        x, banned = logits.numpy(), meta.grammar_banned.numpy()
+        for k, r in enumerate(rows):
+            np.putmask(x[r], banned[k], -np.inf)
+        return
+    idx = torch.tensor(rows, device=logits.device)
+    logits[idx] = logits[idx].masked_fill_(meta.grammar_banned, float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor, meta: SamplingMetadata) -> None:
@@ -347,16 +385,18 @@ class Sampler(torch.nn.Module):
             meta.bias_rows is not None
             or meta.mask_rows is not None
             or meta.penalty_rows is not None
+            or meta.grammar_banned is not None
             or (meta.all_random and meta.temperature is not None)
         )
         x = logits.float()
         if in_place and x is logits:
-            x = x.clone()
+            x = _copy(x)
         if meta.bias_rows is not None:
             x.index_put_((meta.bias_rows, meta.bias_tokens), meta.bias_values, accumulate=True)
         if meta.mask_rows is not None:
             x[meta.mask_rows, meta.mask_tokens] = float("-inf")
         apply_penalties(x, meta)
+        apply_grammar_masks(x, meta)
         return x
 
     @staticmethod
@@ -374,6 +414,14 @@ class Sampler(torch.nn.Module):
             threshold = meta.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < threshold, 0.0)
         return probs
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of x; on CPU by numpy (one memcpy: torch's clone ran ~20x slower on our 2 busy
+    cores, 8 ms vs 0.4 ms for [32, 49152] fp32, measured)."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        return torch.from_numpy(x.numpy().copy())
+    return x.clone()
 
 
 def greedy_tokens(x: torch.Tensor) -> list[int]:

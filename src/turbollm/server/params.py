@@ -8,6 +8,8 @@ from turbollm.server.config import ServerConfig
 from turbollm.server.errors import APIError
 from turbollm.server.protocol import (ChatCompletionRequest, CompletionRequest, TGIRequest,
                                       _SamplingFields)
+from turbollm.server.structured import structured_output_of
+from turbollm.server.tools import plan_tools
 
 _SP_FIELDS = {f.name for f in fields(SamplingParams)}
 
@@ -55,6 +57,9 @@ def _common(req: _SamplingFields, stop: list[str]) -> dict:
     kw = dict(n=req.n, stop=stop, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
               skip_special_tokens=req.skip_special_tokens,
               include_stop_str_in_output=req.include_stop_str_in_output)
+    constraint = structured_output_of(req)
+    if constraint is not None:
+        kw["structured_output"] = constraint
     for name in ("temperature", "top_p", "min_p", "seed", "presence_penalty",
                  "frequency_penalty", "repetition_penalty", "stop_token_ids", "logit_bias"):
         value = getattr(req, name)
@@ -97,14 +102,7 @@ def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams
     top = (req.top_logprobs or 0) if req.logprobs else None
     check_limits(cfg, req.n, top, stop, logprobs_name="top_logprobs")
     _check_stream_options(req)
-    if req.tools:
-        raise APIError(400, "tools are not supported by this server", "tools", "unsupported")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice is not supported by this server", "tool_choice",
-                       "unsupported")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise APIError(400, "only response_format type 'text' is supported", "response_format",
-                       "unsupported")
+    plan = plan_tools(req)
     if req.chat_template is not None and not cfg.allow_request_chat_template:
         raise APIError(400, "chat_template in a request is not allowed on this server (the "
                        "operator can enable it with --allow-request-chat-template)",
@@ -113,6 +111,11 @@ def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams
         else req.max_tokens
     kw = _common(req, stop)
     kw.update(max_tokens=max_tokens, logprobs=top)
+    if plan is not None and plan.forced:
+        if "structured_output" in kw:
+            raise APIError(400, "tool_choice required or a named function cannot be combined "
+                           "with another output constraint", "tool_choice", "invalid_value")
+        kw["structured_output"] = plan.constraint
     names = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None
              else "max_tokens", "logprobs": "top_logprobs"}
     return make_sampling_params(names, **kw)

@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: render the conversation with the chat template, then generate."""
 from __future__ import annotations
 
+import json
 import time
 
 from starlette.requests import Request
@@ -16,9 +17,25 @@ from turbollm.server.params import chat_params
 from turbollm.server.protocol import ChatCompletionRequest, ChatMessage
 from turbollm.server.request_body import read_request_model, usage_of
 from turbollm.server.sse import DONE, SSEResponse, sse_event
+from turbollm.server.tools import (ToolPlan, ToolStream, call_text, parse_answer, plan_tools,
+                                   template_takes_tools, with_tool_prompt)
 
 
-def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+def _tool_call_dicts(m: ChatMessage, template_tools: bool) -> list[dict]:
+    """An assistant turn's tool calls for a template that takes them (arguments as a dict, the
+    Hugging Face convention; text that is not JSON is passed as it is)."""
+    out = []
+    for c in m.tool_calls or []:
+        try:
+            args = json.loads(c.function.arguments)
+        except json.JSONDecodeError:
+            args = c.function.arguments
+        out.append({"type": "function", "id": c.id,
+                    "function": {"name": c.function.name, "arguments": args}})
+    return out
+
+
+def _message_dicts(messages: list[ChatMessage], template_tools: bool = False) -> list[dict]:
     """Messages as the chat template expects them (text parts joined; other parts refused)."""
     out = []
     for i, m in enumerate(messages):
@@ -35,18 +52,30 @@ def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
         d = {"role": m.role, "content": content or ""}
         if m.name is not None:
             d["name"] = m.name
+        if m.tool_call_id is not None:
+            d["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            if template_tools:
+                d["tool_calls"] = _tool_call_dicts(m, template_tools)
+            else:  # the template knows no tool calls: they go in as the text the model writes
+                calls = call_text([c.model_dump() for c in m.tool_calls])
+                d["content"] = f"{d['content']}\n{calls}" if d["content"] else calls
         out.append(d)
     return out
 
 
-def _render_and_encode(client: EngineClient, messages: list[dict], template: str | None
+def _render_and_encode(client: EngineClient, messages: list[dict], template: str | None,
+                       tools: list[dict] | None = None, template_tools: bool = False
                        ) -> list[int]:
     """Token ids of the conversation, exactly as the offline LLM.chat builds them. A template
     sent in the request renders in a child process with a time limit (server/template_render)."""
     tokenizer = client.tokenizer
+    if tools and not (template_tools and template is None):
+        messages = with_tool_prompt(messages, tools)  # the template cannot show them
+        tools = None
     try:
         if template is None:
-            text = render_chat(tokenizer, messages)
+            text = render_chat(tokenizer, messages, tools=tools)
         else:
             text = client.request_template_renderer().render(messages, template)
     except Exception as e:  # template errors (raise_exception, sandbox violations, the time
@@ -65,12 +94,15 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
                                    ChatCompletionRequest)
     model = client.check_model(req.model)
     params = chat_params(req, client.cfg)
-    messages = _message_dicts(req.messages)
+    plan = plan_tools(req)
+    template_tools = template_takes_tools(getattr(client.tokenizer, "chat_template", None))
+    messages = _message_dicts(req.messages, template_tools and req.chat_template is None)
     client.check_accepting()
-    ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template)
+    ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template,
+                                     plan.tools if plan else None, template_tools)
     rid = client.new_id("chatcmpl")
     stream = await client.submit(rid, ids, params, arrival)
-    ctx = _Ctx(client, rid, model, req)
+    ctx = _Ctx(client, rid, model, req, plan)
     if req.stream:
         return SSEResponse(_stream(ctx, stream), on_close=stream.abort)
     finals = await client.wait_final(request, [stream])
@@ -82,8 +114,9 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
 class _Ctx:
     """Per-request values the response builders share."""
 
-    def __init__(self, client: EngineClient, rid: str, model: str, req: ChatCompletionRequest):
-        self.id, self.model, self.req = rid, model, req
+    def __init__(self, client: EngineClient, rid: str, model: str, req: ChatCompletionRequest,
+                 plan: ToolPlan | None = None):
+        self.id, self.model, self.req, self.plan = rid, model, req, plan
         self.created = int(time.time())
         self.text_of = client.token_text
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -99,11 +132,17 @@ class _Ctx:
         err = output_error(out)
         if err is not None:
             raise err
-        choices = [{"index": c.index,
-                    "message": {"role": "assistant", "content": c.text},
-                    "logprobs": chat_logprobs(c.logprobs, self.text_of)
-                    if c.logprobs is not None else None,
-                    "finish_reason": c.finish_reason} for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+            if self.plan is not None and finish == "stop":
+                message["content"], calls = parse_answer(self.plan, c.text)
+                if calls:
+                    message["tool_calls"], finish = calls, "tool_calls"
+            choices.append({"index": c.index, "message": message,
+                            "logprobs": chat_logprobs(c.logprobs, self.text_of)
+                            if c.logprobs is not None else None,
+                            "finish_reason": finish})
         return self._envelope("chat.completion", choices, usage_of([out]))
 
     def chunk(self, index: int, delta: dict, logprobs: dict | None, finish: str | None) -> bytes:
@@ -120,6 +159,7 @@ async def _stream(ctx: _Ctx, stream):
     done = [False] * n
     started = [False] * n
     sent_lp = [0] * n
+    tools = [ToolStream(ctx.plan) for _ in range(n)] if ctx.plan is not None else None
     try:
         async for out in stream:
             err = output_error(out)
@@ -133,14 +173,22 @@ async def _stream(ctx: _Ctx, stream):
                 if c.logprobs is not None and len(c.logprobs) > sent_lp[c.index]:
                     lp = chat_logprobs(c.logprobs[sent_lp[c.index]:], ctx.text_of)
                     sent_lp[c.index] = len(c.logprobs)
+                delta, finish, calls = c.delta_text, c.finish_reason, []
+                if tools is not None:  # hold back what may be a tool call
+                    delta = tools[c.index].feed(c.delta_text)
+                    if finish is not None:
+                        rest, calls, finish = tools[c.index].finish(finish)
+                        delta += rest
                 if not started[c.index]:
-                    yield ctx.chunk(c.index, {"role": "assistant", "content": c.delta_text},
-                                    lp, None)
+                    yield ctx.chunk(c.index, {"role": "assistant", "content": delta}, lp, None)
                     started[c.index] = True
-                elif c.delta_text or lp:
-                    yield ctx.chunk(c.index, {"content": c.delta_text}, lp, None)
-                if c.finish_reason is not None:
-                    yield ctx.chunk(c.index, {}, None, c.finish_reason)
+                elif delta or lp:
+                    yield ctx.chunk(c.index, {"content": delta}, lp, None)
+                if calls:
+                    yield ctx.chunk(c.index, {"tool_calls": [
+                        {"index": k, **call} for k, call in enumerate(calls)]}, None, None)
+                if finish is not None:
+                    yield ctx.chunk(c.index, {}, None, finish)
                     done[c.index] = True
             if out.finished:
                 if ctx.include_usage:

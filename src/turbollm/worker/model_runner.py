@@ -157,7 +157,7 @@ class ModelRunner:
     def _sampling_metadata(self, so: list[SequenceWork], batch: FlatBatch) -> SamplingMetadata:
         """One row per sampled position; row j of a verifying request sees proposals[:j] as
         already generated, so penalties and min_tokens apply exactly as in plain decoding."""
-        params, prompts, outputs, gens = [], [], [], []
+        params, prompts, outputs, gens, masks = [], [], [], [], []
         j_of: dict[int, int] = {}
         for i in batch.sample_owner:
             req = so[i]
@@ -167,9 +167,12 @@ class ModelRunner:
             outputs.append(req.output_token_ids + batch.proposals[i][:j] if j
                            else req.output_token_ids)
             gens.append(self._generator(req))
+            # engine-filled (structured_output/); grammars never meet proposals (refused)
+            masks.append(req.grammar_bitmask if j == 0 else None)
         return SamplingMetadata.build(
             params=params, prompt_token_ids=prompts, output_token_ids=outputs, generators=gens,
-            vocab_size=self.vocab_size, device=self.device, eos_token_ids=self.eos_token_ids)
+            vocab_size=self.vocab_size, device=self.device, eos_token_ids=self.eos_token_ids,
+            grammar_bitmasks=masks)
 
     def _verify(self, so, batch: FlatBatch, logits, meta: SamplingMetadata, sampled, logprobs
                 ) -> None:
