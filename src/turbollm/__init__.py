@@ -1,8 +1,9 @@
 """turbollm: a fast LLM inference engine and OpenAI-compatible server."""
+from turbollm.core.lora_request import LoRARequest
 from turbollm.sampling_params import SamplingParams
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "__version__"]
 
 
 def __getattr__(name):

@@ -1,7 +1,7 @@
 """The engine-to-worker hand-off: what one step runs, and what it gave back. Plain data only.
 
-Every field is an int, a list of ints, a string or a SamplingParams (a dataclass of plain
-values), so a batch can be pickled to a worker in another process as it is. In one process
+Every field is an int, a list of ints, a string, a SamplingParams or a LoRARequest (dataclasses
+of plain values), so a batch can be pickled to a worker in another process as it is. In one process
 the lists are the requests' own (no copy is made).
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from turbollm.core.lora_request import LoRARequest
     from turbollm.core.request import Request
     from turbollm.core.scheduler import SchedulerOutput
     from turbollm.sampling_params import SamplingParams
@@ -32,6 +33,8 @@ class SequenceWork:
     output_token_ids: list[int]  # for penalties and min_tokens
     # prompt positions whose logprobs are already scored (before a preemption); -1: not asked
     num_prompt_logprobs: int = -1
+    # the adapter these rows run with (name, id, path: plain data); None: the base model
+    lora: "LoRARequest | None" = None
 
     @property
     def proposals(self) -> list[int]:
@@ -89,7 +92,8 @@ def sequence_work(req: "Request", n: int, block_ids: list[int]) -> SequenceWork:
         request_id=req.request_id, token_ids=tokens, start=start, block_ids=block_ids,
         num_proposals=len(proposals), sample=start + n >= req.num_tokens, params=req.params,
         prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
-        num_prompt_logprobs=req.num_prompt_logprobs if req.needs_prompt_logprobs else -1)
+        num_prompt_logprobs=req.num_prompt_logprobs if req.needs_prompt_logprobs else -1,
+        lora=req.lora_request)
 
 
 def step_batch(so: "SchedulerOutput", finished_request_ids: list[str]) -> StepBatch:

@@ -45,10 +45,14 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(req.request_id, [])
         bs = self.block_size
         tokens = req.all_token_ids
+        # KV depends on the adapter too: blocks of different adapters never match. In the
+        # first block's hash, so through the chain in every later one.
+        lora = b"" if req.lora_request is None else req.lora_request.cache_key
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs]))
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs],
+                                     lora if i == 0 else b""))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

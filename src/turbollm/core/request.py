@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from turbollm.core.lora_request import LoRARequest
     from turbollm.sampling_params import SamplingParams
 
 
@@ -42,7 +43,8 @@ class Request:
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: "SamplingParams",
                  eos_token_ids: list[int], max_tokens: int, arrival_time: float | None = None,
-                 prefix_leader: "Request | None" = None, extra: Any = None) -> None:
+                 prefix_leader: "Request | None" = None, extra: Any = None,
+                 lora_request: "LoRARequest | None" = None) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -61,6 +63,7 @@ class Request:
         # n > 1: siblings wait until the leader's prompt blocks are cached, then share them.
         self.prefix_leader = prefix_leader
         self.extra = extra  # opaque per-request data owned by the engine (detokenizer, ...)
+        self.lora_request = lora_request  # the adapter it runs with; None: the base model
         # Speculative decoding: tokens proposed for the next step (verified by the target in
         # one forward pass), the draft's probabilities of them when it sampled ([k, vocab]),
         # and how many leading tokens have the draft model's KV (reset by preemption).

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from turbollm.config import EngineConfig
 from turbollm.core.batch import step_batch
 from turbollm.core.kv_cache_manager import KVCacheManager
+from turbollm.core.lora_request import LoRARequest
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
 from turbollm.engine.errors import ContextLengthExceededError, RequestValidationError
@@ -53,7 +54,8 @@ class LLMEngine:
         self.spec = make_speculative_decoder(config.speculative, self.max_model_len,
                                              self.executor, self.kv_manager.block_ids, draft_cost)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
-                                   self.spec.num_lookahead_tokens if self.spec else 0)
+                                   self.spec.num_lookahead_tokens if self.spec else 0,
+                                   config.lora.max_loras if config.lora.enable_lora else 0)
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._finished_ids: list[str] = []  # for the worker, with the next batch
@@ -104,12 +106,15 @@ class LLMEngine:
         return list(self.tokenizer(prompt).input_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None,
-                    params: SamplingParams | None = None, arrival_time: float | None = None
-                    ) -> None:
-        """Queue a request (a prompt string or token ids); raises RequestValidationError."""
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request (a prompt string or token ids), with the base model or an adapter;
+        raises RequestValidationError."""
         params = params or SamplingParams()
         if self.outputs.has(request_id):
             raise RequestValidationError(f"request id {request_id!r} is already in use")
+        if lora_request is not None:
+            self.add_lora(lora_request)
         text = prompt if isinstance(prompt, str) else None
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt or [])
         max_tokens = self._validate(ids, params)
@@ -121,7 +126,8 @@ class LLMEngine:
                                    else params.seed + i,
                                    prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             child = Request(f"{request_id}#{i}", ids, child_params, self.eos_token_ids,
-                            max_tokens, group.metrics.arrival_time, prefix_leader=leader)
+                            max_tokens, group.metrics.arrival_time, prefix_leader=leader,
+                            lora_request=lora_request)
             if self.config.cache.enable_prefix_caching and leader is None:
                 leader = child
             group.add_child(child, self.outputs.make_detokenizer(ids, child_params))
@@ -150,6 +156,22 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"context length of {self.max_model_len} tokens", "max_tokens")
         return params.max_tokens if params.max_tokens is not None else room
+
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter now (requests naming it load it anyway); RequestValidationError
+        says in one line why it cannot be served."""
+        if not self.config.lora.enable_lora:
+            raise RequestValidationError("this engine serves no LoRA adapters: start it with "
+                                         "enable_lora=True (--enable-lora)", "lora_request")
+        try:
+            self.executor.add_lora(lora_request)
+        except ValueError as exc:
+            raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
+                                         "lora_request") from None
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter's weights; requests in flight that name it reload it."""
+        return self.executor.remove_lora(lora_id)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""

@@ -41,8 +41,9 @@ class ModelRunner:
     """Owns the model, the KV cache tensor and per-request sampling generators."""
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
-                 device: str, vocab_size: int, eos_token_ids: list[int]):
+                 device: str, vocab_size: int, eos_token_ids: list[int], lora=None):
         self.model = model
+        self.lora = lora  # a worker/lora_manager.LoRAManager when adapters are enabled
         self.kv_cache = kv_cache
         self.kv_views = layer_views(kv_cache)
         self.block_size = block_size
@@ -87,9 +88,17 @@ class ModelRunner:
         self.release(step.finished_request_ids)
         so = step.sequences
         batch = self.build_batch(so)
-        # A verification's rows must equal one-row decoding bit for bit, the logits included
-        with quant_kernels.verifying(any(batch.proposals)):
-            return self._run(so, batch)
+        if self.lora is not None:  # each chunk's rows run with its request's adapter slot
+            slots = self.lora.slots_for([s.lora for s in so])
+            self.lora.begin_step([(batch.offsets[i], len(s.token_ids), slots[i])
+                                  for i, s in enumerate(so)])
+        try:
+            # A verification's rows must equal one-row decoding bit for bit, the logits included
+            with quant_kernels.verifying(any(batch.proposals)):
+                return self._run(so, batch)
+        finally:
+            if self.lora is not None:  # other forward passes (a draft, scoring) run the base
+                self.lora.end_step()
 
     def _run(self, so: list[SequenceWork], batch: FlatBatch) -> ModelRunnerOutput:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)

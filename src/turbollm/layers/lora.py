@@ -1,0 +1,151 @@
+"""LoRA on a linear layer: adapter weights in slots, added to the base output per row.
+
+A layer with adapters gets a `LinearLoRA` (as `layer.lora`; LinearBase.forward adds its term
+after the quant method's output, so every base weight type takes adapters: dense, int8, int4,
+GGUF, fp8). It keeps, for `num_slots` adapters at once, the low-rank factors stacked:
+
+    A: [slots, shards * R, in]    each fused shard's A in its own R rows (q | k | v, gate | up)
+    B: [slots, out, R]            each shard's B in its own output rows, scaling folded in
+
+R is the slot rank: adapters of a smaller rank are zero-padded (exact: padded rows of A meet
+padded columns of B), and a larger adapter grows every slot (`grow`). A shard an adapter does
+not target has zero factors in that slot.
+
+Which rows use which slot is one `LoRAStep` per forward pass, shared by every layer of the
+model through a `LoRAContext` (the runner sets it before the pass and clears it after). Rows of
+one adapter are grouped (Punica's shrink/expand, one group per adapter): the base projection
+has already run once for the whole batch; per group, shrink = x_g A^T ([n, shards * R]), then
+expand = shrink_j B_j^T per shard, added to y_g. A prompt chunk's rows are contiguous (a slice,
+no copy); decode rows of one adapter among others' are gathered by index. We group rather than
+gather A and B per row (a bgmv): a per-row gather copies R x d_in + d_out x R values per row,
+megabytes per projection at 64 decode rows, where grouping costs at most max_loras small
+matmuls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LoRAStep:
+    """The rows of one forward pass that use each adapter slot (base rows are in none)."""
+
+    # (slot, rows): rows a slice of the flat batch when contiguous, else a LongTensor [n]
+    groups: list[tuple[int, slice | torch.Tensor]]
+
+    @classmethod
+    def from_spans(cls, spans: list[tuple[int, int, int]], device: torch.device
+                   ) -> "LoRAStep | None":
+        """From (first row, rows, slot) per chunk of the flat batch (slot -1: the base model);
+        None when no row has an adapter."""
+        by_slot: dict[int, list[tuple[int, int]]] = {}
+        for start, n, slot in sorted(spans):
+            if slot < 0 or n == 0:
+                continue
+            runs = by_slot.setdefault(slot, [])
+            if runs and runs[-1][1] == start:  # adjacent chunks of one adapter: one run
+                runs[-1] = (runs[-1][0], start + n)
+            else:
+                runs.append((start, start + n))
+        if not by_slot:
+            return None
+        groups = []
+        for slot, runs in by_slot.items():
+            if len(runs) == 1:
+                groups.append((slot, slice(*runs[0])))
+            else:
+                rows = torch.cat([torch.arange(a, b) for a, b in runs])
+                groups.append((slot, rows if device.type == "cpu" else rows.to(device)))
+        return cls(groups)
+
+
+class LoRAContext:
+    """The current forward pass's LoRAStep, read by every LinearLoRA of one model (None: no
+    row has an adapter, the layers add nothing)."""
+
+    def __init__(self) -> None:
+        self.step: LoRAStep | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.step is not None
+
+
+class LinearLoRA:
+    """Adapter slots of one linear layer (see the module docstring)."""
+
+    def __init__(self, layer, shard_ids: list, num_slots: int, rank: int,
+                 context: LoRAContext, dtype: torch.dtype, device: torch.device):
+        self.context = context
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.shard_ids = list(shard_ids)
+        # (first output row, rows) of each shard, in order; together they cover the output
+        self.spans = [layer.shard_offset(s) for s in self.shard_ids]
+        assert sum(n for _, n in self.spans) == self.out_features
+        self.num_slots, self.rank = num_slots, rank
+        k = len(self.shard_ids)
+        self.A = torch.zeros(num_slots, k * rank, self.in_features, dtype=dtype, device=device)
+        self.B = torch.zeros(num_slots, self.out_features, rank, dtype=dtype, device=device)
+
+    def shard_index(self, shard_id) -> int:
+        return self.shard_ids.index(shard_id)
+
+    def set_shard(self, slot: int, shard_id, a: torch.Tensor | None, b: torch.Tensor | None
+                  ) -> None:
+        """Put one shard's factors (a [r, in], b [out_shard, r] with scaling folded in) in a
+        slot, or zeros when the adapter does not target it (a is None)."""
+        j = self.shard_index(shard_id)
+        R, (off, rows) = self.rank, self.spans[j]
+        self.A[slot, j * R:(j + 1) * R].zero_()
+        self.B[slot, off:off + rows].zero_()
+        if a is None:
+            return
+        r = a.shape[0]
+        if r > R or tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (rows, r):
+            raise ValueError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a "
+                             f"slot of rank {R} for a {rows} x {self.in_features} shard")
+        self.A[slot, j * R:j * R + r] = a.to(self.A.dtype)
+        self.B[slot, off:off + rows, :r] = b.to(self.B.dtype)
+
+    def clear_slot(self, slot: int) -> None:
+        self.A[slot].zero_()
+        self.B[slot].zero_()
+
+    def grow(self, rank: int) -> None:
+        """Make every slot rank `rank` (>= the current), keeping the adapters in them."""
+        R = self.rank
+        if rank <= R:
+            return
+        k = len(self.shard_ids)
+        A = self.A.new_zeros(self.num_slots, k * rank, self.in_features)
+        B = self.B.new_zeros(self.num_slots, self.out_features, rank)
+        for j in range(k):
+            A[:, j * rank:j * rank + R] = self.A[:, j * R:(j + 1) * R]
+        B[:, :, :R] = self.B
+        self.A, self.B, self.rank = A, B, rank
+
+    def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y [T, out] (the base output of x [T, in]) plus each row's adapter term, in place."""
+        step = self.context.step
+        if step is None:
+            return y
+        x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
+        A, B = self.A, self.B
+        if A.dtype != x2.dtype:
+            A, B = A.to(x2.dtype), B.to(x2.dtype)
+        R = self.rank
+        for slot, rows in step.groups:
+            xs = x2[rows] if isinstance(rows, slice) else x2.index_select(0, rows)
+            shrunk = xs @ A[slot].T  # [n, shards * R]
+            if len(self.spans) == 1:
+                delta = shrunk @ B[slot].T  # [n, out]
+            else:
+                delta = torch.cat([shrunk[:, j * R:(j + 1) * R] @ B[slot, off:off + n].T
+                                   for j, (off, n) in enumerate(self.spans)], dim=1)
+            if isinstance(rows, slice):
+                y2[rows] += delta.to(y2.dtype)
+            else:
+                y2.index_add_(0, rows, delta.to(y2.dtype))
+        return y
