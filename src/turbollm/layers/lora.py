@@ -86,12 +86,15 @@ class LinearLoRA:
         assert sum(n for _, n in self.spans) == self.out_features
         self.num_slots, self.rank = num_slots, rank
         k = len(self.shard_ids)
-        self.A = torch.zeros(num_slots, k * rank, self.in_features, dtype=dtype, device=device)
-        self.B = torch.zeros(num_slots, self.out_features, rank, dtype=dtype, device=device)
+        with torch.inference_mode():
+            self.A = torch.zeros(num_slots, k * rank, self.in_features, dtype=dtype,
+                                 device=device)
+            self.B = torch.zeros(num_slots, self.out_features, rank, dtype=dtype, device=device)
 
     def shard_index(self, shard_id) -> int:
         return self.shard_ids.index(shard_id)
 
+    @torch.inference_mode()  # slots are inference tensors: change them only there
     def set_shard(self, slot: int, shard_id, a: torch.Tensor | None, b: torch.Tensor | None
                   ) -> None:
         """Put one shard's factors (a [r, in], b [out_shard, r] with scaling folded in) in a
@@ -109,10 +112,12 @@ class LinearLoRA:
         self.A[slot, j * R:j * R + r] = a.to(self.A.dtype)
         self.B[slot, off:off + rows, :r] = b.to(self.B.dtype)
 
+    @torch.inference_mode()  # slots are inference tensors: change them only there
     def clear_slot(self, slot: int) -> None:
         self.A[slot].zero_()
         self.B[slot].zero_()
 
+    @torch.inference_mode()  # slots are inference tensors: change them only there
     def grow(self, rank: int) -> None:
         """Make every slot rank `rank` (>= the current), keeping the adapters in them."""
         R = self.rank
