@@ -59,6 +59,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._finished_ids: list[str] = []  # for the worker, with the next batch
+        self._retired_loras: set[int] = set()  # unloaded adapters that requests still run
         if self.spec is not None and self.spec.measures_step_costs:
             self._measure_step_costs()
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
@@ -168,10 +169,20 @@ class LLMEngine:
         except ValueError as exc:
             raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
                                          "lora_request") from None
+        self._retired_loras.discard(lora_request.lora_int_id)
 
-    def remove_lora(self, lora_id: int) -> bool:
-        """Forget an adapter's weights; requests in flight that name it reload it."""
-        return self.executor.remove_lora(lora_id)
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter's weights once no unfinished request runs it: requests in flight
+        finish with it."""
+        self._retired_loras.add(lora_id)
+        self._drop_retired_loras()
+
+    def _drop_retired_loras(self) -> None:
+        in_use = {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
+                  if r.lora_request is not None}
+        for lora_id in self._retired_loras - in_use:
+            self.executor.remove_lora(lora_id)
+            self._retired_loras.discard(lora_id)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""
@@ -181,6 +192,8 @@ class LLMEngine:
         ids = [c.request_id for c in group.children]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         self._finished_ids.extend(ids)
+        if self._retired_loras:
+            self._drop_retired_loras()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -236,6 +249,8 @@ class LLMEngine:
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
         released = [r.request_id for r in self.outputs.released]
         self._finished_ids.extend(released)
+        if self._retired_loras and finished:
+            self._drop_retired_loras()
         if self.spec is not None:
             self.spec.observe(so, ro.sampled_token_ids, num_proposed)
             self.spec.forget(released)

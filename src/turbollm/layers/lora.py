@@ -138,19 +138,23 @@ class LinearLoRA:
             return y
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         A, B = self.A, self.B
-        if A.dtype != x2.dtype:
-            A, B = A.to(x2.dtype), B.to(x2.dtype)
+        if A.dtype != x2.dtype or y2.dtype != x2.dtype:
+            A, B = A.to(y2.dtype), B.to(y2.dtype)
+            x2 = x2.to(y2.dtype)
         R = self.rank
         for slot, rows in step.groups:
-            xs = x2[rows] if isinstance(rows, slice) else x2.index_select(0, rows)
-            shrunk = xs @ A[slot].T  # [n, shards * R]
+            if isinstance(rows, slice):  # contiguous rows: expand straight into y's rows
+                shrunk = x2[rows] @ A[slot].T  # [n, shards * R]
+                ys = y2[rows]
+                for j, (off, n) in enumerate(self.spans):
+                    ys[:, off:off + n].addmm_(shrunk[:, j * R:(j + 1) * R],
+                                              B[slot, off:off + n].T)
+                continue
+            shrunk = x2.index_select(0, rows) @ A[slot].T
             if len(self.spans) == 1:
                 delta = shrunk @ B[slot].T  # [n, out]
             else:
                 delta = torch.cat([shrunk[:, j * R:(j + 1) * R] @ B[slot, off:off + n].T
                                    for j, (off, n) in enumerate(self.spans)], dim=1)
-            if isinstance(rows, slice):
-                y2[rows] += delta.to(y2.dtype)
-            else:
-                y2.index_add_(0, rows, delta.to(y2.dtype))
+            y2.index_add_(0, rows, delta)
         return y

@@ -102,11 +102,8 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Runs the first len(kv_caches) layers: all of them, or a self-speculation draft's."""
-        lora = self.lora_context
-        # A step with adapter rows takes the module path, where each linear adds its LoRA term
-        # (the C decode loop knows nothing of adapters); base-only steps keep the C path.
-        if (self.native_decode and input_ids.device.type == "cpu"
-                and (lora is None or not lora.active)):
+        # (decode-shaped steps with LoRA rows too: the native decoder adds the adapter terms)
+        if self.native_decode and input_ids.device.type == "cpu":
             if self.native_decoder is None:
                 self.native_decoder = NativeDecoder(self)
             out = self.native_decoder.forward(input_ids, positions, kv_caches, meta)

@@ -13,7 +13,8 @@ A step takes this path when it is decode-shaped: on CPU with fp32 activations, a
 MAX_ROWS tokens, every chunk attending row by row (one token, or up to MAX_ROW_CHUNK: a
 speculative verification, a short prompt chunk such as the scheduler cuts while others decode),
 a KV cache the C attention reads, and every projection served by a C kernel at that row count.
-Anything else takes the module path.
+Anything else takes the module path. A step with LoRA rows (layers/lora.py) runs the layer
+loop in Python, each projection's adapter term added by torch right after its C kernel.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class NativeDecoder:
         self.scale, self.window = first.scale, first.sliding_window
         self.compute_dtype, self.hidden = model.compute_dtype, model.embed_tokens.weight.shape[1]
         self.embed, self.rotary, self.final_norm = model.embed_tokens, model.rotary, model.norm
+        self.model = model  # its lora_context (set by the worker) says when adapters run
         # plain lists: attribute access on nn.Modules costs ~1 us each
         self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
@@ -229,7 +231,12 @@ class NativeDecoder:
         slots = meta.slot_mapping.contiguous()
         ids, positions = input_ids.contiguous(), positions.contiguous()
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
-        plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
+        lora = self.model.lora_context
+        lora = lora is not None and lora.active
+        # A step with LoRA rows runs the Python loop, which adds each projection's adapter term
+        # (layers/lora.py, torch) right after its C kernel; decode_layers knows no adapters.
+        plan = (self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls and not lora
+                else None)
         if plan is not None:
             abi, w = self.abi, [0] * self.abi.S_WORDS  # the step's words, by name
             w[abi.S_H], w[abi.S_X], w[abi.S_QKV], w[abi.S_ATTN] = p_h, p_x, p_qkv, p_attn
@@ -250,29 +257,40 @@ class NativeDecoder:
             self.lib.decode_layers(plan[0].data_ptr(), n, step.buffer_info()[0], self.scale,
                                    plan[1])
             return x
-        # The same calls from Python (a layer with a qkv bias, or the C loop switched off)
+        # The same calls from Python (a layer with a qkv bias, LoRA rows, or the C loop off)
         lib = self.lib
         if kind is not None:  # else gathered above
             h.copy_(self.embed(input_ids))
-        qkv = buf[2 * T * hidden:(2 * hidden + stride) * T].view(T, stride)
+        # the buffers as [T, width] tensors: x, h, qkv, attn, o, gu, act
+        views = [part.view(T, w) for part, w in
+                 zip(buf.split([T * w for w in widths]), widths)]
+        qkv, attn, o, gu, act = views[2:]
         cos, sin = (t.squeeze(1).contiguous() for t in self.rotary.cos_sin(positions))
         p_cos, p_sin = cos.data_ptr(), sin.data_ptr()
         lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
                          self.layers[0][0].eps)
-        for i, ((_, qkv_lin, _, norm2, _, _), (k_qkv, k_o, k_gu, k_down), (kc, vc)) in \
-                enumerate(zip(self.layers[:n], kernels, kv_caches)):
+        for i, ((_, qkv_lin, o_lin, norm2, gu_lin, down_lin), (k_qkv, k_o, k_gu, k_down),
+                (kc, vc)) in enumerate(zip(self.layers[:n], kernels, kv_caches)):
             k_qkv(p_x, p_qkv)
             if qkv_lin.bias is not None:
                 qkv.add_(qkv_lin.bias)
+            if lora and qkv_lin.lora is not None:
+                qkv_lin.lora.add_to(x, qkv)
             lib.rope_f32(p_qkv, p_cos, p_sin, T, H + KVH, D, stride)
             writes[i](p_k, p_v, stride, slots.data_ptr(), T)
             native_attention.bind_rows(kc, vc, tables, seq, ctx, H, D, self.scale,
                                        self.window)(p_qkv, stride, p_attn, T)
             k_o(p_attn, p_o)
+            if lora and o_lin.lora is not None:
+                o_lin.lora.add_to(attn, o)
             lib.add_rms_norm_f32(p_h, p_o, norm2.weight.data_ptr(), p_x, T, hidden, norm2.eps)
             k_gu(p_x, p_gu)
+            if lora and gu_lin.lora is not None:
+                gu_lin.lora.add_to(x, gu)
             lib.silu_mul_f32(p_gu, p_act, T, inter)
             k_down(p_act, p_o)
+            if lora and down_lin.lora is not None:
+                down_lin.lora.add_to(act, o)
             after = self._norm_after(i, n)  # the residual add fused with the following norm
             lib.add_rms_norm_f32(p_h, p_o, after.weight.data_ptr(), p_x, T, hidden, after.eps)
         return x

@@ -64,12 +64,13 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
     req = await read_request_model(request, client.cfg.max_request_bytes_int,
                                    ChatCompletionRequest)
     model = client.check_model(req.model)
+    lora = client.loras.get(model)  # resolved now: an unload meanwhile does not change it
     params = chat_params(req, client.cfg)
     messages = _message_dicts(req.messages)
     client.check_accepting()
     ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template)
     rid = client.new_id("chatcmpl")
-    stream = await client.submit(rid, ids, params, arrival)
+    stream = await client.submit(rid, ids, params, arrival, lora)
     ctx = _Ctx(client, rid, model, req)
     if req.stream:
         return SSEResponse(_stream(ctx, stream), on_close=stream.abort)
