@@ -128,7 +128,10 @@ def test_quantized_base_takes_adapter(quantization, references, probe_ids):
     miss = ((got - expected).norm() / (expected - base_ref).norm()).item()
     base_miss = ((got_base - base_ref).norm() / (expected - base_ref).norm()).item()
     print(f"{quantization}: cos {cos:.4f}, miss {miss:.4f} (base alone {base_miss:.4f})")
-    assert cos > 0.95 and miss < 0.25
+    # int8 RTN of every linear (lm_head too) is coarse, and more so on the larger activations
+    # the adapter brings (0.24 on a Sapphire Rapids VM); Q4_1 served natively stays close
+    # (0.001). A missing shard or scaling would be far above either bound.
+    assert cos > 0.95 and miss < {"int8": 0.4, "gguf": 0.02}[quantization]
     out = llm.generate([probe_ids[:n]], SamplingParams(max_tokens=1, temperature=0),
                        lora_request=lora)[0]
     assert out.outputs[0].token_ids == [int(got[-1].argmax())]
@@ -172,15 +175,29 @@ def test_one_slot_serves_many_adapters_and_reloads_evicted(ours, references):
     worker.runner.execute = spy
     loras = [references[n][0] for n in ("r8_qv", "r16_all", "r64_mlp_rs")] + [None]
     prompts = [PROMPTS[0]] * len(loras)
-    outs = small.generate(prompts, GREEDY, lora_request=loras)
+    greedy = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    outs = small.generate(prompts, greedy, lora_request=loras)
     assert max(len(s) for s in per_step) == 1
     assert sorted(set(ranks)) == [8, 16, 64] and ranks == sorted(ranks)
-    want = ours.generate(prompts, GREEDY, lora_request=loras)
+    want = ours.generate(prompts, greedy, lora_request=loras)
     assert [o.outputs[0].token_ids for o in outs] == [o.outputs[0].token_ids for o in want]
     # max_cpu_loras=1 keeps only the adapter in the slot: each one was read when its request
     # came (to check it) and again when it got the slot
     loads = manager.num_loads
     assert loads == 6 and manager.loaded_ids() == [loras[2].lora_int_id]
-    again = small.generate([PROMPTS[0]], GREEDY, lora_request=loras[0])[0]
+    again = small.generate([PROMPTS[0]], greedy, lora_request=loras[0])[0]
     assert manager.num_loads == loads + 1  # evicted, read again
     assert again.outputs[0].token_ids == outs[0].outputs[0].token_ids
+
+
+def test_merge_writes_an_hf_model_with_the_adapter_folded_in(references, probe_ids, tmp_path):
+    """`turbollm lora merge smollm2-135m ADAPTER OUT`: transformers loads OUT as a plain
+    model whose logits are PEFT's merged model's."""
+    from transformers import AutoModelForCausalLM
+    from turbollm.cli import main
+    lora, expected = references["r64_mlp_rs"]
+    out = tmp_path / "merged"
+    assert main(["lora", "merge", "smollm2-135m", lora.lora_path, str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(hf_logits(model, probe_ids), expected, rtol=1e-4, atol=1e-4)
+    assert main(["lora", "merge", "smollm2-135m", str(tmp_path / "nowhere"), str(out)]) == 2

@@ -87,15 +87,20 @@ class LoRAManager:
         self.num_loads += 1
         self._requests[req.lora_int_id] = req
         self._loaded[req.lora_int_id] = adapter
+        self._trim(keep=req.lora_int_id)
+        return adapter
+
+    def _trim(self, keep: int | None = None) -> None:
+        """Drop least recently used adapters beyond max_cpu_loras, never one in a slot (nor
+        `keep`, about to go into one)."""
         while len(self._loaded) > self.config.max_cpu_loras:
-            evict = next((i for i in self._loaded
-                          if i not in self._slot_owner and i != req.lora_int_id), None)
+            evict = next((i for i in self._loaded if i not in self._slot_owner and i != keep),
+                         None)
             if evict is None:
-                break  # every loaded adapter sits in a slot: keep them (at most max_loras)
+                break  # the rest sit in slots: kept until they leave them
             del self._loaded[evict]
             log.info("LoRA %s evicted from memory (max_cpu_loras %d)",
                      self._requests[evict].lora_name, self.config.max_cpu_loras)
-        return adapter
 
     def remove(self, lora_id: int) -> bool:
         """Forget an adapter (memory and slot); False if it was not loaded."""
@@ -166,6 +171,7 @@ class LoRAManager:
                     a, b = shards.get(sid, (None, None))
                     lin.lora.set_shard(slot, sid, a, b)
         self._slot_owner[slot] = req.lora_int_id
+        self._trim()  # the adapter this one replaced may now leave memory
 
     def _linears(self):
         return (m for m in self.model.model.layers.modules() if isinstance(m, LinearBase))
