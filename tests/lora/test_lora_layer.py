@@ -93,3 +93,33 @@ def test_grow_keeps_slots_and_fits_larger_rank():
         torch.testing.assert_close(layer(x), before, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="do not fit"):
         lora.set_shard(0, "q", *_factors(layer, "q", 17, 3))
+
+
+@pytest.mark.parametrize("kind", ["qkv", "single"])
+def test_c_rows_kernel_matches_torch(kind):
+    """add_rows (one C call, used by the native decoder) against add_to (torch), on rows of
+    mixed slots and an output that is a view of a wider buffer, at a rank that is not a
+    multiple of 8."""
+    from turbollm.layers import native_ops
+    if native_ops.lib() is None:
+        pytest.skip("no C kernels on this CPU")
+    layer = _layer(kind, "fp32")
+    shards = ["q", "k", "v"] if kind == "qkv" else [None]
+    ctx = LoRAContext()
+    lora = LinearLoRA(layer, shards, num_slots=2, rank=12, context=ctx, dtype=torch.float32,
+                      device=torch.device("cpu"))
+    for slot in (0, 1):
+        for i, s in enumerate(shards):
+            lora.set_shard(slot, s, *_factors(layer, s, 12 - 4 * slot, 10 * slot + i))
+    T, out = 5, layer.out_features
+    x = torch.randn(T, IN)
+    ctx.step = LoRAStep.from_spans([(0, 1, 1), (1, 1, -1), (2, 1, 0), (3, 2, 1)],
+                                   torch.device("cpu"))
+    buf = torch.randn(T, out + 16)  # y: the first `out` columns of each row
+    want = buf.clone()
+    lora.add_to(x, want[:, :out])
+    got = buf.clone()
+    lora.add_rows(x, got[:, :out])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert (got - buf)[1].abs().max() == 0 and (got - buf)[:, out:].abs().max() == 0
+    assert (got - buf).abs().max() > 0.1

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from turbollm.layers import native_ops
+
 
 @dataclass
 class LoRAStep:
@@ -34,6 +36,19 @@ class LoRAStep:
 
     # (slot, rows): rows a slice of the flat batch when contiguous, else a LongTensor [n]
     groups: list[tuple[int, slice | torch.Tensor]]
+    # (first row, rows, slot) per chunk, as given (for the per-row slots of the C kernel)
+    spans: list[tuple[int, int, int]] = None
+    _row_slots: torch.Tensor | None = None
+
+    def row_slots(self) -> torch.Tensor:
+        """int64 [T] slot of each row of the pass (-1: base), made once, on the CPU."""
+        if self._row_slots is None:
+            T = max(start + n for start, n, _ in self.spans)
+            slots = torch.full((T,), -1, dtype=torch.long)
+            for start, n, slot in self.spans:
+                slots[start:start + n] = slot
+            self._row_slots = slots
+        return self._row_slots
 
     @classmethod
     def from_spans(cls, spans: list[tuple[int, int, int]], device: torch.device
@@ -58,7 +73,7 @@ class LoRAStep:
             else:
                 rows = torch.cat([torch.arange(a, b) for a, b in runs])
                 groups.append((slot, rows if device.type == "cpu" else rows.to(device)))
-        return cls(groups)
+        return cls(groups, list(spans))
 
 
 class LoRAContext:
@@ -84,6 +99,7 @@ class LinearLoRA:
         # (first output row, rows) of each shard, in order; together they cover the output
         self.spans = [layer.shard_offset(s) for s in self.shard_ids]
         assert sum(n for _, n in self.spans) == self.out_features
+        self._spans_c = torch.tensor(self.spans, dtype=torch.long).flatten()  # for the C call
         self.num_slots, self.rank = num_slots, rank
         k = len(self.shard_ids)
         with torch.inference_mode():
@@ -130,6 +146,27 @@ class LinearLoRA:
             A[:, j * rank:j * rank + R] = self.A[:, j * R:(j + 1) * R]
         B[:, :, :R] = self.B
         self.A, self.B, self.rank = A, B, rank
+
+    def add_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """add_to for the native decoder's buffers (x [T, in], y [T, out] fp32 CPU views, rows
+        contiguous): one C call (layers/csrc/cpu_ops.c lora_rows_f32) row by row, where it
+        serves; else add_to. A decode step has ~120 of these: torch's ~6 ops each cost more
+        than the arithmetic."""
+        step = self.context.step
+        if step is None:
+            return
+        lib = native_ops.lib()
+        if (lib is None or self.A.dtype != torch.float32 or x.dtype != torch.float32
+                or y.dtype != torch.float32 or x.device.type != "cpu" or self.in_features % 8
+                or not x.is_contiguous() or y.stride(1) != 1):
+            self.add_to(x, y)
+            return
+        slots = step.row_slots()
+        assert slots.numel() == x.shape[0] == y.shape[0]
+        lib.lora_rows_f32(x.data_ptr(), x.shape[0], self.in_features, slots.data_ptr(),
+                          self.A.data_ptr(), self.B.data_ptr(), self.rank, len(self.spans),
+                          self._spans_c.data_ptr(), y.data_ptr(), y.stride(0),
+                          self.out_features)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] (the base output of x [T, in]) plus each row's adapter term, in place."""

@@ -14,7 +14,8 @@ MAX_ROWS tokens, every chunk attending row by row (one token, or up to MAX_ROW_C
 speculative verification, a short prompt chunk such as the scheduler cuts while others decode),
 a KV cache the C attention reads, and every projection served by a C kernel at that row count.
 Anything else takes the module path. A step with LoRA rows (layers/lora.py) runs the layer
-loop in Python, each projection's adapter term added by torch right after its C kernel.
+loop in Python, each projection's adapter term added right after its C kernel by another C call
+(LinearLoRA.add_rows).
 """
 from __future__ import annotations
 
@@ -234,7 +235,8 @@ class NativeDecoder:
         lora = self.model.lora_context
         lora = lora is not None and lora.active
         # A step with LoRA rows runs the Python loop, which adds each projection's adapter term
-        # (layers/lora.py, torch) right after its C kernel; decode_layers knows no adapters.
+        # (layers/lora.py add_rows, a C call) right after its kernel; decode_layers knows no
+        # adapters.
         plan = (self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls and not lora
                 else None)
         if plan is not None:
@@ -275,22 +277,22 @@ class NativeDecoder:
             if qkv_lin.bias is not None:
                 qkv.add_(qkv_lin.bias)
             if lora and qkv_lin.lora is not None:
-                qkv_lin.lora.add_to(x, qkv)
+                qkv_lin.lora.add_rows(x, qkv)
             lib.rope_f32(p_qkv, p_cos, p_sin, T, H + KVH, D, stride)
             writes[i](p_k, p_v, stride, slots.data_ptr(), T)
             native_attention.bind_rows(kc, vc, tables, seq, ctx, H, D, self.scale,
                                        self.window)(p_qkv, stride, p_attn, T)
             k_o(p_attn, p_o)
             if lora and o_lin.lora is not None:
-                o_lin.lora.add_to(attn, o)
+                o_lin.lora.add_rows(attn, o)
             lib.add_rms_norm_f32(p_h, p_o, norm2.weight.data_ptr(), p_x, T, hidden, norm2.eps)
             k_gu(p_x, p_gu)
             if lora and gu_lin.lora is not None:
-                gu_lin.lora.add_to(x, gu)
+                gu_lin.lora.add_rows(x, gu)
             lib.silu_mul_f32(p_gu, p_act, T, inter)
             k_down(p_act, p_o)
             if lora and down_lin.lora is not None:
-                down_lin.lora.add_to(act, o)
+                down_lin.lora.add_rows(act, o)
             after = self._norm_after(i, n)  # the residual add fused with the following norm
             lib.add_rms_norm_f32(p_h, p_o, after.weight.data_ptr(), p_x, T, hidden, after.eps)
         return x

@@ -205,6 +205,44 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
     }
 }
 
+// ---- LoRA's low-rank term for decode-sized steps (layers/lora.py LinearLoRA.add_rows) ----
+// For each row t whose slot s = slot[t] is >= 0: shrink u = A[s] x[t] (K shards x R values),
+// then expand y[t, off_j + o] += B[s, off_j + o, :] . u[j R .. j R + R) for each shard j, whose
+// output rows are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots, out,
+// R] fp32 contiguous; x rows contiguous ([T, in]); y rows `ystride` apart. in % 8 == 0.
+void lora_rows_f32(const float *x, int64_t T, int64_t in, const int64_t *slot, const float *A,
+                   const float *B, int64_t R, int64_t K, const int64_t *spans, float *y,
+                   int64_t ystride, int64_t out) {
+    float *u = (float *)malloc(K * R * sizeof(float));
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slot[t];
+        if (s < 0) continue;
+        const float *xt = x + t * in, *As = A + s * K * R * in, *Bs = B + s * out * R;
+        for (int64_t i = 0; i < K * R; i++) {
+            const float *a = As + i * in;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < in; k += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xt + k), acc);
+            u[i] = hsum256(acc);
+        }
+        float *yt = y + t * ystride;
+        for (int64_t j = 0; j < K; j++) {
+            const float *uj = u + j * R;
+            for (int64_t o = spans[2 * j]; o < spans[2 * j] + spans[2 * j + 1]; o++) {
+                const float *b = Bs + o * R;
+                __m256 acc = _mm256_setzero_ps();
+                int64_t r = 0;
+                for (; r + 8 <= R; r += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + r), _mm256_loadu_ps(uj + r), acc);
+                float sum = hsum256(acc);
+                for (; r < R; r++) sum += b[r] * uj[r];
+                yt[o] += sum;
+            }
+        }
+    }
+    free(u);
+}
+
 // ---- the decoder layers of a decode-shaped step, as one call ----
 // models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
 // overhead plus the loop's own bookkeeping (~1 ms of a ~8 ms step of the 135M model). Here the
