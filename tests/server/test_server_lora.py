@@ -81,6 +81,11 @@ def test_openai_client_selects_adapter_by_model_name(lora_server, offline):
     assert chat.model == "a" and chat.choices[0].message.content is not None
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt=PROMPT, max_tokens=2)
+    lora_server.wait_idle()
+    metrics = httpx.get(lora_server.base_url + "/metrics", headers=_auth()).text
+    line = next(x for x in metrics.splitlines()
+                if x.startswith('turbollm_lora_requests_finished_total{adapter="a"}'))
+    assert float(line.split()[-1]) >= 2  # the completion and the chat
 
 
 def test_load_use_unload_at_run_time(lora_server, lora_dir, offline):
