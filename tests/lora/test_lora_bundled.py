@@ -63,30 +63,57 @@ def test_logits_match_peft_merged_model(name, ours, references, probe_ids):
                                rtol=1e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("native", [True, False])
-def test_decode_steps_on_c_path_and_module_path(native, ours, references, probe_ids,
-                                                monkeypatch):
-    """Decode-shaped steps with an adapter: the native decoder's Python loop (C kernels, the
-    LoRA term after each) and the torch modules give PEFT's logits; check which one ran."""
-    from turbollm.models.native_decode import NativeDecoder
-    ran = []
-    forward = NativeDecoder.forward
+@pytest.mark.parametrize("path", ["c_loop", "python_loop", "modules"])
+def test_decode_steps_on_every_path(path, ours, references, probe_ids, monkeypatch):
+    """Decode-shaped steps with an adapter give PEFT's logits whichever path runs them: the
+    one-call C loop (decode_layers adds the LoRA terms), the native decoder's Python loop (C
+    kernels, LinearLoRA.add_rows after each), the torch modules. Checks which one ran."""
+    from turbollm.layers.lora import LinearLoRA
+    from turbollm.models import native_decode
+    ran = {"native": 0, "c_loop": 0, "add_rows": 0}
+    forward, decode_layers = native_decode.NativeDecoder.forward, None
+    add_rows = LinearLoRA.add_rows
 
-    def spy(self, *args):
-        out = forward(self, *args)
-        ran.append(out is not None)
+    def spy_forward(self, *args):
+        nonlocal decode_layers
+        lib = self.lib
+        if decode_layers is None:  # count decode_layers calls through a wrapper object
+            class Counting:
+                def __getattr__(_, name):
+                    return getattr(lib, name)
+
+                def decode_layers(_, *a):
+                    ran["c_loop"] += 1
+                    return lib.decode_layers(*a)
+            decode_layers = Counting()
+        self.lib = decode_layers
+        try:
+            out = forward(self, *args)
+        finally:
+            self.lib = lib
+        ran["native"] += out is not None
         return out
 
-    monkeypatch.setattr(NativeDecoder, "forward", spy)
+    def spy_add_rows(self, x, y):
+        ran["add_rows"] += 1
+        return add_rows(self, x, y)
+
+    monkeypatch.setattr(native_decode.NativeDecoder, "forward", spy_forward)
+    monkeypatch.setattr(LinearLoRA, "add_rows", spy_add_rows)
+    monkeypatch.setattr(native_decode, "_c_loop", path == "c_loop")
     worker = ours.engine.executor.worker
     lora, expected = references["r16_all"]
-    worker.set_native_decode(native)
+    worker.set_native_decode(path != "modules")
     try:
         got = our_logits(ours, probe_ids, [6] + [1] * (PROMPT_LEN - 6), lora)
     finally:
         worker.set_native_decode(True)
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
-    assert (len(ran) == PROMPT_LEN - 5 and all(ran)) if native else not ran
+    steps = PROMPT_LEN - 5
+    want = {"c_loop": {"native": steps, "c_loop": steps, "add_rows": 0},
+            "python_loop": {"native": steps, "c_loop": 0, "add_rows": steps * 4 * 30},
+            "modules": {"native": 0, "c_loop": 0, "add_rows": 0}}[path]
+    assert ran == want
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]

@@ -82,6 +82,9 @@ class LoRAContext:
 
     def __init__(self) -> None:
         self.step: LoRAStep | None = None
+        # bumped whenever a layer's slot tensors are (re)allocated: the native decoder's C
+        # plans hold their addresses and are rebuilt when it changes
+        self.generation = 0
 
     @property
     def active(self) -> bool:
@@ -106,6 +109,23 @@ class LinearLoRA:
             self.A = torch.zeros(num_slots, k * rank, self.in_features, dtype=dtype,
                                  device=device)
             self.B = torch.zeros(num_slots, self.out_features, rank, dtype=dtype, device=device)
+        self._describe()
+
+    def _describe(self) -> None:
+        """The LORA_WORDS words (csrc/decode_abi.h) the C decode loop reads: `desc`, or None
+        where C cannot serve these slots."""
+        self.context.generation += 1
+        abi = native_ops.decode_abi()
+        self.desc = None
+        if abi is None or self.A.dtype != torch.float32 or self.A.device.type != "cpu" \
+                or self.in_features % 8:
+            return
+        words = [0] * abi.LORA_WORDS
+        words[abi.LORA_A], words[abi.LORA_B] = self.A.data_ptr(), self.B.data_ptr()
+        words[abi.LORA_RANK], words[abi.LORA_SHARDS] = self.rank, len(self.spans)
+        words[abi.LORA_SPANS] = self._spans_c.data_ptr()
+        words[abi.LORA_IN], words[abi.LORA_OUT] = self.in_features, self.out_features
+        self.desc = torch.tensor(words, dtype=torch.int64)
 
     def shard_index(self, shard_id) -> int:
         return self.shard_ids.index(shard_id)
@@ -146,6 +166,7 @@ class LinearLoRA:
             A[:, j * rank:j * rank + R] = self.A[:, j * R:(j + 1) * R]
         B[:, :, :R] = self.B
         self.A, self.B, self.rank = A, B, rank
+        self._describe()
 
     def add_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """add_to for the native decoder's buffers (x [T, in], y [T, out] fp32 CPU views, rows
