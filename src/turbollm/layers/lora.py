@@ -30,6 +30,12 @@ import torch
 from turbollm.layers import native_ops
 
 
+# Rows up to which the C row kernel adds the LoRA term (one thread, row by row); more rows go
+# to torch's multi-threaded matmuls per adapter group. Not measured yet: a guess that a few
+# rows are dominated by torch's per-op cost and many rows by arithmetic.
+MAX_C_ROWS = 8
+
+
 @dataclass
 class LoRAStep:
     """The rows of one forward pass that use each adapter slot (base rows are in none)."""
@@ -171,13 +177,14 @@ class LinearLoRA:
     def add_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """add_to for the native decoder's buffers (x [T, in], y [T, out] fp32 CPU views, rows
         contiguous): one C call (layers/csrc/cpu_ops.c lora_rows_f32) row by row, where it
-        serves; else add_to. A decode step has ~120 of these: torch's ~6 ops each cost more
-        than the arithmetic."""
+        serves (up to MAX_C_ROWS rows); else add_to. A decode step has ~120 of these: torch's
+        ~6 ops each cost more than the arithmetic of a few rows."""
         step = self.context.step
         if step is None:
             return
         lib = native_ops.lib()
-        if (lib is None or self.A.dtype != torch.float32 or x.dtype != torch.float32
+        if (lib is None or x.shape[0] > MAX_C_ROWS or self.A.dtype != torch.float32
+                or x.dtype != torch.float32
                 or y.dtype != torch.float32 or x.device.type != "cpu" or self.in_features % 8
                 or not x.is_contiguous() or y.stride(1) != 1):
             self.add_to(x, y)

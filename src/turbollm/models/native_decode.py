@@ -29,6 +29,7 @@ import torch
 from turbollm.attention import native as native_attention
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.attention.torch_sdpa import SMALL_QUERY
+from turbollm.layers import lora as lora_module
 from turbollm.layers import native_ops
 from turbollm.native_build import function_address
 from turbollm.quantization import kernels as quant_kernels
@@ -244,7 +245,10 @@ class NativeDecoder:
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
         lora = self.model.lora_context
         lora_step = lora.step if lora is not None else None
-        plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
+        # past MAX_C_ROWS rows with adapters, their terms are torch matmuls: the Python loop
+        c_lora = lora_step is None or T <= lora_module.MAX_C_ROWS
+        plan = (self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls and c_lora
+                else None)
         if plan is not None:
             abi, w = self.abi, [0] * self.abi.S_WORDS  # the step's words, by name
             w[abi.S_H], w[abi.S_X], w[abi.S_QKV], w[abi.S_ATTN] = p_h, p_x, p_qkv, p_attn

@@ -219,7 +219,22 @@ void lora_rows_f32(const float *x, int64_t T, int64_t in, const int64_t *slot, c
         const int64_t s = slot[t];
         if (s < 0) continue;
         const float *xt = x + t * in, *As = A + s * K * R * in, *Bs = B + s * out * R;
-        for (int64_t i = 0; i < K * R; i++) {
+        // four rows of A at a time: four independent FMA chains, each x load used four times
+        int64_t i = 0;
+        for (; i + 4 <= K * R; i += 4) {
+            const float *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            for (int64_t k = 0; k < in; k += 8) {
+                const __m256 xv = _mm256_loadu_ps(xt + k);
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, c1);
+                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, c2);
+                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, c3);
+            }
+            u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);
+            u[i + 3] = hsum256(c3);
+        }
+        for (; i < K * R; i++) {
             const float *a = As + i * in;
             __m256 acc = _mm256_setzero_ps();
             for (int64_t k = 0; k < in; k += 8)
