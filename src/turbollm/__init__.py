@@ -1,9 +1,10 @@
 """turbollm: a fast LLM inference engine and OpenAI-compatible server."""
+from turbollm.core.lora_request import LoRARequest
 from turbollm.sampling_params import SamplingParams
 from turbollm.structured_spec import StructuredOutputSpec
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "StructuredOutputSpec", "__version__"]
+__all__ = ["LLM", "LoRARequest", "SamplingParams", "StructuredOutputSpec", "__version__"]
 
 
 def __getattr__(name):

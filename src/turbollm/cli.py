@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench_eval(sub)
     from turbollm.compress.quantize import add_quantize_parser
     add_quantize_parser(sub)
+    from turbollm.compress.lora_merge import add_lora_parser
+    add_lora_parser(sub)
     return parser
 
 

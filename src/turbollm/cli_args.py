@@ -6,11 +6,11 @@ import types
 import typing
 from dataclasses import MISSING, fields
 
-from turbollm.config import (CacheConfig, DeviceConfig, KernelConfig, ModelConfig,
+from turbollm.config import (CacheConfig, DeviceConfig, KernelConfig, LoRAConfig, ModelConfig,
                              SchedulerConfig, SpeculativeConfig)
 
 ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, SpeculativeConfig,
-                   KernelConfig)
+                   KernelConfig, LoRAConfig)
 
 
 def _base_type(hint):

@@ -200,6 +200,33 @@ class DeviceConfig:
         return self.device
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA adapters served beside the base model (PEFT directories; requests pick one)."""
+
+    enable_lora: bool = field(default=False, metadata=_help(
+        "serve LoRA adapters: requests may name one (LoRARequest, or the server's model name)"))
+    max_loras: int = field(default=4, metadata=_help(
+        "most distinct adapters in one step (the adapter slots the model keeps)"))
+    max_lora_rank: int | None = field(default=None, metadata=_help(
+        "slot rank; default: as large as the largest adapter loaded (a larger one grows the "
+        "slots); set it to refuse larger adapters"))
+    max_cpu_loras: int | None = field(default=None, metadata=_help(
+        "adapters kept loaded in memory (LRU; an evicted one reloads when asked again); "
+        "default: max_loras"))
+
+    def __post_init__(self) -> None:
+        if self.max_loras < 1:
+            raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_lora_rank is not None and self.max_lora_rank < 1:
+            raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.max_cpu_loras is None:
+            self.max_cpu_loras = self.max_loras
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras "
+                             f"({self.max_loras})")
+
+
 # Environment variables that switched kernels before KernelConfig; read, with a warning, where
 # the field is left unset (deprecated: they go in the next release).
 DEPRECATED_KERNEL_ENV = {
@@ -269,6 +296,7 @@ class EngineConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -277,7 +305,8 @@ class EngineConfig:
         parts = {}
         for name, klass in (("model", ModelConfig), ("cache", CacheConfig),
                             ("scheduler", SchedulerConfig), ("device", DeviceConfig),
-                            ("speculative", SpeculativeConfig), ("kernel", KernelConfig)):
+                            ("speculative", SpeculativeConfig), ("kernel", KernelConfig),
+                            ("lora", LoRAConfig)):
             own = {f.name for f in fields(klass)}
             parts[name] = klass(**{k: kwargs.pop(k) for k in list(kwargs) if k in own})
         if kwargs:

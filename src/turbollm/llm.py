@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
+from turbollm.core.lora_request import LoRARequest
 from turbollm.engine.llm_engine import LLMEngine
 from turbollm.engine.outputs import RequestOutput
 from turbollm.sampling_params import SamplingParams
@@ -24,8 +25,11 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool | None = None) -> list[RequestOutput]:
-        """Generate for one prompt or many (strings or token-id lists), in input order."""
+                 use_tqdm: bool | None = None,
+                 lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for one prompt or many (strings or token-id lists), in input order; with
+        one adapter for all prompts or one per prompt (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)
@@ -38,9 +42,20 @@ class LLM:
         # A bad schema or grammar raises here, before anything is queued (compiles are cached).
         for spec in {p.structured_output for p in params} - {None}:
             self.engine.constrained.validate(spec)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras = [lora_request] * len(prompts)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompts):
+                raise ValueError("lora_request must be one LoRARequest or one per prompt")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
-        for rid, prompt, p in zip(ids, prompts, params):
-            self.engine.add_request(rid, prompt, p)
+        try:
+            for rid, prompt, p, lora in zip(ids, prompts, params, loras):
+                self.engine.add_request(rid, prompt, p, lora_request=lora)
+        except BaseException:
+            for rid in ids:  # a bad prompt or adapter queues none of this call's requests
+                self.engine.abort_request(rid)
+            raise
         return self._run(ids, use_tqdm if use_tqdm is not None else len(prompts) > 8)
 
     def chat(self, messages: list[dict] | list[list[dict]],

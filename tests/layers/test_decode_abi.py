@@ -30,13 +30,17 @@ def test_sizes_agree():
     abi = native_ops.decode_abi()
     steps = [getattr(abi, f) for f in abi._fields if f.startswith("S_") and f != "S_WORDS"]
     assert sorted(steps) == list(range(abi.S_WORDS))
-    assert abi.LAYER_WORDS == 2 + 4 * abi.LIN_WORDS + 5
+    assert abi.LAYER_WORDS == 2 + 4 * abi.LIN_WORDS + 5 + 4
     row = [abi.L_NORM2, abi.L_NORM_NEXT, abi.L_K_CACHE, abi.L_V_CACHE, abi.L_K_SCALES,
-           abi.L_V_SCALES, abi.L_CACHE_DTYPE]
+           abi.L_V_SCALES, abi.L_CACHE_DTYPE, abi.L_LORA_QKV, abi.L_LORA_O, abi.L_LORA_GATE_UP,
+           abi.L_LORA_DOWN]
     for at in (abi.L_QKV, abi.L_O, abi.L_GATE_UP, abi.L_DOWN):
         row += range(at, at + abi.LIN_WORDS)
     assert sorted(row) == list(range(abi.LAYER_WORDS))  # each word of a layer has one use
     assert sorted((abi.LIN_FN, abi.LIN_KIND, abi.LIN_ARGS)) == [0, 1, 2]
+    lora = [abi.LORA_A, abi.LORA_B, abi.LORA_RANK, abi.LORA_SHARDS, abi.LORA_SPANS, abi.LORA_IN,
+            abi.LORA_OUT]
+    assert sorted(lora) == list(range(abi.LORA_WORDS))
     assert abi.LIN_ARGS + 8 <= abi.LIN_WORDS  # the low-bit call's 8 bound arguments fit
     kinds = (abi.LIN_LOWBIT, abi.LIN_Q8, abi.LIN_DENSE)
     embeds = (abi.EMBED_F32, abi.EMBED_BF16, abi.EMBED_F16, abi.EMBED_NONE)

@@ -1,8 +1,8 @@
 """The engine-to-worker hand-off: what one step runs, and what it gave back. Plain data only.
 
-Every field is an int, a list of ints, a string, a SamplingParams (a dataclass of plain
-values) or a grammar bitmask (a numpy int32 array), so a batch can be pickled to a worker in
-another process as it is. In one process
+Every field is an int, a list of ints, a string, a SamplingParams or LoRARequest (dataclasses
+of plain values), or a grammar bitmask (a numpy int32 array), so a batch can be pickled to a
+worker in another process as it is. In one process
 the lists are the requests' own (no copy is made).
 """
 from __future__ import annotations
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from turbollm.core.lora_request import LoRARequest
     from turbollm.core.request import Request
     from turbollm.core.scheduler import SchedulerOutput
     from turbollm.sampling_params import SamplingParams
@@ -36,6 +37,8 @@ class SequenceWork:
     # constrained decoding: the tokens the grammar allows next, a numpy int32
     # [ceil(vocab / 32)] bitmask (bit j of word w = token 32 w + j); None when unconstrained
     grammar_bitmask: Any = None
+    # the adapter these rows run with (name, id, path: plain data); None: the base model
+    lora: "LoRARequest | None" = None
 
     @property
     def proposals(self) -> list[int]:
@@ -93,7 +96,8 @@ def sequence_work(req: "Request", n: int, block_ids: list[int]) -> SequenceWork:
         request_id=req.request_id, token_ids=tokens, start=start, block_ids=block_ids,
         num_proposals=len(proposals), sample=start + n >= req.num_tokens, params=req.params,
         prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids,
-        num_prompt_logprobs=req.num_prompt_logprobs if req.needs_prompt_logprobs else -1)
+        num_prompt_logprobs=req.num_prompt_logprobs if req.needs_prompt_logprobs else -1,
+        lora=req.lora_request)
 
 
 def step_batch(so: "SchedulerOutput", finished_request_ids: list[str]) -> StepBatch:

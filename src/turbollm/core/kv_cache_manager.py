@@ -45,12 +45,15 @@ class KVCacheManager:
         hashes = self._hashes.setdefault(req.request_id, [])
         bs = self.block_size
         tokens = req.all_token_ids
+        # KV depends on the adapter too: blocks of different adapters never match. In the
+        # first block's hash, so through the chain in every later one.
+        lora = b"" if req.lora_request is None else req.lora_request.cache_key
         while (len(hashes) + 1) * bs <= len(tokens):
             i = len(hashes)
             parent = hashes[-1] if hashes else None
-            # the salt enters the first block; the chain carries it to the rest
+            # the salt and the adapter enter the first block; the chain carries them on
             hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs],
-                                     req.cache_salt if parent is None else b""))
+                                     req.cache_salt + lora if parent is None else b""))
         return hashes
 
     def get_computed_blocks(self, req: Request) -> tuple[list[KVBlock], int]:

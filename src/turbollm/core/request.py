@@ -6,6 +6,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from turbollm.core.lora_request import LoRARequest
     from turbollm.sampling_params import SamplingParams
 
 
@@ -43,7 +44,7 @@ class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: "SamplingParams",
                  eos_token_ids: list[int], max_tokens: int, arrival_time: float | None = None,
                  prefix_leader: "Request | None" = None, extra: Any = None,
-                 cache_salt: bytes = b"") -> None:
+                 lora_request: "LoRARequest | None" = None, cache_salt: bytes = b"") -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -62,6 +63,7 @@ class Request:
         # n > 1: siblings wait until the leader's prompt blocks are cached, then share them.
         self.prefix_leader = prefix_leader
         self.extra = extra  # opaque per-request data owned by the engine (detokenizer, ...)
+        self.lora_request = lora_request  # the adapter it runs with; None: the base model
         # Mixed into its prefix-cache block hashes: only requests with the same salt share KV
         # blocks (blocks computed in another way, e.g. batch-invariant steps, stay apart).
         self.cache_salt = cache_salt

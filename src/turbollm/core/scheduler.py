@@ -55,8 +55,11 @@ class Scheduler:
     """Continuous batching over a paged KV cache."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 num_lookahead_tokens: int = 0):
+                 num_lookahead_tokens: int = 0, max_loras: int = 0):
         self.config = config
+        # Most distinct LoRA adapters among running requests (the worker's slots; 0: no limit).
+        # Admission keeps to it, so every step can schedule every running request.
+        self.max_loras = max_loras
         # Extra KV slots a decoding request holds beyond this step's tokens, so a draft model
         # can write its K proposals' KV after the step (speculative decoding with a draft).
         self.num_lookahead_tokens = num_lookahead_tokens
@@ -142,6 +145,7 @@ class Scheduler:
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []
+        loras = self.running_lora_ids()
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             leader = req.prefix_leader
@@ -153,6 +157,12 @@ class Scheduler:
                 # its grammar is still compiling (engine thread pool): the others go first
                 skipped.append(self.waiting.popleft())
                 continue
+            lora = req.lora_request
+            if (lora is not None and self.max_loras and lora.lora_int_id not in loras
+                    and len(loras) >= self.max_loras):
+                # every adapter slot is taken by running requests: wait for one to free up
+                skipped.append(self.waiting.popleft())
+                continue
             hits, num_hit = self.kv.get_computed_blocks(req)
             n = req.num_tokens - num_hit
             if n > budget and not self.config.enable_chunked_prefill:
@@ -161,6 +171,8 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n + self._lookahead(req, num_hit + n), hits):
                 break
             self.waiting.popleft()
+            if lora is not None:
+                loras.add(lora.lora_int_id)
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
@@ -169,6 +181,10 @@ class Scheduler:
             self._add(out, req, n)
             budget -= n
         self.waiting.extendleft(reversed(skipped))
+
+    def running_lora_ids(self) -> set[int]:
+        """The adapters of running requests (at most max_loras of them)."""
+        return {r.lora_request.lora_int_id for r in self.running if r.lora_request is not None}
 
     def _lookahead(self, req: Request, end: int) -> int:
         """Draft slots for a request whose step ends at `end` (= decoding after the step)."""

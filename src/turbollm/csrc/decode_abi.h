@@ -11,26 +11,35 @@ enum { LIN_FN = 0, LIN_KIND = 1, LIN_ARGS = 2, LIN_WORDS = 10 };
 
 // A layer, LAYER_WORDS words: norm2 weight, the norm that follows the layer (the next layer's
 // norm1, or the model's final norm after the last layer), the qkv / o / gate_up / down
-// projections, then the K/V write's and the attention's cache pointers and dtype code.
+// projections, then the K/V write's and the attention's cache pointers and dtype code, then
+// each projection's LoRA slots (the address of its LORA_WORDS words, 0 for none).
 enum {
     L_NORM2 = 0, L_NORM_NEXT = 1,
     L_QKV = 2, L_O = L_QKV + LIN_WORDS, L_GATE_UP = L_O + LIN_WORDS,
     L_DOWN = L_GATE_UP + LIN_WORDS,
     L_K_CACHE = L_DOWN + LIN_WORDS, L_V_CACHE, L_K_SCALES, L_V_SCALES, L_CACHE_DTYPE,
+    L_LORA_QKV, L_LORA_O, L_LORA_GATE_UP, L_LORA_DOWN,
     LAYER_WORDS
 };
+
+// A projection's LoRA slots (layers/lora.py LinearLoRA), LORA_WORDS words: A [slots, K R, in]
+// and B [slots, out, R] fp32, the slot rank R, the shard count K, the address of the shards'
+// (first output row, rows) pairs, in and out. Added after the projection for rows whose slot
+// (the step's S_LORA_SLOTS, -1 for none) is >= 0: cpu_ops.c lora_rows_f32.
+enum { LORA_A = 0, LORA_B, LORA_RANK, LORA_SHARDS, LORA_SPANS, LORA_IN, LORA_OUT, LORA_WORDS };
 
 // The step, S_WORDS words: h, x, qkv, attn, o, gu, act buffers; T, hidden, inter, H, KVH, D,
 // qkv row stride, q_size, qk_size; cos and sin tables [max_position, D/2], positions, slots;
 // block tables, their width, each row's sequence and context; block size, window; the K/V
 // write and attention functions; token ids, embedding table and its type (EMBED_*), the first
-// layer's norm1 weight (scale and eps are decode_layers' float arguments). One list (an
+// layer's norm1 weight (scale and eps are decode_layers' float arguments); each row's LoRA slot
+// (int64 [T], -1: none) or 0 when no row has an adapter. One list (an
 // X-macro) makes both the enum and the exported names, so no field can miss from Python's view.
 #define DECODE_STEP_FIELDS(X)                                                                   \
     X(S_H) X(S_X) X(S_QKV) X(S_ATTN) X(S_O) X(S_GU) X(S_ACT) X(S_T) X(S_HIDDEN) X(S_INTER)      \
     X(S_HEADS) X(S_KVH) X(S_D) X(S_STRIDE) X(S_QSIZE) X(S_QKSIZE) X(S_COS) X(S_SIN) X(S_POS)    \
     X(S_SLOTS) X(S_TABLES) X(S_MAXB) X(S_SEQ) X(S_CTX) X(S_BS) X(S_WINDOW) X(S_WRITE)          \
-    X(S_ATTEND) X(S_IDS) X(S_EMBED) X(S_EMBED_KIND) X(S_NORM1)
+    X(S_ATTEND) X(S_IDS) X(S_EMBED) X(S_EMBED_KIND) X(S_NORM1) X(S_LORA_SLOTS)
 #define DECODE_ABI_ENUM_(name) name,
 enum { DECODE_STEP_FIELDS(DECODE_ABI_ENUM_) S_WORDS };
 #undef DECODE_ABI_ENUM_
@@ -42,7 +51,9 @@ enum { EMBED_F32 = 0, EMBED_BF16 = 1, EMBED_F16 = 2, EMBED_NONE = 3 };
 #define DECODE_ABI_VALUES(X)                                                                    \
     X(LIN_LOWBIT) X(LIN_Q8) X(LIN_DENSE) X(LIN_FN) X(LIN_KIND) X(LIN_ARGS) X(LIN_WORDS)         \
     X(L_NORM2) X(L_NORM_NEXT) X(L_QKV) X(L_O) X(L_GATE_UP) X(L_DOWN) X(L_K_CACHE) X(L_V_CACHE)  \
-    X(L_K_SCALES) X(L_V_SCALES) X(L_CACHE_DTYPE) X(LAYER_WORDS)                                 \
+    X(L_K_SCALES) X(L_V_SCALES) X(L_CACHE_DTYPE) X(L_LORA_QKV) X(L_LORA_O) X(L_LORA_GATE_UP)     \
+    X(L_LORA_DOWN) X(LAYER_WORDS) X(LORA_A) X(LORA_B) X(LORA_RANK) X(LORA_SHARDS) X(LORA_SPANS)  \
+    X(LORA_IN) X(LORA_OUT) X(LORA_WORDS)                                                        \
     DECODE_STEP_FIELDS(X) X(S_WORDS)                                                            \
     X(EMBED_F32) X(EMBED_BF16) X(EMBED_F16) X(EMBED_NONE)
 

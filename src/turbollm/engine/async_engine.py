@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from turbollm.engine.outputs import RequestOutput
 
 if TYPE_CHECKING:
+    from turbollm.core.lora_request import LoRARequest
     from turbollm.engine.llm_engine import LLMEngine
     from turbollm.sampling_params import SamplingParams
 
@@ -280,8 +281,8 @@ class AsyncLLMEngine:
             raise EngineNotReadyError(f"the server is {self.state.value}")
 
     async def add_request(self, request_id: str, prompt: str | list[int],
-                          params: "SamplingParams", arrival_time: float | None = None
-                          ) -> RequestStream:
+                          params: "SamplingParams", arrival_time: float | None = None,
+                          lora_request: "LoRARequest | None" = None) -> RequestStream:
         """Queue a request; returns its stream once the engine took it.
 
         Raises EngineOverloadedError / EngineNotReadyError / EngineDeadError right away, and
@@ -306,7 +307,8 @@ class AsyncLLMEngine:
         self._streams[request_id] = stream
         self._pending_adds[request_id] = fut
         self._idle.clear()
-        self._inbox.put(("add", request_id, prompt, params, arrival_time or time.monotonic()))
+        self._inbox.put(("add", request_id, prompt, params, arrival_time or time.monotonic(),
+                         lora_request))
         if self.state == EngineState.BROKEN:  # died between the check and the put
             self._fail_future(fut, EngineDeadError("the engine is not running"))
         try:
@@ -338,15 +340,35 @@ class AsyncLLMEngine:
                                          PARAM) from None
 
     async def generate(self, request_id: str, prompt: str | list[int],
-                       params: "SamplingParams", arrival_time: float | None = None
+                       params: "SamplingParams", arrival_time: float | None = None,
+                       lora_request: "LoRARequest | None" = None
                        ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs; aborts it when the consumer stops early or is cancelled."""
-        stream = await self.add_request(request_id, prompt, params, arrival_time)
+        stream = await self.add_request(request_id, prompt, params, arrival_time, lora_request)
         try:
             async for out in stream:
                 yield out
         finally:
             stream.abort()
+
+    async def call(self, fn: Callable[["LLMEngine"], Any]) -> Any:
+        """fn(engine) run on the engine thread between steps (the engine is not thread-safe):
+        adapter loading and unloading. Its exception is raised here."""
+        self._check_accepting()
+        assert self._loop is not None
+        fut = self._loop.create_future()
+        self._inbox.put(("call", fn, fut))
+        if self.state == EngineState.BROKEN:
+            self._fail_future(fut, EngineDeadError("the engine is not running"))
+        return await fut
+
+    def _on_called(self, fut: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+        if fut.done():
+            return
+        if exc is None:
+            fut.set_result(result)
+        else:
+            fut.set_exception(exc)
 
     def abort(self, request_id: str) -> None:
         """Abort a request (event-loop thread only); its blocks are freed before the next step."""
@@ -454,10 +476,18 @@ class AsyncLLMEngine:
     def _handle(self, cmds: list[tuple]) -> None:
         from turbollm.engine.errors import RequestValidationError
         for cmd in cmds:
-            if cmd[0] == "add":
-                _, rid, prompt, params, arrival = cmd
+            if cmd[0] == "call":
+                _, fn, fut = cmd
                 try:
-                    self.engine.add_request(rid, prompt, params, arrival_time=arrival)
+                    result, exc = fn(self.engine), None
+                except Exception as e:  # the caller gets it; the loop goes on
+                    result, exc = None, e
+                self._post(self._on_called, fut, result, exc)
+            elif cmd[0] == "add":
+                _, rid, prompt, params, arrival, lora = cmd
+                try:
+                    self.engine.add_request(rid, prompt, params, arrival_time=arrival,
+                                            lora_request=lora)
                 except (RequestValidationError, ValueError) as exc:
                     self._dequeue(rid)
                     self._post(self._on_added, rid, exc)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, replace
 from turbollm.config import EngineConfig
 from turbollm.core.batch import step_batch
 from turbollm.core.kv_cache_manager import KVCacheManager
+from turbollm.core.lora_request import LoRARequest
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
 from turbollm.engine.constrained import ConstrainedRequests
@@ -55,13 +56,15 @@ class LLMEngine:
         self.spec = make_speculative_decoder(config.speculative, self.max_model_len,
                                              self.executor, self.kv_manager.block_ids, draft_cost)
         self.scheduler = Scheduler(config.scheduler, self.kv_manager, self.max_model_len,
-                                   self.spec.num_lookahead_tokens if self.spec else 0)
+                                   self.spec.num_lookahead_tokens if self.spec else 0,
+                                   config.lora.max_loras if config.lora.enable_lora else 0)
         self.outputs = OutputProcessor(self.tokenizer)
         self.constrained = ConstrainedRequests(
             self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
             config.scheduler.structured_output_backend, speculative=self.spec is not None)
         self.stats = EngineStats()
         self._finished_ids: list[str] = []  # for the worker, with the next batch
+        self._retired_loras: set[int] = set()  # unloaded adapters that requests still run
         if self.spec is not None and self.spec.measures_step_costs:
             self._measure_step_costs()
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
@@ -109,12 +112,15 @@ class LLMEngine:
         return list(self.tokenizer(prompt).input_ids)
 
     def add_request(self, request_id: str, prompt: str | list[int] | None,
-                    params: SamplingParams | None = None, arrival_time: float | None = None
-                    ) -> None:
-        """Queue a request (a prompt string or token ids); raises RequestValidationError."""
+                    params: SamplingParams | None = None, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
+        """Queue a request (a prompt string or token ids), with the base model or an adapter;
+        raises RequestValidationError."""
         params = params or SamplingParams()
         if self.outputs.has(request_id):
             raise RequestValidationError(f"request id {request_id!r} is already in use")
+        if lora_request is not None:
+            self.add_lora(lora_request)
         text = prompt if isinstance(prompt, str) else None
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt or [])
         max_tokens = self._validate(ids, params)
@@ -129,6 +135,7 @@ class LLMEngine:
                                    prompt_logprobs=params.prompt_logprobs if i == 0 else None)
             child = Request(f"{request_id}#{i}", ids, child_params, self.eos_token_ids,
                             max_tokens, group.metrics.arrival_time, prefix_leader=leader,
+                            lora_request=lora_request,
                             cache_salt=self._cache_salt(child_params))
             if self.config.cache.enable_prefix_caching and leader is None:
                 leader = child
@@ -170,6 +177,32 @@ class LLMEngine:
                 f"context length of {self.max_model_len} tokens", "max_tokens")
         return params.max_tokens if params.max_tokens is not None else room
 
+    def add_lora(self, lora_request: LoRARequest) -> None:
+        """Load an adapter now (requests naming it load it anyway); RequestValidationError
+        says in one line why it cannot be served."""
+        if not self.config.lora.enable_lora:
+            raise RequestValidationError("this engine serves no LoRA adapters: start it with "
+                                         "enable_lora=True (--enable-lora)", "lora_request")
+        try:
+            self.executor.add_lora(lora_request)
+        except ValueError as exc:
+            raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
+                                         "lora_request") from None
+        self._retired_loras.discard(lora_request.lora_int_id)
+
+    def remove_lora(self, lora_id: int) -> None:
+        """Forget an adapter's weights once no unfinished request runs it: requests in flight
+        finish with it."""
+        self._retired_loras.add(lora_id)
+        self._drop_retired_loras()
+
+    def _drop_retired_loras(self) -> None:
+        in_use = {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
+                  if r.lora_request is not None}
+        for lora_id in self._retired_loras - in_use:
+            self.executor.remove_lora(lora_id)
+            self._retired_loras.discard(lora_id)
+
     def abort_request(self, request_id: str) -> None:
         """Stop a request wherever it is and free its KV blocks (unknown ids are ignored)."""
         group = self.outputs.pop_group(request_id)
@@ -178,6 +211,8 @@ class LLMEngine:
         ids = [c.request_id for c in group.children]
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         self._finished_ids.extend(ids)
+        if self._retired_loras:
+            self._drop_retired_loras()
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -235,6 +270,8 @@ class LLMEngine:
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
         released = [r.request_id for r in self.outputs.released]
         self._finished_ids.extend(released)
+        if self._retired_loras and finished:
+            self._drop_retired_loras()
         if self.spec is not None:
             self.spec.observe(so, ro.sampled_token_ids, num_proposed)
             self.spec.forget(released)

@@ -175,4 +175,6 @@ class OutputProcessor:
         return RequestOutput(group.request_id, group.prompt, group.prompt_token_ids, outs,
                              finished, group.metrics, error=group.error,
                              prompt_logprobs=(list(group.prompt_logprobs)
-                                              if group.prompt_logprobs is not None else None))
+                                              if group.prompt_logprobs is not None else None),
+                             lora_request=group.children[0].lora_request if group.children
+                             else None)

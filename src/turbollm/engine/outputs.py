@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from turbollm.core.lora_request import LoRARequest
 
 
 @dataclass
@@ -78,6 +82,7 @@ class RequestOutput:
     # params.prompt_logprobs: None for the first prompt token (nothing predicts it), then the
     # logprob, rank and top-k of each prompt token given the tokens before it.
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    lora_request: "LoRARequest | None" = None  # the adapter it ran with (None: the base)
 
     @property
     def num_generated_tokens(self) -> int:

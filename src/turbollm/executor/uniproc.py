@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from turbollm.config import EngineConfig
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
+from turbollm.core.lora_request import LoRARequest
 from turbollm.worker.worker import ModelInfo, Worker
 
 
@@ -26,6 +27,12 @@ class UniProcExecutor:
 
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
         return self.worker.execute(batch)
+
+    def add_lora(self, req: LoRARequest) -> None:
+        self.worker.add_lora(req)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        return self.worker.remove_lora(lora_id)
 
     def propose(self, work: list[DraftWork]) -> list[list[int]]:
         return self.worker.propose(work)

@@ -1,8 +1,8 @@
 """Linear layers with HF-shard weight loaders and a quantization hook.
 
-Every projection in a model is one of these, so quantization, pruning and LoRA can replace
-how a layer computes (`quant_method`, a layers/quant_method.QuantMethod) without touching the
-model file.
+Every projection in a model is one of these, so quantization and pruning can replace how a
+layer computes (`quant_method`, a layers/quant_method.QuantMethod) and LoRA adds to what it
+computes (`lora`, a layers/lora.LinearLoRA) without touching the model file.
 """
 from __future__ import annotations
 
@@ -75,9 +75,13 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.quant_method = UnquantizedLinearMethod()
+        # adapter slots (layers/lora.py), set by the worker when an adapter targets this layer
+        self.lora = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x)
+        y = self.quant_method.apply(self, x)
+        # the low-rank term goes on the output, so it works over any quant method
+        return y if self.lora is None else self.lora.add_to(x, y)
 
     def shard_offset(self, shard_id) -> tuple[int, int]:
         """(row offset, rows) of a fused shard in this layer's output dimension."""

@@ -97,9 +97,12 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, **kw)
         self.native_decoder: NativeDecoder | None = None  # made at the first CPU step
         self.native_decode = True  # KernelConfig.native_decode, set by the worker
+        # LoRA (layers/lora.py): the step's rows per adapter slot, set by the worker's runner
+        self.lora_context = None
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Runs the first len(kv_caches) layers: all of them, or a self-speculation draft's."""
+        # (decode-shaped steps with LoRA rows too: the native decoder adds the adapter terms)
         if self.native_decode and input_ids.device.type == "cpu":
             if self.native_decoder is None:
                 self.native_decoder = NativeDecoder(self)

@@ -15,6 +15,9 @@ speculative verification, a short prompt chunk such as the scheduler cuts while 
 a KV cache the C attention reads, and every projection served by a C kernel at that row count.
 Anything else takes the module path. Row-invariant steps (layers/prefill_gemm.row_invariant)
 take this path at any row count and chunk length: every call here computes each row alone.
+Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
+kernel, by decode_layers itself (the plan holds each layer's slot tensors, the step each row's
+slot) or, in the Python loop, by LinearLoRA.add_rows: the same C function either way.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import torch
 from turbollm.attention import native as native_attention
 from turbollm.attention.backend import AttentionMetadata
 from turbollm.attention.torch_sdpa import SMALL_QUERY
+from turbollm.layers import lora as lora_module
 from turbollm.layers import native_ops
 from turbollm.layers import prefill_gemm as multi_row
 from turbollm.native_build import function_address
@@ -95,6 +99,7 @@ class NativeDecoder:
         self.scale, self.window = first.scale, first.sliding_window
         self.compute_dtype, self.hidden = model.compute_dtype, model.embed_tokens.weight.shape[1]
         self.embed, self.rotary, self.final_norm = model.embed_tokens, model.rotary, model.norm
+        self.model = model  # its lora_context (set by the worker) says when adapters run
         # plain lists: attribute access on nn.Modules costs ~1 us each
         self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
@@ -109,7 +114,8 @@ class NativeDecoder:
 
     def usable(self, T: int, kv_caches, meta: AttentionMetadata) -> bool:
         if (self.lib is None or self.compute_dtype != torch.float32
-                or (T > MAX_ROWS and not multi_row.is_row_invariant()) or self.hidden % 16 or self.head_dim % 16):
+                or (T > MAX_ROWS and not multi_row.is_row_invariant())
+                or self.hidden % 16 or self.head_dim % 16):
             return False
         ok = self._attention_ok.get(id(kv_caches))
         if ok is None or ok[0] is not kv_caches:
@@ -154,7 +160,10 @@ class NativeDecoder:
         """(int64 [layers, LAYER_WORDS] words of decode_layers, eps) for these kernels and
         caches, or None where a layer needs the Python loop (a bias, its own eps, a kernel
         without a C spec)."""
-        key = (T, quant_kernels.dispatch_key(), id(kv_caches))
+        lora = self.model.lora_context
+        # LoRA slot tensors are in the plan by address: new or grown ones make a new plan
+        key = (T, quant_kernels.dispatch_key(), id(kv_caches),
+               0 if lora is None else lora.generation)
         plan = self._plans.get(key)
         if plan is None or plan[0] is not kv_caches:
             plan = (kv_caches, self._build_plan(kernels, kv_caches))
@@ -167,6 +176,7 @@ class NativeDecoder:
         n, abi = len(kv_caches), self.abi
         eps = self.layers[0][0].eps
         projections = (abi.L_QKV, abi.L_O, abi.L_GATE_UP, abi.L_DOWN)
+        lora_words = (abi.L_LORA_QKV, abi.L_LORA_O, abi.L_LORA_GATE_UP, abi.L_LORA_DOWN)
         words = []
         for i, ((norm1, qkv, o, norm2, gate_up, down), ks, (kc, vc)) in \
                 enumerate(zip(self.layers[:n], kernels, kv_caches)):
@@ -186,6 +196,11 @@ class NativeDecoder:
             row[abi.L_K_SCALES] = kp[1].data_ptr() if kp[1] is not None else 0
             row[abi.L_V_SCALES] = vp[1].data_ptr() if vp[1] is not None else 0
             row[abi.L_CACHE_DTYPE] = kp[2]
+            for at, lin in zip(lora_words, (qkv, o, gate_up, down)):
+                if lin.lora is not None:
+                    if lin.lora.desc is None:
+                        return None  # slots C cannot read: the Python loop adds them
+                    row[at] = lin.lora.desc.data_ptr()
             words.append(row)
         return torch.tensor(words, dtype=torch.int64), eps
 
@@ -232,7 +247,12 @@ class NativeDecoder:
         slots = meta.slot_mapping.contiguous()
         ids, positions = input_ids.contiguous(), positions.contiguous()
         n = len(kv_caches)  # fewer than all layers for a self-speculation draft
-        plan = self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls else None
+        lora = self.model.lora_context
+        lora_step = lora.step if lora is not None else None
+        # past MAX_C_ROWS rows with adapters, their terms are torch matmuls: the Python loop
+        c_lora = lora_step is None or T <= lora_module.MAX_C_ROWS
+        plan = (self._plan(T, kernels, kv_caches) if _c_loop and self._c_calls and c_lora
+                else None)
         if plan is not None:
             abi, w = self.abi, [0] * self.abi.S_WORDS  # the step's words, by name
             w[abi.S_H], w[abi.S_X], w[abi.S_QKV], w[abi.S_ATTN] = p_h, p_x, p_qkv, p_attn
@@ -249,33 +269,47 @@ class NativeDecoder:
             w[abi.S_IDS], w[abi.S_EMBED] = ids.data_ptr(), weight.data_ptr()
             w[abi.S_EMBED_KIND] = abi.EMBED_NONE if kind is None else getattr(abi, kind)
             w[abi.S_NORM1] = self.layers[0][0].weight.data_ptr()
+            # rows with an adapter: decode_layers adds each projection's LoRA term after it
+            row_slots = lora_step.row_slots() if lora_step is not None else None
+            w[abi.S_LORA_SLOTS] = 0 if row_slots is None else row_slots.data_ptr()
             step = array.array("q", w)
             self.lib.decode_layers(plan[0].data_ptr(), n, step.buffer_info()[0], self.scale,
                                    plan[1])
             return x
-        # The same calls from Python (a layer with a qkv bias, or the C loop switched off)
+        # The same calls from Python (a layer with a qkv bias, LoRA rows, or the C loop off)
         lib = self.lib
         if kind is not None:  # else gathered above
             h.copy_(self.embed(input_ids))
-        qkv = buf[2 * T * hidden:(2 * hidden + stride) * T].view(T, stride)
+        # the buffers as [T, width] tensors: x, h, qkv, attn, o, gu, act
+        views = [part.view(T, w) for part, w in
+                 zip(buf.split([T * w for w in widths]), widths)]
+        qkv, attn, o, gu, act = views[2:]
         cos, sin = (t.squeeze(1).contiguous() for t in self.rotary.cos_sin(positions))
         p_cos, p_sin = cos.data_ptr(), sin.data_ptr()
         lib.rms_norm_f32(p_h, self.layers[0][0].weight.data_ptr(), p_x, T, hidden,
                          self.layers[0][0].eps)
-        for i, ((_, qkv_lin, _, norm2, _, _), (k_qkv, k_o, k_gu, k_down), (kc, vc)) in \
-                enumerate(zip(self.layers[:n], kernels, kv_caches)):
+        for i, ((_, qkv_lin, o_lin, norm2, gu_lin, down_lin), (k_qkv, k_o, k_gu, k_down),
+                (kc, vc)) in enumerate(zip(self.layers[:n], kernels, kv_caches)):
             k_qkv(p_x, p_qkv)
             if qkv_lin.bias is not None:
                 qkv.add_(qkv_lin.bias)
+            if lora_step is not None and qkv_lin.lora is not None:
+                qkv_lin.lora.add_rows(x, qkv)
             lib.rope_f32(p_qkv, p_cos, p_sin, T, H + KVH, D, stride)
             writes[i](p_k, p_v, stride, slots.data_ptr(), T)
             native_attention.bind_rows(kc, vc, tables, seq, ctx, H, D, self.scale,
                                        self.window)(p_qkv, stride, p_attn, T)
             k_o(p_attn, p_o)
+            if lora_step is not None and o_lin.lora is not None:
+                o_lin.lora.add_rows(attn, o)
             lib.add_rms_norm_f32(p_h, p_o, norm2.weight.data_ptr(), p_x, T, hidden, norm2.eps)
             k_gu(p_x, p_gu)
+            if lora_step is not None and gu_lin.lora is not None:
+                gu_lin.lora.add_rows(x, gu)
             lib.silu_mul_f32(p_gu, p_act, T, inter)
             k_down(p_act, p_o)
+            if lora_step is not None and down_lin.lora is not None:
+                down_lin.lora.add_rows(act, o)
             after = self._norm_after(i, n)  # the residual add fused with the following norm
             lib.add_rms_norm_f32(p_h, p_o, after.weight.data_ptr(), p_x, T, hidden, after.eps)
         return x

@@ -18,6 +18,7 @@ from turbollm.server.errors import install_error_handlers
 from turbollm.server.metrics import HTTPMetricsMiddleware, ServerMetrics
 from turbollm.server.protocol import ChatCompletionRequest, CompletionRequest, TGIRequest
 from turbollm.server.serving_chat import create_chat_completion
+from turbollm.server.serving_lora import load_adapter, unload_adapter
 from turbollm.server.serving_completion import create_completion
 from turbollm.server.serving_tgi import generate, generate_stream
 
@@ -91,14 +92,28 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_name: str) -> Fas
 
     @api.get("/v1/models")
     async def list_models() -> JSONResponse:
-        """The served model (OpenAI list format)."""
-        return JSONResponse({"object": "list", "data": [model_card()]})
+        """The served model and its LoRA adapters (OpenAI list format)."""
+        return JSONResponse({"object": "list",
+                             "data": [model_card()] + client.loras.cards(client.created)})
 
     @api.get("/v1/models/{model:path}")
     async def get_model(model: str) -> JSONResponse:
         """One model card, or 404."""
         client.check_model(model)
+        if model != model_name:
+            return JSONResponse(next(c for c in client.loras.cards(client.created)
+                                     if c["id"] == model))
         return JSONResponse(model_card())
+
+    @api.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request) -> Response:
+        """Load a LoRA adapter at run time and serve it under its name (vLLM's route)."""
+        return await load_adapter(request, client)
+
+    @api.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request) -> Response:
+        """Stop serving an adapter; its requests in flight finish with it."""
+        return await unload_adapter(request, client)
 
     @api.post("/v1/completions")
     async def completions(request: Request) -> Response:

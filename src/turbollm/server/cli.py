@@ -23,6 +23,9 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
                     "/v1/models, TGI /generate, /health, /ready, /metrics).")
     add_engine_args(p)
     add_dataclass_args(p, ServerConfig, "server")
+    p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=None,
+                   help="LoRA adapters (PEFT directories) served by name: a request whose "
+                        "model is NAME runs that adapter (turns on --enable-lora)")
     p.set_defaults(func=run_serve)
     return p
 
@@ -77,6 +80,18 @@ def _check_model_files(engine_config) -> None:
     read_arch(resolve_model(mc.model, mc.load_format), mc.hf_config_overrides)
 
 
+def _check_lora_modules(cfg, engine_config) -> None:
+    """--lora-modules: well formed, each a PEFT directory we can serve (its config read now,
+    the weights at the first request); turns on enable_lora."""
+    from turbollm.loader.peft_adapter import read_adapter_config
+    from turbollm.server.lora_adapters import parse_lora_modules
+    modules = parse_lora_modules(cfg.lora_modules)
+    for path in modules.values():
+        read_adapter_config(Path(path))
+    if modules or cfg.lora_dir is not None:
+        engine_config.lora.enable_lora = True
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Load the model in the background, serve until SIGTERM; the exit code (0 clean, 1 broken)."""
     from turbollm.cli_args import engine_kwargs
@@ -88,6 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     cfg = server_config_from_args(args)
     engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))  # bad flags fail here, fast
     _check_model_files(engine_config)
+    _check_lora_modules(cfg, engine_config)
     model_name = cfg.served_model_name or engine_config.model.model
     if not _is_loopback(cfg.host) and cfg.api_key is None:
         log.warning("serving on %s without an API key: anyone who can reach this address "

@@ -1,6 +1,7 @@
 """ServerConfig: the HTTP server's options (the `turbollm serve` flags are generated from it)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from turbollm.sizing import parse_memory_size
@@ -45,6 +46,11 @@ class ServerConfig:
     max_stop_length: int = field(default=256, metadata=_help("longest stop string (characters)"))
     max_prompts: int = field(default=64, metadata=_help(
         "most sequences (prompts x n) in one /v1/completions request with a prompt list"))
+    # --lora-modules name=path [name=path ...] (server/cli.py adds the flag: it takes a list)
+    lora_modules: list[str] | None = field(default=None, metadata={"cli": False})
+    lora_dir: str | None = field(default=None, metadata=_help(
+        "directory that LoRA adapters loaded at run time (POST /v1/load_lora_adapter) must be "
+        "inside; loading at run time is off when unset"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -65,6 +71,8 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
+            raise ValueError(f"lora_dir {self.lora_dir!r} is not a directory")
 
     @property
     def max_request_bytes_int(self) -> int:

@@ -14,12 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from turbollm.engine.async_engine import (AsyncLLMEngine, EngineDeadError, EngineNotReadyError,
                                           EngineOverloadedError, EngineState, RequestAbortedError,
                                           RequestStream)
+from turbollm.core.lora_request import LoRARequest
 from turbollm.engine.errors import RequestValidationError
 from turbollm.engine.outputs import RequestOutput
 from turbollm.sampling_params import SamplingParams
 from turbollm.server.config import ServerConfig
 from turbollm.server.errors import APIError
 from turbollm.server.logprobs import TokenText
+from turbollm.server.lora_adapters import LoRAAdapters, parse_lora_modules
 from turbollm.server.template_render import TemplateRenderer
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,9 @@ class EngineClient:
         self.engine = engine
         self.cfg = cfg
         self.model_name = model_name  # what /v1/models lists and requests must name
+        # LoRA adapters, named like models (--lora-modules, /v1/load_lora_adapter)
+        self.loras = LoRAAdapters(model_name, parse_lora_modules(cfg.lora_modules),
+                                  cfg.lora_dir)
         self.created = int(time.time())
         # One thread does all request-side tokenization and template rendering: CPU work that
         # must not block the event loop, serialized because tokenizers are not reentrant.
@@ -90,9 +95,11 @@ class EngineClient:
 
     # ----- checks -----
     def check_model(self, name: str | None) -> str:
-        """The served name; 404 if the request names another model."""
+        """The served name, or an adapter's; 404 if the request names another model."""
         if name is None or name == self.model_name:
             return self.model_name
+        if self.loras.get(name) is not None:
+            return name
         raise APIError(404, f"the model {name[:200]!r} does not exist; this server serves "
                        f"{self.model_name!r}", "model", "model_not_found")
 
@@ -158,24 +165,27 @@ class EngineClient:
                            "invalid_value")
 
     async def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                     arrival_time: float) -> RequestStream:
-        """Queue a request; engine refusals become APIErrors (400/429/503)."""
+                     arrival_time: float, lora: LoRARequest | None = None) -> RequestStream:
+        """Queue a request (with an adapter, or the base model); engine refusals become
+        APIErrors (400/429/503)."""
         self.check_vocab(params)
         try:
-            return await self.engine.add_request(request_id, prompt, params, arrival_time)
+            return await self.engine.add_request(request_id, prompt, params, arrival_time,
+                                                 lora)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             raise engine_error(e) from None
 
     async def submit_all(self, base_id: str, prompts: list[str | list[int]],
-                         params: SamplingParams, arrival_time: float) -> list[RequestStream]:
+                         params: SamplingParams, arrival_time: float,
+                         lora: LoRARequest | None = None) -> list[RequestStream]:
         """Queue one request per prompt; if one is refused, abort the others and raise."""
         streams: list[RequestStream] = []
         try:
             for i, prompt in enumerate(prompts):
                 rid = base_id if len(prompts) == 1 else f"{base_id}-{i}"
-                streams.append(await self.submit(rid, prompt, params, arrival_time))
+                streams.append(await self.submit(rid, prompt, params, arrival_time, lora))
         except BaseException:
             for s in streams:
                 s.abort()

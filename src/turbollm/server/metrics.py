@@ -84,6 +84,9 @@ class ServerMetrics:
         self.finished = Counter(
             "turbollm_requests_finished", "Engine requests finished, by finish reason",
             ["finish_reason"], registry=self.registry)
+        self.lora_finished = Counter(
+            "turbollm_lora_requests_finished", "Engine requests finished, by LoRA adapter",
+            ["adapter"], registry=self.registry)
         self.ttft = Histogram(
             "turbollm_time_to_first_token_seconds", "Arrival to first generated token",
             buckets=_LATENCY_BUCKETS, registry=self.registry)
@@ -103,6 +106,8 @@ class ServerMetrics:
         reasons = {o.finish_reason or "unknown" for o in out.outputs} or {"unknown"}
         for r in reasons:
             self.finished.labels(r).inc()
+        if out.lora_request is not None:
+            self.lora_finished.labels(out.lora_request.lora_name).inc()
         if m.first_token_time is not None:
             self.ttft.observe(max(m.first_token_time - m.arrival_time, 0.0))
         if m.finished_time is not None:

@@ -128,6 +128,7 @@ class TGIParameters(_Strict):
     return_full_text: bool | None = False
     details: bool = False
     best_of: int | None = Field(default=None, ge=1)
+    adapter_id: str | None = None  # a LoRA adapter's name (--lora-modules)
 
 
 class TGIRequest(_Strict):
@@ -136,3 +137,16 @@ class TGIRequest(_Strict):
     inputs: str = Field(min_length=1)
     parameters: TGIParameters = Field(default_factory=TGIParameters)
     stream: bool = False
+
+
+class LoadLoRAAdapterRequest(_Strict):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)
+    lora_path: str = Field(min_length=1, max_length=4096)
+
+
+class UnloadLoRAAdapterRequest(_Strict):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    lora_name: str = Field(min_length=1, max_length=256)

@@ -93,6 +93,7 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
     req = await read_request_model(request, client.cfg.max_request_bytes_int,
                                    ChatCompletionRequest)
     model = client.check_model(req.model)
+    lora = client.loras.get(model)  # resolved now: an unload meanwhile does not change it
     params = chat_params(req, client.cfg)
     plan = plan_tools(req)
     template_tools = template_takes_tools(getattr(client.tokenizer, "chat_template", None))
@@ -101,7 +102,7 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
     ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template,
                                      plan.tools if plan else None, template_tools)
     rid = client.new_id("chatcmpl")
-    stream = await client.submit(rid, ids, params, arrival)
+    stream = await client.submit(rid, ids, params, arrival, lora)
     ctx = _Ctx(client, rid, model, req, plan)
     if req.stream:
         return SSEResponse(_stream(ctx, stream), on_close=stream.abort)

@@ -46,6 +46,7 @@ async def create_completion(request: Request, client: EngineClient) -> Response:
     arrival = time.monotonic()
     req = await read_request_model(request, client.cfg.max_request_bytes_int, CompletionRequest)
     model = client.check_model(req.model)
+    lora = client.loras.get(model)  # resolved now: an unload meanwhile does not change it
     prompts = _prompts(req, client.cfg.max_prompts)
     params = completion_params(req, client.cfg)
     client.check_accepting()
@@ -53,7 +54,7 @@ async def create_completion(request: Request, client: EngineClient) -> Response:
     ids = [p if isinstance(p, list) else await client.encode(p) for p in prompts]
     texts = [p if isinstance(p, str) else None for p in prompts]
     rid = client.new_id("cmpl")
-    streams = await client.submit_all(rid, ids, params, arrival)
+    streams = await client.submit_all(rid, ids, params, arrival, lora)
 
     def abort_all() -> None:
         for s in streams:

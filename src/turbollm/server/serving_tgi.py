@@ -39,9 +39,13 @@ async def _submit(request: Request, client: EngineClient):
     params = tgi_params(req, client.cfg)
     if req.parameters.details:
         params = params.replace(logprobs=0)  # details report each token's logprob
+    lora = None
+    if req.parameters.adapter_id is not None:  # TGI's multi-LoRA field: an adapter's name
+        client.check_model(req.parameters.adapter_id)
+        lora = client.loras.get(req.parameters.adapter_id)
     client.check_accepting()
     ids = await client.encode(req.inputs)
-    stream = await client.submit(client.new_id("tgi"), ids, params, arrival)
+    stream = await client.submit(client.new_id("tgi"), ids, params, arrival, lora)
     return req, stream
 
 

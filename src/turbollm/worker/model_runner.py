@@ -43,8 +43,9 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
                  device: str, vocab_size: int, eos_token_ids: list[int],
-                 batch_invariant: str = "seeded"):
+                 batch_invariant: str = "seeded", lora=None):
         self.model = model
+        self.lora = lora  # a worker/lora_manager.LoRAManager when adapters are enabled
         self.kv_cache = kv_cache
         self.kv_views = layer_views(kv_cache)
         self.block_size = block_size
@@ -93,9 +94,17 @@ class ModelRunner:
             self.faults.before_forward()
         so = step.sequences
         batch = self.build_batch(so)
-        # A verification's rows must equal one-row decoding bit for bit, the logits included
-        with multi_row.row_invariant(any(batch.proposals) or self._invariant_step(so)):
-            return self._run(so, batch)
+        if self.lora is not None:  # each chunk's rows run with its request's adapter slot
+            slots = self.lora.slots_for([s.lora for s in so])
+            self.lora.begin_step([(batch.offsets[i], len(s.token_ids), slots[i])
+                                  for i, s in enumerate(so)])
+        try:
+            # A verification's rows must equal one-row decoding bit for bit, the logits included
+            with multi_row.row_invariant(any(batch.proposals) or self._invariant_step(so)):
+                return self._run(so, batch)
+        finally:
+            if self.lora is not None:  # other forward passes (a draft, scoring) run the base
+                self.lora.end_step()
 
     def _invariant_step(self, so: list[SequenceWork]) -> bool:
         """Whether every row of this step is computed as if alone (KernelConfig.batch_invariant):

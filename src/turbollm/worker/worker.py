@@ -19,6 +19,7 @@ import torch
 from turbollm.attention.selector import get_attention_backend
 from turbollm.config import EngineConfig, default_num_threads
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
+from turbollm.core.lora_request import LoRARequest
 from turbollm.layers import prefill_gemm
 from turbollm.model_arch import ModelArch
 from turbollm.native_build import select_isa
@@ -72,6 +73,10 @@ class Worker:
         log.info("system: %s", format_line(self.system))
         self.kv_cache = self.runner = self.drafter = None
         self.max_model_len = self.loaded.max_model_len
+        self.lora = None
+        if config.lora.enable_lora:
+            from turbollm.worker.lora_manager import LoRAManager
+            self.lora = LoRAManager(self.model, self.loaded.arch, config.lora, device)
 
     def _apply_kernel_config(self) -> None:
         """KernelConfig: native decode per model; activation rounding and GPU tiles are
@@ -137,7 +142,7 @@ class Worker:
                                           self.device, cc.kv_cache_dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, self.device,
                                   lm.arch.vocab_size, self.eos_token_ids,
-                                  self.config.kernel.batch_invariant)
+                                  self.config.kernel.batch_invariant, self.lora)
         if self.config.speculative.speculative_method == "draft":
             self.drafter = build_draft_proposer(self.config, lm, self.runner.kv_views,
                                                 self.draft, num_blocks, self.device)
@@ -153,6 +158,17 @@ class Worker:
 
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
         return self.runner.execute(batch)
+
+    def add_lora(self, req: LoRARequest) -> None:
+        """Load an adapter (checked against the model) so requests can name it; a ValueError
+        says in one line why it cannot be served."""
+        if self.lora is None:
+            raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
+        self.lora.add(req)
+
+    def remove_lora(self, lora_id: int) -> bool:
+        """Forget an adapter; requests still naming it load it again."""
+        return self.lora is not None and self.lora.remove(lora_id)
 
     def propose(self, work: list[DraftWork]) -> list[list[int]]:
         """The draft model's proposals for each request (speculative decoding)."""

@@ -205,6 +205,60 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
     }
 }
 
+// ---- LoRA's low-rank term for decode-sized steps (layers/lora.py LinearLoRA.add_rows) ----
+// For each row t whose slot s = slot[t] is >= 0: shrink u = A[s] x[t] (K shards x R values),
+// then expand y[t, off_j + o] += B[s, off_j + o, :] . u[j R .. j R + R) for each shard j, whose
+// output rows are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots, out,
+// R] fp32 contiguous; x rows contiguous ([T, in]); y rows `ystride` apart. in % 8 == 0.
+void lora_rows_f32(const float *x, int64_t T, int64_t in, const int64_t *slot, const float *A,
+                   const float *B, int64_t R, int64_t K, const int64_t *spans, float *y,
+                   int64_t ystride, int64_t out) {
+    float small[512];  // the shrunk row (K R values); on the heap past 512
+    float *u = K * R <= 512 ? small : (float *)malloc(K * R * sizeof(float));
+    for (int64_t t = 0; t < T; t++) {
+        const int64_t s = slot[t];
+        if (s < 0) continue;
+        const float *xt = x + t * in, *As = A + s * K * R * in, *Bs = B + s * out * R;
+        // four rows of A at a time: four independent FMA chains, each x load used four times
+        int64_t i = 0;
+        for (; i + 4 <= K * R; i += 4) {
+            const float *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+            for (int64_t k = 0; k < in; k += 8) {
+                const __m256 xv = _mm256_loadu_ps(xt + k);
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
+                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, c1);
+                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, c2);
+                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, c3);
+            }
+            u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);
+            u[i + 3] = hsum256(c3);
+        }
+        for (; i < K * R; i++) {
+            const float *a = As + i * in;
+            __m256 acc = _mm256_setzero_ps();
+            for (int64_t k = 0; k < in; k += 8)
+                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xt + k), acc);
+            u[i] = hsum256(acc);
+        }
+        float *yt = y + t * ystride;
+        for (int64_t j = 0; j < K; j++) {
+            const float *uj = u + j * R;
+            for (int64_t o = spans[2 * j]; o < spans[2 * j] + spans[2 * j + 1]; o++) {
+                const float *b = Bs + o * R;
+                __m256 acc = _mm256_setzero_ps();
+                int64_t r = 0;
+                for (; r + 8 <= R; r += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + r), _mm256_loadu_ps(uj + r), acc);
+                float sum = hsum256(acc);
+                for (; r < R; r++) sum += b[r] * uj[r];
+                yt[o] += sum;
+            }
+        }
+    }
+    if (u != small) free(u);
+}
+
 // ---- the decoder layers of a decode-shaped step, as one call ----
 // models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
 // overhead plus the loop's own bookkeeping (~1 ms of a ~8 ms step of the 135M model). Here the
@@ -254,6 +308,15 @@ static void embed_rows(float *h, const int64_t *ids, const void *table, int64_t 
     }
 }
 
+// A projection's LoRA term for the rows that have an adapter (desc: LORA_WORDS words, or 0)
+static void lora_call(int64_t desc, const float *x, int64_t T, const int64_t *slots, float *y) {
+    if (!desc || !slots) return;
+    const int64_t *d = (const int64_t *)desc;
+    lora_rows_f32(x, T, d[LORA_IN], slots, (const float *)d[LORA_A], (const float *)d[LORA_B],
+                  d[LORA_RANK], d[LORA_SHARDS], (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT],
+                  d[LORA_OUT]);
+}
+
 // Embeddings, then every decoder layer, then the final norm: x holds the normed hidden states.
 void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float scale, float eps) {
     float *h = (float *)s[S_H], *x = (float *)s[S_X], *qkv = (float *)s[S_QKV];
@@ -262,6 +325,7 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
     const int64_t T = s[S_T], hidden = s[S_HIDDEN], H = s[S_HEADS], KVH = s[S_KVH], D = s[S_D];
     const int64_t stride = s[S_STRIDE], h2 = D / 2;
     const float *k_new = qkv + s[S_QSIZE], *v_new = qkv + s[S_QKSIZE];
+    const int64_t *lora = (const int64_t *)s[S_LORA_SLOTS];  // NULL: no row has an adapter
     if (s[S_EMBED_KIND] != EMBED_NONE)
         embed_rows(h, (const int64_t *)s[S_IDS], (const void *)s[S_EMBED], s[S_EMBED_KIND], T, hidden);
     rms_norm_f32(h, (const float *)s[S_NORM1], x, T, hidden, eps);
@@ -277,6 +341,7 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
         void *kc = (void *)l[L_K_CACHE], *vc = (void *)l[L_V_CACHE];
         void *ks = (void *)l[L_K_SCALES], *vs = (void *)l[L_V_SCALES];
         linear_call(l + L_QKV, x, qkv);
+        lora_call(l[L_LORA_QKV], x, T, lora, qkv);
         rope_f32(qkv, cos, sin, T, H + KVH, D, stride);
         ((write_fn)s[S_WRITE])(k_new, v_new, stride, kc, vc, ks, vs, l[L_CACHE_DTYPE],
                                (const int64_t *)s[S_SLOTS], T, KVH, D);
@@ -285,10 +350,13 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
                                (const int64_t *)s[S_CTX], attn, T, H, KVH, D, s[S_BS], scale,
                                s[S_WINDOW]);
         linear_call(l + L_O, attn, o);
+        lora_call(l[L_LORA_O], attn, T, lora, o);
         add_rms_norm_f32(h, o, (const float *)l[L_NORM2], x, T, hidden, eps);
         linear_call(l + L_GATE_UP, x, gu);
+        lora_call(l[L_LORA_GATE_UP], x, T, lora, gu);
         silu_mul_f32(gu, act, T, s[S_INTER]);
         linear_call(l + L_DOWN, act, o);
+        lora_call(l[L_LORA_DOWN], act, T, lora, o);
         // the residual add fused with the norm that follows
         add_rms_norm_f32(h, o, (const float *)l[L_NORM_NEXT], x, T, hidden, eps);
     }
