@@ -227,6 +227,7 @@ TGI_CASES = [
     ({"return_full_text": True}, {}),  # response shape only
     ({"details": True}, {}),
     ({"best_of": 1}, {}),
+    ({"adapter_id": "a"}, {}),  # which LoRA adapter runs (serving_tgi.py), not a sampling knob
 ]
 
 
