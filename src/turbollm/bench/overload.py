@@ -96,10 +96,15 @@ async def open_loop(url: str, model: str, rate: float, seconds: float, input_len
         return list(await asyncio.gather(*tasks))
 
 
-def p99(values: list[float]) -> float:
+def _quantile(values: list[float], q: int) -> float | None:
     if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[98]
+        return values[0] if values else None
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+def p99(values: list[float]) -> float:
+    found = _quantile(values, 99)
+    return float("nan") if found is None else found
 
 
 def summary(unloaded: list[float], cap: float, rate: float, outcomes: list[Outcome]) -> dict:
@@ -110,7 +115,10 @@ def summary(unloaded: list[float], cap: float, rate: float, outcomes: list[Outco
             "other": len(outcomes) - len(admitted) - len(refused),
             "refusal_p99_s": p99(refused) if refused else None,
             "admitted_ttft_p50_s": statistics.median(admitted) if admitted else None,
-            "admitted_ttft_p99_s": p99(admitted) if admitted else None}
+            "admitted_ttft_p90_s": _quantile(admitted, 90),
+            "admitted_ttft_p99_s": p99(admitted) if admitted else None,
+            # the admitted requests that started later than twice the unloaded p99
+            "admitted_slow": sum(t > 2 * p99(unloaded) for t in admitted)}
 
 
 def format_summary(s: dict) -> str:
@@ -120,12 +128,14 @@ def format_summary(s: dict) -> str:
              if s["admitted_ttft_p99_s"] is not None else float("nan"))
     return "\n".join([
         "| capacity req/s | offered req/s | requests | admitted | 429 | other | 429 p99 ms | "
-        "unloaded TTFT p99 ms | admitted TTFT p50 / p99 ms | admitted p99 / unloaded p99 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "unloaded TTFT p99 ms | admitted TTFT p50 / p90 / p99 ms | admitted p99 / unloaded p99 "
+        "| admitted > 2x unloaded p99 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {s['capacity_rps']:.2f} | {s['offered_rps']:.2f} | {s['requests']} | "
         f"{s['admitted']} | {s['refused_429']} | {s['other']} | {ms(s['refusal_p99_s'])} | "
         f"{ms(s['unloaded_ttft_p99_s'])} | {ms(s['admitted_ttft_p50_s'])} / "
-        f"{ms(s['admitted_ttft_p99_s'])} | {ratio:.2f}x |"]) + "\n"
+        f"{ms(s['admitted_ttft_p90_s'])} / {ms(s['admitted_ttft_p99_s'])} | {ratio:.2f}x | "
+        f"{s['admitted_slow']} |"]) + "\n"
 
 
 def run(args) -> int:
