@@ -1,0 +1,96 @@
+"""LoRA speed on the bundled model (issue 26's targets), base and adapters alternating:
+
+    python scripts/lora_speed.py [--rank 16] [--rounds 3] [--tokens 128]
+
+- adapter load time (PEFT directory -> slots), r = --rank on all seven targets;
+- batch-1 greedy decode tok/s, base vs one adapter;
+- 64 concurrent requests spread over 8 adapters vs the same 64 on the base, output tok/s.
+Adapters are random (A, B ~ N(0, 0.02)), written as PEFT directories without peft.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from turbollm import LLM, LoRARequest, SamplingParams
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_adapter(out: Path, arch, rank: int, seed: int) -> None:
+    """A PEFT LoRA directory for a Llama-shaped model of this arch."""
+    g = torch.Generator().manual_seed(seed)
+    h, inter = arch.hidden_size, arch.intermediate_size
+    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
+    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    tensors = {}
+    for i in range(arch.num_hidden_layers):
+        for name, (d_in, d_out) in shapes.items():
+            part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            stem = f"base_model.model.model.layers.{i}.{part}.{name}"
+            tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.02
+            tensors[f"{stem}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.02
+    out.mkdir(parents=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
+        "lora_dropout": 0.0, "bias": "none", "use_rslora": False}))
+
+
+def decode_tok_s(llm: LLM, prompts, params, lora) -> float:
+    t = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
+    return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=128)
+    args = ap.parse_args()
+    llm = LLM("smollm2-135m", enable_lora=True, max_loras=8, kv_cache_memory="512MiB")
+    arch = llm.engine.arch
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = []
+        for i in range(8):
+            path = Path(tmp) / f"a{i}"
+            write_adapter(path, arch, args.rank, seed=i)
+            adapters.append(LoRARequest(f"a{i}", i + 1, str(path)))
+        loads = []
+        for a in adapters:
+            t = time.perf_counter()
+            llm.engine.add_lora(a)
+            loads.append(time.perf_counter() - t)
+        print(f"adapter load (r={args.rank}, 7 targets, 30 layers): "
+              + " ".join(f"{x * 1e3:.0f}" for x in loads) + " ms")
+        one = SamplingParams(max_tokens=args.tokens, temperature=0, ignore_eos=True)
+        prompt = ["Write a short story about a lighthouse keeper."]
+        decode_tok_s(llm, prompt, one, adapters[0])  # warm both paths
+        decode_tok_s(llm, prompt, one, None)
+        base, lora = [], []
+        for _ in range(args.rounds):
+            base.append(decode_tok_s(llm, prompt, one, None))
+            lora.append(decode_tok_s(llm, prompt, one, adapters[0]))
+        b, a = max(base), max(lora)
+        print(f"batch-1 decode tok/s (best of {args.rounds}): base {b:.1f}, adapter {a:.1f}: "
+              f"{(b / a - 1) * 100:+.1f}% time per token")
+        prompts = [f"Request {i}: tell me about the sea." for i in range(64)]
+        spread = [adapters[i % 8] for i in range(64)]
+        base64, lora64 = [], []
+        for _ in range(max(1, args.rounds - 1)):
+            base64.append(decode_tok_s(llm, prompts, one, None))
+            lora64.append(decode_tok_s(llm, prompts, one, spread))
+        print(f"64 requests, output tok/s (best of {len(base64)}): base {max(base64):.1f}, "
+              f"over 8 adapters {max(lora64):.1f}: {max(lora64) / max(base64):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
