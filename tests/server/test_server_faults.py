@@ -152,4 +152,4 @@ def test_persistent_forward_fault_stops_the_server(make_server_fixture, monkeypa
     live.thread.join(15)
     assert not live.thread.is_alive() and live.server.exit_code == 1
     assert live.engine.state.value == "broken"
-    assert "EngineDeadError" in repr(live.engine.fatal_error)
+    assert "ModelBrokenError" in repr(live.engine.fatal_error)

@@ -15,6 +15,6 @@ class ContextLengthExceededError(RequestValidationError):
     code = "context_length_exceeded"
 
 
-class EngineDeadError(RuntimeError):
+class ModelBrokenError(RuntimeError):
     """The model fails whatever it runs (after a failed step, a one-token probe failed too):
     the engine stops rather than failing every later request one step at a time."""

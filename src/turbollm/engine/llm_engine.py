@@ -12,7 +12,7 @@ from turbollm.core.lora_request import LoRARequest
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
 from turbollm.engine.constrained import ConstrainedRequests
-from turbollm.engine.errors import (ContextLengthExceededError, EngineDeadError,
+from turbollm.engine.errors import (ContextLengthExceededError, ModelBrokenError,
                                     RequestValidationError)
 from turbollm.engine.output_processor import OutputProcessor, RequestGroup
 from turbollm.engine.outputs import RequestOutput
@@ -307,14 +307,14 @@ class LLMEngine:
     def _probe_model(self, step_exc: Exception) -> None:
         """After a failed step, one forward of a single token in a free KV block. If that fails
         too, the fault is not in the step's requests but in the model, its memory or its device:
-        raise EngineDeadError (the server goes not-ready and exits) instead of failing every
+        raise ModelBrokenError (the server goes not-ready and exits) instead of failing every
         later request one step at a time. No free block to probe with: go on serving."""
         if self.kv_manager.pool.num_available < 1:
             return
         try:
             self.score_logits([0])
         except Exception as exc:
-            raise EngineDeadError(
+            raise ModelBrokenError(
                 f"the model fails on any input ({type(exc).__name__}: {exc}); the failed step: "
                 f"{type(step_exc).__name__}: {step_exc}") from exc
 
