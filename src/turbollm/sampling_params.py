@@ -185,6 +185,12 @@ class SamplingParams:
         """True when decoding is argmax (temperature 0)."""
         return self.temperature < GREEDY_TEMPERATURE_EPS
 
+    @property
+    def seeded_sampling(self) -> bool:
+        """Random sampling from a seed: its text must depend on the seed alone (batch-invariant
+        steps, speculation kept on in any batch)."""
+        return self.seed is not None and not self.greedy
+
     def clone(self) -> SamplingParams:
         """Deep copy (stop lists and logit_bias are not shared)."""
         return copy.deepcopy(self)

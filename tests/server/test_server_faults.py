@@ -76,12 +76,12 @@ def test_engine_loop_death_fails_fast_and_exits_nonzero(make_server_fixture):
     assert live.engine.state.value == "broken"
 
 
-def _arm(live, monkeypatch_steps: int, fault_times: list):
-    """The server's fault plan (TURBOLLM_INJECT_FAULT) moved to `monkeypatch_steps` forwards
-    from now, noting when it fires."""
+def _arm(live, forwards: int, fault_times: list):
+    """The server's fault plan (TURBOLLM_INJECT_FAULT) moved to `forwards` forwards from now,
+    noting when it fires."""
     from turbollm.worker.faults import InjectedFault
     plan = live.llm_engine.executor.worker.runner.faults
-    plan.first = plan.forwards + monkeypatch_steps
+    plan.first = plan.forwards + forwards
     fire = plan.before_forward
 
     def noted():

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import random
 import statistics
 import time
@@ -139,12 +138,8 @@ def format_summary(s: dict) -> str:
 
 
 def run(args) -> int:
-    from turbollm.bench.serve_vs_offline import ServeProcess
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    server = ServeProcess([a for a in args.engine_args if a != "--"])
-    try:
-        url = server.wait_ready()
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    from turbollm.bench.serve_vs_offline import served
+    with served(args.engine_args) as (_, url, model):
         shape = (args.input_len, args.output_len)
         unloaded = asyncio.run(unloaded_ttft(url, model, 10, *shape))
         cap = asyncio.run(capacity(url, model, args.concurrency, args.capacity_seconds, *shape))
@@ -154,8 +149,6 @@ def run(args) -> int:
               f"{args.concurrency} closed-loop clients over {args.capacity_seconds:g} s; open "
               f"loop at {args.multiple:g}x for {args.duration:g} s\n")
         print(format_summary(summary(unloaded, cap, rate, outcomes)))
-    finally:
-        server.stop()
     return 0
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import re
 import signal
@@ -24,12 +25,27 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from turbollm.bench.serve import RequestResult, ServeRequest, run_load, summarize, \
     synthetic_dataset
 
 _SERVER_METRICS = {"ttft": "turbollm_time_to_first_token_seconds",
                    "tpot": "turbollm_time_per_output_token_seconds"}
+
+
+@contextmanager
+def served(engine_args: list[str]):
+    """(child, url, model id) of a `turbollm serve` started with these flags ('--' dropped),
+    ready; stopped on leaving. httpx's line per request is silenced for the load's output."""
+    import httpx
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    server = ServeProcess([a for a in engine_args if a != "--"])
+    try:
+        url = server.wait_ready()
+        yield server, url, httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    finally:
+        server.stop()
 
 
 class ServeProcess:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import random
 import re
 import statistics
@@ -117,12 +116,8 @@ def wait_idle(url: str, timeout: float = 60.0) -> dict[str, float]:
 
 
 def run(args) -> int:
-    from turbollm.bench.serve_vs_offline import ServeProcess
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
-    server = ServeProcess([a for a in args.engine_args if a != "--"])
-    try:
-        url = server.wait_ready()
-        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+    from turbollm.bench.serve_vs_offline import served
+    with served(args.engine_args) as (server, url, model):
         windows = asyncio.run(soak(url, server.proc.pid, model, args))
         idle = wait_idle(url)
         print(f"{args.concurrency} clients for {args.duration:g} s, {args.disconnect:.0%} "
@@ -131,8 +126,6 @@ def run(args) -> int:
         growth = windows[-1]["rss_mib"] / windows[0]["rss_mib"] - 1
         print(f"RSS from the end of the first window to the last: {growth:+.1%}")
         print("after the load: " + ", ".join(f"{k} {v:g}" for k, v in sorted(idle.items())))
-    finally:
-        server.stop()
     return 0
 
 

@@ -220,7 +220,7 @@ class AsyncLLMEngine:
         if len(queued) >= self.max_queued_requests:
             return "too many requests are waiting; retry later"
         if self.max_queue_delay and queued:
-            waited = now - next(iter(queued.values()), now)
+            waited = now - next(iter(queued.values()))  # dicts keep insertion order: the oldest
             if waited > self.max_queue_delay:
                 return (f"requests have waited {waited:.1f} s for a batch slot (more than "
                         f"{self.max_queue_delay:g} s); retry later")

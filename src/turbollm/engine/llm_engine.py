@@ -152,8 +152,8 @@ class LLMEngine:
         """Seeded sampling requests run in batch-invariant steps (KernelConfig.batch_invariant
         'seeded'): they share prefix-cache blocks only among themselves, whose KV was computed
         row by row like theirs."""
-        seeded = params.seed is not None and not params.greedy
-        return b"row-invariant" if seeded and self.config.kernel.batch_invariant == "seeded" else b""
+        seeded_steps = self.config.kernel.batch_invariant == "seeded"
+        return b"row-invariant" if params.seeded_sampling and seeded_steps else b""
 
     def _validate(self, ids: list[int], params: SamplingParams) -> int:
         if not ids:

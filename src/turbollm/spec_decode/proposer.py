@@ -87,8 +87,8 @@ class SpeculativeDecoder:
         decoding = [r for r in running if not r.is_prefilling and not r.is_finished]
         ks = []
         for r in decoding:
-            seeded_random = r.params.seed is not None and not r.params.greedy
-            k = self.controller.num_to_propose(r.request_id, len(decoding), seeded_random)
+            k = self.controller.num_to_propose(r.request_id, len(decoding),
+                                               r.params.seeded_sampling)
             # Never past max_tokens (a step emits k + 1) or the context (the proposals' KV).
             k = min(k, r.max_tokens - r.num_output_tokens - 1,
                     self.max_model_len - r.num_tokens - 1)

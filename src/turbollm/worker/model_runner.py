@@ -110,7 +110,7 @@ class ModelRunner:
         """Whether every row of this step is computed as if alone (KernelConfig.batch_invariant):
         a seeded sampling request's tokens must depend on its seed, not on its neighbours."""
         if self.batch_invariant == "seeded":
-            return any(s.params.seed is not None and not s.params.greedy for s in so)
+            return any(s.params.seeded_sampling for s in so)
         return self.batch_invariant == "all"
 
     def _run(self, so: list[SequenceWork], batch: FlatBatch) -> ModelRunnerOutput:
