@@ -7,8 +7,8 @@ import pytest
 
 from turbollm.server.errors import APIError
 from turbollm.server.protocol import ChatCompletionRequest
-from turbollm.server.tools import (ToolPlan, ToolStream, parse_answer, plan_tools,
-                                   safe_prefix_len, with_tool_prompt)
+from turbollm.server.tool_parsers import HermesParser
+from turbollm.server.tools import ToolPlan, ToolStream, parse_answer, plan_tools, with_tool_prompt
 
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -55,6 +55,7 @@ def test_parse_forced_and_auto_answers():
 
 
 def test_stream_holds_back_tool_calls():
+    safe_prefix_len = HermesParser().safe_prefix_len
     assert safe_prefix_len("abc <tool") == 4 and safe_prefix_len("a < b") == 5
     auto = plan(tools=[WEATHER])
     s = ToolStream(auto)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from turbollm.server.tool_parsers import TOOL_CALL_PARSERS
 from turbollm.sizing import parse_memory_size
 
 
@@ -46,6 +47,9 @@ class ServerConfig:
     max_stop_length: int = field(default=256, metadata=_help("longest stop string (characters)"))
     max_prompts: int = field(default=64, metadata=_help(
         "most sequences (prompts x n) in one /v1/completions request with a prompt list"))
+    tool_call_parser: str = field(default="auto", metadata=_help(
+        "how tool calls are read from answers: hermes, qwen, llama3_json, mistral, or auto "
+        "(from the chat template)", choices=TOOL_CALL_PARSERS))
     # --lora-modules name=path [name=path ...] (server/cli.py adds the flag: it takes a list)
     lora_modules: list[str] | None = field(default=None, metadata={"cli": False})
     lora_dir: str | None = field(default=None, metadata=_help(
@@ -71,6 +75,9 @@ class ServerConfig:
             raise ValueError(f"max_request_bytes must be positive, got {self.max_request_bytes!r}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.tool_call_parser not in TOOL_CALL_PARSERS:
+            raise ValueError(f"tool_call_parser must be one of {TOOL_CALL_PARSERS}, got "
+                             f"{self.tool_call_parser!r}")
         if self.lora_dir is not None and not os.path.isdir(self.lora_dir):
             raise ValueError(f"lora_dir {self.lora_dir!r} is not a directory")
 

@@ -3,6 +3,7 @@ loop, request submission with engine errors mapped to HTTP errors, and collectin
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import os
@@ -23,6 +24,7 @@ from turbollm.server.errors import APIError
 from turbollm.server.logprobs import TokenText
 from turbollm.server.lora_adapters import LoRAAdapters, parse_lora_modules
 from turbollm.server.template_render import TemplateRenderer
+from turbollm.server.tool_parsers import ToolCallParser, make_parser
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,12 @@ class EngineClient:
         if self._renderer is None:
             self._renderer = TemplateRenderer(self.tokenizer)
         return self._renderer
+
+    @functools.cached_property
+    def tool_parser(self) -> ToolCallParser:
+        """How tool calls are read from answers to the served template (--tool-call-parser)."""
+        return make_parser(self.cfg.tool_call_parser,
+                           getattr(self.tokenizer, "chat_template", None))
 
     @property
     def token_text(self) -> TokenText:

@@ -9,6 +9,7 @@ from turbollm.server.errors import APIError
 from turbollm.server.protocol import (ChatCompletionRequest, CompletionRequest, TGIRequest,
                                       _SamplingFields)
 from turbollm.server.structured import structured_output_of
+from turbollm.server.tool_parsers import ToolCallParser
 from turbollm.server.tools import plan_tools
 
 _SP_FIELDS = {f.name for f in fields(SamplingParams)}
@@ -93,8 +94,10 @@ def completion_params(req: CompletionRequest, cfg: ServerConfig) -> SamplingPara
     return make_sampling_params(**kw)
 
 
-def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams:
-    """SamplingParams of a /v1/chat/completions request."""
+def chat_params(req: ChatCompletionRequest, cfg: ServerConfig,
+                tool_parser: ToolCallParser | None = None) -> SamplingParams:
+    """SamplingParams of a /v1/chat/completions request (`tool_parser`: how its tool calls, if
+    any, will be read)."""
     stop = _stop_list(req.stop)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs to be true", "top_logprobs",
@@ -102,7 +105,7 @@ def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams
     top = (req.top_logprobs or 0) if req.logprobs else None
     check_limits(cfg, req.n, top, stop, logprobs_name="top_logprobs")
     _check_stream_options(req)
-    plan = plan_tools(req)
+    plan = plan_tools(req, tool_parser)
     if req.chat_template is not None and not cfg.allow_request_chat_template:
         raise APIError(400, "chat_template in a request is not allowed on this server (the "
                        "operator can enable it with --allow-request-chat-template)",
@@ -116,6 +119,8 @@ def chat_params(req: ChatCompletionRequest, cfg: ServerConfig) -> SamplingParams
             raise APIError(400, "tool_choice required or a named function cannot be combined "
                            "with another output constraint", "tool_choice", "invalid_value")
         kw["structured_output"] = plan.constraint
+    elif plan is not None and plan.parser.special_marker:
+        kw["skip_special_tokens"] = False  # the call marker is a special token: keep it
     names = {"max_tokens": "max_completion_tokens" if req.max_completion_tokens is not None
              else "max_tokens", "logprobs": "top_logprobs"}
     return make_sampling_params(names, **kw)

@@ -94,9 +94,12 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
                                    ChatCompletionRequest)
     model = client.check_model(req.model)
     lora = client.loras.get(model)  # resolved now: an unload meanwhile does not change it
-    params = chat_params(req, client.cfg)
-    plan = plan_tools(req)
     template_tools = template_takes_tools(getattr(client.tokenizer, "chat_template", None))
+    # the model answers in its family's format only where its own template showed the tools;
+    # elsewhere our tool prompt taught it hermes
+    parser = client.tool_parser if template_tools and req.chat_template is None else None
+    params = chat_params(req, client.cfg, parser)
+    plan = plan_tools(req, parser)
     messages = _message_dicts(req.messages, template_tools and req.chat_template is None)
     client.check_accepting()
     ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template,

@@ -1,28 +1,26 @@
 """Tool calling on chat completions: check `tools` / `tool_choice`, show the tools to the model,
 and read its calls back out.
 
-Format: Hermes-style, which Qwen2.5, Hermes and SmolLM-family templates use: a call is
-`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. A template that takes `tools`
-renders them itself; for one that does not (the bundled SmolLM2's), the tools and the format are
-described in a system message. `tool_choice` "required" or a named function is enforced with
-the grammar engine (the answer is a JSON object `{"name", "arguments"}` matching the function's
-parameters schema, so the call always parses); "auto" lets the model choose and parses any
-`<tool_call>` blocks out of its answer; "none" shows no tools.
+A template that takes `tools` renders them itself, and its model answers in its family's format,
+read by the parser `--tool-call-parser` names (server/tool_parsers.py; `auto` detects it from the
+template). For a template that does not (the bundled SmolLM2's), the tools and the Hermes format
+(`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) are described in a system message.
+`tool_choice` "required" or a named function is enforced with the grammar engine (the answer is
+a JSON object `{"name", "arguments"}` matching the function's parameters schema, so the call
+always parses); "auto" lets the model choose and parses its calls out of the answer; "none"
+shows no tools.
 """
 from __future__ import annotations
 
 import json
-import re
-import uuid
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from turbollm.server.errors import APIError
 from turbollm.server.protocol import ChatCompletionRequest
+from turbollm.server.tool_parsers import HermesParser, ToolCallParser, call_of
 from turbollm.structured_spec import StructuredOutputSpec
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_CALL_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+OPEN, CLOSE = "<tool_call>", "</tool_call>"  # the hermes format our own tool prompt teaches
 
 
 @dataclass
@@ -33,6 +31,8 @@ class ToolPlan:
     mode: str  # "auto" | "required" | "named"
     # required / named: the output is one JSON call object, enforced by this constraint
     constraint: StructuredOutputSpec | None = None
+    # auto: how calls are read out of the answer (the model family's format)
+    parser: ToolCallParser = field(default_factory=HermesParser)
 
     @property
     def forced(self) -> bool:
@@ -43,8 +43,10 @@ def _bad(message: str, param: str) -> APIError:
     return APIError(400, message, param, "invalid_value")
 
 
-def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
-    """The request's tool plan (None: no tools in play); 400 for inconsistent fields."""
+def plan_tools(req: ChatCompletionRequest, parser: ToolCallParser | None = None
+               ) -> ToolPlan | None:
+    """The request's tool plan (None: no tools in play); 400 for inconsistent fields. `parser`
+    reads calls in "auto" mode (default: hermes)."""
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []]
     choice = req.tool_choice
     names = [t["function"]["name"] for t in tools]
@@ -78,7 +80,7 @@ def plan_tools(req: ChatCompletionRequest) -> ToolPlan | None:
             constraint = StructuredOutputSpec.json(schema)
         except ValueError as e:
             raise _bad(f"tool parameters: {e}", "tools") from None
-    return ToolPlan(tools, mode, constraint)
+    return ToolPlan(tools, mode, constraint, parser or HermesParser())
 
 
 def _call_schema(fn: dict) -> dict:
@@ -122,62 +124,21 @@ def call_text(tool_calls: list[dict]) -> str:
 
 
 # ----- answer -----
-def new_call(name: str, arguments: Any) -> dict:
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
-
-
-def _call_of(obj: Any, names: set[str]) -> dict | None:
-    if not isinstance(obj, dict) or obj.get("name") not in names:
-        return None
-    args = obj.get("arguments", obj.get("parameters", {}))
-    if isinstance(args, str):  # some models write the arguments as a JSON string
-        try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
-            return None
-    return new_call(obj["name"], args) if isinstance(args, dict) else None
-
-
 def parse_answer(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a finished answer."""
     names = {t["function"]["name"] for t in plan.tools}
-    if plan.forced:
+    if plan.forced:  # the grammar made the answer one JSON call object, whatever the family
         try:
-            call = _call_of(json.loads(text), names)
+            call = call_of(json.loads(text), names)
         except json.JSONDecodeError:
             call = None
         return (None, [call]) if call else (text, [])
-    calls = []
-    for body in _CALL_BLOCK.findall(text):
-        try:
-            call = _call_of(json.loads(body), names)
-        except json.JSONDecodeError:
-            call = None
-        if call is None:
-            return text, []  # a malformed block: give the text back as it is
-        calls.append(call)
-    if not calls:
-        return text, []
-    content = _CALL_BLOCK.sub("", text).strip()
-    return content or None, calls
-
-
-def safe_prefix_len(text: str) -> int:
-    """How much of a streamed answer can go out as content: everything before a `<tool_call>`
-    tag or before a tail that may be the start of one."""
-    at = text.find(OPEN)
-    if at >= 0:
-        return at
-    for k in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-k:]):
-            return len(text) - k
-    return len(text)
+    return plan.parser.parse(text, names)
 
 
 class ToolStream:
     """One streamed choice with tools in play: content goes out as it comes, up to a
-    `<tool_call>` tag ("auto"; nothing at all when the call is forced), and the calls go out
+    call marker of the parser's format ("auto"; nothing at all when the call is forced), and the calls go out
     whole when the answer is finished (as one tool_calls delta each, which the OpenAI clients
     accumulate like fragments)."""
 
@@ -191,7 +152,7 @@ class ToolStream:
         self.text += delta
         if self.plan.forced:
             return ""
-        safe = safe_prefix_len(self.text)
+        safe = self.plan.parser.safe_prefix_len(self.text)
         if safe <= self.sent:
             return ""
         out, self.sent = self.text[self.sent:safe], safe
