@@ -18,14 +18,16 @@ from turbollm.server.errors import install_error_handlers
 from turbollm.server.metrics import HTTPMetricsMiddleware, ServerMetrics
 from turbollm.server.protocol import ChatCompletionRequest, CompletionRequest, TGIRequest
 from turbollm.server.serving_chat import create_chat_completion
+from turbollm.server.responses_input import ResponsesRequest
 from turbollm.server.serving_lora import load_adapter, unload_adapter
+from turbollm.server.serving_responses import create_response, delete_response, get_response
 from turbollm.server.serving_completion import create_completion
 from turbollm.server.serving_tgi import generate, generate_stream
 
 # Request models documented in the OpenAPI schema (bodies are parsed by hand, see
 # request_body.py, so FastAPI does not see them on its own).
 _BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-           "/generate": TGIRequest, "/generate_stream": TGIRequest}
+           "/v1/responses": ResponsesRequest, "/generate": TGIRequest, "/generate_stream": TGIRequest}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -124,6 +126,21 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_name: str) -> Fas
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions."""
         return await create_chat_completion(request, client)
+
+    @api.post("/v1/responses")
+    async def responses(request: Request) -> Response:
+        """OpenAI Responses API (a chat turn; chained with previous_response_id)."""
+        return await create_response(request, client)
+
+    @api.get("/v1/responses/{response_id}")
+    async def responses_get(response_id: str) -> JSONResponse:
+        """A stored response."""
+        return get_response(client, response_id)
+
+    @api.delete("/v1/responses/{response_id}")
+    async def responses_delete(response_id: str) -> JSONResponse:
+        """Forget a stored response."""
+        return delete_response(client, response_id)
 
     @api.post("/generate")
     async def tgi_generate(request: Request) -> Response:

@@ -50,6 +50,11 @@ class ServerConfig:
     tool_call_parser: str = field(default="auto", metadata=_help(
         "how tool calls are read from answers: hermes, qwen, llama3_json, mistral, or auto "
         "(from the chat template)", choices=TOOL_CALL_PARSERS))
+    responses_store_size: int = field(default=1024, metadata=_help(
+        "responses kept for previous_response_id and GET /v1/responses/{id} (least recently "
+        "used dropped first; 0 = keep none)"))
+    responses_store_ttl: float = field(default=3600.0, metadata=_help(
+        "seconds a stored response is kept"))
     # --lora-modules name=path [name=path ...] (server/cli.py adds the flag: it takes a list)
     lora_modules: list[str] | None = field(default=None, metadata={"cli": False})
     lora_dir: str | None = field(default=None, metadata=_help(
@@ -59,7 +64,7 @@ class ServerConfig:
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        for name in ("max_queued_requests",):
+        for name in ("max_queued_requests", "responses_store_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("max_n", "max_stop_strings", "max_stop_length", "max_prompts"):
@@ -69,6 +74,8 @@ class ServerConfig:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
         if self.max_queue_delay < 0:
             raise ValueError(f"max_queue_delay must be >= 0, got {self.max_queue_delay}")
+        if not self.responses_store_ttl > 0:
+            raise ValueError(f"responses_store_ttl must be > 0, got {self.responses_store_ttl}")
         if self.shutdown_timeout < 0:
             raise ValueError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
         if self.max_request_bytes_int < 1:

@@ -23,6 +23,7 @@ from turbollm.server.config import ServerConfig
 from turbollm.server.errors import APIError
 from turbollm.server.logprobs import TokenText
 from turbollm.server.lora_adapters import LoRAAdapters, parse_lora_modules
+from turbollm.server.responses_store import ResponseStore
 from turbollm.server.template_render import TemplateRenderer
 from turbollm.server.tool_parsers import ToolCallParser, make_parser
 
@@ -68,6 +69,7 @@ class EngineClient:
         self.loras = LoRAAdapters(model_name, parse_lora_modules(cfg.lora_modules),
                                   cfg.lora_dir)
         self.created = int(time.time())
+        self.responses = ResponseStore(cfg.responses_store_size, cfg.responses_store_ttl)
         # One thread does all request-side tokenization and template rendering: CPU work that
         # must not block the event loop, serialized because tokenizers are not reentrant.
         self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="turbollm-tokenize")

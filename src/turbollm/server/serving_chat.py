@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from turbollm.chat import render_chat
 from turbollm.engine.outputs import RequestOutput
+from turbollm.engine.async_engine import RequestStream
 from turbollm.server.engine_client import (CLIENT_CLOSED_STATUS, EngineClient, engine_error,
                                            output_error)
 from turbollm.server.errors import APIError, error_event
@@ -87,11 +89,20 @@ def _render_and_encode(client: EngineClient, messages: list[dict], template: str
     return list(tokenizer(text, add_special_tokens=False).input_ids)
 
 
-async def create_chat_completion(request: Request, client: EngineClient) -> Response:
-    """Handle /v1/chat/completions."""
-    arrival = time.monotonic()
-    req = await read_request_model(request, client.cfg.max_request_bytes_int,
-                                   ChatCompletionRequest)
+@dataclass
+class StartedChat:
+    """A chat request handed to the engine."""
+
+    model: str  # the served name the request chose (the base model's or an adapter's)
+    request_id: str
+    plan: ToolPlan | None
+    stream: RequestStream
+
+
+async def start_chat(client: EngineClient, req: ChatCompletionRequest, id_prefix: str,
+                     arrival: float) -> StartedChat:
+    """Check a chat request, render and tokenize it, and queue it (chat completions and the
+    Responses API both come through here)."""
     model = client.check_model(req.model)
     lora = client.loras.get(model)  # resolved now: an unload meanwhile does not change it
     template_tools = template_takes_tools(getattr(client.tokenizer, "chat_template", None))
@@ -104,9 +115,18 @@ async def create_chat_completion(request: Request, client: EngineClient) -> Resp
     client.check_accepting()
     ids = await client.run_tokenizer(_render_and_encode, client, messages, req.chat_template,
                                      plan.tools if plan else None, template_tools)
-    rid = client.new_id("chatcmpl")
-    stream = await client.submit(rid, ids, params, arrival, lora)
-    ctx = _Ctx(client, rid, model, req, plan)
+    rid = client.new_id(id_prefix)
+    return StartedChat(model, rid, plan, await client.submit(rid, ids, params, arrival, lora))
+
+
+async def create_chat_completion(request: Request, client: EngineClient) -> Response:
+    """Handle /v1/chat/completions."""
+    arrival = time.monotonic()
+    req = await read_request_model(request, client.cfg.max_request_bytes_int,
+                                   ChatCompletionRequest)
+    started = await start_chat(client, req, "chatcmpl", arrival)
+    stream = started.stream
+    ctx = _Ctx(client, started.request_id, started.model, req, started.plan)
     if req.stream:
         return SSEResponse(_stream(ctx, stream), on_close=stream.abort)
     finals = await client.wait_final(request, [stream])
