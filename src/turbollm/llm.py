@@ -70,6 +70,15 @@ class LLM:
         """Next-token logits at every position of a token sequence: [len, vocab] fp32."""
         return self.engine.score_logits(token_ids)
 
+    def embed(self, prompts: str | list[int] | list[str | list[int]], pooling: str = "mean",
+              normalize: bool = True) -> list[list[float]]:
+        """Embeddings of prompts (text or token ids): the final hidden states pooled over the
+        positions (`mean`) or at the `last` one, unit length when `normalize`."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        return [self.engine.embed(p if isinstance(p, list) else self.engine.encode_prompt(p),
+                                  pooling, normalize) for p in prompts]
+
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None
                             ) -> list[int]:
         """Token ids of a conversation rendered with the chat template, ready for a reply."""

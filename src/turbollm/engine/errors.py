@@ -18,3 +18,8 @@ class ContextLengthExceededError(RequestValidationError):
 class ModelBrokenError(RuntimeError):
     """The model fails whatever it runs (after a failed step, a one-token probe failed too):
     the engine stops rather than failing every later request one step at a time."""
+
+
+class KVCacheBusyError(RuntimeError):
+    """Work outside the scheduler (scoring, embeddings) found too few free KV blocks: the
+    running requests hold them; a retry later may succeed."""

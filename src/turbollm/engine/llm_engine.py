@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field, replace
 
@@ -12,8 +13,8 @@ from turbollm.core.lora_request import LoRARequest
 from turbollm.core.request import Request, RequestStatus
 from turbollm.core.scheduler import Scheduler
 from turbollm.engine.constrained import ConstrainedRequests
-from turbollm.engine.errors import (ContextLengthExceededError, ModelBrokenError,
-                                    RequestValidationError)
+from turbollm.engine.errors import (ContextLengthExceededError, KVCacheBusyError,
+                                    ModelBrokenError, RequestValidationError)
 from turbollm.engine.output_processor import OutputProcessor, RequestGroup
 from turbollm.engine.outputs import RequestOutput
 from turbollm.executor.uniproc import make_executor
@@ -24,6 +25,8 @@ from turbollm.spec_decode.step_cost import measure_step_costs
 log = logging.getLogger(__name__)
 
 MAX_LOGPROBS = 20
+
+POOLINGS = ("mean", "last")  # how embed() pools the final hidden states
 
 
 @dataclass
@@ -228,8 +231,27 @@ class LLMEngine:
         scheduler on blocks borrowed from the pool (no prefix-cache reuse, so every position is
         computed), for perplexity, agreement and calibration.
         """
+        return self._on_borrowed_blocks(token_ids, self.executor.score_logits)
+
+    def embed(self, token_ids: list[int], pooling: str = "mean",
+              normalize: bool = True) -> list[float]:
+        """An embedding of `token_ids`: the final hidden states pooled (`mean` over the
+        positions, or the `last` position's), scaled to unit length when `normalize`. Runs
+        outside the scheduler like score_logits."""
+        if pooling not in POOLINGS:
+            raise RequestValidationError(f"pooling must be one of {POOLINGS}, got {pooling!r}",
+                                         "pooling")
+        vec = self._on_borrowed_blocks(
+            token_ids, lambda ids, blocks: self.executor.embed(ids, blocks, pooling))
+        if normalize:
+            norm = math.sqrt(sum(v * v for v in vec))
+            vec = [v / norm for v in vec] if norm > 0 else vec
+        return vec
+
+    def _on_borrowed_blocks(self, token_ids: list[int], run):
+        """run(token_ids, block_ids) on blocks borrowed from the pool for one sequence."""
         if not token_ids:
-            raise RequestValidationError("nothing to score: the token list is empty", "prompt")
+            raise RequestValidationError("the token list is empty", "prompt")
         if len(token_ids) > self.max_model_len:
             raise ContextLengthExceededError(
                 f"{len(token_ids)} tokens exceed the context length of {self.max_model_len}",
@@ -240,11 +262,11 @@ class LLMEngine:
         pool = self.kv_manager.pool
         need = -(-len(token_ids) // self.config.cache.block_size)
         if need > pool.num_available:
-            raise RuntimeError(f"scoring {len(token_ids)} tokens needs {need} free KV blocks; "
-                               f"{pool.num_available} are free")
+            raise KVCacheBusyError(f"{len(token_ids)} tokens need {need} free KV blocks; "
+                                   f"{pool.num_available} are free")
         blocks = pool.allocate(need)
         try:
-            return self.executor.score_logits(list(token_ids), [b.block_id for b in blocks])
+            return run(list(token_ids), [b.block_id for b in blocks])
         finally:
             pool.release(blocks)
 

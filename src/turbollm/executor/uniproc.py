@@ -40,6 +40,9 @@ class UniProcExecutor:
     def score_logits(self, token_ids: list[int], block_ids: list[int]):
         return self.worker.score_logits(token_ids, block_ids)
 
+    def embed(self, token_ids: list[int], block_ids: list[int], pooling: str) -> list[float]:
+        return self.worker.embed(token_ids, block_ids, pooling)
+
 
 def make_executor(config: EngineConfig) -> UniProcExecutor:
     """The executor for `config` (one process, one device)."""

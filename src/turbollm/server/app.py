@@ -16,18 +16,21 @@ from turbollm.server.config import ServerConfig
 from turbollm.server.engine_client import EngineClient
 from turbollm.server.errors import install_error_handlers
 from turbollm.server.metrics import HTTPMetricsMiddleware, ServerMetrics
-from turbollm.server.protocol import ChatCompletionRequest, CompletionRequest, TGIRequest
+from turbollm.server.protocol import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest,
+                                      TGIRequest)
 from turbollm.server.serving_chat import create_chat_completion
 from turbollm.server.responses_input import ResponsesRequest
 from turbollm.server.serving_lora import load_adapter, unload_adapter
 from turbollm.server.serving_responses import create_response, delete_response, get_response
 from turbollm.server.serving_completion import create_completion
+from turbollm.server.serving_embeddings import create_embeddings
 from turbollm.server.serving_tgi import generate, generate_stream
 
 # Request models documented in the OpenAPI schema (bodies are parsed by hand, see
 # request_body.py, so FastAPI does not see them on its own).
 _BODIES = {"/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
-           "/v1/responses": ResponsesRequest, "/generate": TGIRequest, "/generate_stream": TGIRequest}
+           "/v1/responses": ResponsesRequest, "/v1/embeddings": EmbeddingRequest,
+           "/generate": TGIRequest, "/generate_stream": TGIRequest}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -126,6 +129,11 @@ def build_app(engine: AsyncLLMEngine, cfg: ServerConfig, model_name: str) -> Fas
     async def chat_completions(request: Request) -> Response:
         """OpenAI chat completions."""
         return await create_chat_completion(request, client)
+
+    @api.post("/v1/embeddings")
+    async def embeddings(request: Request) -> Response:
+        """OpenAI embeddings (pooled final hidden states)."""
+        return await create_embeddings(request, client)
 
     @api.post("/v1/responses")
     async def responses(request: Request) -> Response:

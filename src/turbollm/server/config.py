@@ -46,10 +46,15 @@ class ServerConfig:
     max_stop_strings: int = field(default=16, metadata=_help("most stop strings per request"))
     max_stop_length: int = field(default=256, metadata=_help("longest stop string (characters)"))
     max_prompts: int = field(default=64, metadata=_help(
-        "most sequences (prompts x n) in one /v1/completions request with a prompt list"))
+        "most sequences (prompts x n) in one /v1/completions request with a prompt list, and "
+        "inputs in one /v1/embeddings request"))
     tool_call_parser: str = field(default="auto", metadata=_help(
         "how tool calls are read from answers: hermes, qwen, llama3_json, mistral, or auto "
         "(from the chat template)", choices=TOOL_CALL_PARSERS))
+    embedding_pooling: str = field(default="mean", metadata=_help(
+        "how /v1/embeddings pools the final hidden states: mean over the positions, or the "
+        "last position's (what last-token embedding models expect); a request's `pooling` "
+        "overrides it", choices=("mean", "last")))
     responses_store_size: int = field(default=1024, metadata=_help(
         "responses kept for previous_response_id and GET /v1/responses/{id} (least recently "
         "used dropped first; 0 = keep none)"))

@@ -16,7 +16,7 @@ from turbollm.engine.async_engine import (AsyncLLMEngine, EngineDeadError, Engin
                                           EngineOverloadedError, EngineState, RequestAbortedError,
                                           RequestStream)
 from turbollm.core.lora_request import LoRARequest
-from turbollm.engine.errors import RequestValidationError
+from turbollm.engine.errors import KVCacheBusyError, RequestValidationError
 from turbollm.engine.outputs import RequestOutput
 from turbollm.sampling_params import SamplingParams
 from turbollm.server.config import ServerConfig
@@ -44,6 +44,8 @@ def engine_error(exc: BaseException) -> APIError:
         return APIError(500, "the engine stopped; the server is exiting", None, "engine_dead")
     if isinstance(exc, RequestValidationError):
         return APIError(400, str(exc), exc.param, exc.code)
+    if isinstance(exc, KVCacheBusyError):
+        return APIError(503, f"the server is busy: {exc}", None, "busy", {"Retry-After": "1"})
     if isinstance(exc, ValueError):
         return APIError(400, str(exc), None, "invalid_value")
     log.error("request failed: %r", exc)

@@ -113,6 +113,18 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
 
 
+class EmbeddingRequest(_Strict):
+    """POST /v1/embeddings (OpenAI's fields; `pooling` and `normalize` as extensions)."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)
+    user: str | None = None
+    pooling: Literal["mean", "last"] | None = None  # default: --embedding-pooling
+    normalize: bool = True
+
+
 class TGIParameters(_Strict):
     """The `parameters` object of TGI's /generate (text-generation-inference names)."""
 

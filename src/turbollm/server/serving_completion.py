@@ -17,13 +17,14 @@ from turbollm.server.request_body import read_request_model, usage_of
 from turbollm.server.sse import DONE, SSEResponse, sse_event
 
 
-def _prompts(req: CompletionRequest, max_prompts: int) -> list[str | list[int]]:
-    """The request's prompts as a list of strings / token-id lists (400 if any is empty).
+def prompt_list(p: str | list, max_prompts: int, n: int = 1, param: str = "prompt"
+                ) -> list[str | list[int]]:
+    """A request's prompts (a string, token ids, or a list of either) as a list of strings /
+    token-id lists (400 if any is empty).
 
     A request may hold at most `max_prompts` sequences in all (prompts x n), so one request
     cannot fill the batch with a thousand sequences.
     """
-    p = req.prompt
     if isinstance(p, str):
         prompts: list = [p]
     elif p and isinstance(p[0], int):
@@ -31,13 +32,13 @@ def _prompts(req: CompletionRequest, max_prompts: int) -> list[str | list[int]]:
     else:
         prompts = list(p)
     if not prompts:
-        raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
-    if len(prompts) > 1 and len(prompts) * req.n > max_prompts:
-        raise APIError(400, f"at most {max_prompts} sequences (prompts x n) per request, got "
-                       f"{len(prompts)} x {req.n}", "prompt", "invalid_value")
+        raise APIError(400, f"{param} must not be empty", param, "invalid_value")
+    if len(prompts) > 1 and len(prompts) * n > max_prompts:
+        raise APIError(400, f"at most {max_prompts} sequences ({param}s x n) per request, got "
+                       f"{len(prompts)} x {n}", param, "invalid_value")
     for x in prompts:
         if len(x) == 0:
-            raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
+            raise APIError(400, f"{param} must not be empty", param, "invalid_value")
     return prompts
 
 
@@ -47,7 +48,7 @@ async def create_completion(request: Request, client: EngineClient) -> Response:
     req = await read_request_model(request, client.cfg.max_request_bytes_int, CompletionRequest)
     model = client.check_model(req.model)
     lora = client.loras.get(model)  # resolved now: an unload meanwhile does not change it
-    prompts = _prompts(req, client.cfg.max_prompts)
+    prompts = prompt_list(req.prompt, client.cfg.max_prompts, req.n)
     params = completion_params(req, client.cfg)
     client.check_accepting()
     # Tokenize here (off the event loop) so the engine thread only ever sees token ids.

@@ -1,6 +1,7 @@
 """ModelRunner: StepBatch -> flat batch -> forward -> logits -> sampled tokens."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -236,21 +237,39 @@ class ModelRunner:
         """Logits at every position of one sequence, prefilled `chunk` tokens at a time into
         the given blocks: [len(token_ids), vocab] fp32. For scoring (perplexity, calibration),
         not for serving: always the module path, whose forward hooks calibration reads."""
+        with self._module_path():
+            return torch.cat([self.model.compute_logits(h)
+                              for h in self._prefill_chunks(token_ids, block_ids, chunk)])
+
+    def forward_pooled(self, token_ids: list[int], block_ids: list[int], chunk: int,
+                       pooling: str) -> torch.Tensor:
+        """One sequence's final (normed) hidden states pooled into a vector, [hidden] fp32:
+        `mean` over every position or the `last` position's (embeddings)."""
+        with self._module_path():
+            total, last = None, None
+            for h in self._prefill_chunks(token_ids, block_ids, chunk):
+                last = h[-1].float()
+                if pooling == "mean":
+                    part = h.float().sum(0)
+                    total = part if total is None else total + part
+            return last if pooling == "last" else total / len(token_ids)
+
+    @contextlib.contextmanager
+    def _module_path(self):
         if self.faults is not None:
             self.faults.before_forward()
         inner = self.model.model
         native, inner.native_decode = inner.native_decode, False
         try:
-            return self._forward_logits(token_ids, block_ids, chunk)
+            yield
         finally:
             inner.native_decode = native
 
-    def _forward_logits(self, token_ids: list[int], block_ids: list[int], chunk: int
-                        ) -> torch.Tensor:
+    def _prefill_chunks(self, token_ids: list[int], block_ids: list[int], chunk: int):
+        """Final hidden states of one sequence, `chunk` positions at a time."""
         bs = self.block_size
         dev = self.device
         table = torch.tensor(block_ids, dtype=torch.long, device=dev)
-        outs = []
         for start in range(0, len(token_ids), chunk):
             end = min(start + chunk, len(token_ids))
             pos = torch.arange(start, end, device=dev)
@@ -259,6 +278,4 @@ class ModelRunner:
                                      decode_block_tables=None, decode_seq_lens=None,
                                      prefills=[(0, end - start, end, table)], block_size=bs)
             ids = torch.tensor(token_ids[start:end], dtype=torch.long, device=dev)
-            hidden = self.model(ids, pos, self.kv_views, meta)
-            outs.append(self.model.compute_logits(hidden))
-        return torch.cat(outs)
+            yield self.model(ids, pos, self.kv_views, meta)

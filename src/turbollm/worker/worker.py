@@ -182,3 +182,10 @@ class Worker:
             block_ids = list(range(-(-len(token_ids) // self.config.cache.block_size)))
         return self.runner.forward_logits(list(token_ids), block_ids,
                                           self.config.scheduler.max_num_batched_tokens)
+
+    def embed(self, token_ids: list[int], block_ids: list[int], pooling: str) -> list[float]:
+        """One sequence's pooled final hidden state (`mean` or `last`), computed into
+        `block_ids`."""
+        vec = self.runner.forward_pooled(list(token_ids), block_ids,
+                                         self.config.scheduler.max_num_batched_tokens, pooling)
+        return vec.tolist()
