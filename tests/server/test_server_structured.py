@@ -168,3 +168,18 @@ def test_streamed_answer_validates(client):
             finish = c.finish_reason or finish
     assert finish == "stop"
     Profile.model_validate(json.loads(text))
+
+
+def test_tgi_grammar_json_and_regex(server):
+    url = server.base_url + "/generate"
+    body = {"inputs": "A point:", "parameters": {"max_new_tokens": 60, "grammar": {
+        "type": "json", "value": Point.model_json_schema()}}}
+    out = httpx.post(url, json=body, timeout=60).json()
+    Point.model_validate_json(out["generated_text"])
+    body["parameters"]["grammar"] = {"type": "regex", "value": "[0-9]{3}-[a-z]{2}"}
+    out = httpx.post(url, json=body, timeout=60).json()
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", out["generated_text"])
+    for bad in ({"type": "xml", "value": "x"}, {"type": "regex", "value": "(unclosed"}):
+        body["parameters"]["grammar"] = bad
+        assert_error_shape(httpx.post(url, json=body, timeout=60), 400,
+                           param="parameters.grammar")

@@ -8,7 +8,7 @@ from turbollm.server.config import ServerConfig
 from turbollm.server.errors import APIError
 from turbollm.server.protocol import (ChatCompletionRequest, CompletionRequest, TGIRequest,
                                       _SamplingFields)
-from turbollm.server.structured import structured_output_of
+from turbollm.server.structured import structured_output_of, tgi_grammar
 from turbollm.server.tool_parsers import ToolCallParser
 from turbollm.server.tools import plan_tools
 
@@ -146,6 +146,8 @@ def tgi_params(req: TGIRequest, cfg: ServerConfig) -> SamplingParams:
         kw["repetition_penalty"] = p.repetition_penalty
     if p.frequency_penalty is not None:
         kw["frequency_penalty"] = p.frequency_penalty
+    if p.grammar is not None:
+        kw["structured_output"] = tgi_grammar(p.grammar)
     names = {k: f"parameters.{k}" for k in ("max_tokens", "stop", "seed", "temperature",
                                              "top_p", "top_k", "repetition_penalty")}
     names["max_tokens"] = "parameters.max_new_tokens"

@@ -141,6 +141,7 @@ class TGIParameters(_Strict):
     details: bool = False
     best_of: int | None = Field(default=None, ge=1)
     adapter_id: str | None = None  # a LoRA adapter's name (--lora-modules)
+    grammar: dict[str, Any] | None = None  # {"type": "json" | "regex", "value": ...}
 
 
 class TGIRequest(_Strict):

@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, Response
 from turbollm.engine.outputs import CompletionOutput, RequestOutput
 from turbollm.server.engine_client import (CLIENT_CLOSED_STATUS, EngineClient, engine_error,
                                            output_error)
-from turbollm.server.errors import error_event
+from turbollm.server.errors import APIError, error_event
 from turbollm.server.logprobs import TokenText
 from turbollm.server.params import tgi_params
 from turbollm.server.protocol import TGIRequest
@@ -45,7 +45,12 @@ async def _submit(request: Request, client: EngineClient):
         lora = client.loras.get(req.parameters.adapter_id)
     client.check_accepting()
     ids = await client.encode(req.inputs)
-    stream = await client.submit(client.new_id("tgi"), ids, params, arrival, lora)
+    try:
+        stream = await client.submit(client.new_id("tgi"), ids, params, arrival, lora)
+    except APIError as e:
+        if e.status == 400 and e.param == "response_format":  # the engine's name for it
+            e.param = "parameters.grammar"
+        raise
     return req, stream
 
 

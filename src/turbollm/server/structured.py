@@ -81,3 +81,18 @@ def structured_output_of(req: _SamplingFields) -> StructuredOutputSpec | None:
         raise _bad(f"give one output constraint, not {' and '.join(n for n, _ in found)}",
                    found[1][0])
     return found[0][1] if found else None
+
+
+def tgi_grammar(grammar: dict[str, Any]) -> StructuredOutputSpec:
+    """TGI's `parameters.grammar`: {"type": "json", "value": <schema>} or {"type": "regex",
+    "value": <pattern>}; 400 naming parameters.grammar otherwise."""
+    kind, value = grammar.get("type"), grammar.get("value")
+    try:
+        if kind == "json" and isinstance(value, (dict, str)):
+            return StructuredOutputSpec.json(value)
+        if kind == "regex" and isinstance(value, str):
+            return StructuredOutputSpec.regex(value)
+    except ValueError as e:
+        raise _bad(str(e), "parameters.grammar") from None
+    raise _bad('parameters.grammar must be {"type": "json", "value": <JSON schema>} or '
+               '{"type": "regex", "value": <pattern>}', "parameters.grammar")
