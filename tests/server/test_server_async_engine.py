@@ -186,3 +186,29 @@ def test_loading_failure_is_broken(tmp_path):
         return eng.state
 
     assert asyncio.run(main()) == EngineState.BROKEN
+
+
+def test_prefill_backlog_and_rate_are_counted(llm_engine):
+    e = llm_engine
+    assert not e.has_unfinished_requests()
+    tokens0, seconds0 = e.stats.prefill_tokens, e.stats.prefill_seconds
+    prompts = [list(range(5, 45)), list(range(7, 27))]  # 40 + 20 prompt tokens
+    for i, p in enumerate(prompts):
+        e.add_request(f"b{i}", p, SamplingParams(max_tokens=2, ignore_eos=True))
+    assert e.prefill_backlog() == 60
+    while e.has_unfinished_requests():
+        e.step()
+    assert e.prefill_backlog() == 0
+    assert e.stats.prefill_tokens - tokens0 == 60  # decode tokens are not counted
+    assert e.stats.prefill_seconds > seconds0
+
+
+def test_admission_refuses_when_the_prompts_ahead_take_too_long(llm_engine):
+    eng = AsyncLLMEngine(llm_engine, max_queue_delay=0.5)
+    assert eng._refusal(0.0) is None  # no rate measured yet: nothing predicted
+    eng._prefill_rate, eng._backlog_tokens = 1000.0, 400  # 0.4 s ahead
+    assert eng._refusal(0.0) is None
+    eng._backlog_tokens = 600  # 0.6 s ahead
+    assert "600 prompt tokens are ahead" in eng._refusal(0.0)
+    eng.max_queue_delay = 0.0  # shedding off: no prediction either
+    assert eng._refusal(0.0) is None

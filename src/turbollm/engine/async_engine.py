@@ -184,6 +184,11 @@ class AsyncLLMEngine:
         self._queued_since: dict[str, float] = {}
         # Engine-thread side: ids added to the engine but not yet seen scheduled.
         self._unscheduled: set[str] = set()
+        # Written by the engine thread after each step, read by admission: prompt tokens
+        # waiting to be computed, and the recent prefill rate (tokens/s; 0 = not measured yet)
+        self._backlog_tokens = 0
+        self._prefill_rate = 0.0
+        self._prefill_seen = (0, 0.0)  # the engine's prefill counters at the last update
 
     # ----- lifecycle -----
     def start(self) -> None:
@@ -224,6 +229,14 @@ class AsyncLLMEngine:
             if waited > self.max_queue_delay:
                 return (f"requests have waited {waited:.1f} s for a batch slot (more than "
                         f"{self.max_queue_delay:g} s); retry later")
+        if self.max_queue_delay and self._prefill_rate > 0:
+            # The prompts ahead take this long to prefill at the recent rate: a newcomer's
+            # first token would come later than that, so it is told now rather than after
+            # the oldest request has already waited too long (a burst of long prompts).
+            ahead = self._backlog_tokens / self._prefill_rate
+            if ahead > self.max_queue_delay:
+                return (f"{self._backlog_tokens} prompt tokens are ahead (~{ahead:.1f} s of "
+                        f"prefill, more than {self.max_queue_delay:g} s); retry later")
         return None
 
     @property
@@ -450,6 +463,7 @@ class AsyncLLMEngine:
                     outs = self.engine.step()
                     idle_step = steps == self.engine.stats.steps + self.engine.stats.step_errors
                     self._track_scheduled(outs)
+                    self._update_prefill_estimate()
                     if outs:
                         self._post(self._on_outputs, outs)
                 self._take_snapshot()
@@ -519,6 +533,18 @@ class AsyncLLMEngine:
         for rid in left:
             self._unscheduled.discard(rid)
             self._dequeue(rid)
+
+    def _update_prefill_estimate(self) -> None:
+        """The backlog and a moving average of the prefill rate, for admission."""
+        stats = self.engine.stats
+        tokens = stats.prefill_tokens - self._prefill_seen[0]
+        seconds = stats.prefill_seconds - self._prefill_seen[1]
+        if tokens and seconds > 0:
+            rate = tokens / seconds
+            self._prefill_rate = rate if not self._prefill_rate else \
+                0.8 * self._prefill_rate + 0.2 * rate
+            self._prefill_seen = (stats.prefill_tokens, stats.prefill_seconds)
+        self._backlog_tokens = self.engine.prefill_backlog()
 
     def _take_snapshot(self) -> None:
         e = self.engine

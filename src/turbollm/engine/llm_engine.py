@@ -37,6 +37,10 @@ class EngineStats:
     generation_tokens: int = 0
     steps: int = 0
     step_errors: int = 0
+    # prompt tokens computed, and the seconds of the steps that computed them (with whatever
+    # decodes shared those steps): the prefill rate a queue wait is predicted from
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
     extra: dict = field(default_factory=dict)
 
 
@@ -220,6 +224,13 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def prefill_backlog(self) -> int:
+        """Prompt tokens admitted but not yet computed: the waiting requests' and the
+        unfinished prefills' (a prefix-cache hit may still shorten them)."""
+        s = self.scheduler
+        return sum(r.num_prompt_tokens - r.num_computed_tokens
+                   for r in (*s.waiting, *s.running) if r.is_prefilling)
+
     def waiting_request_ids(self) -> set[str]:
         """Ids (as given to add_request) of requests with a sequence not yet admitted."""
         return {r.extra[0].request_id for r in self.scheduler.waiting if r.extra is not None}
@@ -281,11 +292,17 @@ class LLMEngine:
         batch = step_batch(so, self._finished_ids)
         self.constrained.fill_bitmasks(so, batch)
         self._finished_ids = []
+        prefill = sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
+                      for r, n in zip(so.requests, so.num_scheduled_tokens))
+        t0 = time.perf_counter()
         try:
             ro = self.executor.execute(batch)
         except Exception as exc:  # fail only this step's requests; the engine goes on
             self._finished_ids.extend(batch.finished_request_ids)  # releasing twice is harmless
             return failed + self._fail_step(so, exc)
+        if prefill:
+            self.stats.prefill_tokens += prefill
+            self.stats.prefill_seconds += time.perf_counter() - t0
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
         self.stats.generation_tokens += sum(kept for _, kept in new)
