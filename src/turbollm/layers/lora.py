@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from turbollm.layers import native_ops
+from turbollm.layers import lora_triton, native_ops
 
 
 # Rows up to which the C row kernel adds the LoRA term (one thread, row by row); more rows go
@@ -46,6 +46,8 @@ class LoRAStep:
     spans: list[tuple[int, int, int]] = None
     _row_slots: torch.Tensor | None = None
 
+    _device_slots: torch.Tensor | None = None
+
     def row_slots(self) -> torch.Tensor:
         """int64 [T] slot of each row of the pass (-1: base), made once, on the CPU."""
         if self._row_slots is None:
@@ -55,6 +57,12 @@ class LoRAStep:
                 slots[start:start + n] = slot
             self._row_slots = slots
         return self._row_slots
+
+    def row_slots_on(self, device: torch.device) -> torch.Tensor:
+        """row_slots as int32 on `device`, copied there once per pass (every layer reads it)."""
+        if self._device_slots is None or self._device_slots.device != device:
+            self._device_slots = self.row_slots().to(device=device, dtype=torch.int32)
+        return self._device_slots
 
     @classmethod
     def from_spans(cls, spans: list[tuple[int, int, int]], device: torch.device
@@ -109,6 +117,7 @@ class LinearLoRA:
         self.spans = [layer.shard_offset(s) for s in self.shard_ids]
         assert sum(n for _, n in self.spans) == self.out_features
         self._spans_c = torch.tensor(self.spans, dtype=torch.long).flatten()  # for the C call
+        self._shard_of_col: torch.Tensor | None = None  # for the Triton expand (CUDA)
         self.num_slots, self.rank = num_slots, rank
         k = len(self.shard_ids)
         with torch.inference_mode():
@@ -203,6 +212,13 @@ class LinearLoRA:
             return y
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         A, B = self.A, self.B
+        if y2.is_cuda and lora_triton.available():  # one shrink + one expand for the batch
+            if self._shard_of_col is None or self._shard_of_col.device != y2.device:
+                self._shard_of_col = lora_triton.output_shards(self.spans, self.out_features,
+                                                               y2.device)
+            lora_triton.lora_add(x2, y2, A, B, step.row_slots_on(y2.device),
+                                 self._shard_of_col, self.rank)
+            return y
         if A.dtype != x2.dtype or y2.dtype != x2.dtype:
             A, B = A.to(y2.dtype), B.to(y2.dtype)
             x2 = x2.to(y2.dtype)
