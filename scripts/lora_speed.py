@@ -10,39 +10,12 @@ Adapters are random (A, B ~ N(0, 0.02)), written as PEFT directories without pef
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 from turbollm import LLM, LoRARequest, SamplingParams
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def write_adapter(out: Path, arch, rank: int, seed: int) -> None:
-    """A PEFT LoRA directory for a Llama-shaped model of this arch."""
-    g = torch.Generator().manual_seed(seed)
-    h, inter = arch.hidden_size, arch.intermediate_size
-    kv = arch.num_key_value_heads * (h // arch.num_attention_heads)
-    shapes = {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    tensors = {}
-    for i in range(arch.num_hidden_layers):
-        for name, (d_in, d_out) in shapes.items():
-            part = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
-            stem = f"base_model.model.model.layers.{i}.{part}.{name}"
-            tensors[f"{stem}.lora_A.weight"] = torch.randn(rank, d_in, generator=g) * 0.02
-            tensors[f"{stem}.lora_B.weight"] = torch.randn(d_out, rank, generator=g) * 0.02
-    out.mkdir(parents=True)
-    save_file(tensors, str(out / "adapter_model.safetensors"))
-    (out / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(TARGETS),
-        "lora_dropout": 0.0, "bias": "none", "use_rslora": False}))
-
+from turbollm.bench.lora_rows import write_adapter
 
 def decode_tok_s(llm: LLM, prompts, params, lora) -> float:
     t = time.perf_counter()

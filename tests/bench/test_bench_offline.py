@@ -150,3 +150,18 @@ def test_peer_dtypes_pick_the_transformers_rows(tiny_llama, capsys):
     assert main(["bench", "--model", str(tiny_llama), "--list-configs", "--peers", "hf",
                  "--peer-dtypes", "int3"]) == 2
     assert "unknown peer dtype" in capsys.readouterr().err
+
+
+def test_lora_row_runs_every_request_with_an_adapter(tiny_llama, tmp_path):
+    from turbollm import LLM
+    from turbollm.bench.lora_rows import with_random_adapter
+    llm = LLM(model=str(tiny_llama), dtype="float32", enable_lora=True, num_threads=1,
+              kv_cache_memory="8MiB")
+    view = with_random_adapter(llm, 8, tmp_path / "adapter")
+    (out,) = view.generate([[1, 2, 3]], use_tqdm=False)
+    assert out.lora_request is not None and out.lora_request.lora_name == "bench"
+    assert view.engine is llm.engine  # everything else passes through
+    res, md = _bench(tiny_llama, tmp_path / "bench", "--no-isolate", "--configs", "lora-r16")
+    row = {r["name"]: r for r in res["results"]}["lora-r16"]
+    assert row["status"] == "ok", row
+    assert row["decode_tok_s"] > 0 and "| lora-r16 | ok" in md

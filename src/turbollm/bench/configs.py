@@ -15,9 +15,12 @@ class BenchConfig:
     name: str
     kwargs: dict = field(default_factory=dict)
     peer: str | None = None  # "hf" / "llamacpp": measured by a peer engine, not ours
+    # every request runs with a random adapter of this rank (bench/lora_rows.py)
+    lora_rank: int | None = None
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "kwargs": self.kwargs, "peer": self.peer}
+        return {"name": self.name, "kwargs": self.kwargs, "peer": self.peer,
+                "lora_rank": self.lora_rank}
 
 
 def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
@@ -38,6 +41,8 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
         BenchConfig("spec-ngram", {"speculative_method": "ngram", "num_speculative_tokens": 4}),
         BenchConfig("spec-draft", {"speculative_method": "draft", "num_speculative_tokens": 4,
                                    "draft_layers": draft_layers}),
+        BenchConfig("lora-r16", {"enable_lora": True}, lora_rank=16),
+        BenchConfig("lora-r64", {"enable_lora": True}, lora_rank=64),
     ]
 
 
@@ -60,7 +65,7 @@ def build_matrix(num_layers: int | None, only: list[str] | None = None,
                  extra: dict[str, dict] | None = None) -> list[BenchConfig]:
     """fp32 (the quality baseline) first, bf16, fp16, defaults, every technique, then `extra`
     (kept when `only` picks a subset)."""
-    configs = [BenchConfig(c.name, dict(c.kwargs)) for c in DTYPE_CONFIGS]
+    configs = [BenchConfig(c.name, dict(c.kwargs), c.peer, c.lora_rank) for c in DTYPE_CONFIGS]
     configs += technique_configs(num_layers)
     added = [BenchConfig(name, kw) for name, kw in (extra or {}).items()]
     if only:

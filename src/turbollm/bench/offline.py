@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 from turbollm.bench.configs import BenchConfig
 from turbollm.bench.workloads import BenchSpec
@@ -76,7 +77,12 @@ def _run_ours(job: dict, spec: BenchSpec, stage) -> dict:
     llm = LLM(**engine_kwargs_for(job))
     init_s = time.perf_counter() - t  # load + quantization / calibration at load
     prompts = Prompts(llm.tokenizer, spec, llm.engine.arch.vocab_size)
-    res = measure_ours(llm, spec, prompts, stage)
+    rank = job["config"].get("lora_rank")
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank:
+            from turbollm.bench.lora_rows import with_random_adapter
+            llm = with_random_adapter(llm, rank, Path(tmp) / "adapter")
+        res = measure_ours(llm, spec, prompts, stage)
     res["load_s"] = init_s
     return res
 
