@@ -213,46 +213,57 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 void lora_rows_f32(const float *x, int64_t T, int64_t in, const int64_t *slot, const float *A,
                    const float *B, int64_t R, int64_t K, const int64_t *spans, float *y,
                    int64_t ystride, int64_t out) {
+    // Memory-bound (each row reads its slot's factors once), so both phases are split over the
+    // threads: the shrink by blocks of A's rows, the expand by output rows. One parallel region
+    // per call; its two loops meet at the implicit barrier after the first.
     float small[512];  // the shrunk row (K R values); on the heap past 512
     float *u = K * R <= 512 ? small : (float *)malloc(K * R * sizeof(float));
+    const int64_t KR = K * R, nquads = KR / 4;
     for (int64_t t = 0; t < T; t++) {
         const int64_t s = slot[t];
         if (s < 0) continue;
-        const float *xt = x + t * in, *As = A + s * K * R * in, *Bs = B + s * out * R;
-        // four rows of A at a time: four independent FMA chains, each x load used four times
-        int64_t i = 0;
-        for (; i + 4 <= K * R; i += 4) {
-            const float *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
-            __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-            for (int64_t k = 0; k < in; k += 8) {
-                const __m256 xv = _mm256_loadu_ps(xt + k);
-                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
-                c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, c1);
-                c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, c2);
-                c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, c3);
-            }
-            u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);
-            u[i + 3] = hsum256(c3);
-        }
-        for (; i < K * R; i++) {
-            const float *a = As + i * in;
-            __m256 acc = _mm256_setzero_ps();
-            for (int64_t k = 0; k < in; k += 8)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xt + k), acc);
-            u[i] = hsum256(acc);
-        }
+        const float *xt = x + t * in, *As = A + s * KR * in, *Bs = B + s * out * R;
         float *yt = y + t * ystride;
-        for (int64_t j = 0; j < K; j++) {
-            const float *uj = u + j * R;
-            for (int64_t o = spans[2 * j]; o < spans[2 * j] + spans[2 * j + 1]; o++) {
-                const float *b = Bs + o * R;
+        #pragma omp parallel
+        {
+            // four rows of A at a time: four independent FMA chains, each x load used 4 times
+            #pragma omp for schedule(static)
+            for (int64_t qd = 0; qd < nquads; qd++) {
+                const int64_t i = qd * 4;
+                const float *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+                __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
+                for (int64_t k = 0; k < in; k += 8) {
+                    const __m256 xv = _mm256_loadu_ps(xt + k);
+                    c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
+                    c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, c1);
+                    c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, c2);
+                    c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, c3);
+                }
+                u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);
+                u[i + 3] = hsum256(c3);
+            }
+            #pragma omp single
+            for (int64_t i = nquads * 4; i < KR; i++) {
+                const float *a = As + i * in;
                 __m256 acc = _mm256_setzero_ps();
-                int64_t r = 0;
-                for (; r + 8 <= R; r += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + r), _mm256_loadu_ps(uj + r), acc);
-                float sum = hsum256(acc);
-                for (; r < R; r++) sum += b[r] * uj[r];
-                yt[o] += sum;
+                for (int64_t k = 0; k < in; k += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xt + k), acc);
+                u[i] = hsum256(acc);
+            }
+            for (int64_t j = 0; j < K; j++) {
+                const float *uj = u + j * R;
+                const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];
+                #pragma omp for schedule(static) nowait
+                for (int64_t o = o0; o < o1; o++) {
+                    const float *b = Bs + o * R;
+                    __m256 acc = _mm256_setzero_ps();
+                    int64_t r = 0;
+                    for (; r + 8 <= R; r += 8)
+                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + r), _mm256_loadu_ps(uj + r), acc);
+                    float sum = hsum256(acc);
+                    for (; r < R; r++) sum += b[r] * uj[r];
+                    yt[o] += sum;
+                }
             }
         }
     }
