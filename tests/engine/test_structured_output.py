@@ -1,6 +1,6 @@
 """Constrained decoding through the engine on a tiny random Llama (whose unconstrained output is
 noise, so a valid answer shows the mask was applied): schemas, regex, choice, grammars; finish
-reasons; mixed batches; preemption; compiles off the loop; bad specs; speculative decoding."""
+reasons; mixed batches; preemption; compiles off the loop; bad specs; beside speculative decoding."""
 from __future__ import annotations
 
 import json
@@ -175,11 +175,24 @@ def test_bad_specs_fail_with_the_parsers_message(llm, monkeypatch):
     assert outs["ok"].error is None and len(outs["ok"].outputs[0].token_ids) == 4
 
 
-def test_speculative_decoding_refuses_structured_output(tiny_llama):
-    spec_llm = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="8MiB",
-                   speculative_method="ngram")
-    with pytest.raises(RequestValidationError, match="speculative"):
-        spec_llm.generate("x", SamplingParams(structured_output=Spec.regex("a")))
+def test_speculative_engine_decodes_constrained_requests_plainly(llm, tiny_llama):
+    """Constrained requests get no proposals (drafted tokens would skip the mask); the same
+    greedy answers as without speculation, while their unconstrained neighbours speculate."""
+    spec_llm = LLM(str(tiny_llama), dtype="float32", kv_cache_memory="16MiB", block_size=16,
+                   max_num_seqs=64, max_num_batched_tokens=256, speculative_method="ngram")
+    constrained = [SamplingParams(temperature=0, max_tokens=300, structured_output=spec)
+                   for spec in (Spec.json(SCHEMA), Spec.regex(r"[a-z]{2,5}-[0-9]{2}"))]
+    # a prompt that repeats itself: n-gram lookup proposes, and greedy copies it
+    loop = "a b c d e f g a b c d e f g a b c d e f g a b c d"
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = PROMPTS[:2] + [loop]
+    want = [o.outputs[0].text for o in llm.generate(prompts, constrained + [plain])]
+    spec = spec_llm.engine.spec
+    outs = spec_llm.generate(prompts, constrained + [plain])
+    assert [o.outputs[0].text for o in outs] == want
+    Order.model_validate_json(outs[0].outputs[0].text)
+    assert outs[0].metrics.spec_draft_tokens == outs[1].metrics.spec_draft_tokens == 0
+    assert spec.num_draft_tokens > 0  # the unconstrained request did speculate
 
 
 def test_llguidance_backend_gives_the_same_answers(llm, tiny_llama):

@@ -345,7 +345,6 @@ class AsyncLLMEngine:
         from turbollm.engine.constrained import PARAM
         from turbollm.engine.errors import RequestValidationError
         constrained = self.engine.constrained
-        constrained.check(spec)
         try:
             await asyncio.wrap_future(constrained.manager.compile(spec))
         except ValueError as exc:  # GrammarError: the parser's message

@@ -23,12 +23,10 @@ PARAM = "response_format"
 
 
 class ConstrainedRequests:
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], backend: str,
-                 speculative: bool):
+    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int], backend: str):
         self._args = (tokenizer, vocab_size, list(stop_token_ids), backend)
         self._manager: StructuredOutputManager | None = None
         self._lock = threading.Lock()  # the server's event loop and the engine thread both ask
-        self._speculative = speculative
         self._pending: list[Request] = []  # admitted to the scheduler, grammar compiling
 
     @property
@@ -43,18 +41,8 @@ class ConstrainedRequests:
                 self._manager = StructuredOutputManager(tokenizer, vocab, stops, backend)
             return self._manager
 
-    def check(self, spec: "StructuredOutputSpec") -> None:
-        """Refuse what this engine cannot constrain (before any request is queued)."""
-        if self._speculative:
-            # Drafted tokens are not checked against the grammar: refuse rather than risk
-            # an output the grammar does not allow.
-            raise RequestValidationError(
-                "structured output cannot be combined with speculative decoding on this "
-                "server (restart it without --speculative-method)", PARAM)
-
     def validate(self, spec: "StructuredOutputSpec") -> None:
         """Compile `spec` now (blocking the caller; cached); RequestValidationError if bad."""
-        self.check(spec)
         try:
             self.manager.compile(spec).result()
         except ValueError as exc:  # GrammarError: the parser's message
@@ -63,7 +51,6 @@ class ConstrainedRequests:
 
     def attach(self, children: list["Request"], spec: "StructuredOutputSpec") -> None:
         """Give each child its grammar state; a grammar known to be bad raises at once."""
-        self.check(spec)
         states = [self.manager.new_state(spec) for _ in children]
         if states[0].error is not None:
             raise RequestValidationError(f"invalid {spec.kind} constraint: {states[0].error}",

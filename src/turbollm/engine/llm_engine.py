@@ -68,7 +68,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer)
         self.constrained = ConstrainedRequests(
             self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
-            config.scheduler.structured_output_backend, speculative=self.spec is not None)
+            config.scheduler.structured_output_backend)
         self.stats = EngineStats()
         self._finished_ids: list[str] = []  # for the worker, with the next batch
         self._retired_loras: set[int] = set()  # unloaded adapters that requests still run

@@ -87,6 +87,12 @@ class SpeculativeDecoder:
         decoding = [r for r in running if not r.is_prefilling and not r.is_finished]
         ks = []
         for r in decoding:
+            if r.grammar is not None:
+                # A grammar's mask covers one position per step (the engine fills it from the
+                # accepted tokens), so drafted tokens would go unchecked: constrained requests
+                # decode plainly, in the same batch as the speculating ones.
+                ks.append(0)
+                continue
             k = self.controller.num_to_propose(r.request_id, len(decoding),
                                                r.params.seeded_sampling)
             # Never past max_tokens (a step emits k + 1) or the context (the proposals' KV).

@@ -177,7 +177,7 @@ class ModelRunner:
             outputs.append(req.output_token_ids + batch.proposals[i][:j] if j
                            else req.output_token_ids)
             gens.append(self._generator(req))
-            # engine-filled (structured_output/); grammars never meet proposals (refused)
+            # engine-filled (structured_output/); constrained requests get no proposals
             masks.append(req.grammar_bitmask if j == 0 else None)
         return SamplingMetadata.build(
             params=params, prompt_token_ids=prompts, output_token_ids=outputs, generators=gens,
