@@ -16,6 +16,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf", "fp8")
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
+LORA_DTYPES = ("auto", "float32", "bfloat16")
 STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "llguidance")
 CPU_ISAS = ISA_CHOICES  # auto, then native_build's variants
 PREFILL_DTYPES = ("auto", "float32", "bfloat16")
@@ -214,12 +215,18 @@ class LoRAConfig:
     max_cpu_loras: int | None = field(default=None, metadata=_help(
         "adapters kept loaded in memory (LRU; an evicted one reloads when asked again); "
         "default: max_loras"))
+    lora_dtype: str = field(default="auto", metadata=_help(
+        "dtype of the adapter factors in the slots: auto = bfloat16 on a quantized base on CPU "
+        "(decode reads the factors every step; their bf16 rounding is far below the base's "
+        "own 4/8-bit error) and the compute dtype otherwise", choices=LORA_DTYPES))
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
         if self.max_lora_rank is not None and self.max_lora_rank < 1:
             raise ValueError(f"max_lora_rank must be >= 1, got {self.max_lora_rank}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise ValueError(f"lora_dtype must be one of {LORA_DTYPES}, got {self.lora_dtype!r}")
         if self.max_cpu_loras is None:
             self.max_cpu_loras = self.max_loras
         if self.max_cpu_loras < self.max_loras:

@@ -95,18 +95,19 @@ def test_grow_keeps_slots_and_fits_larger_rank():
         lora.set_shard(0, "q", *_factors(layer, "q", 17, 3))
 
 
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["qkv", "single"])
-def test_c_rows_kernel_matches_torch(kind):
+def test_c_rows_kernel_matches_torch(kind, slot_dtype):
     """add_rows (one C call, used by the native decoder) against add_to (torch), on rows of
     mixed slots and an output that is a view of a wider buffer, at a rank that is not a
-    multiple of 8 (nor of 4)."""
+    multiple of 8 (nor of 4), with fp32 and bf16 factors (both read the same stored values)."""
     from turbollm.layers import native_ops
     if native_ops.lib() is None:
         pytest.skip("no C kernels on this CPU")
     layer = _layer(kind, "fp32")
     shards = ["q", "k", "v"] if kind == "qkv" else [None]
     ctx = LoRAContext()
-    lora = LinearLoRA(layer, shards, num_slots=2, rank=10, context=ctx, dtype=torch.float32,
+    lora = LinearLoRA(layer, shards, num_slots=2, rank=10, context=ctx, dtype=slot_dtype,
                       device=torch.device("cpu"))  # 10 and 30: tails after 4 and 8 lanes
     for slot in (0, 1):
         for i, s in enumerate(shards):
@@ -119,7 +120,10 @@ def test_c_rows_kernel_matches_torch(kind):
     want = buf.clone()
     lora.add_to(x, want[:, :out])
     got = buf.clone()
+    lora.add_to = lambda *a: pytest.fail("add_rows fell back to torch")  # the C path must run
     lora.add_rows(x, got[:, :out])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if slot_dtype == torch.bfloat16:
+        assert lora.desc is not None  # the native decoder's words describe bf16 slots too
     assert (got - buf)[1].abs().max() == 0 and (got - buf)[:, out:].abs().max() == 0
     assert (got - buf).abs().max() > 0.1

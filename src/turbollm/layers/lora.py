@@ -30,6 +30,10 @@ import torch
 from turbollm.layers import lora_triton, native_ops
 
 
+# Slot dtypes the C row kernel reads: dtype -> (function, the decode ABI's LORA_KIND name)
+_C_KINDS = {torch.float32: ("lora_rows_f32", "LORA_KIND_F32"),
+            torch.bfloat16: ("lora_rows_bf16", "LORA_KIND_BF16")}
+
 # Rows up to which the C row kernel adds the LoRA term (one thread, row by row); more rows go
 # to torch's multi-threaded matmuls per adapter group. Not measured yet: a guess that a few
 # rows are dominated by torch's per-op cost and many rows by arithmetic.
@@ -132,11 +136,12 @@ class LinearLoRA:
         self.context.generation += 1
         abi = native_ops.decode_abi()
         self.desc = None
-        if abi is None or self.A.dtype != torch.float32 or self.A.device.type != "cpu" \
+        if abi is None or self.A.dtype not in _C_KINDS or self.A.device.type != "cpu" \
                 or self.in_features % 8:
             return
         words = [0] * abi.LORA_WORDS
         words[abi.LORA_A], words[abi.LORA_B] = self.A.data_ptr(), self.B.data_ptr()
+        words[abi.LORA_KIND] = getattr(abi, _C_KINDS[self.A.dtype][1])
         words[abi.LORA_RANK], words[abi.LORA_SHARDS] = self.rank, len(self.spans)
         words[abi.LORA_SPANS] = self._spans_c.data_ptr()
         words[abi.LORA_IN], words[abi.LORA_OUT] = self.in_features, self.out_features
@@ -192,7 +197,7 @@ class LinearLoRA:
         if step is None:
             return
         lib = native_ops.lib()
-        if (lib is None or x.shape[0] > MAX_C_ROWS or self.A.dtype != torch.float32
+        if (lib is None or x.shape[0] > MAX_C_ROWS or self.A.dtype not in _C_KINDS
                 or x.dtype != torch.float32
                 or y.dtype != torch.float32 or x.device.type != "cpu" or self.in_features % 8
                 or not x.is_contiguous() or y.stride(1) != 1):
@@ -200,10 +205,10 @@ class LinearLoRA:
             return
         slots = step.row_slots()
         assert slots.numel() == x.shape[0] == y.shape[0]
-        lib.lora_rows_f32(x.data_ptr(), x.shape[0], self.in_features, slots.data_ptr(),
-                          self.A.data_ptr(), self.B.data_ptr(), self.rank, len(self.spans),
-                          self._spans_c.data_ptr(), y.data_ptr(), y.stride(0),
-                          self.out_features)
+        fn = getattr(lib, _C_KINDS[self.A.dtype][0])
+        fn(x.data_ptr(), x.shape[0], self.in_features, slots.data_ptr(), self.A.data_ptr(),
+           self.B.data_ptr(), self.rank, len(self.spans), self._spans_c.data_ptr(), y.data_ptr(),
+           y.stride(0), self.out_features)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] (the base output of x [T, in]) plus each row's adapter term, in place."""
@@ -219,23 +224,25 @@ class LinearLoRA:
             lora_triton.lora_add(x2, y2, A, B, step.row_slots_on(y2.device),
                                  self._shard_of_col, self.rank)
             return y
-        if A.dtype != x2.dtype or y2.dtype != x2.dtype:
-            A, B = A.to(y2.dtype), B.to(y2.dtype)
+        if y2.dtype != x2.dtype:
             x2 = x2.to(y2.dtype)
         R = self.rank
         for slot, rows in step.groups:
+            a, b = A[slot], B[slot]
+            if a.dtype != y2.dtype:  # e.g. bf16 factors (lora_dtype): widened per adapter used
+                a, b = a.to(y2.dtype), b.to(y2.dtype)
             if isinstance(rows, slice):  # contiguous rows: expand straight into y's rows
-                shrunk = x2[rows] @ A[slot].T  # [n, shards * R]
+                shrunk = x2[rows] @ a.T  # [n, shards * R]
                 ys = y2[rows]
                 for j, (off, n) in enumerate(self.spans):
                     ys[:, off:off + n].addmm_(shrunk[:, j * R:(j + 1) * R],
-                                              B[slot, off:off + n].T)
+                                              b[off:off + n].T)
                 continue
-            shrunk = x2.index_select(0, rows) @ A[slot].T
+            shrunk = x2.index_select(0, rows) @ a.T
             if len(self.spans) == 1:
-                delta = shrunk @ B[slot].T  # [n, out]
+                delta = shrunk @ b.T  # [n, out]
             else:
-                delta = torch.cat([shrunk[:, j * R:(j + 1) * R] @ B[slot, off:off + n].T
+                delta = torch.cat([shrunk[:, j * R:(j + 1) * R] @ b[off:off + n].T
                                    for j, (off, n) in enumerate(self.spans)], dim=1)
             y2.index_add_(0, rows, delta)
         return y

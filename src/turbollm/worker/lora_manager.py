@@ -19,7 +19,7 @@ import torch
 
 from turbollm.config import LoRAConfig
 from turbollm.core.lora_request import LoRARequest
-from turbollm.layers.linear import LinearBase, MergedLinear, QKVLinear
+from turbollm.layers.linear import LinearBase, MergedLinear, QKVLinear, UnquantizedLinearMethod
 from turbollm.layers.lora import LinearLoRA, LoRAContext, LoRAStep
 from turbollm.loader.errors import CheckpointError
 from turbollm.loader.peft_adapter import PeftAdapter, load_peft_adapter
@@ -49,6 +49,18 @@ def _shard_ids(layer: LinearBase) -> list:
     return [None]
 
 
+def _slot_dtype(lora_dtype: str, model: torch.nn.Module, device: torch.device) -> torch.dtype:
+    """The factors' dtype (LoRAConfig.lora_dtype; see its help for `auto`)."""
+    if lora_dtype != "auto":
+        return getattr(torch, lora_dtype)
+    quantized = any(isinstance(m, LinearBase) and
+                    not isinstance(m.quant_method, UnquantizedLinearMethod)
+                    for m in model.model.layers.modules())
+    if quantized and device.type == "cpu":
+        return torch.bfloat16
+    return model.model.compute_dtype
+
+
 class LoRAManager:
     """Adapters of one model (see the module docstring)."""
 
@@ -56,7 +68,7 @@ class LoRAManager:
                  device: str):
         self.model, self.arch, self.config = model, arch, config
         self.device = torch.device(device)
-        self.dtype = model.model.compute_dtype
+        self.dtype = _slot_dtype(config.lora_dtype, model, self.device)
         self.context = LoRAContext()
         model.model.lora_context = self.context
         self.rank = config.max_lora_rank or 0  # 0 until the first adapter sets it

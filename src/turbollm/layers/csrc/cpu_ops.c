@@ -209,66 +209,78 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 // For each row t whose slot s = slot[t] is >= 0: shrink u = A[s] x[t] (K shards x R values),
 // then expand y[t, off_j + o] += B[s, off_j + o, :] . u[j R .. j R + R) for each shard j, whose
 // output rows are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots, out,
-// R] fp32 contiguous; x rows contiguous ([T, in]); y rows `ystride` apart. in % 8 == 0.
-void lora_rows_f32(const float *x, int64_t T, int64_t in, const int64_t *slot, const float *A,
-                   const float *B, int64_t R, int64_t K, const int64_t *spans, float *y,
-                   int64_t ystride, int64_t out) {
-    // Memory-bound (each row reads its slot's factors once), so both phases are split over the
-    // threads: the shrink by blocks of A's rows, the expand by output rows. One parallel region
-    // per call; its two loops meet at the implicit barrier after the first.
-    float small[512];  // the shrunk row (K R values); on the heap past 512
-    float *u = K * R <= 512 ? small : (float *)malloc(K * R * sizeof(float));
-    const int64_t KR = K * R, nquads = KR / 4;
-    for (int64_t t = 0; t < T; t++) {
-        const int64_t s = slot[t];
-        if (s < 0) continue;
-        const float *xt = x + t * in, *As = A + s * KR * in, *Bs = B + s * out * R;
-        float *yt = y + t * ystride;
-        #pragma omp parallel
-        {
-            // four rows of A at a time: four independent FMA chains, each x load used 4 times
-            #pragma omp for schedule(static)
-            for (int64_t qd = 0; qd < nquads; qd++) {
-                const int64_t i = qd * 4;
-                const float *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
-                __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;
-                for (int64_t k = 0; k < in; k += 8) {
-                    const __m256 xv = _mm256_loadu_ps(xt + k);
-                    c0 = _mm256_fmadd_ps(_mm256_loadu_ps(a0 + k), xv, c0);
-                    c1 = _mm256_fmadd_ps(_mm256_loadu_ps(a1 + k), xv, c1);
-                    c2 = _mm256_fmadd_ps(_mm256_loadu_ps(a2 + k), xv, c2);
-                    c3 = _mm256_fmadd_ps(_mm256_loadu_ps(a3 + k), xv, c3);
-                }
-                u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);
-                u[i + 3] = hsum256(c3);
-            }
-            #pragma omp single
-            for (int64_t i = nquads * 4; i < KR; i++) {
-                const float *a = As + i * in;
-                __m256 acc = _mm256_setzero_ps();
-                for (int64_t k = 0; k < in; k += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(xt + k), acc);
-                u[i] = hsum256(acc);
-            }
-            for (int64_t j = 0; j < K; j++) {
-                const float *uj = u + j * R;
-                const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];
-                #pragma omp for schedule(static) nowait
-                for (int64_t o = o0; o < o1; o++) {
-                    const float *b = Bs + o * R;
-                    __m256 acc = _mm256_setzero_ps();
-                    int64_t r = 0;
-                    for (; r + 8 <= R; r += 8)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + r), _mm256_loadu_ps(uj + r), acc);
-                    float sum = hsum256(acc);
-                    for (; r < R; r++) sum += b[r] * uj[r];
-                    yt[o] += sum;
-                }
-            }
-        }
-    }
-    if (u != small) free(u);
+// R] contiguous, fp32 or bf16 (FTYPE, widened by LOAD8); x rows contiguous ([T, in]); y rows
+// `ystride` apart. in % 8 == 0.
+// Memory-bound (each row reads its slot's factors once), so both phases are split over the
+// threads: the shrink by blocks of A's rows, the expand by output rows. One parallel region per
+// row; its loops meet at the implicit barriers after the shrink.
+static inline float bf16_to_f32(uint16_t v) {
+    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
+    return c.f;
 }
+static inline float f32_to_f32(float v) { return v; }
+
+#define DEFINE_LORA_ROWS(NAME, FTYPE, LOAD8, TO_F32)                                                \
+    void NAME(const float *x, int64_t T, int64_t in, const int64_t *slot, const FTYPE *A,          \
+              const FTYPE *B, int64_t R, int64_t K, const int64_t *spans, float *y,                 \
+              int64_t ystride, int64_t out) {                                                       \
+        float small[512]; /* the shrunk row (K R values); on the heap past 512 */                   \
+        float *u = K * R <= 512 ? small : (float *)malloc(K * R * sizeof(float));                   \
+        const int64_t KR = K * R, nquads = KR / 4;                                                  \
+        for (int64_t t = 0; t < T; t++) {                                                           \
+            const int64_t s = slot[t];                                                              \
+            if (s < 0) continue;                                                                    \
+            const float *xt = x + t * in;                                                           \
+            const FTYPE *As = A + s * KR * in, *Bs = B + s * out * R;                               \
+            float *yt = y + t * ystride;                                                            \
+            _Pragma("omp parallel")                                                                 \
+            {                                                                                       \
+                /* four rows of A at a time: four FMA chains, each x load used four times */        \
+                _Pragma("omp for schedule(static)")                                                 \
+                for (int64_t qd = 0; qd < nquads; qd++) {                                           \
+                    const int64_t i = qd * 4;                                                       \
+                    const FTYPE *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;     \
+                    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                     \
+                    for (int64_t k = 0; k < in; k += 8) {                                           \
+                        const __m256 xv = _mm256_loadu_ps(xt + k);                                  \
+                        c0 = _mm256_fmadd_ps(LOAD8(a0 + k), xv, c0);                                \
+                        c1 = _mm256_fmadd_ps(LOAD8(a1 + k), xv, c1);                                \
+                        c2 = _mm256_fmadd_ps(LOAD8(a2 + k), xv, c2);                                \
+                        c3 = _mm256_fmadd_ps(LOAD8(a3 + k), xv, c3);                                \
+                    }                                                                               \
+                    u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);             \
+                    u[i + 3] = hsum256(c3);                                                         \
+                }                                                                                   \
+                _Pragma("omp single")                                                               \
+                for (int64_t i = nquads * 4; i < KR; i++) {                                         \
+                    const FTYPE *a = As + i * in;                                                   \
+                    __m256 acc = _mm256_setzero_ps();                                               \
+                    for (int64_t k = 0; k < in; k += 8)                                             \
+                        acc = _mm256_fmadd_ps(LOAD8(a + k), _mm256_loadu_ps(xt + k), acc);          \
+                    u[i] = hsum256(acc);                                                            \
+                }                                                                                   \
+                for (int64_t j = 0; j < K; j++) {                                                   \
+                    const float *uj = u + j * R;                                                    \
+                    const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];          \
+                    _Pragma("omp for schedule(static) nowait")                                      \
+                    for (int64_t o = o0; o < o1; o++) {                                             \
+                        const FTYPE *b = Bs + o * R;                                                \
+                        __m256 acc = _mm256_setzero_ps();                                           \
+                        int64_t r = 0;                                                              \
+                        for (; r + 8 <= R; r += 8)                                                  \
+                            acc = _mm256_fmadd_ps(LOAD8(b + r), _mm256_loadu_ps(uj + r), acc);      \
+                        float sum = hsum256(acc);                                                   \
+                        for (; r < R; r++) sum += TO_F32(b[r]) * uj[r];                             \
+                        yt[o] += sum;                                                               \
+                    }                                                                               \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        if (u != small) free(u);                                                                    \
+    }
+
+DEFINE_LORA_ROWS(lora_rows_f32, float, load8_f32, f32_to_f32)
+DEFINE_LORA_ROWS(lora_rows_bf16, uint16_t, load8_bf16, bf16_to_f32)
 
 // ---- the decoder layers of a decode-shaped step, as one call ----
 // models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
@@ -323,9 +335,14 @@ static void embed_rows(float *h, const int64_t *ids, const void *table, int64_t 
 static void lora_call(int64_t desc, const float *x, int64_t T, const int64_t *slots, float *y) {
     if (!desc || !slots) return;
     const int64_t *d = (const int64_t *)desc;
-    lora_rows_f32(x, T, d[LORA_IN], slots, (const float *)d[LORA_A], (const float *)d[LORA_B],
-                  d[LORA_RANK], d[LORA_SHARDS], (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT],
-                  d[LORA_OUT]);
+    if (d[LORA_KIND] == LORA_KIND_BF16)
+        lora_rows_bf16(x, T, d[LORA_IN], slots, (const uint16_t *)d[LORA_A],
+                       (const uint16_t *)d[LORA_B], d[LORA_RANK], d[LORA_SHARDS],
+                       (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT], d[LORA_OUT]);
+    else
+        lora_rows_f32(x, T, d[LORA_IN], slots, (const float *)d[LORA_A], (const float *)d[LORA_B],
+                      d[LORA_RANK], d[LORA_SHARDS], (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT],
+                      d[LORA_OUT]);
 }
 
 // Embeddings, then every decoder layer, then the final norm: x holds the normed hidden states.
