@@ -64,3 +64,22 @@ def test_no_mask_builds_nothing():
     assert meta.grammar_rows is None and meta.grammar_banned is None
     meta, _ = run(torch.randn(2, V), params, None, [None, None])
     assert meta.grammar_rows is None
+
+
+def test_mask_sets_banned_to_minus_inf_and_leaves_allowed_bits_alone():
+    from turbollm.layers.sampler import apply_grammar_masks
+    torch.manual_seed(1)
+    logits = torch.randn(3, V) * 5
+    allowed = {0: [0, 31, 32, 999], 2: list(range(100, 900))}
+    meta = SamplingMetadata.build(
+        params=[SamplingParams(temperature=0)] * 3, prompt_token_ids=[[1]] * 3,
+        output_token_ids=[[]] * 3, generators=[None] * 3, vocab_size=V, device="cpu",
+        grammar_bitmasks=[bitmask(allowed[0]), None, bitmask(allowed[2])])
+    x = logits.clone()
+    apply_grammar_masks(x, meta)
+    assert torch.equal(x[1], logits[1])
+    for r, toks in allowed.items():
+        keep = torch.zeros(V, dtype=torch.bool)
+        keep[toks] = True
+        assert torch.equal(x[r][keep], logits[r][keep])
+        assert torch.isneginf(x[r][~keep]).all()
