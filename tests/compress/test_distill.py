@@ -67,12 +67,19 @@ def test_layer_dropped_student_gets_closer_and_loads_everywhere(teacher, tmp_pat
     torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
 
 
-def test_for_draft_trains_tv_on_teacher_generations(teacher, tmp_path):
-    cfg = DistillConfig(teacher=str(teacher), out=str(tmp_path / "d"), student_layers=1,
-                        for_draft=True, **SMALL)
-    assert (cfg.loss, cfg.data) == ("tv", "teacher")
-    report = distill(cfg, progress=False)
+def test_for_draft_from_the_command_line(teacher, tmp_path, capsys):
+    """`turbollm distill --for-draft`: TV on the teacher's own generations, a report."""
+    from turbollm.cli import main
+    out = tmp_path / "d"
+    assert main(["distill", "--teacher", str(teacher), "--student-layers", "1", "--for-draft",
+                 "--out", str(out), "--steps", "16", "--batch-size", "4", "--seq-len", "32",
+                 "--lr", "3e-3", "--num-threads", "1"]) == 0
+    report = json.loads((out / distill_mod.REPORT).read_text())
+    assert (report["config"]["loss"], report["config"]["data"]) == ("tv", "teacher")
     assert report["after"]["one_minus_tv"] > report["before"]["one_minus_tv"]
+    assert report["before"]["teacher_perplexity"] == report["after"]["teacher_perplexity"]
+    printed = capsys.readouterr().out
+    assert "top-1 agree" in printed and "of the gap recovered" in printed
 
 
 def held_out_numbers(model, teacher_dir, cfg: DistillConfig) -> dict:

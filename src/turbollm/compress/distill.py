@@ -121,20 +121,22 @@ def teacher_generations(teacher: str, prompts: list[list[int]], new_tokens: int,
 def evaluate(student, teacher, seqs: list[list[int]], loss: str, temperature: float) -> dict:
     """Held-out quality of the student, and how close it is to the teacher."""
     student.eval()
-    nll = agree = overlap = dist = n = 0.0
+    nll = t_nll = agree = overlap = dist = n = 0.0
     for seq in seqs:
         ids = torch.tensor([seq])
         s = student(ids).logits[0, :-1].float()
         t = teacher(ids).logits[0, :-1].float()
         target = ids[0, 1:]
         nll += torch.nn.functional.cross_entropy(s, target, reduction="sum").item()
+        t_nll += torch.nn.functional.cross_entropy(t, target, reduction="sum").item()
         agree += (s.argmax(-1) == t.argmax(-1)).sum().item()
         p, q = t.softmax(-1), s.softmax(-1)
         overlap += torch.minimum(p, q).sum(-1).sum().item()  # = 1 - TV per position
         dist += distill_loss(loss, s, t, temperature=temperature).item() * len(target)
         n += len(target)
     student.train()
-    return {"perplexity": math.exp(nll / n), "loss_to_teacher": dist / n,
+    return {"perplexity": math.exp(nll / n), "teacher_perplexity": math.exp(t_nll / n),
+            "loss_to_teacher": dist / n,
             "top1_agreement": agree / n, "one_minus_tv": overlap / n}
 
 
@@ -277,8 +279,11 @@ def run_distill(args) -> int:
     cfg = DistillConfig(**{k: v for k, v in vars(args).items() if k in names})
     report = distill(cfg)
     b, a = report["before"], report["after"]
+    lost = b["perplexity"] - b["teacher_perplexity"]
+    recovered = (b["perplexity"] - a["perplexity"]) / lost if lost > 0 else float("nan")
     print(f"wrote {cfg.out}\nheld-out       before -> after\n"
-          f"perplexity     {b['perplexity']:.2f} -> {a['perplexity']:.2f}\n"
+          f"perplexity     {b['perplexity']:.2f} -> {a['perplexity']:.2f} (teacher "
+          f"{b['teacher_perplexity']:.2f}: {recovered:.0%} of the gap recovered)\n"
           f"{cfg.loss:<14} {b['loss_to_teacher']:.4f} -> {a['loss_to_teacher']:.4f}\n"
           f"top-1 agree    {b['top1_agreement']:.3f} -> {a['top1_agreement']:.3f}\n"
           f"1 - TV         {b['one_minus_tv']:.3f} -> {a['one_minus_tv']:.3f}")
