@@ -12,7 +12,9 @@ from turbollm.compress import distill as distill_mod
 from turbollm.compress.distill import DistillConfig, distill
 from turbollm.compress.distill_losses import distill_loss
 
-SMALL = dict(steps=16, batch_size=4, seq_len=32, eval_sequences=4, num_threads=1, lr=3e-3)
+# fp32: the tests compare the report with transformers' fp32 forward of the written model
+SMALL = dict(steps=16, batch_size=4, seq_len=32, eval_sequences=4, num_threads=1, lr=3e-3,
+             precision="float32")
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +70,13 @@ def test_layer_dropped_student_gets_closer_and_loads_everywhere(teacher, tmp_pat
 
 
 def test_for_draft_from_the_command_line(teacher, tmp_path, capsys):
-    """`turbollm distill --for-draft`: TV on the teacher's own generations, a report."""
+    """`turbollm distill --for-draft`: TV on the teacher's own generations, a report; matmuls
+    in bf16 (autocast), which still trains."""
     from turbollm.cli import main
     out = tmp_path / "d"
     assert main(["distill", "--teacher", str(teacher), "--student-layers", "1", "--for-draft",
                  "--out", str(out), "--steps", "16", "--batch-size", "4", "--seq-len", "32",
-                 "--lr", "3e-3", "--num-threads", "1"]) == 0
+                 "--lr", "3e-3", "--num-threads", "1", "--precision", "bfloat16"]) == 0
     report = json.loads((out / distill_mod.REPORT).read_text())
     assert (report["config"]["loss"], report["config"]["data"]) == ("tv", "teacher")
     assert report["after"]["one_minus_tv"] > report["before"]["one_minus_tv"]

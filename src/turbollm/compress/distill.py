@@ -15,6 +15,7 @@ decoding accepts) and 1 - TV; they go to DIR/distill_report.json.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -51,6 +52,10 @@ class DistillConfig:
     eval_sequences: int = 16
     seed: int = 0
     num_threads: int | None = None
+    # matmuls in bf16 (torch autocast; weights, optimizer and losses stay fp32): auto = where
+    # the CPU has bf16 math (AMX / AVX-512 BF16: ~2.5x faster steps measured on a 135M
+    # teacher), fp32 elsewhere (emulated bf16 is slower than fp32)
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if (self.student is None) == (self.student_layers is None):
@@ -77,6 +82,16 @@ class DistillConfig:
                              "layer-dropped or pruned copy written before)")
         if self.lr is None:
             self.lr = 1e-3 if self.lora_rank else 1e-4
+        if self.precision not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"precision must be auto, float32 or bfloat16, got "
+                             f"{self.precision!r}")
+
+    def autocast(self):
+        """The context the forward passes run in."""
+        from turbollm.platform_info import cpu_has_native_bf16
+        bf16 = self.precision == "bfloat16" or (self.precision == "auto" and
+                                                cpu_has_native_bf16())
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
 # ----- data -----
@@ -118,8 +133,14 @@ def teacher_generations(teacher: str, prompts: list[list[int]], new_tokens: int,
 
 # ----- evaluation -----
 @torch.no_grad()
-def evaluate(student, teacher, seqs: list[list[int]], loss: str, temperature: float) -> dict:
+def evaluate(student, teacher, seqs: list[list[int]], loss: str, temperature: float,
+             autocast=None) -> dict:
     """Held-out quality of the student, and how close it is to the teacher."""
+    with autocast if autocast is not None else contextlib.nullcontext():
+        return _evaluate(student, teacher, seqs, loss, temperature)
+
+
+def _evaluate(student, teacher, seqs: list[list[int]], loss: str, temperature: float) -> dict:
     student.eval()
     nll = t_nll = agree = overlap = dist = n = 0.0
     for seq in seqs:
@@ -203,7 +224,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
         rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
     if before is None:
-        before = evaluate(student, teacher, held_out, cfg.loss, cfg.temperature)
+        before = evaluate(student, teacher, held_out, cfg.loss, cfg.temperature, cfg.autocast())
     student.train()
     bar = tqdm(range(start, cfg.steps), desc="distill", unit="step", initial=start,
                total=cfg.steps, disable=not progress)
@@ -211,9 +232,10 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
         for group in optim.param_groups:
             group["lr"] = _lr_at(step, cfg.steps, cfg.lr)
         batch = torch.tensor([pool[rng.randrange(len(pool))] for _ in range(cfg.batch_size)])
-        with torch.no_grad():
-            t_logits = teacher(batch).logits
-        s_logits = student(batch).logits
+        with cfg.autocast():
+            with torch.no_grad():
+                t_logits = teacher(batch).logits
+            s_logits = student(batch).logits
         loss = distill_loss(cfg.loss, s_logits, t_logits, temperature=cfg.temperature)
         optim.zero_grad(set_to_none=True)
         loss.backward()
@@ -228,7 +250,7 @@ def distill(cfg: DistillConfig, progress: bool = True) -> dict:
                         "student": trainable if adapters else student.state_dict()}, ckpt)
     bar.close()
 
-    after = evaluate(student, teacher, held_out, cfg.loss, cfg.temperature)
+    after = evaluate(student, teacher, held_out, cfg.loss, cfg.temperature, cfg.autocast())
     if adapters:
         save_peft(adapters, cfg.lora_rank, cfg.lora_alpha or 2.0 * cfg.lora_rank,
                   cfg.student, out)
@@ -271,6 +293,8 @@ def add_distill_parser(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue from DIR's checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-threads", type=int)
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="matmul precision (auto: bf16 where the CPU has bf16 math)")
     p.set_defaults(func=run_distill)
 
 
