@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from turbollm.native_build import I64 as _I
@@ -44,7 +45,6 @@ class BitmaskWeight:
 
     @classmethod
     def from_dense(cls, w: torch.Tensor) -> "BitmaskWeight":
-        from turbollm.loader.compressed_tensors import pack_mask
         if w.dim() != 2 or w.shape[1] % 8:
             raise ValueError(f"need a 2-D weight with a multiple of 8 columns, got {tuple(w.shape)}")
         if w.dtype not in (torch.float32, torch.bfloat16):
@@ -52,7 +52,10 @@ class BitmaskWeight:
         keep = w != 0
         counts = keep.sum(1)
         values = torch.cat([w[keep], torch.zeros(_PAD, dtype=w.dtype)])
-        return cls(values, pack_mask(keep), (torch.cumsum(counts, 0) - counts).to(torch.int64),
+        # the compressed-tensors bit order (loader/compressed_tensors.py): column 8j + b is
+        # bit b of byte j
+        mask = torch.from_numpy(np.packbits(keep.numpy(), axis=-1, bitorder="little"))
+        return cls(values, mask, (torch.cumsum(counts, 0) - counts).to(torch.int64),
                    tuple(w.shape))
 
     def nbytes(self) -> int:
