@@ -1,6 +1,7 @@
 """Pruning quality on the bundled SmolLM2-135M: the published orderings hold on held-out text
-(kept small for CI: 8 calibration windows of 128 tokens, 640 held-out tokens; the full table
-with 32 windows is in docs/compression.md)."""
+(kept small for CI: 8 calibration windows of 128 tokens, one 256-token window of held-out text;
+the full table, with 32 windows and magnitude 2:4, SparseGPT and structured rows, is in
+docs/compression.md)."""
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,7 @@ def bundled(bundled_gguf):
     source = dict(iter_checkpoint(resolve_model(str(bundled_gguf)), torch.float32))
     stats = linear_stats(llm, CalibConfig(num_windows=8, window_len=128), hessian=False,
                          progress=False)
-    held = heldout_token_ids(corpus_token_ids(llm.tokenizer))[:640]
+    held = heldout_token_ids(corpus_token_ids(llm.tokenizer))[:256]
     return llm, source, stats, held
 
 
@@ -34,16 +35,16 @@ def _perplexity(bundled, cfg: PruneConfig | None) -> float:
         sparsity = prune_tensors(tensors, cfg, stats, progress=False)
         assert sparsity >= 0.5
     llm.engine.executor.worker.model.load_weights(tensors.items())
-    return perplexity(llm.score_logits, held, max_length=320, stride=160).perplexity
+    return perplexity(llm.score_logits, held, max_length=256).perplexity  # one window
 
 
-def test_wanda_beats_magnitude_at_50_percent_and_2_4(bundled):
+def test_wanda_beats_magnitude_at_50_percent(bundled):
     dense = _perplexity(bundled, None)
-    ppl = {(m, p): _perplexity(bundled, PruneConfig(m, None if p else 0.5, p))
-           for m in ("magnitude", "wanda") for p in (None, (2, 4))}
-    print(f"dense {dense:.2f}, " + ", ".join(f"{m} {p or '50%'} {v:.2f}"
-                                             for (m, p), v in ppl.items()))
-    assert dense < ppl["wanda", None] < ppl["magnitude", None]
-    assert ppl["wanda", (2, 4)] < ppl["magnitude", (2, 4)]
+    magnitude = _perplexity(bundled, PruneConfig("magnitude", 0.5))
+    wanda = _perplexity(bundled, PruneConfig("wanda", 0.5))
+    wanda_24 = _perplexity(bundled, PruneConfig("wanda", pattern=(2, 4)))
+    print(f"dense {dense:.2f}, magnitude 50% {magnitude:.2f}, wanda 50% {wanda:.2f}, "
+          f"wanda 2:4 {wanda_24:.2f}")
+    assert dense < wanda < magnitude
     # unstructured 50% keeps more freedom than 2:4 at the same sparsity
-    assert ppl["wanda", None] < ppl["wanda", (2, 4)]
+    assert wanda < wanda_24

@@ -29,9 +29,8 @@ def _weight(out_f, in_f, density, dtype, seed=0, two_four=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("density, two_four", [(0.5, False), (0.1, False), (0.9, False),
-                                               (None, True)])
-@pytest.mark.parametrize("rows", [1, 3, 11])  # 11: more than one call of the kernel
+@pytest.mark.parametrize("density, two_four", [(0.5, False), (0.1, False), (None, True)])
+@pytest.mark.parametrize("rows", [1, 11])  # 11: more than one call of the kernel
 @pytest.mark.parametrize("isa", ISAS)
 def test_matches_torch(dtype, density, two_four, rows, isa):
     w = _weight(96, 576, density, dtype, two_four=two_four)

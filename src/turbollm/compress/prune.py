@@ -59,20 +59,27 @@ def prune_tensors(tensors: dict[str, torch.Tensor], cfg: PruneConfig, stats: dic
     if not names:
         raise ValueError("no decoder-layer projections (model.layers.N.*_proj.weight) to prune")
     zeros = total = 0
-    for name in tqdm(names, desc=f"pruning ({cfg.method}, {cfg.sparsity or cfg.structure})",
-                     unit="linear", disable=not progress):
-        w = tensors[name].float()
-        st = None if stats is None else stats.get(name[:-len(".weight")])
-        if cfg.needs_calibration and st is None:
-            raise ValueError(f"no calibration statistics for {name}")
-        if cfg.method == "sparsegpt":
-            w = _sparsegpt(w, st.hessian, cfg)
-        else:
-            w = w * mask_for(cfg.method, w, None if st is None else st.channel_norm,
-                             cfg.sparsity, cfg.pattern)
-        tensors[name] = w
-        zeros += int((w == 0).sum())
-        total += w.numel()
+    threads = torch.get_num_threads()
+    # a layer's ops are ~1M elements each: one thread is as fast, and 4x faster than two on a
+    # busy 2-core machine (measured: 3.6 s vs 14 s of CPU for Wanda on SmolLM2's 210 linears)
+    torch.set_num_threads(1)
+    try:
+        for name in tqdm(names, desc=f"pruning ({cfg.method}, {cfg.sparsity or cfg.structure})",
+                         unit="linear", disable=not progress):
+            w = tensors[name].float()
+            st = None if stats is None else stats.get(name[:-len(".weight")])
+            if cfg.needs_calibration and st is None:
+                raise ValueError(f"no calibration statistics for {name}")
+            if cfg.method == "sparsegpt":
+                w = _sparsegpt(w, st.hessian, cfg)
+            else:
+                w = w * mask_for(cfg.method, w, None if st is None else st.channel_norm,
+                                 cfg.sparsity, cfg.pattern)
+            tensors[name] = w
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    finally:
+        torch.set_num_threads(threads)
     return zeros / total
 
 
