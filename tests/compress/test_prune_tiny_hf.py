@@ -145,3 +145,14 @@ def test_structured_spec_parsing():
     for bad in ("width=1.5", "depth=0", "height=2", "width"):
         with pytest.raises(ValueError):
             StructuredConfig.parse(bad)
+
+
+def test_calib_file_replaces_the_bundled_corpus(tmp_path, calib_llm):
+    from turbollm.compress.calib import windows_for
+    text = tmp_path / "mine.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    own = windows_for(calib_llm, CalibConfig(num_windows=2, window_len=32, text_file=str(text)))
+    ids = set(calib_llm.tokenizer(text.read_text(), add_special_tokens=False).input_ids)
+    assert len(own) == 2 and all(len(w) == 32 and set(w) <= ids for w in own)
+    default = windows_for(calib_llm, CalibConfig(num_windows=2, window_len=32))
+    assert not set(default[0]) <= ids  # the bundled corpus has other words
