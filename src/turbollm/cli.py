@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     from turbollm.compress.lora_merge import add_lora_parser
     add_lora_parser(sub)
+    from turbollm.compress.prune_cli import add_prune_parser
+    add_prune_parser(sub)
     from turbollm.compress.distill import add_distill_parser
     add_distill_parser(sub)
     return parser

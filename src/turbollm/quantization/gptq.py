@@ -21,8 +21,9 @@ from turbollm.quantization.int4_result import Int4Weights, install_int4_weights
 log = logging.getLogger(__name__)
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping until PD."""
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damping until PD
+    (shared with SparseGPT, compress/sparsegpt.py)."""
     n = h.shape[0]
     mean_diag = float(h.diagonal().mean())
     for attempt in range(6):
@@ -56,7 +57,7 @@ def gptq_quantize_weight(weight: torch.Tensor, hessian: torch.Tensor, group_size
     if act_order:
         perm = torch.argsort(h.diagonal(), descending=True)
         w, h = w[:, perm], h[perm][:, perm]
-    U = _inverse_hessian_factor(h, damp)
+    U = inverse_hessian_factor(h, damp)
     threads = torch.get_num_threads()
     # The walk is thousands of tiny ops: one thread avoids a thread wake-up per op (measured
     # 25x faster than two threads on a busy 2-core machine).

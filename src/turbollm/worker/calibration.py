@@ -54,12 +54,18 @@ class LinearStats:
 
     hessian: torch.Tensor | None = None  # sum of x x^T over rows [in, in] (GPTQ)
     abs_sum: torch.Tensor | None = None  # sum of |x| per input channel [in] (AWQ)
+    sq_sum: torch.Tensor | None = None  # sum of x^2 per input channel [in] (Wanda, pruning)
     samples: list[torch.Tensor] = field(default_factory=list)  # some input rows (AWQ search)
     rows: int = 0
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(1, self.rows)
+
+    @property
+    def channel_norm(self) -> torch.Tensor:
+        """||X[:, j]||_2 over every calibration row, per input channel: [in]."""
+        return self.sq_sum.sqrt()
 
     @property
     def mean_hessian(self) -> torch.Tensor:
@@ -78,7 +84,7 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, LinearBase]:
 
 def collect_stats(run_window, windows: list[list[int]], linears: dict[str, LinearBase],
                   hessian: bool, abs_stats: bool, sample_rows_per_window: int = 0,
-                  progress: bool = True) -> dict[str, LinearStats]:
+                  progress: bool = True, sq_stats: bool = False) -> dict[str, LinearStats]:
     """Run every window through `run_window(token_ids)` with hooks on `linears` and return
     their input statistics (fp32, on the layers' device)."""
     stats = {name: LinearStats() for name in linears}
@@ -92,6 +98,9 @@ def collect_stats(run_window, windows: list[list[int]], linears: dict[str, Linea
             if abs_stats:
                 a = x.abs().sum(0)
                 st.abs_sum = a if st.abs_sum is None else st.abs_sum.add_(a)
+            if sq_stats:
+                q = x.square().sum(0)
+                st.sq_sum = q if st.sq_sum is None else st.sq_sum.add_(q)
             if sample_rows_per_window:
                 step = max(1, x.shape[0] // sample_rows_per_window)
                 st.samples.append(x[::step][:sample_rows_per_window].clone())

@@ -95,6 +95,9 @@ def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
     if source.kind == "gguf":
         from turbollm.loader.gguf import GGUFCheckpoint
         return GGUFCheckpoint(source.path).iter_tensors(dtype)
+    from turbollm.loader.compressed_tensors import iter_compressed_tensors, sparsity_config
+    if sparsity_config(source.path) is not None:  # compressed-tensors sparse: dense at load
+        return iter_compressed_tensors(source.path, dtype)
     from turbollm.loader.safetensors import iter_safetensors
     return iter_safetensors(source.path, dtype)
 
