@@ -17,6 +17,7 @@ QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf", "fp8")
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
 LORA_DTYPES = ("auto", "float32", "bfloat16")
+SPARSITY_MODES = ("auto", "bitmask", "none")  # quantization/sparse_method.py
 STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "llguidance")
 CPU_ISAS = ISA_CHOICES  # auto, then native_build's variants
 PREFILL_DTYPES = ("auto", "float32", "bfloat16")
@@ -51,6 +52,10 @@ class ModelConfig:
         choices=QUANTIZATION_METHODS))
     quantization_group_size: int = field(default=128, metadata=_help(
         "group size of int4 / AWQ / GPTQ quantization at load"))
+    sparsity: str = field(default="auto", metadata=_help(
+        "pruned weights: decode reads them bitmask-compressed (auto: when the checkpoint is "
+        "stored sparse, compressed-tensors; bitmask: any checkpoint's linears that are >= 30%% "
+        "zeros; none: dense)", choices=SPARSITY_MODES))
     hf_config_overrides: dict | None = field(default=None, metadata={"cli": False})
 
     def __post_init__(self) -> None:
@@ -63,6 +68,8 @@ class ModelConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {QUANTIZATION_METHODS}, "
                              f"got {self.quantization!r}")
+        if self.sparsity not in SPARSITY_MODES:
+            raise ValueError(f"sparsity must be one of {SPARSITY_MODES}, got {self.sparsity!r}")
         if self.quantization_group_size not in (32, 64, 128):
             raise ValueError("quantization_group_size must be 32, 64 or 128, got "
                              f"{self.quantization_group_size}")

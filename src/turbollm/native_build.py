@@ -174,7 +174,7 @@ class RowKernel:
     csrc/decode_abi.h: its code is read from the library (layers/native_ops.decode_abi)."""
 
     # names, not codes: the codes live in decode_abi.h only
-    LOWBIT, Q8, DENSE = "LIN_LOWBIT", "LIN_Q8", "LIN_DENSE"
+    LOWBIT, Q8, DENSE, SPARSE = "LIN_LOWBIT", "LIN_Q8", "LIN_DENSE", "LIN_SPARSE"
     __slots__ = ("call", "spec")
 
     def __init__(self, call, fn, kind: str, *args: int):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from turbollm.layers.quant_method import QuantMethod
 # importing a method's file registers it
-from turbollm.quantization import fp8, int4, int8  # noqa: F401
+from turbollm.quantization import fp8, int4, int8, sparse_method  # noqa: F401
 from turbollm.quantization import registry
 
 

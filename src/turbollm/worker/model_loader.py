@@ -162,3 +162,7 @@ def _quantize_at_load(model, cfg: ModelConfig, source: ResolvedModel) -> None:
         install_gguf_native(model, GGUFCheckpoint(source.path))
     elif method in LAYER_METHODS:
         quantize_model(model, method, cfg.quantization_group_size)
+    from turbollm.loader.compressed_tensors import sparsity_config
+    from turbollm.quantization.sparse_method import install_sparse
+    stored_sparse = source.kind == "hf_dir" and sparsity_config(source.path) is not None
+    install_sparse(model, cfg.sparsity, stored_sparse)

@@ -293,6 +293,8 @@ typedef void (*lowbit_fn)(const float *, int64_t, const void *, const void *, co
 typedef void (*q8_fn)(const float *, int64_t, const void *, const void *, float *, int64_t, int64_t,
                       int64_t);
 typedef void (*dense_fn)(const float *, int64_t, const void *, float *, int64_t, int64_t);
+typedef void (*sparse_fn)(const float *, int64_t, const void *, const void *, const void *,
+                          float *, int64_t, int64_t);
 typedef void (*write_fn)(const float *, const float *, int64_t, void *, void *, void *, void *,
                          int64_t, const int64_t *, int64_t, int64_t, int64_t);
 typedef void (*attn_fn)(const float *, int64_t, const void *, const void *, const void *,
@@ -309,6 +311,10 @@ static void linear_call(const int64_t *l, const float *x, float *y) {
             break;
         case LIN_Q8:  // M, q, scales, N, K, G
             ((q8_fn)l[LIN_FN])(x, a[0], (const void *)a[1], (const void *)a[2], y, a[3], a[4], a[5]);
+            break;
+        case LIN_SPARSE:  // M, values, mask, row offsets, N, K (quantization/csrc/sparse.c)
+            ((sparse_fn)l[LIN_FN])(x, a[0], (const void *)a[1], (const void *)a[2],
+                                   (const void *)a[3], y, a[4], a[5]);
             break;
         default:  // M, weight, N, K
             ((dense_fn)l[LIN_FN])(x, a[0], (const void *)a[1], y, a[2], a[3]);

@@ -1,0 +1,101 @@
+"""Serving pruned weights: decode rows read the bitmask-compressed form, prefill the dense one.
+
+Decode is bound by reading weights, so a 50%-sparse bf16 weight read as its kept values plus one
+bit per weight (9 bits instead of 16) is what makes pruning pay. The C kernel
+(quantization/csrc/sparse.c) takes up to its row limit of fp32 activation rows, from the layer
+(`apply`) or from the native decode step (`row_kernel`, call kind LIN_SPARSE). Prefill-sized
+inputs are compute-bound and go to the dense weight, which is therefore kept as well: a sparse
+layer holds ~1.56x the bytes of its dense bf16 weight (measured speed, not memory, is what this
+buys).
+
+Which layers (ModelConfig.sparsity): `auto` installs it on every dense linear with at least
+MIN_ZEROS of its weights zero when the checkpoint is stored sparse (compressed-tensors
+sparse-bitmask / sparse-24-bitmask), `bitmask` does the same for any checkpoint (e.g. one pruned
+and saved dense), `none` never.
+"""
+from __future__ import annotations
+
+import torch
+
+from turbollm.config import SPARSITY_MODES
+from turbollm.layers.linear import LinearBase, UnquantizedLinearMethod
+from turbollm.layers.quant_method import QuantMethod
+from turbollm.native_build import RowKernel
+from turbollm.quantization import sparse
+from turbollm.quantization.registry import register
+
+# Below this share of zeros the kept values plus the mask read more than a bf16 row would save
+MIN_ZEROS = 0.3
+
+
+@register
+class SparseBitmaskMethod(QuantMethod):
+    name = "sparse_bitmask"
+
+    def __init__(self):
+        self.dense = UnquantizedLinearMethod()
+
+    @classmethod
+    def create_weights(cls, layer, group_size: int = 0) -> None:
+        """Add the bitmask form of the layer's dense weight (fp32 or bf16 values)."""
+        layer.sparse_weight = sparse.BitmaskWeight.from_dense(layer.weight.data)
+        layer.quant_method = cls()
+
+    def _rows_ok(self, layer, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.dtype == torch.float32
+                and x.shape[0] <= self.max_rows() and sparse.lib() is not None)
+
+    @staticmethod
+    def max_rows() -> int:
+        lib = sparse.lib()
+        return int(lib.bitmask_gemv_max_rows()) if lib is not None else 0
+
+    def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if not self._rows_ok(layer, x2):
+            return self.dense.apply(layer, x)
+        y = sparse.bitmask_linear(x2, layer.sparse_weight)
+        if layer.bias is not None:
+            y = y + layer.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], y.shape[-1])
+
+    def row_kernel(self, layer, M: int):
+        """The C call for M fp32 decode rows (LIN_SPARSE), or None past the kernel's limit."""
+        lib = sparse.lib()
+        if lib is None or M > self.max_rows():
+            return None
+        w = layer.sparse_weight
+        fn = lib.bitmask_gemv_f32 if w.values.dtype == torch.float32 else lib.bitmask_gemv_bf16
+        n, k = w.shape
+        v, m, o = w.values.data_ptr(), w.mask.data_ptr(), w.row_offsets.data_ptr()
+        return RowKernel(lambda x, y: fn(x, M, v, m, o, y, n, k), fn, RowKernel.SPARSE,
+                         M, v, m, o, n, k)
+
+    def weight_bytes(self, layer) -> int:
+        return layer.weight.numel() * layer.weight.element_size() + \
+            layer.sparse_weight.nbytes()
+
+
+def zero_fraction(w: torch.Tensor) -> float:
+    return float((w == 0).sum()) / w.numel()
+
+
+def install_sparse(model: torch.nn.Module, mode: str, stored_sparse: bool) -> int:
+    """Put SparseBitmaskMethod on the model's qualifying linears (see the module docstring);
+    returns how many. lm_head stays dense (pruning leaves it whole)."""
+    if mode not in SPARSITY_MODES:
+        raise ValueError(f"sparsity must be one of {SPARSITY_MODES}, got {mode!r}")
+    if mode == "none" or (mode == "auto" and not stored_sparse) or sparse.lib() is None:
+        return 0
+    n = 0
+    for name, layer in model.named_modules():
+        if (not isinstance(layer, LinearBase) or name.endswith("lm_head")
+                or not isinstance(layer.quant_method, UnquantizedLinearMethod)
+                or layer.weight is None or layer.weight.device.type != "cpu"
+                or layer.weight.dtype not in (torch.float32, torch.bfloat16)
+                or layer.in_features % 8 or zero_fraction(layer.weight.data) < MIN_ZEROS):
+            continue
+        SparseBitmaskMethod.create_weights(layer)
+        n += 1
+    return n
