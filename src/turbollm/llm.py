@@ -70,6 +70,10 @@ class LLM:
         """Next-token logits at every position of a token sequence: [len, vocab] fp32."""
         return self.engine.score_logits(token_ids)
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor/pipeline parallelism)."""
+        self.engine.shutdown()
+
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None
                             ) -> list[int]:
         """Token ids of a conversation rendered with the chat template, ready for a reply."""

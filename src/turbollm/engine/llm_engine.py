@@ -266,6 +266,8 @@ class LLMEngine:
             return failed + self._fail_step(so, exc)
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
+        if self.config.parallel.world_size > 1:  # seconds in collectives, for bench / metrics
+            self.stats.extra.update(self.executor.comm_stats())
         self.stats.generation_tokens += sum(kept for _, kept in new)
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
         released = [r.request_id for r in self.outputs.released]
@@ -317,6 +319,11 @@ class LLMEngine:
             raise ModelBrokenError(
                 f"the model fails on any input ({type(exc).__name__}: {exc}); the failed step: "
                 f"{type(step_exc).__name__}: {step_exc}") from exc
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (tensor/pipeline parallelism; a no-op for one
+        process). They also stop when the engine is collected or the interpreter exits."""
+        self.executor.shutdown()
 
     def run_until_done(self) -> list[RequestOutput]:
         """Step until no request is left; the finished outputs in completion order."""

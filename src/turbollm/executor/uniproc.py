@@ -40,7 +40,18 @@ class UniProcExecutor:
     def score_logits(self, token_ids: list[int], block_ids: list[int]):
         return self.worker.score_logits(token_ids, block_ids)
 
+    def comm_stats(self) -> dict:
+        """No collectives in one process (see MultiprocExecutor.comm_stats)."""
+        return {}
 
-def make_executor(config: EngineConfig) -> UniProcExecutor:
-    """The executor for `config` (one process, one device)."""
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig):
+    """The executor for `config`: this process for one device, worker processes for tensor /
+    pipeline parallelism (executor/multiproc.py)."""
+    if config.parallel.world_size > 1:
+        from turbollm.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(config)
     return UniProcExecutor(config)

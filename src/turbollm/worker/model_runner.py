@@ -43,8 +43,11 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
                  device: str, vocab_size: int, eos_token_ids: list[int],
-                 batch_invariant: str = "seeded", lora=None):
+                 batch_invariant: str = "seeded", lora=None, samples: bool = True):
         self.model = model
+        # False on the tensor-parallel ranks whose tokens the engine does not take: they run
+        # every collective (logits included) but skip sampling
+        self.samples = samples
         self.lora = lora  # a worker/lora_manager.LoRAManager when adapters are enabled
         self.kv_cache = kv_cache
         self.kv_views = layer_views(kv_cache)
@@ -117,12 +120,16 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)
         sampled: list[list[int]] = [[] for _ in so]
         logprobs: list[list[Any] | None] = [None] * len(so)
+        if hidden is None:  # a pipeline stage before the last: its output went on
+            return ModelRunnerOutput(sampled, logprobs, None)
         prompt_lps = self._prompt_logprobs(so, batch, hidden)
         if not batch.sample_rows:
             return ModelRunnerOutput(sampled, logprobs, prompt_lps)
         if batch.sample_rows != list(range(hidden.shape[0])):  # else every row, in order
             hidden = hidden.index_select(0, torch.tensor(batch.sample_rows, device=self.device))
         logits = self.model.compute_logits(hidden)
+        if not self.samples:
+            return ModelRunnerOutput(sampled, logprobs, prompt_lps)
         meta = self._sampling_metadata(so, batch)
         if not any(batch.proposals):
             out = self.sampler(logits, meta)
@@ -260,5 +267,6 @@ class ModelRunner:
                                      prefills=[(0, end - start, end, table)], block_size=bs)
             ids = torch.tensor(token_ids[start:end], dtype=torch.long, device=dev)
             hidden = self.model(ids, pos, self.kv_views, meta)
-            outs.append(self.model.compute_logits(hidden))
-        return torch.cat(outs)
+            if hidden is not None:  # None: a pipeline stage before the last
+                outs.append(self.model.compute_logits(hidden))
+        return torch.cat(outs) if outs else None
