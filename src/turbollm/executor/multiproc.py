@@ -124,6 +124,9 @@ class MultiprocExecutor:
     def _fail(self, reason: str) -> WorkerProcessError:
         """Stop every worker; later calls raise with the same reason."""
         self.broken = reason
+        for p in self.procs:  # the survivors may be inside a collective: no graceful stop
+            if p.is_alive():
+                p.terminate()
         self._finalizer()
         log.error("%s", reason)
         return WorkerProcessError(reason)

@@ -1,0 +1,95 @@
+"""Tensor and pipeline parallelism end to end (2 CPU ranks, gloo + shared memory): logits and
+greedy text match the single-process engine, and a dead rank is a clear error, not a hang."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from turbollm import LLM, SamplingParams
+from turbollm.engine.errors import ModelBrokenError
+
+# Same blocks everywhere, so both engines schedule (chunk, cache, preempt) the same way: 10
+# blocks of 16 tokens cannot hold the batch below at once, so requests are preempted.
+ENGINE = dict(dtype="float32", num_gpu_blocks_override=10, block_size=16,
+              max_num_batched_tokens=48, enable_prefix_caching=True,
+              speculative_method="ngram", num_speculative_tokens=3, verify_cost="0.25")
+SCORED = list(range(3, 70))  # 67 tokens: two chunks of 48
+
+
+def _mixed_requests():
+    """12 requests: a shared 40-token prefix (prefix caching), prompts of 41..63 tokens
+    (chunked prefill at 48 tokens a step), repeats (n-gram proposals), 3..12 new tokens."""
+    prefix = [(7 * i) % 900 + 5 for i in range(40)]
+    prompts, params = [], []
+    for i in range(12):
+        tail = [(13 * i + 3 * j) % 700 + 11 for j in range(1 + 2 * i)]
+        prompts.append(prefix + tail if i % 3 else tail * 3 + prefix[:8])
+        params.append(SamplingParams(max_tokens=3 + i % 10, temperature=0, ignore_eos=True))
+    return prompts, params
+
+
+def _greedy(llm: LLM) -> list[list[int]]:
+    prompts, params = _mixed_requests()
+    return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, params)]
+
+
+@pytest.fixture(scope="module")
+def single(tiny_llama):
+    llm = LLM(str(tiny_llama), **ENGINE)
+    out = llm, llm.score_logits(SCORED), _greedy(llm)
+    # the batch exercises what it says it does
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.spec.num_accepted_tokens > 0
+    assert llm.engine.kv_manager.prefix_hits > 0
+    return out
+
+
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+def test_parallel_logits_and_greedy_text_match_one_process(tiny_llama, single, tp, pp):
+    _, ref_logits, ref_text = single
+    llm = LLM(str(tiny_llama), tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE)
+    try:
+        logits = llm.score_logits(SCORED)
+        # TP adds two partial sums per layer where one process adds one: fp32 rounding only
+        torch.testing.assert_close(logits, ref_logits, rtol=0, atol=2e-5)
+        assert _greedy(llm) == ref_text
+        extra = llm.engine.stats.extra
+        key = "tp_comm_seconds" if tp > 1 else "pp_wait_seconds"
+        assert extra[key] > 0 and extra["parallel_calls"] > 0
+        assert llm.engine.system["parallel"].startswith(f"tp={tp} pp={pp}")
+    finally:
+        llm.shutdown()
+    assert not any(p.is_alive() for p in llm.engine.executor.procs)
+
+
+def test_tp_replicates_kv_heads_when_fewer_than_ranks(tiny_llama):
+    """One KV head, two ranks: each rank keeps the KV head its query heads read (random
+    weights of the whole model drawn as one process draws them, then sliced)."""
+    kw = dict(dtype="float32", load_format="dummy", num_gpu_blocks_override=16,
+              hf_config_overrides={"num_key_value_heads": 1}, native_decode=False)
+    ref = LLM(str(tiny_llama), **kw).score_logits(SCORED[:20])
+    llm = LLM(str(tiny_llama), tensor_parallel_size=2, **kw)
+    try:
+        got = llm.score_logits(SCORED[:20])
+    finally:
+        llm.shutdown()
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()) + 1e-9)
+
+
+def test_a_dead_rank_is_a_clear_error_and_stops_the_others(tiny_llama):
+    llm = LLM(str(tiny_llama), tensor_parallel_size=2, dtype="float32",
+              num_gpu_blocks_override=16, distributed_timeout_s=20)
+    procs = llm.engine.executor.procs
+    os.kill(procs[1].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(ModelBrokenError, match=r"rank 1 \(pid \d+\) died"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4))
+    assert time.monotonic() - t0 < 15  # noticed from the process, not from a timeout
+    assert not any(p.is_alive() for p in procs)
+    with pytest.raises(RuntimeError, match="died"):  # and stays an error
+        llm.score_logits([1, 2])

@@ -1,0 +1,54 @@
+"""The split arithmetic of tensor/pipeline parallelism, and the config checks (no processes)."""
+import pytest
+
+from turbollm.config import EngineConfig
+from turbollm.distributed.parallel_state import head_split, stage_layers, vocab_split
+
+
+def test_stage_layers_cover_every_layer_once_and_in_order():
+    for layers, pp in ((30, 4), (2, 2), (7, 3), (5, 1)):
+        ranges = [stage_layers(layers, pp, r) for r in range(pp)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == layers
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [hi - lo for lo, hi in ranges]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError, match="exceeds"):
+        stage_layers(2, 3, 0)
+
+
+def test_head_split_splits_kv_heads_or_replicates_the_one_a_rank_reads():
+    # 4 query heads, 2 KV heads, 2 ranks: one KV head each
+    assert [head_split(4, 2, 2, r) for r in range(2)] == [(2, 0, 1), (2, 1, 1)]
+    # 8 query heads, 2 KV heads (groups of 4), 4 ranks: ranks 0-1 read KV head 0, 2-3 head 1
+    assert [head_split(8, 2, 4, r) for r in range(4)] == [(2, 0, 1), (2, 0, 1), (2, 1, 1),
+                                                          (2, 1, 1)]
+    with pytest.raises(ValueError, match="attention heads"):
+        head_split(9, 3, 2, 0)
+    with pytest.raises(ValueError, match="multiple of 3"):
+        head_split(12, 3, 4, 0)
+
+
+def test_vocab_split_pads_the_last_shard():
+    assert [vocab_split(10, 3, r) for r in range(3)] == [(0, 4), (4, 4), (8, 4)]
+
+
+def test_config_refuses_what_parallelism_does_not_run_yet():
+    with pytest.raises(ValueError, match="LoRA"):
+        EngineConfig.from_kwargs(tensor_parallel_size=2, enable_lora=True)
+    with pytest.raises(ValueError, match="draft"):
+        EngineConfig.from_kwargs(pipeline_parallel_size=2, speculative_method="draft")
+    with pytest.raises(ValueError, match="awq"):
+        EngineConfig.from_kwargs(tensor_parallel_size=2, quantization="awq")
+    cfg = EngineConfig.from_kwargs(tensor_parallel_size=2, pipeline_parallel_size=3)
+    assert cfg.parallel.world_size == 6 and cfg.parallel.threads_per_worker() >= 1
+
+
+def test_cli_flags_and_short_aliases():
+    import argparse
+
+    from turbollm.cli_args import add_engine_args, engine_kwargs
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    kw = engine_kwargs(p.parse_args(["-tp", "2", "-pp", "3", "--cpu-threads-per-worker", "1"]))
+    assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"],
+            kw["cpu_threads_per_worker"]) == (2, 3, 1)
