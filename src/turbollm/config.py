@@ -373,10 +373,14 @@ def check_parallel_support(cfg: EngineConfig) -> None:
                          "parallelism yet (ngram speculation is)")
     if cfg.lora.enable_lora:
         raise ValueError("LoRA adapters are not supported with tensor/pipeline parallelism yet")
-    if cfg.model.quantization in ("awq", "gptq", "gguf"):
-        raise ValueError(f"quantization {cfg.model.quantization!r} is not supported with "
-                         "tensor/pipeline parallelism yet: use none, int8, int4 or fp8 (each "
-                         "rank quantizes its own slice of the dense weights)")
+    if cfg.model.quantization in ("awq", "gptq"):
+        raise ValueError(f"quantization {cfg.model.quantization!r} (calibrated at load) is not "
+                         "supported with tensor/pipeline parallelism yet: use none, int8, int4 "
+                         "or fp8 (each rank quantizes its own slice of the dense weights)")
+    if cfg.model.quantization == "gguf" and cfg.parallel.tensor_parallel_size > 1:
+        raise ValueError("quantization 'gguf' (native GGUF blocks) is not supported with tensor "
+                         "parallelism yet: leave it unset (dequantized, then sliced) or pass "
+                         "int8/int4; pipeline parallelism alone keeps the native blocks")
 
 
 def default_num_threads() -> int:

@@ -11,6 +11,8 @@ import torch
 
 from turbollm import LLM, SamplingParams
 from turbollm.engine.errors import ModelBrokenError
+from turbollm.executor.multiproc import WorkerProcessError
+from turbollm.quantization import kernels as quant_kernels
 
 # Same blocks everywhere, so both engines schedule (chunk, cache, preempt) the same way: 10
 # blocks of 16 tokens cannot hold the batch below at once, so requests are preempted.
@@ -81,6 +83,26 @@ def test_tp_replicates_kv_heads_when_fewer_than_ranks(tiny_llama):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6 * float(ref.abs().max()) + 1e-9)
 
 
+def test_tp_quantizes_each_slice_like_one_process(tiny_llama):
+    """int4 at load under TP: each rank quantizes its slice of the dense weights. The slices
+    are 32 columns wide, so the engine picks group size 32; one process with groups of 32
+    quantizes the same groups, hence the same logits."""
+    # (exact activations: few-row GEMVs otherwise round activations in blocks of a row, and a
+    # row-parallel rank's row is half a row)
+    kw = dict(dtype="float32", quantization="int4", num_gpu_blocks_override=16,
+              exact_activations=True)
+    try:
+        ref = LLM(str(tiny_llama), quantization_group_size=32, **kw).score_logits(SCORED[:20])
+    finally:  # a process-wide switch: leave it as the other tests expect
+        quant_kernels.exact_activations(False)
+    llm = LLM(str(tiny_llama), tensor_parallel_size=2, **kw)
+    try:
+        got = llm.score_logits(SCORED[:20])
+    finally:
+        llm.shutdown()
+    torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
+
+
 def test_a_dead_rank_is_a_clear_error_and_stops_the_others(tiny_llama):
     llm = LLM(str(tiny_llama), tensor_parallel_size=2, dtype="float32",
               num_gpu_blocks_override=16, distributed_timeout_s=20)
@@ -93,3 +115,13 @@ def test_a_dead_rank_is_a_clear_error_and_stops_the_others(tiny_llama):
     assert not any(p.is_alive() for p in procs)
     with pytest.raises(RuntimeError, match="died"):  # and stays an error
         llm.score_logits([1, 2])
+
+
+def test_a_rank_that_cannot_start_gives_one_clear_message(tiny_llama):
+    """3 attention heads cannot be split over 2 ranks: the ranks' own error, named, and no
+    process left behind."""
+    with pytest.raises(WorkerProcessError, match=r"rank \d failed to start: ValueError: "
+                       r"tensor_parallel_size 2 must divide the model's 3 attention heads"):
+        LLM(str(tiny_llama), tensor_parallel_size=2, load_format="dummy",
+            hf_config_overrides={"num_attention_heads": 3, "num_key_value_heads": 1,
+                                 "head_dim": 16})
