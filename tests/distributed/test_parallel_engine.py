@@ -61,7 +61,7 @@ def test_parallel_logits_and_greedy_text_match_one_process(tiny_llama, single, t
         assert _greedy(llm) == ref_text
         extra = llm.engine.stats.extra
         key = "tp_comm_seconds" if tp > 1 else "pp_wait_seconds"
-        assert extra[key] > 0 and extra["parallel_calls"] > 0
+        assert 0 < extra[key] <= llm.engine.executor.comm_stats()[key]
         assert llm.engine.system["parallel"].startswith(f"tp={tp} pp={pp}")
     finally:
         llm.shutdown()

@@ -267,7 +267,9 @@ class LLMEngine:
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
         if self.config.parallel.world_size > 1:  # seconds in collectives, for bench / metrics
-            self.stats.extra.update(self.executor.comm_stats())
+            extra = self.stats.extra
+            for key, seconds in self.executor.last_comm_stats().items():
+                extra[key] = extra.get(key, 0.0) + seconds
         self.stats.generation_tokens += sum(kept for _, kept in new)
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
         released = [r.request_id for r in self.outputs.released]

@@ -29,7 +29,7 @@ from turbollm.config import EngineConfig
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
 from turbollm.core.lora_request import LoRARequest
 from turbollm.distributed.shm_allreduce import create_segment, shm_supported
-from turbollm.executor.worker_main import ALL_RANKS_REPLY, run_worker
+from turbollm.executor.worker_main import run_worker
 from turbollm.worker.worker import ModelInfo
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,7 @@ class MultiprocExecutor:
         self.timeout_s = pc.distributed_timeout_s + REPLY_GRACE_S
         self.broken: str | None = None
         self.comm = {"tp_comm_seconds": 0.0, "pp_wait_seconds": 0.0, "parallel_calls": 0}
+        self.last_comm = {"tp_comm_seconds": 0.0, "pp_wait_seconds": 0.0}
         device = config.device.resolved_device()
         self.segments = []
         use_shm = (pc.parallel_comm != "gloo" and self.tp > 1 and device == "cpu")
@@ -194,6 +195,7 @@ class MultiprocExecutor:
         replies = self._collect(method, self.timeout_s)
         tp = max(rep[2][0] for rep in replies)
         pp = max(rep[2][1] for rep in replies)
+        self.last_comm = {"tp_comm_seconds": tp, "pp_wait_seconds": pp}
         self.comm["tp_comm_seconds"] += tp
         self.comm["pp_wait_seconds"] += pp
         self.comm["parallel_calls"] += 1
@@ -209,7 +211,7 @@ class MultiprocExecutor:
         return info
 
     def num_kv_blocks(self) -> int:
-        assert "num_kv_blocks" in ALL_RANKS_REPLY
+        # every rank replies (worker_main.ALL_RANKS_REPLY): the smallest cache bounds them all
         return min(self._call("num_kv_blocks"))
 
     def init_cache(self, num_blocks: int) -> float | None:
@@ -236,6 +238,10 @@ class MultiprocExecutor:
         """Seconds in tensor-parallel collectives and pipeline receives since start (the
         slowest rank's per call, summed), and the calls counted."""
         return dict(self.comm)
+
+    def last_comm_stats(self) -> dict:
+        """The same seconds, for the last call alone (the engine sums them per step)."""
+        return dict(self.last_comm)
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -44,6 +44,9 @@ class UniProcExecutor:
         """No collectives in one process (see MultiprocExecutor.comm_stats)."""
         return {}
 
+    def last_comm_stats(self) -> dict:
+        return {}
+
     def shutdown(self) -> None:
         pass
 
