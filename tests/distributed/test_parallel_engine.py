@@ -86,18 +86,20 @@ def test_tp_replicates_kv_heads_when_fewer_than_ranks(tiny_llama):
 def test_tp_quantizes_each_slice_like_one_process(tiny_llama):
     """int4 at load under TP: each rank quantizes its slice of the dense weights. The slices
     are 32 columns wide, so the engine picks group size 32; one process with groups of 32
-    quantizes the same groups, hence the same logits."""
+    quantizes the same groups, hence the same logits. The int8 KV cache's scales are per token
+    and head, and a rank holds whole heads: the same values too."""
     # (exact activations: few-row GEMVs otherwise round activations in blocks of a row, and a
     # row-parallel rank's row is half a row)
+    # (50 tokens in chunks of 24: the later chunks read earlier KV back from the int8 cache)
     kw = dict(dtype="float32", quantization="int4", num_gpu_blocks_override=16,
-              exact_activations=True)
+              exact_activations=True, kv_cache_dtype="int8", max_num_batched_tokens=24)
     try:
-        ref = LLM(str(tiny_llama), quantization_group_size=32, **kw).score_logits(SCORED[:20])
+        ref = LLM(str(tiny_llama), quantization_group_size=32, **kw).score_logits(SCORED[:50])
     finally:  # a process-wide switch: leave it as the other tests expect
         quant_kernels.exact_activations(False)
     llm = LLM(str(tiny_llama), tensor_parallel_size=2, **kw)
     try:
-        got = llm.score_logits(SCORED[:20])
+        got = llm.score_logits(SCORED[:50])
     finally:
         llm.shutdown()
     torch.testing.assert_close(got, ref, rtol=0, atol=2e-5)
