@@ -377,10 +377,6 @@ def check_parallel_support(cfg: EngineConfig) -> None:
         raise ValueError(f"quantization {cfg.model.quantization!r} (calibrated at load) is not "
                          "supported with tensor/pipeline parallelism yet: use none, int8, int4 "
                          "or fp8 (each rank quantizes its own slice of the dense weights)")
-    if cfg.model.quantization == "gguf" and cfg.parallel.tensor_parallel_size > 1:
-        raise ValueError("quantization 'gguf' (native GGUF blocks) is not supported with tensor "
-                         "parallelism yet: leave it unset (dequantized, then sliced) or pass "
-                         "int8/int4; pipeline parallelism alone keeps the native blocks")
 
 
 def default_num_threads() -> int:

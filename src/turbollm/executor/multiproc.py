@@ -234,6 +234,10 @@ class MultiprocExecutor:
         raise RuntimeError("draft-model speculation is not supported with tensor/pipeline "
                            "parallelism yet")
 
+    def linear_methods(self) -> list[dict[str, str]]:
+        """Each rank's {linear layer: QuantMethod name}, in rank order."""
+        return self._call("linear_methods")
+
     def comm_stats(self) -> dict:
         """Seconds in tensor-parallel collectives and pipeline receives since start (the
         slowest rank's per call, summed), and the calls counted."""

@@ -11,9 +11,10 @@ import os
 import pickle
 import traceback
 
-# the methods whose result every rank sends back (num_kv_blocks: the engine takes the minimum);
-# for the rest only the reply rank's result is sent (the others' would be the same, or empty)
-ALL_RANKS_REPLY = {"num_kv_blocks"}
+# the methods whose result every rank sends back (num_kv_blocks: the engine takes the minimum;
+# linear_methods: each rank's own); for the rest only the reply rank's result is sent (the
+# others' would be the same, or empty)
+ALL_RANKS_REPLY = {"num_kv_blocks", "linear_methods"}
 
 
 def _snapshot(ps) -> tuple[float, float]:

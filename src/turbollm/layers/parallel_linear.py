@@ -8,7 +8,8 @@
 
 Checkpoint tensors arrive whole (one at a time) and each parameter's `weight_loader` narrows them
 to the rank's slice before copying, so the model never holds more than its slice. Quantization
-at load (int8/int4/fp8) then quantizes the slice.
+at load (int8/int4/fp8) then quantizes the slice. `checkpoint_slice` says which part of a full
+checkpoint tensor a layer holds, for readers of packed forms (GGUF blocks, loader/gguf_native.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,34 @@ from torch import nn
 
 from turbollm.distributed.parallel_state import TPGroup
 from turbollm.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
+
+
+def checkpoint_slice(layer, shard_id=None) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """((first row, rows), (first column, columns)) of a full checkpoint tensor (one shard of a
+    fused layer) that `layer` holds; None for a whole dimension. Rows may run past the tensor's
+    end (the vocab-parallel head's padding: zeros)."""
+    if isinstance(layer, ColumnQKVLinear):
+        return ((layer.q_start, layer.q_size) if shard_id == "q"
+                else (layer.kv_start, layer.kv_size)), None
+    if isinstance(layer, ColumnMergedLinear):
+        rows = layer.out_sizes[shard_id]
+        return (layer.tp_rank * rows, rows), None
+    if isinstance(layer, RowParallelLinear):
+        return None, (layer.in_start, layer.in_features)
+    if isinstance(layer, VocabParallelLMHead):
+        return (layer.start, layer.out_features), None
+    return None, None
+
+
+def slice_checkpoint_rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    """Rows [start, start + n) of t along dim 0, zero-padded past its end."""
+    if rows is None:
+        return t
+    start, n = rows
+    part = t[start:start + n]
+    if part.shape[0] < n:
+        part = torch.cat([part, part.new_zeros(n - part.shape[0], *part.shape[1:])])
+    return part
 
 
 class ColumnQKVLinear(QKVLinear):
@@ -29,9 +58,8 @@ class ColumnQKVLinear(QKVLinear):
         self.kv_start = kv_start * head_dim  # rows of the full k_proj / v_proj
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        start, rows = ((self.q_start, self.q_size) if shard_id == "q"
-                       else (self.kv_start, self.kv_size))
-        super().weight_loader(param, loaded.narrow(0, start, rows), shard_id)
+        rows, _ = checkpoint_slice(self, shard_id)
+        super().weight_loader(param, loaded.narrow(0, *rows), shard_id)
 
 
 class ColumnMergedLinear(MergedLinear):
@@ -46,8 +74,8 @@ class ColumnMergedLinear(MergedLinear):
         self.tp_rank = tp_rank
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        rows = self.out_sizes[shard_id]
-        super().weight_loader(param, loaded.narrow(0, self.tp_rank * rows, rows), shard_id)
+        rows, _ = checkpoint_slice(self, shard_id)
+        super().weight_loader(param, loaded.narrow(0, *rows), shard_id)
 
 
 class RowParallelLinear(ReplicatedLinear):
@@ -63,18 +91,11 @@ class RowParallelLinear(ReplicatedLinear):
         self.in_start = group.rank * self.in_features
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        super().weight_loader(param, loaded.narrow(1, self.in_start, self.in_features), shard_id)
+        _, cols = checkpoint_slice(self, shard_id)
+        super().weight_loader(param, loaded.narrow(1, *cols), shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.group.all_reduce_(super().forward(x).contiguous())
-
-
-def _vocab_rows(loaded: torch.Tensor, start: int, rows: int) -> torch.Tensor:
-    """Rows [start, start + rows) of a [V, hidden] table, zero-padded past V."""
-    part = loaded[start:start + rows]
-    if part.shape[0] < rows:
-        part = torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
-    return part
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -90,7 +111,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        param.data.copy_(_vocab_rows(loaded, self.start, self.rows))
+        param.data.copy_(slice_checkpoint_rows(loaded, (self.start, self.rows)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         local = ids - self.start
@@ -109,7 +130,7 @@ class VocabParallelLMHead(ReplicatedLinear):
         self.group, self.start, self.vocab_size = group, start, vocab_size
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
-        param.data.copy_(_vocab_rows(loaded, self.start, self.out_features))
+        param.data.copy_(slice_checkpoint_rows(loaded, checkpoint_slice(self)[0]))
 
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
         # logits: [R, rows] per rank -> [R, vocab_size] (padding rows dropped)

@@ -126,7 +126,7 @@ def load_model(cfg: ModelConfig, device: str, backend, parallel=None) -> LoadedM
     if source.kind == "preset" and cfg.load_format != "dummy":
         raise ValueError(f"{cfg.model!r} is a config preset: it only loads with load_format='dummy'")
     if parallel is not None:
-        check_parallel_source(cfg, source, parallel.tp is not None)
+        check_parallel_source(cfg, source)
     arch, _ = read_arch(source, cfg.hf_config_overrides)
     dtype = resolve_dtype(cfg.dtype, arch, device)
     compute = compute_dtype_for(dtype, device, cfg.dtype)
@@ -158,14 +158,12 @@ def load_model(cfg: ModelConfig, device: str, backend, parallel=None) -> LoadedM
     return LoadedModel(model, arch, tok, source, dtype, max_len)
 
 
-def check_parallel_source(cfg: ModelConfig, source: ResolvedModel, tensor_parallel: bool
-                          ) -> None:
+def check_parallel_source(cfg: ModelConfig, source: ResolvedModel) -> None:
     """Which checkpoints a tensor/pipeline-parallel rank loads: those whose tensors arrive
     dense, one at a time (safetensors, GGUF dequantized, dummy), sliced by each parameter's
     weight_loader and then quantized per rank (int8/int4/fp8). Pre-quantized layouts (AutoAWQ,
     GPTQ, turbollm int8/int4, fp8 checkpoints) would have to be sliced in their packed form:
-    refused, in one line. A GGUF file keeps its native blocks under pipeline parallelism alone
-    (whole layers per stage); under tensor parallelism it is dequantized, then sliced."""
+    refused, in one line. A GGUF file's native blocks are sliced whole (loader/gguf_native.py)."""
     from turbollm.loader.awq_gptq import prequantized_config
     from turbollm.loader.fp8_checkpoint import fp8_checkpoint_config
     from turbollm.loader.turbollm_checkpoint import checkpoint_config
@@ -176,19 +174,13 @@ def check_parallel_source(cfg: ModelConfig, source: ResolvedModel, tensor_parall
                 raise ValueError(f"{what} checkpoints cannot be loaded with tensor/pipeline "
                                  "parallelism yet: load the dense checkpoint and pass "
                                  "--quantization int8/int4/fp8")
-    if source.kind == "gguf" and cfg.quantization is None and tensor_parallel:
-        log.warning("tensor parallelism: the GGUF file is dequantized and sliced (its native "
-                    "blocks are not sliced yet); pass --quantization int8/int4 to quantize "
-                    "each rank's slice")
+
 
 
 def _quantize_at_load(model, cfg: ModelConfig, source: ResolvedModel) -> None:
     """Serve a GGUF file's low-bit linears natively, or quantize dense weights (int8/int4)."""
     from turbollm.quantization.apply import LAYER_METHODS, quantize_model, resolve_method
     method = resolve_method(cfg.quantization, source.kind)
-    parallel = getattr(model, "parallel", None)
-    if method == "gguf" and parallel is not None and parallel.tp is not None:
-        method = None  # tensor parallel: sliced dense weights (check_parallel_source)
     if method == "gguf" and cfg.load_format != "dummy":
         from turbollm.loader.gguf import GGUFCheckpoint
         from turbollm.loader.gguf_native import install_gguf_native

@@ -180,6 +180,11 @@ class Worker:
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
         return self.runner.execute(batch)
 
+    def linear_methods(self) -> dict[str, str]:
+        """How each linear layer computes ({name: QuantMethod name}), for checks and logs."""
+        return {n: m.quant_method.name for n, m in self.model.named_modules()
+                if hasattr(m, "quant_method")}
+
     def add_lora(self, req: LoRARequest) -> None:
         """Load an adapter (checked against the model) so requests can name it; a ValueError
         says in one line why it cannot be served."""
