@@ -38,6 +38,10 @@ START_TIMEOUT_S = 1800.0  # loading a large model on a slow disk
 # the engine waits this much longer than the workers' own collective timeout, so that a rank
 # stuck on a lost peer reports its timeout before the engine gives up on it
 REPLY_GRACE_S = 15.0
+# once one rank reported an error, how long the others have to report theirs: ranks run the
+# same code on the same batch, so an error every rank meets arrives within this; a rank still
+# silent after it waits in a collective for the failed one, and would until its timeout
+ERROR_SKEW_S = 5.0
 
 
 class WorkerProcessError(RuntimeError):
@@ -138,8 +142,14 @@ class MultiprocExecutor:
         replies: list = [None] * self.world
         sentinels = {p.sentinel: r for r, p in enumerate(self.procs)}
         deadline = time.monotonic() + timeout_s
+        first_error = None
         while pending:
             left = deadline - time.monotonic()
+            if left <= 0 and first_error is not None:
+                return self._raise(self._fail(
+                    f"tensor/pipeline rank {first_error[0]} failed in {what!r} and rank(s) "
+                    f"{sorted(pending)} did not (they wait in a collective): "
+                    f"{first_error[1]}; all worker processes were stopped"))
             if left <= 0:
                 return self._raise(self._fail(
                     f"tensor/pipeline rank(s) {sorted(pending)} sent no reply to {what!r} "
@@ -157,6 +167,9 @@ class MultiprocExecutor:
                         # the others may wait for it in the process group's rendezvous
                         raise self._fail(f"tensor/pipeline rank {r} failed to start: "
                                          f"{replies[r][1]}")
+                    if replies[r][0] == "err" and first_error is None:
+                        first_error = (r, replies[r][1])
+                        deadline = min(deadline, time.monotonic() + ERROR_SKEW_S)
             for obj in ready:
                 r = sentinels.get(obj)
                 if r is not None and r in pending:
