@@ -241,6 +241,10 @@ class ParallelConfig:
     pipeline_parallel_size: int = field(default=1, metadata=_help(
         "split the layers into this many contiguous stages, one group of processes each",
         aliases=("-pp",)))
+    pipeline_micro_batches: int = field(default=1, metadata=_help(
+        "pipeline parallelism: run each step's sequences as up to this many groups in a row, "
+        "so that stage s + 1 works on one group while stage s works on the next (1 = stages "
+        "take turns; more pays on prefill-heavy steps, not on small decode batches)"))
     cpu_threads_per_worker: int | None = field(default=None, metadata=_help(
         "torch threads of each worker process on CPU (default: the cores this process may use, "
         "divided among the workers, at least 1)"))
@@ -256,6 +260,9 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be >= 1, got "
+                             f"{self.pipeline_micro_batches}")
         if self.cpu_threads_per_worker is not None and self.cpu_threads_per_worker < 1:
             raise ValueError(f"cpu_threads_per_worker must be >= 1, got "
                              f"{self.cpu_threads_per_worker}")

@@ -50,10 +50,13 @@ def single(tiny_llama):
     return out
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2_micro2"])
 def test_parallel_logits_and_greedy_text_match_one_process(tiny_llama, single, tp, pp):
+    """(PP with 2 micro-batches: steps of several sequences run as two groups through the
+    stages; the scored sequence is one group.)"""
     _, ref_logits, ref_text = single
-    llm = LLM(str(tiny_llama), tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE)
+    llm = LLM(str(tiny_llama), tensor_parallel_size=tp, pipeline_parallel_size=pp,
+              pipeline_micro_batches=2, **ENGINE)
     try:
         logits = llm.score_logits(SCORED)
         # TP adds two partial sums per layer where one process adds one: fp32 rounding only

@@ -52,3 +52,24 @@ def test_cli_flags_and_short_aliases():
     kw = engine_kwargs(p.parse_args(["-tp", "2", "-pp", "3", "--cpu-threads-per-worker", "1"]))
     assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"],
             kw["cpu_threads_per_worker"]) == (2, 3, 1)
+
+
+def test_micro_batches_cut_by_tokens_and_merge_back_in_order():
+    from turbollm.core.batch import ModelRunnerOutput, SequenceWork
+    from turbollm.worker.micro_batch import merge_outputs, split_micro_batches
+
+    def seq(n, i):
+        return SequenceWork(f"r{i}", [1] * n, 0, [], 0, True, None, [], [])
+    seqs = [seq(n, i) for i, n in enumerate([1, 1, 1, 1, 60, 30, 30])]
+    for m in (1, 2, 3, 7, 9):
+        groups = split_micro_batches(seqs, m)
+        assert [s for g in groups for s in g] == seqs and all(groups)
+        assert len(groups) == min(m, len(seqs))
+    assert [len(g) for g in split_micro_batches(seqs, 2)] == [5, 2]  # 64 | 60 tokens
+    groups = split_micro_batches(seqs, 2)
+    outs = [ModelRunnerOutput([[i] for i, _ in enumerate(g)], [None] * len(g),
+                              None if k == 0 else [["lp"]] * len(g))
+            for k, g in enumerate(groups)]
+    merged = merge_outputs(groups, outs)
+    assert merged.sampled_token_ids == [[0], [1], [2], [3], [4], [0], [1]]
+    assert merged.prompt_logprobs == [None] * 5 + [["lp"]] * 2
