@@ -73,3 +73,17 @@ def test_micro_batches_cut_by_tokens_and_merge_back_in_order():
     merged = merge_outputs(groups, outs)
     assert merged.sampled_token_ids == [[0], [1], [2], [3], [4], [0], [1]]
     assert merged.prompt_logprobs == [None] * 5 + [["lp"]] * 2
+
+
+def test_bind_cores_gives_each_rank_its_own_group_or_none():
+    import os
+
+    from turbollm.executor.worker_main import bind_cores
+    allowed = sorted(os.sched_getaffinity(0))
+    try:
+        assert bind_cores(0, len(allowed) + 1, 1) is None  # does not fit: left alone
+        assert sorted(os.sched_getaffinity(0)) == allowed
+        last = bind_cores(len(allowed) - 1, len(allowed), 1)
+        assert last == [allowed[-1]] and sorted(os.sched_getaffinity(0)) == last
+    finally:
+        os.sched_setaffinity(0, allowed)

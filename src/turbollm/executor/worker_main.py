@@ -17,6 +17,21 @@ import traceback
 ALL_RANKS_REPLY = {"num_kv_blocks", "linear_methods"}
 
 
+def bind_cores(rank: int, world: int, threads: int) -> list[int] | None:
+    """Pin this rank to its own `threads` cores of the ones the engine may use (rank r: the
+    r-th group), so ranks neither share nor migrate between cores; None (no pinning) when the
+    groups do not fit."""
+    try:
+        allowed = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    if world * threads > len(allowed):
+        return None
+    mine = allowed[rank * threads:(rank + 1) * threads]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
 def _snapshot(ps) -> tuple[float, float]:
     c = ps.counters
     return c.tp_seconds, c.pp_seconds
@@ -36,6 +51,11 @@ def run_worker(rank: int, config, init_method: str, shm_names: list[str] | None,
         if device.startswith("cuda"):  # one GPU per rank (untested here: no GPU on CI)
             device = f"cuda:{rank % torch.cuda.device_count()}"
             torch.cuda.set_device(device)
+        if device == "cpu":
+            # counted before pinning: afterwards this process sees only its own cores (this
+            # config is the rank's own unpickled copy)
+            pc.cpu_threads_per_worker = pc.threads_per_worker()
+            bind_cores(rank, pc.world_size, pc.cpu_threads_per_worker)
         ps = init_parallel(rank, pc.tensor_parallel_size, pc.pipeline_parallel_size,
                            init_method, device, pc.distributed_timeout_s, shm_names)
         worker = Worker(config, ps, device)
