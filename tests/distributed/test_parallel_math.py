@@ -87,3 +87,19 @@ def test_bind_cores_gives_each_rank_its_own_group_or_none():
         assert last == [allowed[-1]] and sorted(os.sched_getaffinity(0)) == last
     finally:
         os.sched_setaffinity(0, allowed)
+
+
+def test_planner_kv_bytes_per_gpu_agree_with_a_ranks_cache():
+    """`turbollm plan` sizes a GPU's KV cache with the same split the ranks use."""
+    from turbollm.distributed.parallel_state import rank_arch
+    from turbollm.model_arch import ModelArch
+    from turbollm.plan.memory import kv_bytes_per_token, kv_scale_bytes
+    from turbollm.sizing import kv_cache_bytes_per_token
+    for heads, kv_heads, tp in ((32, 8, 2), (32, 8, 8), (64, 8, 16), (9, 3, 3), (8, 1, 4)):
+        arch = ModelArch("llama", hidden_size=64 * heads, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, vocab_size=100, head_dim=64)
+        for kv_dtype in ("bfloat16", "int8"):
+            rank = rank_arch(arch, tp, tp - 1, arch.num_hidden_layers)
+            assert kv_bytes_per_token(arch, kv_dtype, tp) == kv_cache_bytes_per_token(
+                rank, kv_dtype, kv_scale_bytes(kv_dtype))

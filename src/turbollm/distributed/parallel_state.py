@@ -6,13 +6,14 @@ so a stage's tensor-parallel group shares a host (and a shared-memory segment) f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from turbollm.distributed.shm_allreduce import ShmCollectives
+from turbollm.model_arch import ModelArch
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -48,6 +49,15 @@ def head_split(num_heads: int, num_kv_heads: int, tp_size: int, tp_rank: int
                          f"tensor_parallel_size must be a multiple of {num_kv_heads}")
     group = num_heads // num_kv_heads  # query heads per KV head
     return heads, tp_rank * heads // group, 1
+
+
+def rank_arch(arch: ModelArch, tp_size: int, tp_rank: int, num_layers: int) -> ModelArch:
+    """The shapes one rank's KV cache holds (its stage's `num_layers` layers, its query and KV
+    heads), for the one sizing function; the planner's per-GPU KV bytes agree with it."""
+    heads, _, kv = head_split(arch.num_attention_heads, arch.num_key_value_heads, tp_size,
+                              tp_rank)
+    return replace(arch, num_hidden_layers=num_layers, num_attention_heads=heads,
+                   num_key_value_heads=kv)
 
 
 def vocab_split(vocab_size: int, tp_size: int, tp_rank: int) -> tuple[int, int]:

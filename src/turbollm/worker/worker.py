@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -88,12 +88,9 @@ class Worker:
         arch, ps = self.loaded.arch, self.parallel
         if ps is None:
             return arch
-        from turbollm.distributed.parallel_state import head_split
+        from turbollm.distributed.parallel_state import rank_arch
         lo, hi = self.model.model.layer_range
-        heads, _, kv = head_split(arch.num_attention_heads, arch.num_key_value_heads,
-                                  ps.tp_size, ps.tp_rank)
-        return replace(arch, num_hidden_layers=hi - lo, num_attention_heads=heads,
-                       num_key_value_heads=kv)
+        return rank_arch(arch, ps.tp_size, ps.tp_rank, hi - lo)
 
     def _micro_batches(self) -> int:
         ps = self.parallel
