@@ -173,10 +173,16 @@ class MultiprocExecutor:
             for obj in ready:
                 r = sentinels.get(obj)
                 if r is not None and r in pending:
+                    self.procs[r].join(1.0)  # its sentinel fired: reap it for its exit code
                     code = self.procs[r].exitcode
+                    hint = ""
+                    if what == "start":  # the usual cause of a spawned child dying at once
+                        hint = (" (workers are spawned: a script that builds the engine must "
+                                "guard its top level with `if __name__ == '__main__':`)")
                     return self._raise(self._fail(
                         f"tensor/pipeline rank {r} (pid {self.procs[r].pid}) died with exit "
-                        f"code {code} during {what!r}; all worker processes were stopped"))
+                        f"code {code} during {what!r}; all worker processes were stopped"
+                        f"{hint}"))
         errors = [(r, rep) for r, rep in enumerate(replies) if rep[0] == "err"]
         if errors:
             r, rep = errors[0]
