@@ -61,7 +61,8 @@ def run_worker(rank: int, config, init_method: str, shm_names: list[str] | None,
         worker = Worker(config, ps, device)
         conn.send(("ok", None, (0.0, 0.0)))
     except BaseException as exc:  # noqa: BLE001 - reported to the engine, then exit
-        conn.send(("err", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}", False))
+        traceback.print_exc()  # the whole story on this rank's stderr; one line to the engine
+        conn.send(("err", f"{type(exc).__name__}: {exc}", False))
         close_parallel(ps)
         return
     try:
