@@ -20,6 +20,7 @@ LAYERS = [
      "chat", "corpus", "model_presets", "cli_args", "structured_spec"},
     {"core"},         # requests, scheduler, KV block accounting, the worker hand-off: no torch
     {"spec_decode"},  # the speculation controller and n-gram proposals: no torch
+    {"distributed"},  # ranks, groups, collectives (torch.distributed, shared memory)
     {"attention"},
     {"layers"},
     {"quantization"},  # linear methods and their kernels

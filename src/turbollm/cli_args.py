@@ -7,10 +7,10 @@ import typing
 from dataclasses import MISSING, fields
 
 from turbollm.config import (CacheConfig, DeviceConfig, KernelConfig, LoRAConfig, ModelConfig,
-                             SchedulerConfig, SpeculativeConfig)
+                             ParallelConfig, SchedulerConfig, SpeculativeConfig)
 
 ENGINE_SECTIONS = (ModelConfig, CacheConfig, SchedulerConfig, DeviceConfig, SpeculativeConfig,
-                   KernelConfig, LoRAConfig)
+                   KernelConfig, LoRAConfig, ParallelConfig)
 
 
 def _base_type(hint):
@@ -28,15 +28,15 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, title: str | None =
     for f in fields(cls):
         if f.metadata.get("cli", True) is False:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flags = ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())]
         default = f.default if f.default is not MISSING else None
         kind = _base_type(hints[f.name])
         help_text = f.metadata.get("help", "")
         if kind is bool:
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction,
                                default=default, help=help_text)
         else:
-            group.add_argument(flag, dest=f.name, type=kind, default=default,
+            group.add_argument(*flags, dest=f.name, type=kind, default=default,
                                choices=f.metadata.get("choices"),
                                help=f"{help_text} (default: {default})")
 

@@ -241,6 +241,59 @@ class LoRAConfig:
                              f"({self.max_loras})")
 
 
+PARALLEL_COMM = ("auto", "shm", "gloo")
+
+
+@dataclass
+class ParallelConfig:
+    """Tensor and pipeline parallelism: the engine starts T x P worker processes on this host
+    (executor/multiproc.py; docs/distributed.md)."""
+
+    tensor_parallel_size: int = field(default=1, metadata=_help(
+        "split every layer's heads and MLP columns across this many worker processes",
+        aliases=("-tp",)))
+    pipeline_parallel_size: int = field(default=1, metadata=_help(
+        "split the layers into this many contiguous stages, one group of processes each",
+        aliases=("-pp",)))
+    pipeline_micro_batches: int = field(default=1, metadata=_help(
+        "pipeline parallelism: run each step's sequences as up to this many groups in a row, "
+        "so that stage s + 1 works on one group while stage s works on the next (1 = stages "
+        "take turns; more pays on prefill-heavy steps, not on small decode batches)"))
+    cpu_threads_per_worker: int | None = field(default=None, metadata=_help(
+        "torch threads of each worker process on CPU (default: the cores this process may use, "
+        "divided among the workers, at least 1)"))
+    parallel_comm: str = field(default="auto", metadata=_help(
+        "tensor-parallel collectives on CPU: shm = a shared-memory all-reduce between the "
+        "host's ranks; gloo = torch.distributed's TCP one; auto = shm on CPU, NCCL on CUDA",
+        choices=PARALLEL_COMM))
+    distributed_timeout_s: float = field(default=120.0, metadata=_help(
+        "longest wait on another rank (a collective, a step's reply) before the engine "
+        "declares it lost and stops every worker"))
+
+    def __post_init__(self) -> None:
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.pipeline_micro_batches < 1:
+            raise ValueError(f"pipeline_micro_batches must be >= 1, got "
+                             f"{self.pipeline_micro_batches}")
+        if self.cpu_threads_per_worker is not None and self.cpu_threads_per_worker < 1:
+            raise ValueError(f"cpu_threads_per_worker must be >= 1, got "
+                             f"{self.cpu_threads_per_worker}")
+        if self.parallel_comm not in PARALLEL_COMM:
+            raise ValueError(f"parallel_comm must be one of {PARALLEL_COMM}, got "
+                             f"{self.parallel_comm!r}")
+        if self.distributed_timeout_s <= 0:
+            raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    def threads_per_worker(self) -> int:
+        return self.cpu_threads_per_worker or max(1, default_num_threads() // self.world_size)
+
+
 # Environment variables that switched kernels before KernelConfig; read, with a warning, where
 # the field is left unset (deprecated: they go in the next release).
 DEPRECATED_KERNEL_ENV = {
@@ -311,6 +364,11 @@ class EngineConfig:
     speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
     kernel: KernelConfig = field(default_factory=KernelConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self) -> None:
+        if self.parallel.world_size > 1:
+            check_parallel_support(self)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":
@@ -320,12 +378,26 @@ class EngineConfig:
         for name, klass in (("model", ModelConfig), ("cache", CacheConfig),
                             ("scheduler", SchedulerConfig), ("device", DeviceConfig),
                             ("speculative", SpeculativeConfig), ("kernel", KernelConfig),
-                            ("lora", LoRAConfig)):
+                            ("lora", LoRAConfig), ("parallel", ParallelConfig)):
             own = {f.name for f in fields(klass)}
             parts[name] = klass(**{k: kwargs.pop(k) for k in list(kwargs) if k in own})
         if kwargs:
             raise TypeError(f"unknown engine arguments: {', '.join(sorted(kwargs))}")
         return cls(**parts)
+
+
+def check_parallel_support(cfg: EngineConfig) -> None:
+    """Refuse, in one line each, what tensor/pipeline parallelism does not run yet (see
+    docs/distributed.md), rather than fail inside a worker process."""
+    if cfg.speculative.speculative_method == "draft":
+        raise ValueError("speculative_method 'draft' is not supported with tensor/pipeline "
+                         "parallelism yet (ngram speculation is)")
+    if cfg.lora.enable_lora:
+        raise ValueError("LoRA adapters are not supported with tensor/pipeline parallelism yet")
+    if cfg.model.quantization in ("awq", "gptq"):
+        raise ValueError(f"quantization {cfg.model.quantization!r} (calibrated at load) is not "
+                         "supported with tensor/pipeline parallelism yet: use none, int8, int4 "
+                         "or fp8 (each rank quantizes its own slice of the dense weights)")
 
 
 def default_num_threads() -> int:

@@ -79,6 +79,10 @@ class LLM:
         return [self.engine.embed(p if isinstance(p, list) else self.engine.encode_prompt(p),
                                   pooling, normalize) for p in prompts]
 
+    def shutdown(self) -> None:
+        """Stop the engine's worker processes (tensor/pipeline parallelism)."""
+        self.engine.shutdown()
+
     def apply_chat_template(self, messages: list[dict], chat_template: str | None = None
                             ) -> list[int]:
         """Token ids of a conversation rendered with the chat template, ready for a reply."""

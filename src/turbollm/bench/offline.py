@@ -78,11 +78,19 @@ def _run_ours(job: dict, spec: BenchSpec, stage) -> dict:
     init_s = time.perf_counter() - t  # load + quantization / calibration at load
     prompts = Prompts(llm.tokenizer, spec, llm.engine.arch.vocab_size)
     rank = job["config"].get("lora_rank")
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank:
-            from turbollm.bench.lora_rows import with_random_adapter
-            llm = with_random_adapter(llm, rank, Path(tmp) / "adapter")
-        res = measure_ours(llm, spec, prompts, stage)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank:
+                from turbollm.bench.lora_rows import with_random_adapter
+                llm = with_random_adapter(llm, rank, Path(tmp) / "adapter")
+            res = measure_ours(llm, spec, prompts, stage)
+        extra, steps = llm.engine.stats.extra, llm.engine.stats.steps
+        if "tp_comm_seconds" in extra and steps:  # tensor/pipeline parallel runs
+            # per engine step, the slowest rank's (the whole run: warm-up and every phase)
+            res["tp_comm_ms_per_step"] = 1e3 * extra["tp_comm_seconds"] / steps
+            res["pp_wait_ms_per_step"] = 1e3 * extra["pp_wait_seconds"] / steps
+    finally:
+        llm.shutdown()
     res["load_s"] = init_s
     return res
 

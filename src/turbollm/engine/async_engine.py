@@ -78,6 +78,10 @@ class EngineSnapshot:
     spec_steps: int = 0  # speculative verification steps (per sequence)
     spec_draft_tokens: int = 0
     spec_accepted_tokens: int = 0
+    # tensor/pipeline parallelism (executor/multiproc.py): seconds in tensor-parallel
+    # collectives and in pipeline receives, the slowest rank's per step, summed
+    tp_comm_seconds: float = 0.0
+    pp_wait_seconds: float = 0.0
 
 
 def _merge_outputs(old: RequestOutput, new: RequestOutput) -> RequestOutput:
@@ -556,4 +560,6 @@ class AsyncLLMEngine:
             step_errors=e.stats.step_errors,
             spec_steps=e.spec.num_spec_steps if e.spec else 0,
             spec_draft_tokens=e.spec.num_draft_tokens if e.spec else 0,
-            spec_accepted_tokens=e.spec.num_accepted_tokens if e.spec else 0)
+            spec_accepted_tokens=e.spec.num_accepted_tokens if e.spec else 0,
+            tp_comm_seconds=e.stats.extra.get("tp_comm_seconds", 0.0),
+            pp_wait_seconds=e.stats.extra.get("pp_wait_seconds", 0.0))

@@ -305,6 +305,10 @@ class LLMEngine:
             self.stats.prefill_seconds += time.perf_counter() - t0
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
+        if self.config.parallel.world_size > 1:  # seconds in collectives, for bench / metrics
+            extra = self.stats.extra
+            for key, seconds in self.executor.last_comm_stats().items():
+                extra[key] = extra.get(key, 0.0) + seconds
         self.stats.generation_tokens += sum(kept for _, kept in new)
         outs = self.outputs.process(so, ro, new, finished, self.scheduler)
         released = [r.request_id for r in self.outputs.released]
@@ -356,6 +360,11 @@ class LLMEngine:
             raise ModelBrokenError(
                 f"the model fails on any input ({type(exc).__name__}: {exc}); the failed step: "
                 f"{type(step_exc).__name__}: {step_exc}") from exc
+
+    def shutdown(self) -> None:
+        """Stop the executor's worker processes (tensor/pipeline parallelism; a no-op for one
+        process). They also stop when the engine is collected or the interpreter exits."""
+        self.executor.shutdown()
 
     def run_until_done(self) -> list[RequestOutput]:
         """Step until no request is left; the finished outputs in completion order."""

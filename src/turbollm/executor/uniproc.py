@@ -43,7 +43,21 @@ class UniProcExecutor:
     def embed(self, token_ids: list[int], block_ids: list[int], pooling: str) -> list[float]:
         return self.worker.embed(token_ids, block_ids, pooling)
 
+    def comm_stats(self) -> dict:
+        """No collectives in one process (see MultiprocExecutor.comm_stats)."""
+        return {}
 
-def make_executor(config: EngineConfig) -> UniProcExecutor:
-    """The executor for `config` (one process, one device)."""
+    def last_comm_stats(self) -> dict:
+        return {}
+
+    def shutdown(self) -> None:
+        pass
+
+
+def make_executor(config: EngineConfig):
+    """The executor for `config`: this process for one device, worker processes for tensor /
+    pipeline parallelism (executor/multiproc.py)."""
+    if config.parallel.world_size > 1:
+        from turbollm.executor.multiproc import MultiprocExecutor
+        return MultiprocExecutor(config)
     return UniProcExecutor(config)

@@ -8,6 +8,8 @@ raw blocks, bit for bit:
   Q8_0 (d, q):     w = q * d                -> int8 with one scale per 32 columns
 A fused layer (qkv, gate_up) needs one form for all its shards; mixed int4/int8 shards or other
 types (Q4_K, Q6_K, F16) stay dense. A tied lm_head is served from the token embedding's blocks.
+A tensor-parallel rank takes its rows and its whole 32-column blocks of the unpacked arrays
+(layers/parallel_linear.checkpoint_slice): the same blocks, split.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import nn
 
 from turbollm.layers.linear import MergedLinear, QKVLinear
+from turbollm.layers.parallel_linear import checkpoint_slice, slice_checkpoint_rows
 from turbollm.loader.gguf import GGUFCheckpoint
 from turbollm.loader.gguf_dequant import q4_0_unpack, q4_1_unpack, q8_0_unpack
 from turbollm.quantization import kernels
@@ -47,6 +50,29 @@ def _int4_minform(ggml_type, raw):
     return q, d, d * -8.0
 
 
+def _shard_ids(layer) -> list:
+    if isinstance(layer, QKVLinear):
+        return ["q", "k", "v"]
+    if isinstance(layer, MergedLinear):
+        return list(range(len(layer.out_sizes)))
+    return [None]
+
+
+def _rank_part(layer, shard_id, *arrays: torch.Tensor) -> list[torch.Tensor]:
+    """A tensor-parallel rank's part of one shard's unpacked arrays (q [rows, cols], then per
+    32-column group [rows, cols / 32]): its rows, and its columns in whole groups (a rank's
+    column slice starts and ends on a multiple of 32, checked by the caller). The whole
+    arrays for a layer of one process."""
+    rows, cols = checkpoint_slice(layer, shard_id)
+    out = []
+    for i, a in enumerate(arrays):
+        if cols is not None:
+            g = 1 if i == 0 else 32  # q per column; scales and mins per group of 32
+            a = a[:, cols[0] // g:(cols[0] + cols[1]) // g]
+        out.append(slice_checkpoint_rows(a, rows).contiguous())
+    return out
+
+
 def install_gguf_native(model: nn.Module, ckpt: GGUFCheckpoint) -> dict[str, str]:
     """Switch every linear with a native kernel to its packed GGUF form; {layer: served form}."""
     names = set(ckpt.hf_names())
@@ -60,13 +86,19 @@ def install_gguf_native(model: nn.Module, ckpt: GGUFCheckpoint) -> dict[str, str
         if not all(s in names for s in shards):
             continue
         types = {ckpt.ggml_type(s) for s in shards}
+        ids = _shard_ids(layer)
+        cols = checkpoint_slice(layer, ids[0])[1]
+        if cols is not None and cols[0] % 32:
+            continue  # a rank's columns would split a 32-column block: stays dense
         if types <= set(_INT4_TYPES) and layer.in_features % 32 == 0:
-            parts = [_int4_minform(*ckpt.raw_tensor(s)[:2]) for s in shards]
+            parts = [_rank_part(layer, sid, *_int4_minform(*ckpt.raw_tensor(s)[:2]))
+                     for s, sid in zip(shards, ids)]
             q, d, m = (torch.cat([p[i] for p in parts]) for i in range(3))
             install_int4_state(layer, kernels.int4_pack_minform(q, d, m, 32))
             served[name] = "+".join(sorted(t.name for t in types))
-        elif types == {QT.Q8_0}:
-            parts = [q8_0_unpack(ckpt.raw_tensor(s)[1]) for s in shards]
+        elif types == {QT.Q8_0} and layer.in_features % 32 == 0:
+            parts = [_rank_part(layer, sid, *q8_0_unpack(ckpt.raw_tensor(s)[1]))
+                     for s, sid in zip(shards, ids)]
             q = torch.cat([p[0] for p in parts])
             d = torch.cat([p[1] for p in parts]).float()
             install_int8(layer, q, d, group_size=32)

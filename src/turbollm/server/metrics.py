@@ -60,7 +60,11 @@ class _EngineCollector:
                 ("turbollm_spec_decode_draft_tokens", "Tokens proposed by speculative decoding",
                  s.spec_draft_tokens),
                 ("turbollm_spec_decode_accepted_tokens",
-                 "Proposed tokens the target model accepted", s.spec_accepted_tokens)):
+                 "Proposed tokens the target model accepted", s.spec_accepted_tokens),
+                ("turbollm_tp_comm_seconds", "Seconds in tensor-parallel all-reduce/gather "
+                 "(slowest rank per step, waits for other ranks included)", s.tp_comm_seconds),
+                ("turbollm_pp_wait_seconds", "Seconds pipeline stages waited for the previous "
+                 "stage's hidden states (slowest rank per step)", s.pp_wait_seconds)):
             yield CounterMetricFamily(name, doc, value=value)
         state = GaugeMetricFamily("turbollm_engine_state", "1 for the engine's current state",
                                   labels=["state"])

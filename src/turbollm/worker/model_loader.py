@@ -111,8 +111,9 @@ def load_tokenizer_for(source: ResolvedModel, tokenizer: str | None):
     return load_tokenizer(source.path)
 
 
-def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
-    """Resolve, construct on `device` and fill the model (random weights for load_format=dummy)."""
+def load_model(cfg: ModelConfig, device: str, backend, parallel=None) -> LoadedModel:
+    """Resolve, construct on `device` and fill the model (random weights for load_format=dummy).
+    With a distributed ParallelState: this rank's slice of it (see check_parallel_source)."""
     from turbollm.loader.dummy import init_dummy_weights
     from turbollm.models.registry import get_model_class
     from turbollm.loader.turbollm_checkpoint import checkpoint_config as turbollm_checkpoint_config
@@ -127,16 +128,24 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
         raise ValueError(f"load_format 'safetensors' but {cfg.model!r} is not an HF directory")
     if source.kind == "preset" and cfg.load_format != "dummy":
         raise ValueError(f"{cfg.model!r} is a config preset: it only loads with load_format='dummy'")
+    if parallel is not None:
+        check_parallel_source(cfg, source)
     arch, _ = read_arch(source, cfg.hf_config_overrides)
     dtype = resolve_dtype(cfg.dtype, arch, device)
     compute = compute_dtype_for(dtype, device, cfg.dtype)
     max_len = cfg.max_model_len or arch.max_position_embeddings
     model_cls = get_model_class(arch)
     # Constructing under torch.device puts rotary tables and weights straight on the target.
+    extra = {} if parallel is None else {"parallel": parallel}
     with torch.device(device):
         model = model_cls(arch, backend, max_position=max_len, dtype=compute, device=device,
-                          weight_dtype=dtype)
-    if cfg.load_format == "dummy":
+                          weight_dtype=dtype, **extra)
+    if cfg.load_format == "dummy" and parallel is not None:
+        # every rank draws the whole model's values and keeps its slice, so a sharded dummy
+        # model is the single-process one, split (tests compare the two)
+        from turbollm.loader.dummy import dummy_checkpoint
+        model.load_weights(dummy_checkpoint(arch, dtype, seed=cfg.seed))
+    elif cfg.load_format == "dummy":
         init_dummy_weights(model, seed=cfg.seed)
     elif source.kind == "hf_dir" and (qcfg := prequantized_config(source.path)) is not None:
         load_prequantized(model, source.path, dtype, qcfg)  # AutoAWQ / GPTQ layouts
@@ -150,6 +159,25 @@ def load_model(cfg: ModelConfig, device: str, backend) -> LoadedModel:
     model.eval()
     tok = load_tokenizer_for(source, cfg.tokenizer)
     return LoadedModel(model, arch, tok, source, dtype, max_len)
+
+
+def check_parallel_source(cfg: ModelConfig, source: ResolvedModel) -> None:
+    """Which checkpoints a tensor/pipeline-parallel rank loads: those whose tensors arrive
+    dense, one at a time (safetensors, GGUF dequantized, dummy), sliced by each parameter's
+    weight_loader and then quantized per rank (int8/int4/fp8). Pre-quantized layouts (AutoAWQ,
+    GPTQ, turbollm int8/int4, fp8 checkpoints) would have to be sliced in their packed form:
+    refused, in one line. A GGUF file's native blocks are sliced whole (loader/gguf_native.py)."""
+    from turbollm.loader.awq_gptq import prequantized_config
+    from turbollm.loader.fp8_checkpoint import fp8_checkpoint_config
+    from turbollm.loader.turbollm_checkpoint import checkpoint_config
+    if source.kind == "hf_dir" and cfg.load_format != "dummy":
+        for probe, what in ((prequantized_config, "AWQ/GPTQ"), (checkpoint_config,
+                            "turbollm-quantized"), (fp8_checkpoint_config, "fp8")):
+            if probe(source.path) is not None:
+                raise ValueError(f"{what} checkpoints cannot be loaded with tensor/pipeline "
+                                 "parallelism yet: load the dense checkpoint and pass "
+                                 "--quantization int8/int4/fp8")
+
 
 
 def _quantize_at_load(model, cfg: ModelConfig, source: ResolvedModel) -> None:

@@ -15,6 +15,7 @@ from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs
 from turbollm.layers.rejection_sampler import verify_greedy, verify_random
 from turbollm.worker.faults import fault_plan_from_env
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
+from turbollm.worker.micro_batch import merge_outputs, split_micro_batches
 from turbollm.worker.kv_cache import layer_views
 
 # Prompt logprobs: logits rows made at once (x vocab x 4 bytes: 256 rows of a 128K vocabulary
@@ -44,8 +45,15 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
                  device: str, vocab_size: int, eos_token_ids: list[int],
-                 batch_invariant: str = "seeded", lora=None):
+                 batch_invariant: str = "seeded", lora=None, samples: bool = True,
+                 micro_batches: int = 1):
         self.model = model
+        # pipeline parallelism: a step's sequences run as this many groups in a row, so that
+        # stages overlap (worker/micro_batch.py); 1 for one process
+        self.micro_batches = micro_batches
+        # False on the tensor-parallel ranks whose tokens the engine does not take: they run
+        # every collective (logits included) but skip sampling
+        self.samples = samples
         self.lora = lora  # a worker/lora_manager.LoRAManager when adapters are enabled
         self.kv_cache = kv_cache
         self.kv_views = layer_views(kv_cache)
@@ -94,6 +102,14 @@ class ModelRunner:
         if self.faults is not None:
             self.faults.before_forward()
         so = step.sequences
+        groups = split_micro_batches(so, self.micro_batches)
+        if len(groups) > 1:  # (no LoRA under pipeline parallelism: the config refuses it)
+            outs = []
+            for g in groups:
+                batch = self.build_batch(g)
+                with multi_row.row_invariant(any(batch.proposals) or self._invariant_step(g)):
+                    outs.append(self._run(g, batch))
+            return merge_outputs(groups, outs)
         batch = self.build_batch(so)
         if self.lora is not None:  # each chunk's rows run with its request's adapter slot
             slots = self.lora.slots_for([s.lora for s in so])
@@ -118,12 +134,16 @@ class ModelRunner:
         hidden = self.model(batch.input_ids, batch.positions, self.kv_views, batch.meta)
         sampled: list[list[int]] = [[] for _ in so]
         logprobs: list[list[Any] | None] = [None] * len(so)
+        if hidden is None:  # a pipeline stage before the last: its output went on
+            return ModelRunnerOutput(sampled, logprobs, None)
         prompt_lps = self._prompt_logprobs(so, batch, hidden)
         if not batch.sample_rows:
             return ModelRunnerOutput(sampled, logprobs, prompt_lps)
         if batch.sample_rows != list(range(hidden.shape[0])):  # else every row, in order
             hidden = hidden.index_select(0, torch.tensor(batch.sample_rows, device=self.device))
         logits = self.model.compute_logits(hidden)
+        if not self.samples:
+            return ModelRunnerOutput(sampled, logprobs, prompt_lps)
         meta = self._sampling_metadata(so, batch)
         if not any(batch.proposals):
             out = self.sampler(logits, meta)
@@ -238,8 +258,9 @@ class ModelRunner:
         the given blocks: [len(token_ids), vocab] fp32. For scoring (perplexity, calibration),
         not for serving: always the module path, whose forward hooks calibration reads."""
         with self._module_path():
-            return torch.cat([self.model.compute_logits(h)
-                              for h in self._prefill_chunks(token_ids, block_ids, chunk)])
+            outs = [self.model.compute_logits(h)
+                    for h in self._prefill_chunks(token_ids, block_ids, chunk)]
+        return torch.cat(outs) if outs else None  # None: a pipeline stage before the last
 
     def forward_pooled(self, token_ids: list[int], block_ids: list[int], chunk: int,
                        pooling: str) -> torch.Tensor:
@@ -252,7 +273,9 @@ class ModelRunner:
                 if pooling == "mean":
                     part = h.float().sum(0)
                     total = part if total is None else total + part
-            return last if pooling == "last" else total / len(token_ids)
+        if last is None:
+            return None  # a pipeline stage before the last
+        return last if pooling == "last" else total / len(token_ids)
 
     @contextlib.contextmanager
     def _module_path(self):
@@ -266,7 +289,8 @@ class ModelRunner:
             inner.native_decode = native
 
     def _prefill_chunks(self, token_ids: list[int], block_ids: list[int], chunk: int):
-        """Final hidden states of one sequence, `chunk` positions at a time."""
+        """Final hidden states of one sequence, `chunk` positions at a time (nothing on a
+        pipeline stage before the last)."""
         bs = self.block_size
         dev = self.device
         table = torch.tensor(block_ids, dtype=torch.long, device=dev)
@@ -278,4 +302,6 @@ class ModelRunner:
                                      decode_block_tables=None, decode_seq_lens=None,
                                      prefills=[(0, end - start, end, table)], block_size=bs)
             ids = torch.tensor(token_ids[start:end], dtype=torch.long, device=dev)
-            yield self.model(ids, pos, self.kv_views, meta)
+            hidden = self.model(ids, pos, self.kv_views, meta)
+            if hidden is not None:  # None: a pipeline stage before the last
+                yield hidden

@@ -50,20 +50,25 @@ class ModelInfo:
 
 
 class Worker:
-    """Loads and runs the model on one device (see the module docstring)."""
+    """Loads and runs the model on one device (see the module docstring). With a
+    ParallelState (a worker process of executor/multiproc.py): this rank's part of it."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, parallel=None, device: str | None = None):
         self.config = config
-        self.device = device = config.device.resolved_device()
+        self.parallel = parallel
+        self.device = device = device or config.device.resolved_device()
         if device == "cpu":
-            torch.set_num_threads(config.device.num_threads or default_num_threads())
+            torch.set_num_threads(config.parallel.threads_per_worker() if parallel is not None
+                                  else config.device.num_threads or default_num_threads())
         torch.manual_seed(config.model.seed)
         self.cpu_isa = select_isa(config.kernel.cpu_isa) if device == "cpu" else None
         t0 = time.perf_counter()
         backend = get_attention_backend("torch")
-        self.loaded = load_model(config.model, device, backend)
+        self.loaded = load_model(config.model, device, backend, parallel)
         self.model = self.loaded.model
-        self.draft = load_separate_draft(config, device, backend)
+        self.cache_arch = self._cache_arch()
+        self.draft = None if parallel is not None else load_separate_draft(config, device,
+                                                                           backend)
         self.load_time_s = time.perf_counter() - t0
         self.eos_token_ids = self._eos_ids()
         self._apply_kernel_config()
@@ -78,11 +83,26 @@ class Worker:
             from turbollm.worker.lora_manager import LoRAManager
             self.lora = LoRAManager(self.model, self.loaded.arch, config.lora, device)
 
+    def _cache_arch(self) -> ModelArch:
+        """The shapes this rank's KV cache holds: its stage's layers and its KV heads."""
+        arch, ps = self.loaded.arch, self.parallel
+        if ps is None:
+            return arch
+        from turbollm.distributed.parallel_state import rank_arch
+        lo, hi = self.model.model.layer_range
+        return rank_arch(arch, ps.tp_size, ps.tp_rank, hi - lo)
+
+    def _micro_batches(self) -> int:
+        ps = self.parallel
+        return (self.config.parallel.pipeline_micro_batches
+                if ps is not None and ps.pp_size > 1 else 1)
+
     def _apply_kernel_config(self) -> None:
         """KernelConfig: native decode per model; activation rounding and GPU tiles are
         process-wide switches of the kernel modules."""
         kc = self.config.kernel
-        self.set_native_decode(kc.native_decode)
+        # the native C decode step runs a whole model in one process: off for a rank's part
+        self.set_native_decode(kc.native_decode and self.parallel is None)
         quant_kernels.exact_activations(kc.exact_activations)
         prefill_gemm.use_bf16(self._prefill_in_bf16())
         if kc.tile_config is not None:
@@ -125,24 +145,28 @@ class Worker:
         if cc.num_gpu_blocks_override:
             return cc.num_gpu_blocks_override
         peak = None
-        if self.device.startswith("cuda") and cc.kv_cache_memory_bytes is None:
+        if (self.device.startswith("cuda") and cc.kv_cache_memory_bytes is None
+                and self.parallel is None):  # (a rank's part cannot run a pass alone)
             step = min(self.config.scheduler.max_num_batched_tokens, lm.max_model_len)
             peak = profile_peak_bytes(self.model, lm.arch, step, cc.block_size, lm.dtype,
                                       self.device, self.config.scheduler.max_num_seqs)
         budget = kv_budget_bytes(cc.kv_cache_memory_bytes, self.device, peak)
         budget = int(budget * draft_kv_share(lm.arch, lm.dtype, self.draft, cc.kv_cache_dtype))
-        return blocks_for_budget(lm.arch, budget, cc.block_size, lm.dtype, cc.kv_cache_dtype)
+        return blocks_for_budget(self.cache_arch, budget, cc.block_size, lm.dtype,
+                                 cc.kv_cache_dtype)
 
     def init_cache(self, num_blocks: int) -> None:
         """Allocate the KV cache, build the runner and any draft proposer, and calibrate
         AWQ/GPTQ (which runs the model, so it comes last)."""
         cc, lm = self.config.cache, self.loaded
         self.max_model_len = min(lm.max_model_len, num_blocks * cc.block_size)
-        self.kv_cache = allocate_kv_cache(lm.arch, num_blocks, cc.block_size, lm.dtype,
+        self.kv_cache = allocate_kv_cache(self.cache_arch, num_blocks, cc.block_size, lm.dtype,
                                           self.device, cc.kv_cache_dtype)
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, self.device,
                                   lm.arch.vocab_size, self.eos_token_ids,
-                                  self.config.kernel.batch_invariant, self.lora)
+                                  self.config.kernel.batch_invariant, self.lora,
+                                  samples=self.parallel is None or self.parallel.is_reply_rank,
+                                  micro_batches=self._micro_batches())
         if self.config.speculative.speculative_method == "draft":
             self.drafter = build_draft_proposer(self.config, lm, self.runner.kv_views,
                                                 self.draft, num_blocks, self.device)
@@ -158,6 +182,11 @@ class Worker:
 
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
         return self.runner.execute(batch)
+
+    def linear_methods(self) -> dict[str, str]:
+        """How each linear layer computes ({name: QuantMethod name}), for checks and logs."""
+        return {n: m.quant_method.name for n, m in self.model.named_modules()
+                if hasattr(m, "quant_method")}
 
     def add_lora(self, req: LoRARequest) -> None:
         """Load an adapter (checked against the model) so requests can name it; a ValueError
@@ -188,4 +217,4 @@ class Worker:
         `block_ids`."""
         vec = self.runner.forward_pooled(list(token_ids), block_ids,
                                          self.config.scheduler.max_num_batched_tokens, pooling)
-        return vec.tolist()
+        return None if vec is None else vec.tolist()  # None: a pipeline stage before the last
