@@ -41,6 +41,9 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
         BenchConfig("spec-ngram", {"speculative_method": "ngram", "num_speculative_tokens": 4}),
         BenchConfig("spec-draft", {"speculative_method": "draft", "num_speculative_tokens": 4,
                                    "draft_layers": draft_layers}),
+        # a pruned model's linears read bitmask-compressed at decode (a no-op on a dense one)
+        BenchConfig("sparse-bitmask", {"sparsity": "bitmask"}),
+        BenchConfig("dense-weights", {"sparsity": "none"}),
         BenchConfig("lora-r16", {"enable_lora": True}, lora_rank=16),
         BenchConfig("lora-r64", {"enable_lora": True}, lora_rank=64),
     ]
