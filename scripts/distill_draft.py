@@ -55,8 +55,9 @@ def main() -> int:
                      "plain_tok_s": ref["tok_s"], "speedup": got["tok_s"] / ref["tok_s"]}
         print(name, json.dumps(res[name]))
         del spec
-    res["acceptance_gain"] = res["distilled"]["acceptance_rate"] / \
-        res["undistilled"]["acceptance_rate"]
+    plain_rate = res["undistilled"]["acceptance_rate"] or 0.0
+    res["acceptance_gain"] = ((res["distilled"]["acceptance_rate"] or 0.0) / plain_rate
+                              if plain_rate else None)  # None: the plain copy accepted nothing
     print(json.dumps(res, indent=2))
     (out / "result.json").write_text(json.dumps(res, indent=2) + "\n")
     return 0
