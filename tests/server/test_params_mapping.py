@@ -228,6 +228,8 @@ TGI_CASES = [
     ({"details": True}, {}),
     ({"best_of": 1}, {}),
     ({"adapter_id": "a"}, {}),  # which LoRA adapter runs (serving_tgi.py), not a sampling knob
+    ({"grammar": {"type": "regex", "value": "[ab]+"}},
+     {"structured_output": Spec.regex("[ab]+")}),
 ]
 
 
