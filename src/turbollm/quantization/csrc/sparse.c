@@ -14,6 +14,7 @@
 // across OpenMP threads; M rows of activations share each expanded weight vector.
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "simd.h"
 
@@ -56,7 +57,51 @@ static inline __m256 expand_bf16(const uint16_t *p, unsigned m) {
 
 #define MAX_ROWS 8  // activation rows per call (decode batches); more: the caller loops
 
+// One output row's dot products with MT activation rows (MT a constant at each call site, so
+// the accumulators stay in registers). The mask is read 64 columns (one uint64) at a time: the
+// values of the word's 8 bytes start at independent offsets (popcounts of the word's lower
+// bytes), so the 8 expand-loads do not wait on each other, and the running pointer moves once
+// per 64 columns. (Moving it once per byte made every load wait on the previous popcount.) Two
+// accumulators per row alternate by byte, so consecutive FMAs do not chain either.
+#define BITMASK_ROW(NAME, T, EXPAND)                                                           \
+    static inline __attribute__((always_inline)) void NAME##_row(                              \
+        const float *x, const T *p, const uint8_t *mr, float *y, int64_t n, int64_t N,         \
+        int64_t K, const int MT) {                                                             \
+        const int64_t B = K / 8, W = B / 8;                                                    \
+        __m256 a0[MAX_ROWS], a1[MAX_ROWS];                                                     \
+        for (int r = 0; r < MT; r++) a0[r] = a1[r] = _mm256_setzero_ps();                      \
+        for (int64_t w = 0; w < W; w++) {                                                      \
+            uint64_t word;                                                                     \
+            memcpy(&word, mr + 8 * w, 8);                                                      \
+            if (!word) continue;                                                               \
+            const float *xw = x + 64 * w;                                                      \
+            for (int b = 0; b < 8; b += 2) {                                                   \
+                const unsigned m0 = (unsigned)(word >> (8 * b)) & 0xFFu;                       \
+                const unsigned m1 = (unsigned)(word >> (8 * b + 8)) & 0xFFu;                   \
+                const uint64_t below0 = b ? word & ((1ULL << (8 * b)) - 1) : 0;                \
+                const uint64_t below1 = word & ((1ULL << (8 * b + 8)) - 1);                    \
+                const __m256 v0 = EXPAND(p + __builtin_popcountll(below0), m0);                \
+                const __m256 v1 = EXPAND(p + __builtin_popcountll(below1), m1);                \
+                for (int r = 0; r < MT; r++) {                                                 \
+                    a0[r] = _mm256_fmadd_ps(v0, _mm256_loadu_ps(xw + r * K + 8 * b), a0[r]);   \
+                    a1[r] = _mm256_fmadd_ps(v1, _mm256_loadu_ps(xw + r * K + 8 * b + 8), a1[r]); \
+                }                                                                              \
+            }                                                                                  \
+            p += __builtin_popcountll(word);                                                   \
+        }                                                                                      \
+        for (int64_t j = W * 8; j < B; j++) { /* the last K % 64 columns, byte by byte */      \
+            const unsigned m = mr[j];                                                          \
+            if (!m) continue;                                                                  \
+            const __m256 v = EXPAND(p, m);                                                     \
+            p += __builtin_popcount(m);                                                        \
+            for (int r = 0; r < MT; r++)                                                       \
+                a0[r] = _mm256_fmadd_ps(v, _mm256_loadu_ps(x + r * K + 8 * j), a0[r]);         \
+        }                                                                                      \
+        for (int r = 0; r < MT; r++) y[r * N + n] = hsum256(_mm256_add_ps(a0[r], a1[r]));      \
+    }
+
 #define BITMASK_GEMV(NAME, T, EXPAND)                                                          \
+    BITMASK_ROW(NAME, T, EXPAND)                                                               \
     void NAME(const float *x, int64_t M, const T *values, const uint8_t *mask,               \
               const int64_t *row_offsets, float *y, int64_t N, int64_t K) {                  \
         if (!perm_ready) init_perm();                                                        \
@@ -65,17 +110,13 @@ static inline __m256 expand_bf16(const uint16_t *p, unsigned m) {
         for (int64_t n = 0; n < N; n++) {                                                    \
             const T *p = values + row_offsets[n];                                            \
             const uint8_t *mr = mask + n * B;                                                \
-            __m256 acc[MAX_ROWS];                                                            \
-            for (int64_t r = 0; r < M; r++) acc[r] = _mm256_setzero_ps();                    \
-            for (int64_t j = 0; j < B; j++) {                                                \
-                const unsigned m = mr[j];                                                    \
-                if (!m) continue;                                                            \
-                const __m256 w = EXPAND(p, m);                                               \
-                p += __builtin_popcount(m);                                                  \
-                for (int64_t r = 0; r < M; r++)                                              \
-                    acc[r] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + r * K + 8 * j), acc[r]); \
+            switch (M) {                                                                     \
+            case 1: NAME##_row(x, p, mr, y, n, N, K, 1); break;                              \
+            case 2: NAME##_row(x, p, mr, y, n, N, K, 2); break;                              \
+            case 3: NAME##_row(x, p, mr, y, n, N, K, 3); break;                              \
+            case 4: NAME##_row(x, p, mr, y, n, N, K, 4); break;                              \
+            default: NAME##_row(x, p, mr, y, n, N, K, (int)M); break;                        \
             }                                                                                \
-            for (int64_t r = 0; r < M; r++) y[r * N + n] = hsum256(acc[r]);                  \
         }                                                                                    \
     }
 
