@@ -192,5 +192,6 @@ def _quantize_at_load(model, cfg: ModelConfig, source: ResolvedModel) -> None:
         quantize_model(model, method, cfg.quantization_group_size)
     from turbollm.loader.compressed_tensors import sparsity_config
     from turbollm.quantization.sparse_method import install_sparse
-    stored_sparse = source.kind == "hf_dir" and sparsity_config(source.path) is not None
-    install_sparse(model, cfg.sparsity, stored_sparse)
+    stored = sparsity_config(source.path) if source.kind == "hf_dir" else None
+    install_sparse(model, cfg.sparsity, stored_sparse=stored is not None,
+                   structure=(stored or {}).get("sparsity_structure", "unstructured"))
