@@ -40,7 +40,9 @@ def test_constrained_rows_obey_the_mask_and_others_are_unchanged():
     meta, got = run(logits, params, masks, seeds)
     assert torch.equal(logits, before)  # the raw logits (logprobs) are not modified
     assert meta.grammar_rows == [1, 3, 5]
-    assert meta.grammar_banned.shape == (3, V) and (~meta.grammar_banned).sum().item() == 7
+    addend = meta.grammar_addend  # CPU: 0 on allowed tokens, -inf on banned ones
+    assert addend.shape == (3, V) and (addend == 0).sum() == 7
+    assert np.isneginf(addend).sum() == 3 * V - 7
     for i, toks in allowed.items():
         assert got[i] in toks
     assert got[1] == max(toks := allowed[1], key=lambda t: logits[1, t].item())  # greedy
@@ -54,14 +56,14 @@ def test_all_rows_constrained():
     logits = torch.randn(3, V)
     params = [SamplingParams(temperature=0)] * 3
     meta, got = run(logits, params, [bitmask([i, 7 + i]) for i in range(3)], [None] * 3)
-    assert meta.grammar_rows == [0, 1, 2] and meta.grammar_banned.shape == (3, V)
+    assert meta.grammar_rows == [0, 1, 2] and meta.grammar_addend.shape == (3, V)
     assert all(t in (i, 7 + i) for i, t in enumerate(got))
 
 
 def test_no_mask_builds_nothing():
     params = [SamplingParams(temperature=0)] * 2
     meta, _ = run(torch.randn(2, V), params, [None, None], [None, None])
-    assert meta.grammar_rows is None and meta.grammar_banned is None
+    assert meta.grammar_rows is None and meta.grammar_addend is None
     meta, _ = run(torch.randn(2, V), params, None, [None, None])
     assert meta.grammar_rows is None
 

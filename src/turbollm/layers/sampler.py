@@ -93,6 +93,9 @@ class SamplingMetadata:
     # take, bool [C, V] on device (both None when no row is constrained: unconstrained batches
     # do no extra work)
     grammar_rows: list[int] | None = None
+    # the constrained rows' masks: on CPU an fp32 addend [C, V] (0 allowed, -inf banned), built
+    # once while unpacking; elsewhere the banned tokens, bool [C, V]
+    grammar_addend: np.ndarray | None = None
     grammar_banned: torch.Tensor | None = None
 
     @classmethod
@@ -228,13 +231,18 @@ class SamplingMetadata:
 
 def _grammar_masks(bitmasks: Sequence[np.ndarray | None] | None, V: int, device) -> dict:
     """Unpack the constrained rows' int32 bitmasks ([words] each; bit j of word w allows token
-    32 w + j) into the banned tokens, bool [C, V]: one numpy unpackbits of the inverted words
-    (little-endian words, so bits come out in token order)."""
+    32 w + j): one numpy unpackbits of the inverted words (little-endian words, so bits come
+    out in token order). On CPU straight into the fp32 addend apply_grammar_masks adds: a
+    banned bit (1) negated as int8 is -1, sign-extended to int32 all ones, and masked with
+    0xFF800000 it is -inf's bit pattern; an allowed bit gives +0.0."""
     rows = [i for i, m in enumerate(bitmasks or ()) if m is not None]
     if not rows:
         return {}
     packed = ~np.stack([bitmasks[i] for i in rows])  # [C, W] int32, set bit = banned
     bits = np.unpackbits(packed.view(np.uint8), axis=1, bitorder="little")[:, :V]  # [C, V]
+    if torch.device(device).type == "cpu":
+        addend = (-bits.view(np.int8)).astype(np.int32) & _NEG_INF_BITS
+        return {"grammar_rows": rows, "grammar_addend": addend.view(np.float32)}
     banned = torch.from_numpy(bits).view(torch.bool).to(device)
     return {"grammar_rows": rows, "grammar_banned": banned}
 
@@ -244,17 +252,15 @@ _NEG_INF_BITS = np.int32(-8388608)  # 0xFF800000: float32 -inf
 
 def apply_grammar_masks(logits: torch.Tensor, meta: SamplingMetadata) -> None:
     """In place: -inf on the tokens each constrained row's grammar does not allow."""
-    if meta.grammar_banned is None:
-        return
     rows = meta.grammar_rows
-    if logits.device.type == "cpu":
+    if rows is None:
+        return
+    if meta.grammar_addend is not None:
         # numpy, one row at a time, in place: torch's CPU kernels here start an OpenMP region
         # per call, and on our 2 busy cores a masked_fill_ / index_select took 10-150 ms.
-        # Adding 0 / -inf is a plain vector add (~5 us a row), where np.putmask scans its
-        # mask element by element (~140 us); the addend is built from the banned bits with
-        # integer ops: -1 & 0xFF800000 is -inf's bit pattern, 0 & it is +0.0.
-        x = logits.numpy()
-        addend = (-meta.grammar_banned.numpy().astype(np.int32) & _NEG_INF_BITS).view(np.float32)
+        # Adding 0 / -inf is a plain vector add (~5 us a row), where np.putmask scans its mask
+        # element by element (~140 us).
+        x, addend = logits.numpy(), meta.grammar_addend
         for k, r in enumerate(rows):
             np.add(x[r], addend[k], out=x[r])
         return
@@ -391,7 +397,7 @@ class Sampler(torch.nn.Module):
             meta.bias_rows is not None
             or meta.mask_rows is not None
             or meta.penalty_rows is not None
-            or meta.grammar_banned is not None
+            or meta.grammar_rows is not None
             or (meta.all_random and meta.temperature is not None)
         )
         x = logits.float()
