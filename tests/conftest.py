@@ -31,6 +31,8 @@ TINY_CONFIGS = {
     "mistral": dict(TINY_COMMON, rope_theta=10000.0, sliding_window=None),
     "mistral_window": dict(TINY_COMMON, rope_theta=10000.0, sliding_window=24),
     "qwen2": dict(TINY_COMMON, rope_theta=10000.0, tie_word_embeddings=True),
+    # deep enough for a layer-dropped student (tests/compress/test_distill.py)
+    "llama4": dict(TINY_COMMON, rope_theta=10000.0, num_hidden_layers=4),
 }
 
 

@@ -18,24 +18,10 @@ SMALL = dict(steps=16, batch_size=4, seq_len=32, eval_sequences=4, num_threads=1
 
 
 @pytest.fixture(scope="module")
-def teacher(tmp_path_factory, bundled_tokenizer):
-    """A tiny random Llama like the shared fixtures' (tests/conftest.py), with 4 layers, so a
-    layer-dropped student has somewhere to come from."""
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
-        vocab_size=49152, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
-    model = transformers.LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.08)
-    out = tmp_path_factory.mktemp("teacher4")
-    model.save_pretrained(out, safe_serialization=True)
-    bundled_tokenizer.save_pretrained(out)
-    return out
+def teacher(tiny_model_factory):
+    """A tiny random Llama with 4 layers, so a layer-dropped student has somewhere to come
+    from."""
+    return tiny_model_factory("llama4")
 
 
 def test_losses():
