@@ -466,7 +466,8 @@ class AsyncLLMEngine:
                     outs = self.engine.step()
                     idle_step = steps == self.engine.stats.steps + self.engine.stats.step_errors
                     self._track_scheduled(outs)
-                    self._update_prefill_estimate()
+                    if self.max_queue_delay:  # only shedding reads the estimate
+                        self._update_prefill_estimate()
                     if outs:
                         self._post(self._on_outputs, outs)
                 self._take_snapshot()
