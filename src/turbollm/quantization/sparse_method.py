@@ -15,6 +15,8 @@ same for any checkpoint (e.g. one pruned and saved dense, or 2:4), `none` never.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from turbollm.config import SPARSITY_MODES
@@ -22,6 +24,7 @@ from turbollm.layers.linear import LinearBase, UnquantizedLinearMethod
 from turbollm.layers.quant_method import QuantMethod
 from turbollm.native_build import RowKernel
 from turbollm.quantization import sparse
+from turbollm.quantization.kernels import _run_row_kernel
 from turbollm.quantization.registry import register
 
 # Below this share of zeros the kept values plus the mask read more than a bf16 row would save
@@ -46,21 +49,14 @@ class SparseBitmaskMethod(QuantMethod):
         layer.sparse_weight = sparse.BitmaskWeight.from_dense(layer.weight.data)
         layer.quant_method = cls()
 
-    def _rows_ok(self, layer, x: torch.Tensor) -> bool:
-        return (x.device.type == "cpu" and x.dtype == torch.float32
-                and x.shape[0] <= self.max_rows() and sparse.lib() is not None)
-
-    @staticmethod
-    def max_rows() -> int:
-        lib = sparse.lib()
-        return int(lib.bitmask_gemv_max_rows()) if lib is not None else 0
-
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if not self._rows_ok(layer, x2):
+        kernel = (self.row_kernel(layer, x2.shape[0])
+                  if x2.device.type == "cpu" and x2.dtype == torch.float32 else None)
+        if kernel is None:
             return self.dense.apply(layer, x)
-        y = sparse.bitmask_linear(x2, layer.sparse_weight)
+        y = _run_row_kernel(kernel, x2, layer.out_features)
         if layer.bias is not None:
             y = y + layer.bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
@@ -68,7 +64,7 @@ class SparseBitmaskMethod(QuantMethod):
     def row_kernel(self, layer, M: int):
         """The C call for M fp32 decode rows (LIN_SPARSE), or None past the kernel's limit."""
         lib = sparse.lib()
-        if lib is None or M > self.max_rows():
+        if lib is None or M > _max_rows():
             return None
         w = layer.sparse_weight
         fn = lib.bitmask_gemv_f32 if w.values.dtype == torch.float32 else lib.bitmask_gemv_bf16
@@ -80,6 +76,13 @@ class SparseBitmaskMethod(QuantMethod):
     def weight_bytes(self, layer) -> int:
         return layer.weight.numel() * layer.weight.element_size() + \
             layer.sparse_weight.nbytes()
+
+
+@functools.cache
+def _max_rows() -> int:
+    """The kernel's row limit (0 where it cannot run), asked of the library once."""
+    lib = sparse.lib()
+    return int(lib.bitmask_gemv_max_rows()) if lib is not None else 0
 
 
 def zero_fraction(w: torch.Tensor) -> float:
