@@ -196,16 +196,15 @@ class LinearLoRA:
         step = self.context.step
         if step is None:
             return
-        lib = native_ops.lib()
-        if (lib is None or x.shape[0] > MAX_C_ROWS or self.A.dtype not in _C_KINDS
-                or x.dtype != torch.float32
-                or y.dtype != torch.float32 or x.device.type != "cpu" or self.in_features % 8
+        # desc exists exactly where C can read these slots (see _describe)
+        if (self.desc is None or x.shape[0] > MAX_C_ROWS or x.dtype != torch.float32
+                or y.dtype != torch.float32 or x.device.type != "cpu"
                 or not x.is_contiguous() or y.stride(1) != 1):
             self.add_to(x, y)
             return
         slots = step.row_slots()
         assert slots.numel() == x.shape[0] == y.shape[0]
-        fn = getattr(lib, _C_KINDS[self.A.dtype][0])
+        fn = getattr(native_ops.lib(), _C_KINDS[self.A.dtype][0])
         fn(x.data_ptr(), x.shape[0], self.in_features, slots.data_ptr(), self.A.data_ptr(),
            self.B.data_ptr(), self.rank, len(self.spans), self._spans_c.data_ptr(), y.data_ptr(),
            y.stride(0), self.out_features)
