@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from turbollm.native_build import supported_isas
-from turbollm.quantization.sparse import BitmaskWeight, bitmask_linear, lib
+from turbollm.quantization.sparse import (BitmaskWeight, bf16_columns_per_expand, bitmask_linear,
+                                          lib)
 
 pytestmark = pytest.mark.skipif(lib() is None, reason="no C kernels on this machine")
-# avx2 expands with a permutation table, avx512/amx with AVX-512 VL expand-loads: test each
-# build this CPU runs
+# avx2 expands 8 columns with a permutation table, avx512/amx 16 with AVX-512 expands (the
+# K % 64 tail on the 8-column path): test each build this CPU runs
 ISAS = supported_isas()
 
 
@@ -31,13 +32,20 @@ def _weight(out_f, in_f, density, dtype, seed=0, two_four=False):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("density, two_four", [(0.5, False), (0.1, False), (None, True)])
 @pytest.mark.parametrize("rows", [1, 11])  # 11: more than one call of the kernel
+@pytest.mark.parametrize("width", [576, 600])  # 600: a 24-column tail past the 64-column words
 @pytest.mark.parametrize("isa", ISAS)
-def test_matches_torch(dtype, density, two_four, rows, isa):
-    w = _weight(96, 576, density, dtype, two_four=two_four)
-    x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(5))
+def test_matches_torch(dtype, density, two_four, rows, width, isa):
+    w = _weight(96, width, density, dtype, two_four=two_four)
+    x = torch.randn(rows, width, generator=torch.Generator().manual_seed(5))
     got = bitmask_linear(x, BitmaskWeight.from_dense(w), isa)
     want = x @ w.float().T
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_build_has_its_expand_width(isa):
+    # the avx512/amx builds take the VBMI2 path (32 bf16 columns per expand), avx2 the table
+    assert bf16_columns_per_expand(isa) == (8 if isa == "avx2" else 32)
 
 
 def test_half_sparse_bf16_reads_about_9_bits_per_weight():

@@ -1,9 +1,5 @@
 """Bitmask-sparse weights for decode rows: the packed form the C kernel reads (csrc/sparse.c)
-and the call, checked against a dense torch reference.
-
-Not wired into the engine yet: sparse checkpoints are decompressed to dense at load
-(loader/compressed_tensors.py) and served by the dense kernels. This is the kernel a sparse
-linear method will call for decode-sized inputs (torch stays for prefill).
+and the call. quantization/sparse_method.py serves pruned linears with it.
 """
 from __future__ import annotations
 
@@ -30,8 +26,16 @@ def lib(isa: str | None = None):
     run here."""
     L = load_library(_SRC, _SIGNATURES, isa)
     if L is not None:
-        L.bitmask_gemv_max_rows.argtypes, L.bitmask_gemv_max_rows.restype = [], _I
+        for name in ("bitmask_gemv_max_rows", "bitmask_gemv_bf16_columns"):
+            getattr(L, name).argtypes, getattr(L, name).restype = [], _I
     return L
+
+
+def bf16_columns_per_expand(isa: str | None = None) -> int:
+    """Columns one expand of bf16 values covers in the kernel (32 with AVX-512 VBMI2, 8 on
+    AVX2; 0 without the library)."""
+    L = lib(isa)
+    return int(L.bitmask_gemv_bf16_columns()) if L is not None else 0
 
 
 @dataclass

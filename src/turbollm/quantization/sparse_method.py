@@ -10,7 +10,8 @@ buys).
 
 Which layers (ModelConfig.sparsity): `auto` installs it on every dense linear with at least
 MIN_ZEROS of its weights zero when the checkpoint is stored sparse and unstructured
-(compressed-tensors sparse-bitmask; see AUTO_STRUCTURES for why not 2:4), `bitmask` does the
+(compressed-tensors sparse-bitmask; 2:4 too where the kernel expands 32 columns at a time,
+see auto_structures), `bitmask` does the
 same for any checkpoint (e.g. one pruned and saved dense, or 2:4), `none` never.
 """
 from __future__ import annotations
@@ -29,11 +30,16 @@ from turbollm.quantization.registry import register
 
 # Below this share of zeros the kept values plus the mask read more than a bf16 row would save
 MIN_ZEROS = 0.3
-# Stored sparsity structures `auto` serves through the kernel: measured on a Sapphire Rapids VM
-# (2 threads, bundled model pruned by magnitude, bf16), batch-1 decode at 1.15x the dense bf16
-# weights for 50% unstructured but 0.79x for 2:4, whose every mask byte holds values (the
-# kernel's cost is per mask byte): 2:4 / N:M checkpoints stay dense unless `bitmask` is asked.
-AUTO_STRUCTURES = ("unstructured",)
+# Stored sparsity structures `auto` serves through the kernel. The 8-column kernel (AVX2) pays
+# per mask byte, and every byte of a 2:4 weight holds values: measured on a Sapphire Rapids VM
+# (2 threads, bundled model pruned by magnitude, bf16, session 18) batch-1 decode at 1.15x the
+# dense bf16 weights for 50% unstructured but 0.79x for 2:4, so there N:M checkpoints stay
+# dense unless `bitmask` is asked. The 32-column kernel (AVX-512 VBMI2) costs the same per 32
+# columns whatever the pattern, and serves both (session 19: docs/compression.md).
+def auto_structures() -> tuple[str, ...]:
+    if sparse.bf16_columns_per_expand() >= 32:
+        return ("unstructured", "2:4")
+    return ("unstructured",)
 
 
 @register
@@ -95,10 +101,10 @@ def install_sparse(model: torch.nn.Module, mode: str, stored_sparse: bool,
     returns how many. lm_head stays dense (pruning leaves it whole)."""
     if mode not in SPARSITY_MODES:
         raise ValueError(f"sparsity must be one of {SPARSITY_MODES}, got {mode!r}")
-    if mode == "auto" and structure not in AUTO_STRUCTURES:
-        return 0  # measured slower than the dense weights: dense is the default there
     if mode == "none" or (mode == "auto" and not stored_sparse) or sparse.lib() is None:
         return 0
+    if mode == "auto" and structure not in auto_structures():
+        return 0  # measured slower than the dense weights: dense is the default there
     n = 0
     for name, layer in model.named_modules():
         if (not isinstance(layer, LinearBase) or name.endswith("lm_head")
