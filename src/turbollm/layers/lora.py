@@ -34,10 +34,11 @@ from turbollm.layers import lora_triton, native_ops
 _C_KINDS = {torch.float32: ("lora_rows_f32", "LORA_KIND_F32"),
             torch.bfloat16: ("lora_rows_bf16", "LORA_KIND_BF16")}
 
-# Rows up to which the C row kernel adds the LoRA term (one thread, row by row); more rows go
-# to torch's multi-threaded matmuls per adapter group. Not measured yet: a guess that a few
-# rows are dominated by torch's per-op cost and many rows by arithmetic.
-MAX_C_ROWS = 8
+# Rows up to which the C kernel adds the LoRA term (all rows in one threaded call: decode
+# batches, short prompt chunks); more rows (prefill) go to torch's matmuls per adapter group,
+# where the arithmetic outweighs torch's per-op cost. 64: the most rows the native decode step
+# takes.
+MAX_C_ROWS = 64
 
 
 @dataclass
@@ -190,7 +191,7 @@ class LinearLoRA:
 
     def add_rows(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """add_to for the native decoder's buffers (x [T, in], y [T, out] fp32 CPU views, rows
-        contiguous): one C call (layers/csrc/cpu_ops.c lora_rows_f32) row by row, where it
+        contiguous): one C call (layers/csrc/cpu_ops.c lora_rows_f32) for all rows, where it
         serves (up to MAX_C_ROWS rows); else add_to. A decode step has ~120 of these: torch's
         ~6 ops each cost more than the arithmetic of a few rows."""
         step = self.context.step

@@ -211,9 +211,10 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 // output rows are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots, out,
 // R] contiguous, fp32 or bf16 (FTYPE, widened by LOAD8); x rows contiguous ([T, in]); y rows
 // `ystride` apart. in % 8 == 0.
-// Memory-bound (each row reads its slot's factors once), so both phases are split over the
-// threads: the shrink by blocks of A's rows, the expand by output rows. One parallel region per
-// row; its loops meet at the implicit barriers after the shrink.
+// Both phases are split over the threads in one parallel region for all T rows: the shrink by
+// (row, block of four A rows), the expand by output rows, each output row walking every row t
+// with an adapter. (One region per row, as before, cost ~13000 regions a step at 64 decode rows:
+// more than the arithmetic.) The factors of the few adapters in a step stay in cache across rows.
 static inline float bf16_to_f32(uint16_t v) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
     return c.f;
@@ -224,54 +225,59 @@ static inline float f32_to_f32(float v) { return v; }
     void NAME(const float *x, int64_t T, int64_t in, const int64_t *slot, const FTYPE *A,          \
               const FTYPE *B, int64_t R, int64_t K, const int64_t *spans, float *y,                 \
               int64_t ystride, int64_t out) {                                                       \
-        float small[512]; /* the shrunk row (K R values); on the heap past 512 */                   \
-        float *u = K * R <= 512 ? small : (float *)malloc(K * R * sizeof(float));                   \
         const int64_t KR = K * R, nquads = KR / 4;                                                  \
-        for (int64_t t = 0; t < T; t++) {                                                           \
-            const int64_t s = slot[t];                                                              \
-            if (s < 0) continue;                                                                    \
-            const float *xt = x + t * in;                                                           \
-            const FTYPE *As = A + s * KR * in, *Bs = B + s * out * R;                               \
-            float *yt = y + t * ystride;                                                            \
-            _Pragma("omp parallel")                                                                 \
-            {                                                                                       \
-                /* four rows of A at a time: four FMA chains, each x load used four times */        \
-                _Pragma("omp for schedule(static)")                                                 \
-                for (int64_t qd = 0; qd < nquads; qd++) {                                           \
-                    const int64_t i = qd * 4;                                                       \
-                    const FTYPE *a0 = As + i * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;     \
-                    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                     \
-                    for (int64_t k = 0; k < in; k += 8) {                                           \
-                        const __m256 xv = _mm256_loadu_ps(xt + k);                                  \
-                        c0 = _mm256_fmadd_ps(LOAD8(a0 + k), xv, c0);                                \
-                        c1 = _mm256_fmadd_ps(LOAD8(a1 + k), xv, c1);                                \
-                        c2 = _mm256_fmadd_ps(LOAD8(a2 + k), xv, c2);                                \
-                        c3 = _mm256_fmadd_ps(LOAD8(a3 + k), xv, c3);                                \
-                    }                                                                               \
-                    u[i] = hsum256(c0), u[i + 1] = hsum256(c1), u[i + 2] = hsum256(c2);             \
-                    u[i + 3] = hsum256(c3);                                                         \
+        float small[1024]; /* the shrunk rows (T K R values); on the heap past 1024 */              \
+        float *u = T * KR <= 1024 ? small : (float *)malloc(T * KR * sizeof(float));                \
+        _Pragma("omp parallel")                                                                     \
+        {                                                                                           \
+            /* four rows of A at a time: four FMA chains, each x load used four times */            \
+            _Pragma("omp for schedule(static)")                                                     \
+            for (int64_t item = 0; item < T * nquads; item++) {                                     \
+                const int64_t t = item / nquads, i = (item % nquads) * 4, s = slot[t];              \
+                if (s < 0) continue;                                                                \
+                const float *xt = x + t * in;                                                       \
+                const FTYPE *a0 = A + (s * KR + i) * in, *a1 = a0 + in, *a2 = a1 + in;              \
+                const FTYPE *a3 = a2 + in;                                                          \
+                __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                         \
+                for (int64_t k = 0; k < in; k += 8) {                                               \
+                    const __m256 xv = _mm256_loadu_ps(xt + k);                                      \
+                    c0 = _mm256_fmadd_ps(LOAD8(a0 + k), xv, c0);                                    \
+                    c1 = _mm256_fmadd_ps(LOAD8(a1 + k), xv, c1);                                    \
+                    c2 = _mm256_fmadd_ps(LOAD8(a2 + k), xv, c2);                                    \
+                    c3 = _mm256_fmadd_ps(LOAD8(a3 + k), xv, c3);                                    \
                 }                                                                                   \
-                _Pragma("omp single")                                                               \
+                float *ut = u + t * KR + i;                                                         \
+                ut[0] = hsum256(c0), ut[1] = hsum256(c1), ut[2] = hsum256(c2);                      \
+                ut[3] = hsum256(c3);                                                                \
+            }                                                                                       \
+            _Pragma("omp for schedule(static)")                                                     \
+            for (int64_t t = 0; t < T; t++) { /* KR % 4 rows of A (KR is a multiple of 4 when */    \
+                const int64_t s = slot[t];     /* R is: never at the ranks PEFT uses) */            \
+                if (s < 0) continue;                                                                \
                 for (int64_t i = nquads * 4; i < KR; i++) {                                         \
-                    const FTYPE *a = As + i * in;                                                   \
+                    const FTYPE *a = A + (s * KR + i) * in;                                         \
                     __m256 acc = _mm256_setzero_ps();                                               \
                     for (int64_t k = 0; k < in; k += 8)                                             \
-                        acc = _mm256_fmadd_ps(LOAD8(a + k), _mm256_loadu_ps(xt + k), acc);          \
-                    u[i] = hsum256(acc);                                                            \
+                        acc = _mm256_fmadd_ps(LOAD8(a + k), _mm256_loadu_ps(x + t * in + k), acc);  \
+                    u[t * KR + i] = hsum256(acc);                                                   \
                 }                                                                                   \
-                for (int64_t j = 0; j < K; j++) {                                                   \
-                    const float *uj = u + j * R;                                                    \
-                    const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];          \
-                    _Pragma("omp for schedule(static) nowait")                                      \
-                    for (int64_t o = o0; o < o1; o++) {                                             \
-                        const FTYPE *b = Bs + o * R;                                                \
+            }                                                                                       \
+            for (int64_t j = 0; j < K; j++) {                                                       \
+                const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];              \
+                _Pragma("omp for schedule(static) nowait")                                          \
+                for (int64_t o = o0; o < o1; o++) {                                                 \
+                    for (int64_t t = 0; t < T; t++) {                                               \
+                        const int64_t s = slot[t];                                                  \
+                        if (s < 0) continue;                                                        \
+                        const FTYPE *b = B + (s * out + o) * R;                                     \
+                        const float *uj = u + t * KR + j * R;                                       \
                         __m256 acc = _mm256_setzero_ps();                                           \
                         int64_t r = 0;                                                              \
                         for (; r + 8 <= R; r += 8)                                                  \
                             acc = _mm256_fmadd_ps(LOAD8(b + r), _mm256_loadu_ps(uj + r), acc);      \
                         float sum = hsum256(acc);                                                   \
                         for (; r < R; r++) sum += TO_F32(b[r]) * uj[r];                             \
-                        yt[o] += sum;                                                               \
+                        y[t * ystride + o] += sum;                                                  \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \
