@@ -225,19 +225,29 @@ static inline float f32_to_f32(float v) { return v; }
     void NAME(const float *x, int64_t T, int64_t in, const int64_t *slot, const FTYPE *A,          \
               const FTYPE *B, int64_t R, int64_t K, const int64_t *spans, float *y,                 \
               int64_t ystride, int64_t out) {                                                       \
-        const int64_t KR = K * R, nquads = KR / 4;                                                  \
+        const int64_t KR = K * R, nblocks = (KR + 3) / 4;                                          \
         float small[1024]; /* the shrunk rows (T K R values); on the heap past 1024 */              \
         float *u = T * KR <= 1024 ? small : (float *)malloc(T * KR * sizeof(float));                \
         _Pragma("omp parallel")                                                                     \
         {                                                                                           \
             /* four rows of A at a time: four FMA chains, each x load used four times */            \
             _Pragma("omp for schedule(static)")                                                     \
-            for (int64_t item = 0; item < T * nquads; item++) {                                     \
-                const int64_t t = item / nquads, i = (item % nquads) * 4, s = slot[t];              \
+            for (int64_t item = 0; item < T * nblocks; item++) {                                    \
+                const int64_t t = item / nblocks, i = (item % nblocks) * 4, s = slot[t];            \
                 if (s < 0) continue;                                                                \
                 const float *xt = x + t * in;                                                       \
-                const FTYPE *a0 = A + (s * KR + i) * in, *a1 = a0 + in, *a2 = a1 + in;              \
-                const FTYPE *a3 = a2 + in;                                                          \
+                const FTYPE *a0 = A + (s * KR + i) * in;                                            \
+                float *ut = u + t * KR + i;                                                         \
+                if (i + 4 > KR) { /* the last KR % 4 rows of A, one at a time */                    \
+                    for (int64_t r = 0; r < KR - i; r++) {                                          \
+                        __m256 acc = _mm256_setzero_ps();                                           \
+                        for (int64_t k = 0; k < in; k += 8)                                         \
+                            acc = _mm256_fmadd_ps(LOAD8(a0 + r * in + k), _mm256_loadu_ps(xt + k), acc); \
+                        ut[r] = hsum256(acc);                                                       \
+                    }                                                                               \
+                    continue;                                                                       \
+                }                                                                                   \
+                const FTYPE *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;                            \
                 __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                         \
                 for (int64_t k = 0; k < in; k += 8) {                                               \
                     const __m256 xv = _mm256_loadu_ps(xt + k);                                      \
@@ -246,21 +256,8 @@ static inline float f32_to_f32(float v) { return v; }
                     c2 = _mm256_fmadd_ps(LOAD8(a2 + k), xv, c2);                                    \
                     c3 = _mm256_fmadd_ps(LOAD8(a3 + k), xv, c3);                                    \
                 }                                                                                   \
-                float *ut = u + t * KR + i;                                                         \
                 ut[0] = hsum256(c0), ut[1] = hsum256(c1), ut[2] = hsum256(c2);                      \
                 ut[3] = hsum256(c3);                                                                \
-            }                                                                                       \
-            _Pragma("omp for schedule(static)")                                                     \
-            for (int64_t t = 0; t < T; t++) { /* KR % 4 rows of A (KR is a multiple of 4 when */    \
-                const int64_t s = slot[t];     /* R is: never at the ranks PEFT uses) */            \
-                if (s < 0) continue;                                                                \
-                for (int64_t i = nquads * 4; i < KR; i++) {                                         \
-                    const FTYPE *a = A + (s * KR + i) * in;                                         \
-                    __m256 acc = _mm256_setzero_ps();                                               \
-                    for (int64_t k = 0; k < in; k += 8)                                             \
-                        acc = _mm256_fmadd_ps(LOAD8(a + k), _mm256_loadu_ps(x + t * in + k), acc);  \
-                    u[t * KR + i] = hsum256(acc);                                                   \
-                }                                                                                   \
             }                                                                                       \
             for (int64_t j = 0; j < K; j++) {                                                       \
                 const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];              \
