@@ -4,8 +4,10 @@
 
 Prunes the bundled SmolLM2-135M with magnitude scores (speed depends on how many weights are
 zero, not on which: magnitude needs no calibration), 50% unstructured and 2:4, stored bf16 in
-the compressed-tensors layout. Each model is then served twice, `--sparsity auto` (the bitmask
-kernel at decode) and `--sparsity none` (dense bf16 weights), alternating request by request.
+the compressed-tensors layout, and width 25% (a smaller dense model). Each sparse model is
+served twice, `--sparsity auto` (the bitmask kernel at decode) and `--sparsity none` (dense bf16
+weights), alternating request by request; the width-pruned one against the 50% model's weights
+served dense (the dense model's shapes, bf16).
 """
 from __future__ import annotations
 
@@ -18,6 +20,15 @@ from turbollm.bench.measure import decode_tok_s
 from turbollm.cli import main as cli
 
 
+def _pruned(out: Path, name: str, how: list[str]) -> Path:
+    """The bundled model pruned by magnitude as `how` says, bf16, made once under `out`."""
+    d = out / name.replace(" ", "_").replace(":", "of").replace("%", "")
+    if not (d / "config.json").is_file():
+        assert cli(["prune", "smollm2-135m", "--method", "magnitude", *how,
+                    "--dtype", "bfloat16", "--out", str(d)]) == 0
+    return d
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--threads", type=int, default=2)
@@ -28,24 +39,26 @@ def main() -> int:
     out = Path(args.out)
     prompt = list(range(1000, 1032))
     results = {}
-    for name, how in (("unstructured 50%", ["--sparsity", "0.5"]), ("2:4", ["--pattern", "2:4"])):
-        d = out / name.replace(" ", "_").replace(":", "of").replace("%", "")
-        if not (d / "config.json").is_file():
-            assert cli(["prune", "smollm2-135m", "--method", "magnitude", *how,
-                        "--dtype", "bfloat16", "--out", str(d)]) == 0
-        sparse = LLM(str(d), num_threads=args.threads, kv_cache_memory="64MiB")
-        dense = LLM(str(d), num_threads=args.threads, kv_cache_memory="64MiB", sparsity="none")
-        rates = {"sparse": [], "dense": []}
+    # (row, prune arguments); the width row's baseline is the 50% model's weights served dense,
+    # i.e. the dense model's shapes in bf16
+    rows = (("unstructured 50%", ["--sparsity", "0.5"]), ("2:4", ["--pattern", "2:4"]),
+            ("width 25%", ["--structured", "width=0.25"]))
+    for name, how in rows:
+        d = _pruned(out, name, how)
+        base = d if name != "width 25%" else _pruned(out, "unstructured 50%", rows[0][1])
+        pruned = LLM(str(d), num_threads=args.threads, kv_cache_memory="64MiB")
+        dense = LLM(str(base), num_threads=args.threads, kv_cache_memory="64MiB", sparsity="none")
+        rates = {"pruned": [], "dense": []}
         for r in range(args.rounds):
-            order = (("sparse", sparse), ("dense", dense)) if r % 2 == 0 else \
-                (("dense", dense), ("sparse", sparse))
+            order = (("pruned", pruned), ("dense", dense)) if r % 2 == 0 else \
+                (("dense", dense), ("pruned", pruned))
             for key, llm in order:
                 rates[key].append(decode_tok_s(llm, prompt, args.tokens))
         best = {k: max(v) for k, v in rates.items()}
-        results[name] = {"sparse_tok_s": rates["sparse"], "dense_tok_s": rates["dense"],
-                         "ratio_best": best["sparse"] / best["dense"]}
-        print(name, json.dumps(results[name]))
-        del sparse, dense
+        results[name] = {"pruned_tok_s": rates["pruned"], "dense_tok_s": rates["dense"],
+                         "ratio_best": best["pruned"] / best["dense"]}
+        print(name, json.dumps(results[name]), flush=True)
+        del pruned, dense
     print(json.dumps(results, indent=2))
     return 0
 

@@ -86,7 +86,7 @@ def test_grow_keeps_slots_and_fits_larger_rank():
     with torch.inference_mode():
         before = layer(x)
         lora.grow(16)
-        assert lora.rank == 16 and lora.A.shape == (2, 48, IN) and lora.B.shape == (2, 128, 16)
+        assert lora.rank == 16 and lora.A.shape == (2, 48, IN) and lora.B.shape == (2, 16, 128)
         torch.testing.assert_close(layer(x), before, rtol=1e-6, atol=1e-6)
         a16, b16 = _factors(layer, "v", 16, 2)
         lora.set_shard(0, "v", a16, b16)  # rank 16 now fits; the other slot is untouched

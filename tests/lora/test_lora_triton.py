@@ -21,7 +21,7 @@ def test_matches_the_per_row_reference(T, K, spans, R, dtype):
     torch.manual_seed(0)
     N, S = sum(n for _, n in spans), 3
     A = torch.randn(S, len(spans) * R, K) * 0.1
-    B = torch.randn(S, N, R) * 0.1
+    B = torch.randn(S, R, N) * 0.1  # [slots, R, out], as LinearLoRA keeps it
     x = torch.randn(T, K).to(dtype)
     y = torch.randn(T, N).to(dtype)
     slots = torch.tensor([2, -1, 0, 2, 1, -1, 0][:T])
@@ -31,7 +31,7 @@ def test_matches_the_per_row_reference(T, K, spans, R, dtype):
             continue
         shrunk = A[slot] @ x[t].float()
         for j, (off, n) in enumerate(spans):
-            want[t, off:off + n] += B[slot, off:off + n] @ shrunk[j * R:(j + 1) * R]
+            want[t, off:off + n] += shrunk[j * R:(j + 1) * R] @ B[slot, :, off:off + n]
     dev = lambda t: t.to(DEVICE)  # noqa: E731
     got = lora_triton.lora_add(dev(x), dev(y), dev(A), dev(B), dev(slots),
                                lora_triton.output_shards(spans, N, DEVICE), R)

@@ -23,7 +23,7 @@ enum {
 };
 
 // A projection's LoRA slots (layers/lora.py LinearLoRA), LORA_WORDS words: A [slots, K R, in]
-// and B [slots, out, R] (fp32, or bf16 when LORA_KIND is LORA_KIND_BF16), the slot rank R, the
+// and B [slots, R, out] (fp32, or bf16 when LORA_KIND is LORA_KIND_BF16), the slot rank R, the
 // shard count K, the address of the shards' (first output row, rows) pairs, in and out. Added
 // after the projection for rows whose slot (the step's S_LORA_SLOTS, -1 for none) is >= 0:
 // cpu_ops.c lora_rows_f32 / lora_rows_bf16.

@@ -5,7 +5,8 @@ after the quant method's output, so every base weight type takes adapters: dense
 GGUF, fp8). It keeps, for `num_slots` adapters at once, the low-rank factors stacked:
 
     A: [slots, shards * R, in]    each fused shard's A in its own R rows (q | k | v, gate | up)
-    B: [slots, out, R]            each shard's B in its own output rows, scaling folded in
+    B: [slots, R, out]            each shard's B (transposed) in its own output columns, scaling
+                                  folded in: the expand walks output columns in vectors
 
 R is the slot rank: adapters of a smaller rank are zero-padded (exact: padded rows of A meet
 padded columns of B), and a larger adapter grows every slot (`grow`). A shard an adapter does
@@ -128,7 +129,7 @@ class LinearLoRA:
         with torch.inference_mode():
             self.A = torch.zeros(num_slots, k * rank, self.in_features, dtype=dtype,
                                  device=device)
-            self.B = torch.zeros(num_slots, self.out_features, rank, dtype=dtype, device=device)
+            self.B = torch.zeros(num_slots, rank, self.out_features, dtype=dtype, device=device)
         self._describe()
 
     def _describe(self) -> None:
@@ -159,7 +160,7 @@ class LinearLoRA:
         j = self.shard_index(shard_id)
         R, (off, rows) = self.rank, self.spans[j]
         self.A[slot, j * R:(j + 1) * R].zero_()
-        self.B[slot, off:off + rows].zero_()
+        self.B[slot, :, off:off + rows].zero_()
         if a is None:
             return
         r = a.shape[0]
@@ -167,7 +168,7 @@ class LinearLoRA:
             raise ValueError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a "
                              f"slot of rank {R} for a {rows} x {self.in_features} shard")
         self.A[slot, j * R:j * R + r] = a.to(self.A.dtype)
-        self.B[slot, off:off + rows, :r] = b.to(self.B.dtype)
+        self.B[slot, :r, off:off + rows] = b.T.to(self.B.dtype)
 
     @torch.inference_mode()  # slots are inference tensors: change them only there
     def clear_slot(self, slot: int) -> None:
@@ -182,10 +183,10 @@ class LinearLoRA:
             return
         k = len(self.shard_ids)
         A = self.A.new_zeros(self.num_slots, k * rank, self.in_features)
-        B = self.B.new_zeros(self.num_slots, self.out_features, rank)
+        B = self.B.new_zeros(self.num_slots, rank, self.out_features)
         for j in range(k):
             A[:, j * rank:j * rank + R] = self.A[:, j * R:(j + 1) * R]
-        B[:, :, :R] = self.B
+        B[:, :R] = self.B
         self.A, self.B, self.rank = A, B, rank
         self._describe()
 
@@ -235,14 +236,13 @@ class LinearLoRA:
                 shrunk = x2[rows] @ a.T  # [n, shards * R]
                 ys = y2[rows]
                 for j, (off, n) in enumerate(self.spans):
-                    ys[:, off:off + n].addmm_(shrunk[:, j * R:(j + 1) * R],
-                                              b[off:off + n].T)
+                    ys[:, off:off + n].addmm_(shrunk[:, j * R:(j + 1) * R], b[:, off:off + n])
                 continue
             shrunk = x2.index_select(0, rows) @ a.T
             if len(self.spans) == 1:
-                delta = shrunk @ b.T  # [n, out]
+                delta = shrunk @ b  # [n, out]
             else:
-                delta = torch.cat([shrunk[:, j * R:(j + 1) * R] @ b[off:off + n].T
+                delta = torch.cat([shrunk[:, j * R:(j + 1) * R] @ b[:, off:off + n]
                                    for j, (off, n) in enumerate(self.spans)], dim=1)
             y2.index_add_(0, rows, delta)
         return y

@@ -2,7 +2,7 @@
 its own adapter slot (the bgmv form of Punica/S-LoRA), for any mix of adapters and base rows.
 
     shrink:  s[t, :]  = A[slot[t]] @ x[t]                  ([shards * R] per row)
-    expand:  y[t, n] += B[slot[t], n, :] . s[t, shard(n) * R : shard(n) * R + R]
+    expand:  y[t, n] += B[slot[t], :, n] . s[t, shard(n) * R : shard(n) * R + R]
 
 Rows with slot -1 (the base model) are skipped. On the GPU two launches replace the torch
 path's two to four ops per adapter group; the factors are read once per row, which is what a
@@ -47,7 +47,7 @@ if triton is not None:
 
     @triton.jit
     def _expand(s_ptr, b_ptr, slots_ptr, shard_ptr, y_ptr, N, R, stride_s, stride_bs,
-                stride_bn, stride_y, BN: tl.constexpr, BR: tl.constexpr):
+                stride_br, stride_y, BN: tl.constexpr, BR: tl.constexpr):
         row = tl.program_id(0)
         slot = tl.load(slots_ptr + row)
         if slot >= 0:
@@ -56,7 +56,7 @@ if triton is not None:
             shard = tl.load(shard_ptr + n, mask=n < N, other=0)
             s = tl.load(s_ptr + row * stride_s + shard[:, None] * R + r[None, :],
                         mask=(n[:, None] < N) & (r[None, :] < R), other=0.0)
-            b = tl.load(b_ptr + slot * stride_bs + n[:, None] * stride_bn + r[None, :],
+            b = tl.load(b_ptr + slot * stride_bs + n[:, None] + r[None, :] * stride_br,
                         mask=(n[:, None] < N) & (r[None, :] < R), other=0.0)
             delta = tl.sum(s * b.to(tl.float32), axis=1)
             y = tl.load(y_ptr + row * stride_y + n, mask=n < N, other=0.0)
@@ -75,7 +75,7 @@ def output_shards(spans: list[tuple[int, int]], out_features: int, device) -> to
 def lora_add(x: torch.Tensor, y: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
              slots: torch.Tensor, shard_of_col: torch.Tensor, rank: int) -> torch.Tensor:
     """y [T, out] += each row's adapter term (x [T, in]; A [slots, shards * R, in]; B [slots,
-    out, R]; slots int [T], -1 = none); in place, returns y."""
+    R, out]; slots int [T], -1 = none); in place, returns y."""
     T, K = x.shape
     KR, N = A.shape[1], y.shape[1]
     x, y = x.contiguous(), y

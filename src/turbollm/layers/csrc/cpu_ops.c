@@ -207,10 +207,10 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 
 // ---- LoRA's low-rank term for decode-sized steps (layers/lora.py LinearLoRA.add_rows) ----
 // For each row t whose slot s = slot[t] is >= 0: shrink u = A[s] x[t] (K shards x R values),
-// then expand y[t, off_j + o] += B[s, off_j + o, :] . u[j R .. j R + R) for each shard j, whose
-// output rows are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots, out,
-// R] contiguous, fp32 or bf16 (FTYPE, widened by LOAD8); x rows contiguous ([T, in]); y rows
-// `ystride` apart. in % 8 == 0.
+// then expand y[t, off_j + o] += B[s, :, off_j + o] . u[j R .. j R + R) for each shard j, whose
+// output columns are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots,
+// R, out] contiguous, fp32 or bf16 (FTYPE, widened by LOAD8); x rows contiguous ([T, in]); y
+// rows `ystride` apart. in % 8 == 0.
 // Both phases are split over the threads in one parallel region for all T rows: the shrink by
 // (row, block of four A rows), the expand by output rows, each output row walking every row t
 // with an adapter. (One region per row, as before, cost ~13000 regions a step at 64 decode rows:
@@ -259,22 +259,38 @@ static inline float f32_to_f32(float v) { return v; }
                 ut[0] = hsum256(c0), ut[1] = hsum256(c1), ut[2] = hsum256(c2);                      \
                 ut[3] = hsum256(c3);                                                                \
             }                                                                                       \
+            /* the expand: eight output columns of one shard at a time, every row's R terms */     \
+            /* as broadcast FMAs over B's rows (a row of B [R, out] holds all columns' factor r) */  \
             for (int64_t j = 0; j < K; j++) {                                                       \
-                const int64_t o0 = spans[2 * j], o1 = spans[2 * j] + spans[2 * j + 1];              \
+                const int64_t o0 = spans[2 * j], n = spans[2 * j + 1];                              \
                 _Pragma("omp for schedule(static) nowait")                                          \
-                for (int64_t o = o0; o < o1; o++) {                                                 \
+                for (int64_t ob = 0; ob < (n + 7) / 8; ob++) {                                      \
+                    const int64_t o = o0 + 8 * ob;                                                  \
                     for (int64_t t = 0; t < T; t++) {                                               \
                         const int64_t s = slot[t];                                                  \
                         if (s < 0) continue;                                                        \
-                        const FTYPE *b = B + (s * out + o) * R;                                     \
+                        const FTYPE *b = B + s * R * out + o;                                       \
                         const float *uj = u + t * KR + j * R;                                       \
-                        __m256 acc = _mm256_setzero_ps();                                           \
+                        float *yt = y + t * ystride + o;                                            \
+                        if (8 * ob + 8 > n) { /* the shard's last n % 8 columns */                  \
+                            for (int64_t c = 0; c < n - 8 * ob; c++) {                              \
+                                float sum = 0.0f;                                                   \
+                                for (int64_t r = 0; r < R; r++)                                     \
+                                    sum += TO_F32(b[r * out + c]) * uj[r];                          \
+                                yt[c] += sum;                                                       \
+                            }                                                                       \
+                            continue;                                                               \
+                        }                                                                           \
+                        __m256 acc = _mm256_loadu_ps(yt), acc2 = _mm256_setzero_ps();               \
                         int64_t r = 0;                                                              \
-                        for (; r + 8 <= R; r += 8)                                                  \
-                            acc = _mm256_fmadd_ps(LOAD8(b + r), _mm256_loadu_ps(uj + r), acc);      \
-                        float sum = hsum256(acc);                                                   \
-                        for (; r < R; r++) sum += TO_F32(b[r]) * uj[r];                             \
-                        y[t * ystride + o] += sum;                                                  \
+                        for (; r + 2 <= R; r += 2) {                                                \
+                            acc = _mm256_fmadd_ps(LOAD8(b + r * out), _mm256_set1_ps(uj[r]), acc);  \
+                            acc2 = _mm256_fmadd_ps(LOAD8(b + (r + 1) * out),                        \
+                                                   _mm256_set1_ps(uj[r + 1]), acc2);                \
+                        }                                                                           \
+                        if (r < R)                                                                  \
+                            acc = _mm256_fmadd_ps(LOAD8(b + r * out), _mm256_set1_ps(uj[r]), acc);  \
+                        _mm256_storeu_ps(yt, _mm256_add_ps(acc, acc2));                             \
                     }                                                                               \
                 }                                                                                   \
             }                                                                                       \
