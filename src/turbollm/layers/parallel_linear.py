@@ -37,6 +37,13 @@ def checkpoint_slice(layer, shard_id=None) -> tuple[tuple[int, int] | None, tupl
     return None, None
 
 
+def reads_slices(weight_loader) -> bool:
+    """Whether a parameter's weight_loader reads only its rank's slice of a checkpoint tensor
+    (through `narrow` or row slicing), so that it may be handed a lazy one
+    (loader/lazy_tensor.py)."""
+    return isinstance(getattr(weight_loader, "__self__", None), _SLICING_LAYERS)
+
+
 def slice_checkpoint_rows(t: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
     """Rows [start, start + n) of t along dim 0, zero-padded past its end."""
     if rows is None:
@@ -135,3 +142,7 @@ class VocabParallelLMHead(ReplicatedLinear):
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
         # logits: [R, rows] per rank -> [R, vocab_size] (padding rows dropped)
         return self.group.all_gather_last(logits)[..., :self.vocab_size]
+
+
+_SLICING_LAYERS = (ColumnQKVLinear, ColumnMergedLinear, RowParallelLinear,
+                   VocabParallelEmbedding, VocabParallelLMHead)

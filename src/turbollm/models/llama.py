@@ -22,7 +22,7 @@ from turbollm.layers.layernorm import RMSNorm
 from turbollm.layers.linear import MergedLinear, QKVLinear, ReplicatedLinear
 from turbollm.layers.parallel_linear import (ColumnMergedLinear, ColumnQKVLinear,
                                              RowParallelLinear, VocabParallelEmbedding,
-                                             VocabParallelLMHead)
+                                             VocabParallelLMHead, reads_slices)
 from turbollm.layers.rotary import RotaryEmbedding
 from turbollm.model_arch import ModelArch
 from turbollm.models.native_decode import NativeDecoder
@@ -265,6 +265,8 @@ class LlamaForCausalLM(nn.Module):
             if param is None:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in the model")
             loader = getattr(param, "weight_loader", None)
+            if hasattr(tensor, "materialize") and not reads_slices(loader):
+                tensor = tensor.materialize()  # a lazy checkpoint tensor this layer needs whole
             if loader is not None:
                 loader(param, tensor.to(param.dtype), shard)
             else:

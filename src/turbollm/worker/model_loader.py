@@ -90,16 +90,19 @@ def multi_row_products_in_bf16(asked: str, isa: str | None, requested: str,
             and storage != torch.float32 and compute == torch.float32)
 
 
-def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype):
-    """(hf_name, tensor) pairs of a checkpoint, whatever its format."""
+def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype, lazy: bool = False):
+    """(hf_name, tensor) pairs of a checkpoint, whatever its format. lazy: safetensors tensors
+    come as LazyTensors (loader/lazy_tensor.py), read only as far as the model's loaders ask,
+    so that a tensor- or pipeline-parallel rank reads its own slices."""
     if source.kind == "gguf":
         from turbollm.loader.gguf import GGUFCheckpoint
         return GGUFCheckpoint(source.path).iter_tensors(dtype)
     from turbollm.loader.compressed_tensors import iter_compressed_tensors, sparsity_config
     if sparsity_config(source.path) is not None:  # compressed-tensors sparse: dense at load
         return iter_compressed_tensors(source.path, dtype)
+    from turbollm.loader.lazy_tensor import iter_safetensors_lazy
     from turbollm.loader.safetensors import iter_safetensors
-    return iter_safetensors(source.path, dtype)
+    return (iter_safetensors_lazy if lazy else iter_safetensors)(source.path, dtype)
 
 
 def load_tokenizer_for(source: ResolvedModel, tokenizer: str | None):
@@ -154,7 +157,7 @@ def load_model(cfg: ModelConfig, device: str, backend, parallel=None) -> LoadedM
     elif source.kind == "hf_dir" and (fcfg := fp8_checkpoint_config(source.path)) is not None:
         load_fp8_checkpoint(model, source.path, dtype, fcfg)  # AutoFP8 / vLLM "fp8" layout
     else:
-        model.load_weights(iter_checkpoint(source, dtype))
+        model.load_weights(iter_checkpoint(source, dtype, lazy=parallel is not None))
     _quantize_at_load(model, cfg, source)
     model.eval()
     tok = load_tokenizer_for(source, cfg.tokenizer)

@@ -1,0 +1,63 @@
+"""A checkpoint tensor read only as far as it is used: what a tensor- or pipeline-parallel rank
+loads through (worker/model_loader.py), so that it reads its slices and not the whole model.
+
+Each tensor-parallel layer's weight_loader narrows the checkpoint tensor it gets to the rank's
+rows or columns (layers/parallel_linear.py); given a LazyTensor, that narrow reads just those
+bytes from the safetensors file (safetensors' get_slice), and a pipeline stage reads nothing of
+another stage's tensors. Everything else calls `materialize` for the whole tensor.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from turbollm.loader.errors import CheckpointError
+from turbollm.loader.safetensors import cast_floats, safetensors_files
+
+
+class LazyTensor:
+    """One tensor of an open safetensors file (a get_slice handle), cast to `dtype` (floats
+    only) when read. `elements_read` counts what was read, for tests and logs."""
+
+    elements_read = 0  # over every LazyTensor of the process
+
+    def __init__(self, handle, dtype: torch.dtype | None):
+        self.handle, self.dtype = handle, dtype
+        self.shape = torch.Size(handle.get_shape())
+
+    def to(self, dtype: torch.dtype) -> "LazyTensor":
+        return LazyTensor(self.handle, dtype)
+
+    def _read(self, index) -> torch.Tensor:
+        t = self.handle[index]
+        LazyTensor.elements_read += t.numel()
+        return t if self.dtype is None else cast_floats(t, self.dtype)
+
+    def materialize(self) -> torch.Tensor:
+        return self._read(tuple(slice(None) for _ in self.shape))
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        index = [slice(None)] * len(self.shape)
+        index[dim] = slice(start, start + length)
+        return self._read(tuple(index))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Rows along dim 0 (a slice; past the end: fewer rows, as a tensor would give)."""
+        if not isinstance(rows, slice):
+            raise TypeError("LazyTensor reads row slices only")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.narrow(0, start, max(0, stop - start))
+
+
+def iter_safetensors_lazy(model_dir: Path, dtype: torch.dtype):
+    """(hf_name, LazyTensor) for every tensor of every shard: nothing is read until the
+    consumer asks; each must be read before the next is taken (its file closes after)."""
+    for file in safetensors_files(model_dir):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in list(f.keys()):
+                    yield name, LazyTensor(f.get_slice(name), dtype)
+        except SafetensorError as e:
+            raise CheckpointError(file, f"not a readable safetensors file ({e})") from None
