@@ -31,7 +31,7 @@ LAYERS = [
     {"structured_output"},  # grammar compiling and token bitmasks (xgrammar / llguidance)
     {"engine"},
     {"llm", "__init__"},
-    {"compress", "eval", "plan", "bench", "server", "cli"},  # tools
+    {"compress", "eval", "plan", "bench", "server", "cli", "serve"},  # tools
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

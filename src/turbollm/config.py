@@ -242,12 +242,16 @@ class LoRAConfig:
 
 
 PARALLEL_COMM = ("auto", "shm", "gloo")
+# who starts the ranks: the engine itself (spawned children on this host, executor/multiproc.py)
+# or torchrun, one process per rank on any number of hosts (executor/torchrun.py)
+LAUNCHERS = ("spawn", "torchrun")
 
 
 @dataclass
 class ParallelConfig:
     """Tensor and pipeline parallelism: the engine starts T x P worker processes on this host
-    (executor/multiproc.py; docs/distributed.md)."""
+    (executor/multiproc.py), or torchrun started them on one host or several
+    (executor/torchrun.py); docs/distributed.md."""
 
     tensor_parallel_size: int = field(default=1, metadata=_help(
         "split every layer's heads and MLP columns across this many worker processes",
@@ -269,6 +273,11 @@ class ParallelConfig:
     distributed_timeout_s: float = field(default=120.0, metadata=_help(
         "longest wait on another rank (a collective, a step's reply) before the engine "
         "declares it lost and stops every worker"))
+    # not a flag: `python -m turbollm.serve` (the torchrun entry point) sets it
+    launcher: str = field(default="spawn", metadata=_help(
+        "spawn = the engine starts its worker processes; torchrun = this process is rank 0 of "
+        "a torchrun launch and the other ranks run `python -m turbollm.serve` too",
+        choices=LAUNCHERS, cli=False))
 
     def __post_init__(self) -> None:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
@@ -283,6 +292,8 @@ class ParallelConfig:
         if self.parallel_comm not in PARALLEL_COMM:
             raise ValueError(f"parallel_comm must be one of {PARALLEL_COMM}, got "
                              f"{self.parallel_comm!r}")
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(f"launcher must be one of {LAUNCHERS}, got {self.launcher!r}")
         if self.distributed_timeout_s <= 0:
             raise ValueError(f"distributed_timeout_s must be > 0, got {self.distributed_timeout_s}")
 

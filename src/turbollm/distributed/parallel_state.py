@@ -156,15 +156,18 @@ class ParallelState:
         return t
 
 
-def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str, device: str,
-                  timeout_s: float, shm_names: list[str] | None) -> ParallelState:
+def init_parallel(rank: int, tp_size: int, pp_size: int, init_method: str | None,
+                  device: str, timeout_s: float, shm_names: list[str] | None) -> ParallelState:
     """Join the process group (gloo on CPU, NCCL on CUDA; `timeout_s` bounds every collective,
     so a lost rank is an error, not a hang) and build this rank's groups. Every rank creates
-    every stage's group, in the same order, as torch.distributed requires."""
+    every stage's group, in the same order, as torch.distributed requires. A process that
+    joined already (a torchrun rank, which needs the group before it knows the shared-memory
+    names) passes init_method=None."""
     world = tp_size * pp_size
-    backend = "nccl" if device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    if init_method is not None:
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
     pp_rank, tp_rank = divmod(rank, tp_size)
     state = ParallelState(rank, world, tp_rank, tp_size, pp_rank, pp_size)
     if tp_size > 1:

@@ -461,6 +461,8 @@ class AsyncLLMEngine:
                     timeout=None if not busy else _STALL_WAIT_S if idle_step else 0.0))
                 if self._stop:
                     break
+                if not busy:  # idle: a lost worker rank fails the engine now, not at the
+                    self.engine.check_health()  # next request (cheap; rate-limited inside)
                 if self.engine.has_unfinished_requests():
                     steps = self.engine.stats.steps + self.engine.stats.step_errors
                     outs = self.engine.step()

@@ -361,6 +361,11 @@ class LLMEngine:
                 f"the model fails on any input ({type(exc).__name__}: {exc}); the failed step: "
                 f"{type(step_exc).__name__}: {step_exc}") from exc
 
+    def check_health(self) -> None:
+        """Between steps: raise if the executor knows a worker rank is lost (a torchrun rank
+        pings its peers here when idle), so an idle server fails instead of waiting."""
+        self.executor.check_health()
+
     def shutdown(self) -> None:
         """Stop the executor's worker processes (tensor/pipeline parallelism; a no-op for one
         process). They also stop when the engine is collected or the interpreter exits."""

@@ -7,8 +7,8 @@ sends each plain-data StepBatch, pickled once, down every rank's pipe. With one 
 there is nothing to keep in step (no rank can schedule differently from another), and the
 engine itself never enters a collective, so it can always watch its workers: a rank that dies
 or stops answering is an error here within `distributed_timeout_s`, the others are stopped,
-and nothing hangs. (A multi-node torchrun launch would need rank 0 to broadcast the batch over
-the process group instead of pipes: not done yet, docs/distributed.md.)
+and nothing hangs. (A torchrun launch, one host or several, is executor/torchrun.py: there
+rank 0 broadcasts each call over the process group instead of pipes.)
 
 What comes back: the reply rank's (the last stage's first tensor-parallel rank) tokens or
 logits, every rank's KV block count (the engine takes the minimum), and per call the seconds
@@ -26,11 +26,9 @@ from multiprocessing.connection import wait
 import torch.multiprocessing as mp
 
 from turbollm.config import EngineConfig
-from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
-from turbollm.core.lora_request import LoRARequest
 from turbollm.distributed.shm_allreduce import create_segment, shm_supported
+from turbollm.executor.ranked import RankedExecutor, WorkerProcessError, check_replies
 from turbollm.executor.worker_main import run_worker
-from turbollm.worker.worker import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +40,6 @@ REPLY_GRACE_S = 15.0
 # same code on the same batch, so an error every rank meets arrives within this; a rank still
 # silent after it waits in a collective for the failed one, and would until its timeout
 ERROR_SKEW_S = 5.0
-
-
-class WorkerProcessError(RuntimeError):
-    """A worker process died, failed to start, or stopped answering; every worker is stopped."""
 
 
 def _free_port() -> int:
@@ -84,7 +78,7 @@ def _stop(procs, conns, segments) -> None:
     segments.clear()
 
 
-class MultiprocExecutor:
+class MultiprocExecutor(RankedExecutor):
     """UniProcExecutor's interface over T x P worker processes (see the module docstring)."""
 
     def __init__(self, config: EngineConfig):
@@ -95,8 +89,7 @@ class MultiprocExecutor:
         self.reply_rank = self.world - self.tp  # last stage, first tensor-parallel rank
         self.timeout_s = pc.distributed_timeout_s + REPLY_GRACE_S
         self.broken: str | None = None
-        self.comm = {"tp_comm_seconds": 0.0, "pp_wait_seconds": 0.0, "parallel_calls": 0}
-        self.last_comm = {"tp_comm_seconds": 0.0, "pp_wait_seconds": 0.0}
+        self._init_comm()
         device = config.device.resolved_device()
         self.segments = []
         use_shm = (pc.parallel_comm != "gloo" and self.tp > 1 and device == "cpu")
@@ -184,16 +177,14 @@ class MultiprocExecutor:
                         f"code {code} during {what!r}; all worker processes were stopped"
                         f"{hint}"))
         errors = [(r, rep) for r, rep in enumerate(replies) if rep[0] == "err"]
-        if errors:
-            r, rep = errors[0]
-            if what == "start":
-                raise self._fail(f"tensor/pipeline rank {r} failed to start: {rep[1]}")
-            if len(errors) < self.world or any(e[1][2] for e in errors):
-                # some ranks failed and others did not, or a collective timed out: the ranks
-                # may have left a collective half done, so none of them can be trusted
-                raise self._fail(f"tensor/pipeline rank {r} failed in {what!r} and the ranks "
-                                 f"are out of step: {rep[1]}")
-            raise RuntimeError(f"{rep[1]} (in every tensor/pipeline rank)")
+        if errors and what == "start":
+            raise self._fail(f"tensor/pipeline rank {errors[0][0]} failed to start: "
+                             f"{errors[0][1][1]}")
+        message, out_of_step = check_replies(replies, what, self.world)
+        if out_of_step:
+            raise self._fail(message)
+        if message is not None:
+            raise RuntimeError(message)
         return replies
 
     @staticmethod
@@ -212,62 +203,8 @@ class MultiprocExecutor:
                 self._collect(method, 1.0)  # reports the dead rank
                 raise self._fail(f"tensor/pipeline rank {r} is unreachable")
         replies = self._collect(method, self.timeout_s)
-        tp = max(rep[2][0] for rep in replies)
-        pp = max(rep[2][1] for rep in replies)
-        self.last_comm = {"tp_comm_seconds": tp, "pp_wait_seconds": pp}
-        self.comm["tp_comm_seconds"] += tp
-        self.comm["pp_wait_seconds"] += pp
-        self.comm["parallel_calls"] += 1
+        self._count_comm(replies)
         return [rep[1] for rep in replies]
-
-    def _reply(self, method: str, *args):
-        return self._call(method, *args)[self.reply_rank]
-
-    # ----- the executor interface -----
-    def model_info(self) -> ModelInfo:
-        info = self._reply("model_info")
-        info.system["parallel"] = f"tp={self.tp} pp={self.pp} ({self.comm_mode})"
-        return info
-
-    def num_kv_blocks(self) -> int:
-        # every rank replies (worker_main.ALL_RANKS_REPLY): the smallest cache bounds them all
-        return min(self._call("num_kv_blocks"))
-
-    def init_cache(self, num_blocks: int) -> float | None:
-        self._call("init_cache", num_blocks)
-        return None  # no draft model under parallelism (config refuses it)
-
-    def execute(self, batch: StepBatch) -> ModelRunnerOutput:
-        return self._reply("execute", batch)
-
-    def score_logits(self, token_ids: list[int], block_ids: list[int]):
-        return self._reply("score_logits", token_ids, block_ids)
-
-    def embed(self, token_ids: list[int], block_ids: list[int], pooling: str) -> list[float]:
-        return self._reply("embed", token_ids, block_ids, pooling)
-
-    def add_lora(self, req: LoRARequest) -> None:
-        raise ValueError("LoRA adapters are not supported with tensor/pipeline parallelism yet")
-
-    def remove_lora(self, lora_id: int) -> bool:
-        return False
-
-    def propose(self, work: list[DraftWork]) -> list[list[int]]:
-        raise RuntimeError("draft-model speculation is not supported with tensor/pipeline "
-                           "parallelism yet")
-
-    def linear_methods(self) -> list[dict[str, str]]:
-        """Each rank's {linear layer: QuantMethod name}, in rank order."""
-        return self._call("linear_methods")
-
-    def comm_stats(self) -> dict:
-        """Seconds in tensor-parallel collectives and pipeline receives since start (the
-        slowest rank's per call, summed), and the calls counted."""
-        return dict(self.comm)
-
-    def last_comm_stats(self) -> dict:
-        """The same seconds, for the last call alone (the engine sums them per step)."""
-        return dict(self.last_comm)
 
     def shutdown(self) -> None:
         self._finalizer()

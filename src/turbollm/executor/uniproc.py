@@ -50,13 +50,20 @@ class UniProcExecutor:
     def last_comm_stats(self) -> dict:
         return {}
 
+    def check_health(self) -> None:
+        """Nothing to watch in one process (see TorchrunExecutor.check_health)."""
+
     def shutdown(self) -> None:
         pass
 
 
 def make_executor(config: EngineConfig):
     """The executor for `config`: this process for one device, worker processes for tensor /
-    pipeline parallelism (executor/multiproc.py)."""
+    pipeline parallelism (executor/multiproc.py), or the ranks of a torchrun launch when this
+    process is its rank 0 (executor/torchrun.py)."""
+    if config.parallel.launcher == "torchrun":
+        from turbollm.executor.torchrun import TorchrunExecutor
+        return TorchrunExecutor(config)
     if config.parallel.world_size > 1:
         from turbollm.executor.multiproc import MultiprocExecutor
         return MultiprocExecutor(config)

@@ -37,6 +37,25 @@ def _snapshot(ps) -> tuple[float, float]:
     return c.tp_seconds, c.pp_seconds
 
 
+def answer(worker, ps, method: str, args: tuple) -> tuple:
+    """Run one engine call on this rank's Worker: ("ok", result, (tp seconds, pp seconds) in
+    collectives during it) or ("err", one-line message, whether it looks like a timeout).
+    "ping" touches nothing (the executor's health check). The result is sent only by the
+    reply rank (and, for ALL_RANKS_REPLY, by every rank): the others' would be the same."""
+    if method == "ping":
+        return ("ok", None, (0.0, 0.0))
+    before = _snapshot(ps)
+    try:
+        result = getattr(worker, method)(*args)
+        if not (ps.is_reply_rank or method in ALL_RANKS_REPLY):
+            result = None
+        after = _snapshot(ps)
+        return ("ok", result, (after[0] - before[0], after[1] - before[1]))
+    except Exception as exc:  # noqa: BLE001 - the engine decides what it means
+        timed_out = isinstance(exc, TimeoutError) or "timed out" in str(exc).lower()
+        return ("err", f"{type(exc).__name__}: {exc}", timed_out)
+
+
 def run_worker(rank: int, config, init_method: str, shm_names: list[str] | None, conn) -> None:
     """Entry point of a spawned worker process (see the module docstring)."""
     import torch
@@ -73,16 +92,7 @@ def run_worker(rank: int, config, init_method: str, shm_names: list[str] | None,
                 break  # the engine is gone
             if method == "shutdown":
                 break
-            before = _snapshot(ps)
-            try:
-                result = getattr(worker, method)(*args)
-                if not (ps.is_reply_rank or method in ALL_RANKS_REPLY):
-                    result = None
-                after = _snapshot(ps)
-                conn.send(("ok", result, (after[0] - before[0], after[1] - before[1])))
-            except Exception as exc:  # noqa: BLE001 - the engine decides what it means
-                timed_out = isinstance(exc, TimeoutError) or "timed out" in str(exc).lower()
-                conn.send(("err", f"{type(exc).__name__}: {exc}", timed_out))
+            conn.send(answer(worker, ps, method, args))
     finally:
         close_parallel(ps)
         os._exit(0)  # skip interpreter teardown: torch's threads and gloo can hang it

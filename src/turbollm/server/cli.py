@@ -13,21 +13,29 @@ log = logging.getLogger(__name__)
 API_KEY_ENV = "TURBOLLM_API_KEY"
 
 
+SERVE_DESCRIPTION = ("OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
+                     "/v1/models, TGI /generate, /health, /ready, /metrics).")
+
+
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     """Create the `serve` subcommand: engine flags plus server flags."""
-    from turbollm.cli_args import add_dataclass_args, add_engine_args
-    from turbollm.server.config import ServerConfig
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
-        description="OpenAI-compatible server (/v1/completions, /v1/chat/completions, "
-                    "/v1/models, TGI /generate, /health, /ready, /metrics).")
+        description=SERVE_DESCRIPTION)
+    add_serve_args(p)
+    p.set_defaults(func=run_serve)
+    return p
+
+
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `turbollm serve` (also `python -m turbollm.serve`, the torchrun entry)."""
+    from turbollm.cli_args import add_dataclass_args, add_engine_args
+    from turbollm.server.config import ServerConfig
     add_engine_args(p)
     add_dataclass_args(p, ServerConfig, "server")
     p.add_argument("--lora-modules", nargs="+", metavar="NAME=PATH", default=None,
                    help="LoRA adapters (PEFT directories) served by name: a request whose "
                         "model is NAME runs that adapter (turns on --enable-lora)")
-    p.set_defaults(func=run_serve)
-    return p
 
 
 def server_config_from_args(args: argparse.Namespace):
@@ -92,16 +100,23 @@ def _check_lora_modules(cfg, engine_config) -> None:
         engine_config.lora.enable_lora = True
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    """Load the model in the background, serve until SIGTERM; the exit code (0 clean, 1 broken)."""
+def serve_engine_config(args: argparse.Namespace):
+    """The EngineConfig of parsed serve flags (bad flags fail here, fast)."""
     from turbollm.cli_args import engine_kwargs
     from turbollm.config import EngineConfig
+    return EngineConfig.from_kwargs(**engine_kwargs(args))
+
+
+def run_serve(args: argparse.Namespace, launcher: str = "spawn") -> int:
+    """Load the model in the background, serve until SIGTERM; the exit code (0 clean, 1 broken).
+    launcher="torchrun": this process is rank 0 of a torchrun launch (turbollm/serve.py)."""
     from turbollm.engine.async_engine import AsyncLLMEngine
     from turbollm.server.app import build_app
     from turbollm.server.runner import make_server
 
     cfg = server_config_from_args(args)
-    engine_config = EngineConfig.from_kwargs(**engine_kwargs(args))  # bad flags fail here, fast
+    engine_config = serve_engine_config(args)
+    engine_config.parallel.launcher = launcher
     _check_model_files(engine_config)
     _check_lora_modules(cfg, engine_config)
     model_name = cfg.served_model_name or engine_config.model.model
