@@ -12,9 +12,10 @@ LLAMACPP   ?= llama-cpp-python==0.3.36
 # e.g. where llama.cpp's AMX matmul crashes (a Sapphire Rapids VM, session 15), its best build
 # without AMX: LLAMACPP_CMAKE="-DGGML_NATIVE=OFF -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON ..."
 LLAMACPP_CMAKE ?= -DGGML_NATIVE=ON
-# what llama-cpp-python's OpenAI server (`python -m llama_cpp.server`) imports beyond the engine:
-# its [server] extra, installed by name because the wheel itself is built --no-deps above
-LLAMACPP_SERVER_DEPS ?= "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4" \
+# what llama-cpp-python imports beyond our own dependencies, installed by name because the wheel
+# itself is built --no-deps above: diskcache (the engine's cache module, imported by `import
+# llama_cpp`) and its OpenAI server's [server] extra (`python -m llama_cpp.server`)
+LLAMACPP_SERVER_DEPS ?= "diskcache>=5.6.1" "sse-starlette>=1.6.1" "starlette-context>=0.3.6,<0.4" \
 	"pydantic-settings>=2.0.1" "PyYAML>=5.1"
 # third-party load generator for `make bench-serve-peers`, in its own venv so that its
 # dependencies (transformers 5, openai, aiohttp, ...) never mix with the project's

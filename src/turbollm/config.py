@@ -329,9 +329,9 @@ class KernelConfig:
         "process-wide, fixed by the first engine", choices=CPU_ISAS))
     prefill_dtype: str = field(default="auto", metadata=_help(
         "products of several rows (prompt chunks, decode batches) with fp32 activations: auto "
-        "= AMX tiles where the amx kernel variant runs and dtype is auto (8-128 rows of packed "
-        "int4/int8 weights: our exact tiles; more rows, or dense weights past 128 rows: bf16 via "
-        "oneDNN), else float32. Process-wide", choices=PREFILL_DTYPES))
+        "= bfloat16 where the CPU has bf16 instructions (AMX or AVX-512 BF16) and dtype is auto "
+        "(bf16 via oneDNN past our C kernels' row counts; on AMX also our exact tiles for 8-128 "
+        "rows of packed int4/int8 weights), else float32. Process-wide", choices=PREFILL_DTYPES))
     batch_invariant: str = field(default="seeded", metadata=_help(
         "steps whose every row is computed as if alone (row kernels, C row attention; slower "
         "for prompts and big batches), so outputs do not depend on what else runs: seeded = "

@@ -1,4 +1,4 @@
-"""Prefill-sized products: fp32, or bf16 AMX tiles where the worker chooses them."""
+"""Prefill-sized products: fp32, or bf16 (oneDNN) where the worker chooses it."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from turbollm.config import EngineConfig
 from turbollm.layers import prefill_gemm
 from turbollm.native_build import supported_isas
+from turbollm.platform_info import cpu_has_native_bf16
 from turbollm.worker.worker import Worker
 
 
@@ -35,23 +36,26 @@ def _worker_facts(isa, dtype="auto", prefill="auto", compute=torch.float32,
                            loaded=SimpleNamespace(dtype=storage))
 
 
-def test_the_worker_chooses_bf16_only_with_amx_and_dtype_auto(monkeypatch):
+def test_the_worker_chooses_bf16_on_cpus_with_bf16_instructions_and_dtype_auto(monkeypatch):
     monkeypatch.setattr("turbollm.platform_info.cpu_has_native_bf16", lambda: True)
     choose = Worker._prefill_in_bf16
     assert choose(_worker_facts("amx"))
-    assert not choose(_worker_facts("avx512"))
-    assert not choose(_worker_facts("avx2"))
+    assert choose(_worker_facts("avx512"))  # AVX-512 BF16 without AMX (Zen 4): oneDNN's bf16
+    assert choose(_worker_facts("avx2"))  # e.g. Cooper Lake (BF16 without VBMI2), or forced
+    assert not choose(_worker_facts(None))  # no C kernel variant (not x86)
     assert not choose(_worker_facts("amx", dtype="float32"))  # fp32 asked for: kept
     assert not choose(_worker_facts("amx", compute=torch.bfloat16))
     assert not choose(_worker_facts("amx", storage=torch.float32))  # an fp32 checkpoint
     assert not choose(_worker_facts("amx", prefill="float32"))
-    assert choose(_worker_facts("avx2", prefill="bfloat16"))
     monkeypatch.setattr("turbollm.platform_info.cpu_has_native_bf16", lambda: False)
     assert not choose(_worker_facts("amx"))
+    assert not choose(_worker_facts("avx512"))
+    assert choose(_worker_facts("avx2", prefill="bfloat16"))  # asked for: granted
 
 
-@pytest.mark.skipif("amx" not in supported_isas(), reason="needs AMX (amx_tile/int8/bf16)")
-def test_a_default_prefill_runs_bf16_products_on_amx(monkeypatch):
+@pytest.mark.skipif(not cpu_has_native_bf16() or not supported_isas(),
+                    reason="needs bf16 instructions (AMX or AVX-512 BF16) and an x86 kernel variant")
+def test_a_default_prefill_runs_bf16_products_where_the_cpu_has_bf16(monkeypatch):
     """The bundled Q4_1 model in the default configuration: its prompt's products are bf16."""
     from turbollm import LLM, SamplingParams
     seen = []

@@ -1,6 +1,7 @@
 """Prefill-sized products of fp32 activations (more rows than our C kernels serve): in fp32, or
-on CPUs with AMX in bf16 tiles (torch's oneDNN kernels), which run them ~1.9x faster on a
-Sapphire Rapids VM (512-token prefill of the bundled model, session 15).
+on CPUs with bf16 instructions in bf16 (torch's oneDNN kernels: AMX tiles, or AVX-512 BF16 dot
+products), which run a 512-token prefill of the bundled model ~1.9x faster on a Sapphire Rapids
+VM (session 15) and ~1.6x on a Zen 4 EPYC (session 20).
 
 bf16 rounds the activations and the (widened) weights to 8 mantissa bits for these products
 only; decode steps keep our fp32/int16 kernels. KernelConfig.prefill_dtype chooses; the worker

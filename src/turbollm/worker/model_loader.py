@@ -79,14 +79,17 @@ def compute_dtype_for(dtype: torch.dtype, device: str, requested: str = "auto") 
 
 def multi_row_products_in_bf16(asked: str, isa: str | None, requested: str,
                                storage: torch.dtype, compute: torch.dtype) -> bool:
-    """KernelConfig.prefill_dtype resolved: products of several rows in AMX tiles (our exact
-    int4/int8 tiles, oneDNN bf16 for more rows; layers/prefill_gemm.py). `auto`: where the amx
-    kernel variant runs, dtype is auto over a 16-bit or low-bit checkpoint (an fp32 one stays
-    fp32 throughout) and activations are fp32."""
+    """KernelConfig.prefill_dtype resolved: products of several rows in bf16 (oneDNN's bf16
+    GEMM; on AMX CPUs also our exact int4/int8 tiles for 8-128 rows; layers/prefill_gemm.py).
+    `auto`: where our C kernels run (an x86 variant), the CPU has bf16 instructions (AMX or
+    AVX-512 BF16), dtype is auto over a 16-bit or low-bit checkpoint (an fp32 one stays fp32
+    throughout) and activations are fp32. A 512-token prefill of the bundled model takes 0.51-0.56
+    s in bf16 against 0.82-0.86 s in fp32 on a Zen 4 EPYC without AMX (session 20), 0.31 against
+    0.58 s on a Sapphire Rapids VM (session 15)."""
     if asked != "auto":
         return asked == "bfloat16"
     from turbollm.platform_info import cpu_has_native_bf16
-    return (isa == "amx" and cpu_has_native_bf16() and requested == "auto"
+    return (isa is not None and cpu_has_native_bf16() and requested == "auto"
             and storage != torch.float32 and compute == torch.float32)
 
 
