@@ -106,7 +106,10 @@ _SPANS = {5: [(0, 1, 1), (1, 1, -1), (2, 1, 0), (3, 2, 1)],
 def test_c_rows_kernel_matches_torch(kind, slot_dtype, T):
     """add_rows (one C call, used by the native decoder) against add_to (torch), on rows of
     mixed slots and an output that is a view of a wider buffer, at a rank that is not a
-    multiple of 8 (nor of 4), with fp32 and bf16 factors (both read the same stored values)."""
+    multiple of 8 (nor of 4), with fp32 and bf16 factors (both read the same stored values).
+    Slot 1 holds a smaller adapter (rank 6 in rank-10 slots) that leaves v untargeted: the C
+    kernel reads only each shard's real rank, so padding poisoned with NaN after the torch
+    reference changes nothing."""
     from turbollm.layers import native_ops
     if native_ops.lib() is None:
         pytest.skip("no C kernels on this CPU")
@@ -117,13 +120,23 @@ def test_c_rows_kernel_matches_torch(kind, slot_dtype, T):
                       device=torch.device("cpu"))  # 10 and 30: tails after 4 and 8 lanes
     for slot in (0, 1):
         for i, s in enumerate(shards):
-            lora.set_shard(slot, s, *_factors(layer, s, 10 - 4 * slot, 10 * slot + i))
+            untargeted = slot == 1 and s == "v"
+            lora.set_shard(slot, s, *((None, None) if untargeted
+                                      else _factors(layer, s, 10 - 4 * slot, 10 * slot + i)))
+    want_ranks = [[10] * len(shards), [6, 6, 0] if kind == "qkv" else [6]]
+    assert lora.ranks.tolist() == want_ranks
     out = layer.out_features
     x = torch.randn(T, IN)
     ctx.step = LoRAStep.from_spans(_SPANS[T], torch.device("cpu"))
     buf = torch.randn(T, out + 16)  # y: the first `out` columns of each row
     want = buf.clone()
     lora.add_to(x, want[:, :out])
+    with torch.inference_mode():  # poison the padding: the C kernel must not read it
+        for slot in (0, 1):
+            for j, (off, rows) in enumerate(lora.spans):
+                rk = want_ranks[slot][j]
+                lora.A[slot, j * 10 + rk:(j + 1) * 10] = float("nan")
+                lora.B[slot, rk:, off:off + rows] = float("nan")
     got = buf.clone()
     lora.add_to = lambda *a: pytest.fail("add_rows fell back to torch")  # the C path must run
     lora.add_rows(x, got[:, :out])

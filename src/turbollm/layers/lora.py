@@ -10,7 +10,9 @@ GGUF, fp8). It keeps, for `num_slots` adapters at once, the low-rank factors sta
 
 R is the slot rank: adapters of a smaller rank are zero-padded (exact: padded rows of A meet
 padded columns of B), and a larger adapter grows every slot (`grow`). A shard an adapter does
-not target has zero factors in that slot.
+not target has zero factors in that slot. `ranks` [slots, shards] keeps each slot's real rank
+per shard (0: not targeted), so that the C kernel reads no padding: a rank-8 adapter costs
+rank-8 bytes a step beside a rank-64 one.
 
 Which rows use which slot is one `LoRAStep` per forward pass, shared by every layer of the
 model through a `LoRAContext` (the runner sets it before the pass and clears it after). Rows of
@@ -130,6 +132,7 @@ class LinearLoRA:
             self.A = torch.zeros(num_slots, k * rank, self.in_features, dtype=dtype,
                                  device=device)
             self.B = torch.zeros(num_slots, rank, self.out_features, dtype=dtype, device=device)
+            self.ranks = torch.zeros(num_slots, k, dtype=torch.long)  # on the CPU: C reads it
         self._describe()
 
     def _describe(self) -> None:
@@ -147,6 +150,7 @@ class LinearLoRA:
         words[abi.LORA_RANK], words[abi.LORA_SHARDS] = self.rank, len(self.spans)
         words[abi.LORA_SPANS] = self._spans_c.data_ptr()
         words[abi.LORA_IN], words[abi.LORA_OUT] = self.in_features, self.out_features
+        words[abi.LORA_RANKS] = self.ranks.data_ptr()
         self.desc = torch.tensor(words, dtype=torch.int64)
 
     def shard_index(self, shard_id) -> int:
@@ -161,6 +165,7 @@ class LinearLoRA:
         R, (off, rows) = self.rank, self.spans[j]
         self.A[slot, j * R:(j + 1) * R].zero_()
         self.B[slot, :, off:off + rows].zero_()
+        self.ranks[slot, j] = 0
         if a is None:
             return
         r = a.shape[0]
@@ -169,11 +174,13 @@ class LinearLoRA:
                              f"slot of rank {R} for a {rows} x {self.in_features} shard")
         self.A[slot, j * R:j * R + r] = a.to(self.A.dtype)
         self.B[slot, :r, off:off + rows] = b.T.to(self.B.dtype)
+        self.ranks[slot, j] = r
 
     @torch.inference_mode()  # slots are inference tensors: change them only there
     def clear_slot(self, slot: int) -> None:
         self.A[slot].zero_()
         self.B[slot].zero_()
+        self.ranks[slot] = 0
 
     @torch.inference_mode()  # slots are inference tensors: change them only there
     def grow(self, rank: int) -> None:
@@ -208,8 +215,8 @@ class LinearLoRA:
         assert slots.numel() == x.shape[0] == y.shape[0]
         fn = getattr(native_ops.lib(), _C_KINDS[self.A.dtype][0])
         fn(x.data_ptr(), x.shape[0], self.in_features, slots.data_ptr(), self.A.data_ptr(),
-           self.B.data_ptr(), self.rank, len(self.spans), self._spans_c.data_ptr(), y.data_ptr(),
-           y.stride(0), self.out_features)
+           self.B.data_ptr(), self.rank, len(self.spans), self.ranks.data_ptr(),
+           self._spans_c.data_ptr(), y.data_ptr(), y.stride(0), self.out_features)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [T, out] (the base output of x [T, in]) plus each row's adapter term, in place."""

@@ -211,10 +211,15 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 // output columns are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots,
 // R, out] contiguous, fp32 or bf16 (FTYPE, widened by LOAD8); x rows contiguous ([T, in]); y
 // rows `ystride` apart. in % 8 == 0.
+// ranks [slots, K]: the real rank of each slot's shard (0: not targeted). The slot rank R is the
+// largest adapter's, and smaller adapters are zero-padded up to it; only each shard's first
+// ranks[s, j] factor rows are read, so a rank-8 adapter costs rank-8 bytes beside a rank-64 one
+// (decode reads every factor each step: the term's cost is its bytes).
 // Both phases are split over the threads in one parallel region for all T rows: the shrink by
-// (row, block of four A rows), the expand by output rows, each output row walking every row t
-// with an adapter. (One region per row, as before, cost ~13000 regions a step at 64 decode rows:
-// more than the arithmetic.) The factors of the few adapters in a step stay in cache across rows.
+// (row, up to four A rows of one shard), the expand by output rows, each output row walking
+// every row t with an adapter. (One region per row, as before, cost ~13000 regions a step at 64
+// decode rows: more than the arithmetic.) The factors of the few adapters in a step stay in
+// cache across rows.
 static inline float bf16_to_f32(uint16_t v) {
     union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
     return c.f;
@@ -223,23 +228,40 @@ static inline float f32_to_f32(float v) { return v; }
 
 #define DEFINE_LORA_ROWS(NAME, FTYPE, LOAD8, TO_F32)                                                \
     void NAME(const float *x, int64_t T, int64_t in, const int64_t *slot, const FTYPE *A,          \
-              const FTYPE *B, int64_t R, int64_t K, const int64_t *spans, float *y,                 \
-              int64_t ystride, int64_t out) {                                                       \
-        const int64_t KR = K * R, nblocks = (KR + 3) / 4;                                          \
+              const FTYPE *B, int64_t R, int64_t K, const int64_t *ranks, const int64_t *spans,     \
+              float *y, int64_t ystride, int64_t out) {                                             \
+        const int64_t KR = K * R, most = T * K * ((R + 3) / 4);                                    \
+        /* the shrink's items (row t, first A row q, rows n <= 4 of one shard), real ranks only */ \
+        int64_t small_items[3 * 256];                                                               \
+        int64_t *items = most <= 256 ? small_items : (int64_t *)malloc(3 * most * sizeof(int64_t)); \
+        int64_t nitems = 0;                                                                         \
+        for (int64_t t = 0; t < T; t++) {                                                           \
+            if (slot[t] < 0) continue;                                                              \
+            for (int64_t j = 0; j < K; j++) {                                                       \
+                const int64_t rk = ranks[slot[t] * K + j];                                          \
+                for (int64_t b = 0; b < rk; b += 4, nitems++) {                                     \
+                    items[3 * nitems] = t, items[3 * nitems + 1] = j * R + b;                       \
+                    items[3 * nitems + 2] = rk - b < 4 ? rk - b : 4;                                \
+                }                                                                                   \
+            }                                                                                       \
+        }                                                                                           \
+        if (!nitems) { /* no row's adapter targets this projection */                              \
+            if (items != small_items) free(items);                                                  \
+            return;                                                                                 \
+        }                                                                                           \
         float small[1024]; /* the shrunk rows (T K R values); on the heap past 1024 */              \
         float *u = T * KR <= 1024 ? small : (float *)malloc(T * KR * sizeof(float));                \
         _Pragma("omp parallel")                                                                     \
         {                                                                                           \
             /* four rows of A at a time: four FMA chains, each x load used four times */            \
             _Pragma("omp for schedule(static)")                                                     \
-            for (int64_t item = 0; item < T * nblocks; item++) {                                    \
-                const int64_t t = item / nblocks, i = (item % nblocks) * 4, s = slot[t];            \
-                if (s < 0) continue;                                                                \
+            for (int64_t it = 0; it < nitems; it++) {                                               \
+                const int64_t t = items[3 * it], q = items[3 * it + 1], n = items[3 * it + 2];      \
                 const float *xt = x + t * in;                                                       \
-                const FTYPE *a0 = A + (s * KR + i) * in;                                            \
-                float *ut = u + t * KR + i;                                                         \
-                if (i + 4 > KR) { /* the last KR % 4 rows of A, one at a time */                    \
-                    for (int64_t r = 0; r < KR - i; r++) {                                          \
+                const FTYPE *a0 = A + (slot[t] * KR + q) * in;                                      \
+                float *ut = u + t * KR + q;                                                         \
+                if (n < 4) { /* a shard's last rank % 4 rows, one at a time */                      \
+                    for (int64_t r = 0; r < n; r++) {                                               \
                         __m256 acc = _mm256_setzero_ps();                                           \
                         for (int64_t k = 0; k < in; k += 8)                                         \
                             acc = _mm256_fmadd_ps(LOAD8(a0 + r * in + k), _mm256_loadu_ps(xt + k), acc); \
@@ -259,8 +281,9 @@ static inline float f32_to_f32(float v) { return v; }
                 ut[0] = hsum256(c0), ut[1] = hsum256(c1), ut[2] = hsum256(c2);                      \
                 ut[3] = hsum256(c3);                                                                \
             }                                                                                       \
-            /* the expand: eight output columns of one shard at a time, every row's R terms */     \
-            /* as broadcast FMAs over B's rows (a row of B [R, out] holds all columns' factor r) */  \
+            /* the expand: eight output columns of one shard at a time, every row's first rk */    \
+            /* terms as broadcast FMAs over B's rows (a row of B [R, out] holds all columns' */    \
+            /* factor r) */                                                                         \
             for (int64_t j = 0; j < K; j++) {                                                       \
                 const int64_t o0 = spans[2 * j], n = spans[2 * j + 1];                              \
                 _Pragma("omp for schedule(static) nowait")                                          \
@@ -269,26 +292,28 @@ static inline float f32_to_f32(float v) { return v; }
                     for (int64_t t = 0; t < T; t++) {                                               \
                         const int64_t s = slot[t];                                                  \
                         if (s < 0) continue;                                                        \
+                        const int64_t rk = ranks[s * K + j];                                        \
                         const FTYPE *b = B + s * R * out + o;                                       \
                         const float *uj = u + t * KR + j * R;                                       \
                         float *yt = y + t * ystride + o;                                            \
                         if (8 * ob + 8 > n) { /* the shard's last n % 8 columns */                  \
                             for (int64_t c = 0; c < n - 8 * ob; c++) {                              \
                                 float sum = 0.0f;                                                   \
-                                for (int64_t r = 0; r < R; r++)                                     \
+                                for (int64_t r = 0; r < rk; r++)                                    \
                                     sum += TO_F32(b[r * out + c]) * uj[r];                          \
                                 yt[c] += sum;                                                       \
                             }                                                                       \
                             continue;                                                               \
                         }                                                                           \
+                        if (!rk) continue;                                                          \
                         __m256 acc = _mm256_loadu_ps(yt), acc2 = _mm256_setzero_ps();               \
                         int64_t r = 0;                                                              \
-                        for (; r + 2 <= R; r += 2) {                                                \
+                        for (; r + 2 <= rk; r += 2) {                                               \
                             acc = _mm256_fmadd_ps(LOAD8(b + r * out), _mm256_set1_ps(uj[r]), acc);  \
                             acc2 = _mm256_fmadd_ps(LOAD8(b + (r + 1) * out),                        \
                                                    _mm256_set1_ps(uj[r + 1]), acc2);                \
                         }                                                                           \
-                        if (r < R)                                                                  \
+                        if (r < rk)                                                                 \
                             acc = _mm256_fmadd_ps(LOAD8(b + r * out), _mm256_set1_ps(uj[r]), acc);  \
                         _mm256_storeu_ps(yt, _mm256_add_ps(acc, acc2));                             \
                     }                                                                               \
@@ -296,6 +321,7 @@ static inline float f32_to_f32(float v) { return v; }
             }                                                                                       \
         }                                                                                           \
         if (u != small) free(u);                                                                    \
+        if (items != small_items) free(items);                                                      \
     }
 
 DEFINE_LORA_ROWS(lora_rows_f32, float, load8_f32, f32_to_f32)
@@ -363,11 +389,12 @@ static void lora_call(int64_t desc, const float *x, int64_t T, const int64_t *sl
     if (d[LORA_KIND] == LORA_KIND_BF16)
         lora_rows_bf16(x, T, d[LORA_IN], slots, (const uint16_t *)d[LORA_A],
                        (const uint16_t *)d[LORA_B], d[LORA_RANK], d[LORA_SHARDS],
-                       (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT], d[LORA_OUT]);
+                       (const int64_t *)d[LORA_RANKS], (const int64_t *)d[LORA_SPANS], y,
+                       d[LORA_OUT], d[LORA_OUT]);
     else
         lora_rows_f32(x, T, d[LORA_IN], slots, (const float *)d[LORA_A], (const float *)d[LORA_B],
-                      d[LORA_RANK], d[LORA_SHARDS], (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT],
-                      d[LORA_OUT]);
+                      d[LORA_RANK], d[LORA_SHARDS], (const int64_t *)d[LORA_RANKS],
+                      (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT], d[LORA_OUT]);
 }
 
 // Embeddings, then every decoder layer, then the final norm: x holds the normed hidden states.
