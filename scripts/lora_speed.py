@@ -54,15 +54,13 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--lora-dtype", default="auto", help="LoRAConfig.lora_dtype of the slots")
     ap.add_argument("--mixed-ranks", action="store_true",
                     help="only the rank 1 / 16 / 64 comparison")
     args = ap.parse_args()
     if args.mixed_ranks:
         mixed_ranks(args.rounds, args.tokens)
         return
-    llm = LLM("smollm2-135m", enable_lora=True, max_loras=8, kv_cache_memory="512MiB",
-              lora_dtype=args.lora_dtype)
+    llm = LLM("smollm2-135m", enable_lora=True, max_loras=8, kv_cache_memory="512MiB")
     arch = llm.engine.arch
     with tempfile.TemporaryDirectory() as tmp:
         adapters = []

@@ -16,7 +16,7 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 QUANTIZATION_METHODS = ("none", "int8", "int4", "awq", "gptq", "gguf", "fp8")
 KV_CACHE_DTYPES = ("auto", "float16", "bfloat16", "int8", "fp8_e4m3")
 SPECULATIVE_METHODS = ("none", "ngram", "draft")
-LORA_DTYPES = ("auto", "float32", "bfloat16", "int8")
+LORA_DTYPES = ("auto", "float32", "bfloat16")
 SPARSITY_MODES = ("auto", "bitmask", "none")  # quantization/sparse_method.py
 STRUCTURED_OUTPUT_BACKENDS = ("xgrammar", "llguidance")
 CPU_ISAS = ISA_CHOICES  # auto, then native_build's variants
@@ -225,8 +225,7 @@ class LoRAConfig:
     lora_dtype: str = field(default="auto", metadata=_help(
         "dtype of the adapter factors in the slots: auto = bfloat16 on a quantized base on CPU "
         "(decode reads the factors every step; their bf16 rounding is far below the base's "
-        "own 4/8-bit error) and the compute dtype otherwise; int8 = codes with a scale per "
-        "factor row (half bf16's bytes)", choices=LORA_DTYPES))
+        "own 4/8-bit error) and the compute dtype otherwise", choices=LORA_DTYPES))
 
     def __post_init__(self) -> None:
         if self.max_loras < 1:

@@ -39,7 +39,7 @@ def test_sizes_agree():
     assert sorted(row) == list(range(abi.LAYER_WORDS))  # each word of a layer has one use
     assert sorted((abi.LIN_FN, abi.LIN_KIND, abi.LIN_ARGS)) == [0, 1, 2]
     lora = [abi.LORA_A, abi.LORA_B, abi.LORA_RANK, abi.LORA_SHARDS, abi.LORA_SPANS, abi.LORA_IN,
-            abi.LORA_OUT, abi.LORA_KIND, abi.LORA_RANKS, abi.LORA_SCALES]
+            abi.LORA_OUT, abi.LORA_KIND, abi.LORA_RANKS]
     assert sorted(lora) == list(range(abi.LORA_WORDS))
     assert abi.LIN_ARGS + 8 <= abi.LIN_WORDS  # the low-bit call's 8 bound arguments fit
     kinds = (abi.LIN_LOWBIT, abi.LIN_Q8, abi.LIN_DENSE)

@@ -101,7 +101,7 @@ _SPANS = {5: [(0, 1, 1), (1, 1, -1), (2, 1, 0), (3, 2, 1)],
 
 
 @pytest.mark.parametrize("T", sorted(_SPANS))
-@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16, torch.int8])
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["qkv", "single"])
 def test_c_rows_kernel_matches_torch(kind, slot_dtype, T):
     """add_rows (one C call, used by the native decoder) against add_to (torch), on rows of
@@ -131,50 +131,19 @@ def test_c_rows_kernel_matches_torch(kind, slot_dtype, T):
     buf = torch.randn(T, out + 16)  # y: the first `out` columns of each row
     want = buf.clone()
     lora.add_to(x, want[:, :out])
-    poison = 127 if slot_dtype == torch.int8 else float("nan")
     with torch.inference_mode():  # poison the padding: the C kernel must not read it
         for slot in (0, 1):
             for j, (off, rows) in enumerate(lora.spans):
                 rk = want_ranks[slot][j]
-                lora.A[slot, j * 10 + rk:(j + 1) * 10] = poison
-                lora.B[slot, rk:, off:off + rows] = poison
-                if lora.scales is not None:
-                    lora.scales[slot, j * 10 + rk:(j + 1) * 10] = float("nan")
+                lora.A[slot, j * 10 + rk:(j + 1) * 10] = float("nan")
+                lora.B[slot, rk:, off:off + rows] = float("nan")
     got = buf.clone()
     lora.add_to = lambda *a: pytest.fail("add_rows fell back to torch")  # the C path must run
     lora.add_rows(x, got[:, :out])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if slot_dtype != torch.float32:
-        assert lora.desc is not None  # the native decoder's words describe these slots too
+    if slot_dtype == torch.bfloat16:
+        assert lora.desc is not None  # the native decoder's words describe bf16 slots too
     base = ctx.step.row_slots() < 0  # rows without an adapter, and the columns past `out`
     assert base.any() and (got - buf)[base].abs().max() == 0
     assert (got - buf)[:, out:].abs().max() == 0
     assert (got - buf).abs().max() > 0.1
-
-
-def test_int8_slots_hold_the_factors_to_within_their_rounding():
-    """int8 codes with a scale per factor row: the term within ~1% of the fp32 factors' (the
-    C path), and a slot's scales are cleared with it."""
-    from turbollm.layers import native_ops
-    if native_ops.lib() is None:
-        pytest.skip("no C kernels on this CPU")
-    layer = _layer("qkv", "fp32")
-    terms = {}
-    for dtype in (torch.float32, torch.int8):
-        ctx = LoRAContext()
-        lora = LinearLoRA(layer, ["q", "k", "v"], num_slots=2, rank=8, context=ctx,
-                          dtype=dtype, device=torch.device("cpu"))
-        for i, s in enumerate(["q", "k", "v"]):
-            lora.set_shard(1, s, *_factors(layer, s, 8, i))
-        x = torch.randn(3, IN, generator=torch.Generator().manual_seed(0))
-        ctx.step = LoRAStep.from_spans([(0, 3, 1)], torch.device("cpu"))
-        y = torch.zeros(3, layer.out_features)
-        lora.add_rows(x, y)
-        terms[dtype] = y
-        if dtype == torch.int8:
-            assert lora.A.dtype == torch.int8 and lora.scales[1].abs().min() > 0
-            lora.clear_slot(1)
-            assert lora.scales[1].abs().max() == 0 and lora.ranks[1].max() == 0
-    ref, got = terms[torch.float32], terms[torch.int8]
-    assert ref.abs().max() > 0.1
-    assert (got - ref).norm() / ref.norm() < 0.01

@@ -23,15 +23,14 @@ enum {
 };
 
 // A projection's LoRA slots (layers/lora.py LinearLoRA), LORA_WORDS words: A [slots, K R, in]
-// and B [slots, R, out] (fp32, bf16 or int8 as LORA_KIND says), the slot rank R, the shard
-// count K, the address of the shards' (first output row, rows) pairs, in and out, the address
-// of the real ranks [slots, K] (int64; R is the largest), and for int8 factors the address of
-// their combined row scales [slots, K R] (fp32; else 0). Added after the projection for rows
-// whose slot (the step's S_LORA_SLOTS, -1 for none) is >= 0: cpu_ops.c lora_rows_f32 / _bf16 /
-// _i8.
+// and B [slots, R, out] (fp32, or bf16 when LORA_KIND is LORA_KIND_BF16), the slot rank R, the
+// shard count K, the address of the shards' (first output row, rows) pairs, in and out, and the
+// address of the real ranks [slots, K] (int64; R is the largest). Added after the projection for
+// rows whose slot (the step's S_LORA_SLOTS, -1 for none) is >= 0: cpu_ops.c lora_rows_f32 /
+// lora_rows_bf16.
 enum { LORA_A = 0, LORA_B, LORA_RANK, LORA_SHARDS, LORA_SPANS, LORA_IN, LORA_OUT, LORA_KIND,
-       LORA_RANKS, LORA_SCALES, LORA_WORDS };
-enum { LORA_KIND_F32 = 0, LORA_KIND_BF16 = 1, LORA_KIND_I8 = 2 };
+       LORA_RANKS, LORA_WORDS };
+enum { LORA_KIND_F32 = 0, LORA_KIND_BF16 = 1 };
 
 // The step, S_WORDS words: h, x, qkv, attn, o, gu, act buffers; T, hidden, inter, H, KVH, D,
 // qkv row stride, q_size, qk_size; cos and sin tables [max_position, D/2], positions, slots;
@@ -59,8 +58,8 @@ enum { EMBED_F32 = 0, EMBED_BF16 = 1, EMBED_F16 = 2, EMBED_NONE = 3 };
     X(L_NORM2) X(L_NORM_NEXT) X(L_QKV) X(L_O) X(L_GATE_UP) X(L_DOWN) X(L_K_CACHE) X(L_V_CACHE)  \
     X(L_K_SCALES) X(L_V_SCALES) X(L_CACHE_DTYPE) X(L_LORA_QKV) X(L_LORA_O) X(L_LORA_GATE_UP)     \
     X(L_LORA_DOWN) X(LAYER_WORDS) X(LORA_A) X(LORA_B) X(LORA_RANK) X(LORA_SHARDS) X(LORA_SPANS)  \
-    X(LORA_IN) X(LORA_OUT) X(LORA_KIND) X(LORA_RANKS) X(LORA_SCALES) X(LORA_WORDS)              \
-    X(LORA_KIND_F32) X(LORA_KIND_BF16) X(LORA_KIND_I8)                                          \
+    X(LORA_IN) X(LORA_OUT) X(LORA_KIND) X(LORA_RANKS) X(LORA_WORDS) X(LORA_KIND_F32)             \
+    X(LORA_KIND_BF16)                                                                           \
     DECODE_STEP_FIELDS(X) X(S_WORDS)                                                            \
     X(EMBED_F32) X(EMBED_BF16) X(EMBED_F16) X(EMBED_NONE)
 

@@ -14,11 +14,6 @@ not target has zero factors in that slot. `ranks` [slots, shards] keeps each slo
 per shard (0: not targeted), so that the C kernel reads no padding: a rank-8 adapter costs
 rank-8 bytes a step beside a rank-64 one.
 
-int8 slots (LoRAConfig.lora_dtype) hold each factor row's codes (symmetric, max |value| / 127
-per row of A and per shard's row of B) and `scales` [slots, shards * R]: A's row scale times B's,
-which multiplies the shrunk value (x . a_q) before the expand reads B's codes, so the kernels
-do the same arithmetic on half the bytes of bf16.
-
 Which rows use which slot is one `LoRAStep` per forward pass, shared by every layer of the
 model through a `LoRAContext` (the runner sets it before the pass and clears it after). Rows of
 one adapter are grouped (Punica's shrink/expand, one group per adapter): the base projection
@@ -40,8 +35,7 @@ from turbollm.layers import lora_triton, native_ops
 
 # Slot dtypes the C row kernel reads: dtype -> (function, the decode ABI's LORA_KIND name)
 _C_KINDS = {torch.float32: ("lora_rows_f32", "LORA_KIND_F32"),
-            torch.bfloat16: ("lora_rows_bf16", "LORA_KIND_BF16"),
-            torch.int8: ("lora_rows_i8", "LORA_KIND_I8")}
+            torch.bfloat16: ("lora_rows_bf16", "LORA_KIND_BF16")}
 
 # Rows up to which the C kernel adds the LoRA term (all rows in one threaded call: decode
 # batches, short prompt chunks); more rows (prefill) go to torch's matmuls per adapter group,
@@ -139,8 +133,6 @@ class LinearLoRA:
                                  device=device)
             self.B = torch.zeros(num_slots, rank, self.out_features, dtype=dtype, device=device)
             self.ranks = torch.zeros(num_slots, k, dtype=torch.long)  # on the CPU: C reads it
-            self.scales = (torch.zeros(num_slots, k * rank, device=device)
-                           if dtype == torch.int8 else None)
         self._describe()
 
     def _describe(self) -> None:
@@ -159,7 +151,6 @@ class LinearLoRA:
         words[abi.LORA_SPANS] = self._spans_c.data_ptr()
         words[abi.LORA_IN], words[abi.LORA_OUT] = self.in_features, self.out_features
         words[abi.LORA_RANKS] = self.ranks.data_ptr()
-        words[abi.LORA_SCALES] = 0 if self.scales is None else self.scales.data_ptr()
         self.desc = torch.tensor(words, dtype=torch.int64)
 
     def shard_index(self, shard_id) -> int:
@@ -175,20 +166,14 @@ class LinearLoRA:
         self.A[slot, j * R:(j + 1) * R].zero_()
         self.B[slot, :, off:off + rows].zero_()
         self.ranks[slot, j] = 0
-        if self.scales is not None:
-            self.scales[slot, j * R:(j + 1) * R] = 0
         if a is None:
             return
         r = a.shape[0]
         if r > R or tuple(a.shape) != (r, self.in_features) or tuple(b.shape) != (rows, r):
             raise ValueError(f"LoRA factors {tuple(a.shape)} / {tuple(b.shape)} do not fit a "
                              f"slot of rank {R} for a {rows} x {self.in_features} shard")
-        bt = b.T  # [r, rows]
-        if self.scales is not None:
-            (a, sa), (bt, sb) = _int8_rows(a), _int8_rows(bt)
-            self.scales[slot, j * R:j * R + r] = (sa * sb).to(self.scales.device)
         self.A[slot, j * R:j * R + r] = a.to(self.A.dtype)
-        self.B[slot, :r, off:off + rows] = bt.to(self.B.dtype)
+        self.B[slot, :r, off:off + rows] = b.T.to(self.B.dtype)
         self.ranks[slot, j] = r
 
     @torch.inference_mode()  # slots are inference tensors: change them only there
@@ -196,8 +181,6 @@ class LinearLoRA:
         self.A[slot].zero_()
         self.B[slot].zero_()
         self.ranks[slot] = 0
-        if self.scales is not None:
-            self.scales[slot] = 0
 
     @torch.inference_mode()  # slots are inference tensors: change them only there
     def grow(self, rank: int) -> None:
@@ -211,11 +194,6 @@ class LinearLoRA:
         for j in range(k):
             A[:, j * rank:j * rank + R] = self.A[:, j * R:(j + 1) * R]
         B[:, :R] = self.B
-        if self.scales is not None:
-            scales = self.scales.new_zeros(self.num_slots, k * rank)
-            for j in range(k):
-                scales[:, j * rank:j * rank + R] = self.scales[:, j * R:(j + 1) * R]
-            self.scales = scales
         self.A, self.B, self.rank = A, B, rank
         self._describe()
 
@@ -237,8 +215,7 @@ class LinearLoRA:
         assert slots.numel() == x.shape[0] == y.shape[0]
         fn = getattr(native_ops.lib(), _C_KINDS[self.A.dtype][0])
         fn(x.data_ptr(), x.shape[0], self.in_features, slots.data_ptr(), self.A.data_ptr(),
-           self.B.data_ptr(), None if self.scales is None else self.scales.data_ptr(),
-           self.rank, len(self.spans), self.ranks.data_ptr(),
+           self.B.data_ptr(), self.rank, len(self.spans), self.ranks.data_ptr(),
            self._spans_c.data_ptr(), y.data_ptr(), y.stride(0), self.out_features)
 
     def add_to(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -248,8 +225,7 @@ class LinearLoRA:
             return y
         x2, y2 = x.reshape(-1, self.in_features), y.view(-1, self.out_features)
         A, B = self.A, self.B
-        # one shrink + one expand for the batch (float slots; int8 ones take the loop below)
-        if y2.is_cuda and self.scales is None and lora_triton.available():
+        if y2.is_cuda and lora_triton.available():  # one shrink + one expand for the batch
             if self._shard_of_col is None or self._shard_of_col.device != y2.device:
                 self._shard_of_col = lora_triton.output_shards(self.spans, self.out_features,
                                                                y2.device)
@@ -263,8 +239,6 @@ class LinearLoRA:
             a, b = A[slot], B[slot]
             if a.dtype != y2.dtype:  # e.g. bf16 factors (lora_dtype): widened per adapter used
                 a, b = a.to(y2.dtype), b.to(y2.dtype)
-            if self.scales is not None:  # int8 codes: both row scales on A's side (see above)
-                a = a * self.scales[slot].to(y2.dtype)[:, None]
             if isinstance(rows, slice):  # contiguous rows: expand straight into y's rows
                 shrunk = x2[rows] @ a.T  # [n, shards * R]
                 ys = y2[rows]
@@ -279,12 +253,3 @@ class LinearLoRA:
                                    for j, (off, n) in enumerate(self.spans)], dim=1)
             y2.index_add_(0, rows, delta)
         return y
-
-
-def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes of each row of w [rows, cols] (fp32 math) and the row scales
-    (max |row| / 127; an all-zero row gets scale 0)."""
-    w = w.float()
-    scale = w.abs().amax(dim=1) / 127.0
-    codes = torch.round(w / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(-127, 127)
-    return codes.to(torch.int8), scale

@@ -28,9 +28,8 @@ _SIGNATURES = {
     "e4m3_gemm_scaled_f32": [PTR, I64, PTR, PTR, PTR, I64, I64, I64],
     "decode_layers": [PTR, I64, PTR, F32, F32],
     "argmax_rows_f32": [PTR, I64, I64, PTR],
-    "lora_rows_f32": [PTR, I64, I64, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
-    "lora_rows_bf16": [PTR, I64, I64, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
-    "lora_rows_i8": [PTR, I64, I64, PTR, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
+    "lora_rows_f32": [PTR, I64, I64, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
+    "lora_rows_bf16": [PTR, I64, I64, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
     "decode_abi": [PTR, PTR, PTR],
 }
 # Activation rows up to which dense_linear beats torch, measured on all 120 linears of the 135M

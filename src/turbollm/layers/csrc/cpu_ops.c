@@ -211,9 +211,6 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 // output columns are spans[2j] .. spans[2j] + spans[2j + 1]. A [slots, K R, in] and B [slots,
 // R, out] contiguous, fp32 or bf16 (FTYPE, widened by LOAD8); x rows contiguous ([T, in]); y
 // rows `ystride` apart. in % 8 == 0.
-// scales [slots, K R] (int8 factors only, else NULL): each factor row's combined scale, A's row
-// scale times B's row scale, applied to the shrunk value: u = scale . (A_q x), then the expand
-// reads B's int8 codes as they are (both scales fold into u: no work per weight).
 // ranks [slots, K]: the real rank of each slot's shard (0: not targeted). The slot rank R is the
 // largest adapter's, and smaller adapters are zero-padded up to it; only each shard's first
 // ranks[s, j] factor rows are read, so a rank-8 adapter costs rank-8 bytes beside a rank-64 one
@@ -228,15 +225,11 @@ static inline float bf16_to_f32(uint16_t v) {
     return c.f;
 }
 static inline float f32_to_f32(float v) { return v; }
-static inline float i8_to_f32(int8_t v) { return (float)v; }
-static inline __m256 load8_i8(const int8_t *p) {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
 
 #define DEFINE_LORA_ROWS(NAME, FTYPE, LOAD8, TO_F32)                                                \
     void NAME(const float *x, int64_t T, int64_t in, const int64_t *slot, const FTYPE *A,          \
-              const FTYPE *B, const float *scales, int64_t R, int64_t K, const int64_t *ranks,     \
-              const int64_t *spans, float *y, int64_t ystride, int64_t out) {                       \
+              const FTYPE *B, int64_t R, int64_t K, const int64_t *ranks, const int64_t *spans,     \
+              float *y, int64_t ystride, int64_t out) {                                             \
         const int64_t KR = K * R, most = T * K * ((R + 3) / 4);                                    \
         /* the shrink's items (row t, first A row q, rows n <= 4 of one shard), real ranks only */ \
         int64_t small_items[3 * 256];                                                               \
@@ -267,13 +260,12 @@ static inline __m256 load8_i8(const int8_t *p) {
                 const float *xt = x + t * in;                                                       \
                 const FTYPE *a0 = A + (slot[t] * KR + q) * in;                                      \
                 float *ut = u + t * KR + q;                                                         \
-                const float *sc = scales ? scales + slot[t] * KR + q : NULL;                        \
                 if (n < 4) { /* a shard's last rank % 4 rows, one at a time */                      \
                     for (int64_t r = 0; r < n; r++) {                                               \
                         __m256 acc = _mm256_setzero_ps();                                           \
                         for (int64_t k = 0; k < in; k += 8)                                         \
                             acc = _mm256_fmadd_ps(LOAD8(a0 + r * in + k), _mm256_loadu_ps(xt + k), acc); \
-                        ut[r] = hsum256(acc) * (sc ? sc[r] : 1.0f);                                 \
+                        ut[r] = hsum256(acc);                                                       \
                     }                                                                               \
                     continue;                                                                       \
                 }                                                                                   \
@@ -288,7 +280,6 @@ static inline __m256 load8_i8(const int8_t *p) {
                 }                                                                                   \
                 ut[0] = hsum256(c0), ut[1] = hsum256(c1), ut[2] = hsum256(c2);                      \
                 ut[3] = hsum256(c3);                                                                \
-                if (sc) ut[0] *= sc[0], ut[1] *= sc[1], ut[2] *= sc[2], ut[3] *= sc[3];             \
             }                                                                                       \
             /* the expand: eight output columns of one shard at a time, every row's first rk */    \
             /* terms as broadcast FMAs over B's rows (a row of B [R, out] holds all columns' */    \
@@ -335,7 +326,6 @@ static inline __m256 load8_i8(const int8_t *p) {
 
 DEFINE_LORA_ROWS(lora_rows_f32, float, load8_f32, f32_to_f32)
 DEFINE_LORA_ROWS(lora_rows_bf16, uint16_t, load8_bf16, bf16_to_f32)
-DEFINE_LORA_ROWS(lora_rows_i8, int8_t, load8_i8, i8_to_f32)
 
 // ---- the decoder layers of a decode-shaped step, as one call ----
 // models/native_decode.py runs ~11 C calls per layer; from Python each costs 1-5 us of call
@@ -396,19 +386,15 @@ static void embed_rows(float *h, const int64_t *ids, const void *table, int64_t 
 static void lora_call(int64_t desc, const float *x, int64_t T, const int64_t *slots, float *y) {
     if (!desc || !slots) return;
     const int64_t *d = (const int64_t *)desc;
-    const int64_t *ranks = (const int64_t *)d[LORA_RANKS], *spans = (const int64_t *)d[LORA_SPANS];
     if (d[LORA_KIND] == LORA_KIND_BF16)
         lora_rows_bf16(x, T, d[LORA_IN], slots, (const uint16_t *)d[LORA_A],
-                       (const uint16_t *)d[LORA_B], NULL, d[LORA_RANK], d[LORA_SHARDS], ranks,
-                       spans, y, d[LORA_OUT], d[LORA_OUT]);
-    else if (d[LORA_KIND] == LORA_KIND_I8)
-        lora_rows_i8(x, T, d[LORA_IN], slots, (const int8_t *)d[LORA_A], (const int8_t *)d[LORA_B],
-                     (const float *)d[LORA_SCALES], d[LORA_RANK], d[LORA_SHARDS], ranks, spans, y,
-                     d[LORA_OUT], d[LORA_OUT]);
+                       (const uint16_t *)d[LORA_B], d[LORA_RANK], d[LORA_SHARDS],
+                       (const int64_t *)d[LORA_RANKS], (const int64_t *)d[LORA_SPANS], y,
+                       d[LORA_OUT], d[LORA_OUT]);
     else
         lora_rows_f32(x, T, d[LORA_IN], slots, (const float *)d[LORA_A], (const float *)d[LORA_B],
-                      NULL, d[LORA_RANK], d[LORA_SHARDS], ranks, spans, y, d[LORA_OUT],
-                      d[LORA_OUT]);
+                      d[LORA_RANK], d[LORA_SHARDS], (const int64_t *)d[LORA_RANKS],
+                      (const int64_t *)d[LORA_SPANS], y, d[LORA_OUT], d[LORA_OUT]);
 }
 
 // Embeddings, then every decoder layer, then the final norm: x holds the normed hidden states.
