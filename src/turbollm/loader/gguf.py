@@ -19,6 +19,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from turbollm.loader.gguf_config import build_hf_config, check_architecture
 from turbollm.loader.gguf_dequant import dequantize
 from turbollm.loader.gguf_file import GGUFFile
+from turbollm.loader.lazy_tensor import LazyGGUFTensor
 
 # GGUF per-layer tensor stem -> HF module path inside `model.layers.{i}.`
 _LAYER_NAMES = {
@@ -134,27 +135,38 @@ class GGUFCheckpoint:
             return rope_unpermute_index(rows, cfg["num_key_value_heads"])
         return None
 
-    def raw_tensor(self, hf_name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
-        """(ggml type, raw bytes uint8 [rows, bytes_per_row] in HF row order, HF shape [out, in])."""
+    def raw_rows(self, hf_name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...],
+                                                 np.ndarray | None]:
+        """(ggml type, the file's raw bytes uint8 [rows, bytes_per_row] (a view of the mapped
+        file: nothing read yet), HF shape [out, in], and the file row of each HF row, or None
+        where they are the same)."""
         info = self.file.tensors[self._names[hf_name]]
         raw = self.file.tensor_bytes(info.name)
         if len(info.shape) == 1 and GGML_QUANT_SIZES[info.ggml_type][0] == 1:
             raw = raw.reshape(info.shape[0], -1)  # 1-D float tensor: one "row" per element
         index = self._unpermute_index(hf_name, raw.shape[0])
+        return info.ggml_type, raw, info.shape, None if index is None else index.numpy()
+
+    def raw_tensor(self, hf_name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
+        """(ggml type, raw bytes uint8 [rows, bytes_per_row] in HF row order, HF shape [out, in])."""
+        ggml_type, raw, shape, index = self.raw_rows(hf_name)
         if index is not None:
             # Quantization blocks never cross rows, so permuting raw rows equals permuting values.
-            raw = raw[index.numpy()]
-        return info.ggml_type, raw, info.shape
+            raw = raw[index]
+        return ggml_type, raw, shape
 
     def get_tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One parameter dequantized to `dtype`, HF shape and row order."""
         ggml_type, raw, shape = self.raw_tensor(hf_name)
         return dequantize(ggml_type, raw, shape).to(dtype)
 
-    def iter_tensors(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (hf_name, tensor) for every parameter, dequantized and cast to `dtype`."""
+    def iter_tensors(self, dtype: torch.dtype = torch.float32, lazy: bool = False
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield (hf_name, tensor) for every parameter, dequantized and cast to `dtype`; lazy:
+        as LazyGGUFTensors (loader/lazy_tensor.py) that dequantize only what is read."""
         for hf_name in self._names:
-            yield hf_name, self.get_tensor(hf_name, dtype)
+            yield hf_name, (LazyGGUFTensor(self, hf_name, dtype) if lazy
+                            else self.get_tensor(hf_name, dtype))
 
     def __repr__(self) -> str:
         return f"GGUFCheckpoint({str(self.path)!r}, arch={self.file.architecture!r}, tensors={len(self._names)})"

@@ -8,14 +8,17 @@ raw blocks, bit for bit:
   Q8_0 (d, q):     w = q * d                -> int8 with one scale per 32 columns
 A fused layer (qkv, gate_up) needs one form for all its shards; mixed int4/int8 shards or other
 types (Q4_K, Q6_K, F16) stay dense. A tied lm_head is served from the token embedding's blocks.
-A tensor-parallel rank takes its rows and its whole 32-column blocks of the unpacked arrays
-(layers/parallel_linear.checkpoint_slice): the same blocks, split.
+A tensor-parallel rank takes its rows and its whole 32-column blocks
+(layers/parallel_linear.checkpoint_slice): the same blocks, split, and it reads and unpacks only
+those from the mapped file.
 """
 from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
@@ -50,6 +53,11 @@ def _int4_minform(ggml_type, raw):
     return q, d, d * -8.0
 
 
+def _q8_0(ggml_type, raw):
+    """(q int8, scale fp16) of Q8_0 rows."""
+    return q8_0_unpack(raw)
+
+
 def _shard_ids(layer) -> list:
     if isinstance(layer, QKVLinear):
         return ["q", "k", "v"]
@@ -58,19 +66,22 @@ def _shard_ids(layer) -> list:
     return [None]
 
 
-def _rank_part(layer, shard_id, *arrays: torch.Tensor) -> list[torch.Tensor]:
-    """A tensor-parallel rank's part of one shard's unpacked arrays (q [rows, cols], then per
-    32-column group [rows, cols / 32]): its rows, and its columns in whole groups (a rank's
-    column slice starts and ends on a multiple of 32, checked by the caller). The whole
-    arrays for a layer of one process."""
+def _rank_arrays(ckpt: GGUFCheckpoint, name: str, layer, shard_id, unpack) -> list[torch.Tensor]:
+    """The unpacked arrays (q [rows, cols], then per 32-column group [rows, cols / 32]) of a
+    tensor-parallel rank's part of one shard: its rows, and its columns in whole 32-weight
+    blocks (a rank's column slice starts and ends on a multiple of 32, checked by the caller),
+    read from the mapped file and unpacked alone; rows past the tensor's end (the
+    vocab-parallel head's padding) are zeros. The whole tensor for a layer of one process."""
+    ggml_type, raw, _, index = ckpt.raw_rows(name)
     rows, cols = checkpoint_slice(layer, shard_id)
-    out = []
-    for i, a in enumerate(arrays):
-        if cols is not None:
-            g = 1 if i == 0 else 32  # q per column; scales and mins per group of 32
-            a = a[:, cols[0] // g:(cols[0] + cols[1]) // g]
-        out.append(slice_checkpoint_rows(a, rows).contiguous())
-    return out
+    start, n = (0, raw.shape[0]) if rows is None else rows
+    stop = min(start + n, raw.shape[0])
+    raw = raw[start:stop] if index is None else raw[index[start:stop]]
+    if cols is not None:
+        blocks = raw.reshape(raw.shape[0], -1, GGML_QUANT_SIZES[ggml_type][1])
+        raw = blocks[:, cols[0] // 32:(cols[0] + cols[1]) // 32].reshape(raw.shape[0], -1)
+    arrays = unpack(ggml_type, np.ascontiguousarray(raw))
+    return [slice_checkpoint_rows(a, (0, n)).contiguous() for a in arrays]
 
 
 def install_gguf_native(model: nn.Module, ckpt: GGUFCheckpoint) -> dict[str, str]:
@@ -91,14 +102,13 @@ def install_gguf_native(model: nn.Module, ckpt: GGUFCheckpoint) -> dict[str, str
         if cols is not None and cols[0] % 32:
             continue  # a rank's columns would split a 32-column block: stays dense
         if types <= set(_INT4_TYPES) and layer.in_features % 32 == 0:
-            parts = [_rank_part(layer, sid, *_int4_minform(*ckpt.raw_tensor(s)[:2]))
+            parts = [_rank_arrays(ckpt, s, layer, sid, _int4_minform)
                      for s, sid in zip(shards, ids)]
             q, d, m = (torch.cat([p[i] for p in parts]) for i in range(3))
             install_int4_state(layer, kernels.int4_pack_minform(q, d, m, 32))
             served[name] = "+".join(sorted(t.name for t in types))
         elif types == {QT.Q8_0} and layer.in_features % 32 == 0:
-            parts = [_rank_part(layer, sid, *q8_0_unpack(ckpt.raw_tensor(s)[1]))
-                     for s, sid in zip(shards, ids)]
+            parts = [_rank_arrays(ckpt, s, layer, sid, _q8_0) for s, sid in zip(shards, ids)]
             q = torch.cat([p[0] for p in parts])
             d = torch.cat([p[1] for p in parts]).float()
             install_int8(layer, q, d, group_size=32)

@@ -5,15 +5,20 @@ Each tensor-parallel layer's weight_loader narrows the checkpoint tensor it gets
 rows or columns (layers/parallel_linear.py); given a LazyTensor, that narrow reads just those
 bytes from the safetensors file (safetensors' get_slice), and a pipeline stage reads nothing of
 another stage's tensors. Everything else calls `materialize` for the whole tensor.
+LazyGGUFTensor does the same for a GGUF tensor: it dequantizes only the rows, or the whole
+quantization blocks of columns, that are asked for (the file is mapped, so nothing else is read).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 import torch
 from safetensors import SafetensorError, safe_open
 
 from turbollm.loader.errors import CheckpointError
+from turbollm.loader.gguf_dequant import dequantize
 from turbollm.loader.safetensors import cast_floats, safetensors_files
 
 
@@ -47,6 +52,57 @@ class LazyTensor:
         """Rows along dim 0 (a slice; past the end: fewer rows, as a tensor would give)."""
         if not isinstance(rows, slice):
             raise TypeError("LazyTensor reads row slices only")
+        start, stop, _ = rows.indices(self.shape[0])
+        return self.narrow(0, start, max(0, stop - start))
+
+
+class LazyGGUFTensor:
+    """One tensor of a GGUFCheckpoint, dequantized to `dtype` only as far as it is read: rows,
+    or columns at quantization-block boundaries (other column ranges dequantize the rows whole
+    first). `elements_read` counts the dequantized elements, for tests and logs."""
+
+    elements_read = 0  # over every LazyGGUFTensor of the process
+
+    def __init__(self, checkpoint, hf_name: str, dtype: torch.dtype):
+        self.checkpoint, self.hf_name, self.dtype = checkpoint, hf_name, dtype
+        self.ggml_type, self._raw, shape, self._index = checkpoint.raw_rows(hf_name)
+        self.shape = torch.Size(shape)
+        from gguf import GGML_QUANT_SIZES
+        self._block, self._block_bytes = GGML_QUANT_SIZES[self.ggml_type]
+
+    def to(self, dtype: torch.dtype) -> "LazyGGUFTensor":
+        return LazyGGUFTensor(self.checkpoint, self.hf_name, dtype)
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Raw bytes of HF rows [start, stop) (the file's rows through the unpermute index)."""
+        if self._index is None:
+            return self._raw[start:stop]
+        return self._raw[self._index[start:stop]]
+
+    def _dequantize(self, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+        t = dequantize(self.ggml_type, np.ascontiguousarray(raw), shape).to(self.dtype)
+        LazyGGUFTensor.elements_read += t.numel()
+        return t
+
+    def materialize(self) -> torch.Tensor:
+        return self._dequantize(self._rows(0, self.shape[0]), tuple(self.shape))
+
+    def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
+        if dim == 0 or len(self.shape) == 1:
+            shape = (length, *self.shape[1:])
+            return self._dequantize(self._rows(start, start + length), shape)
+        rows, cols = self.shape
+        end = start + length
+        if start % self._block or (end % self._block and end != cols):
+            return self.materialize().narrow(dim, start, length)  # not on block boundaries
+        b0, b1 = start // self._block, -(-end // self._block)
+        raw = self._rows(0, rows).reshape(rows, -1, self._block_bytes)[:, b0:b1]
+        return self._dequantize(raw, (rows, length))
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        """Rows along dim 0 (a slice; past the end: fewer rows, as a tensor would give)."""
+        if not isinstance(rows, slice):
+            raise TypeError("LazyGGUFTensor reads row slices only")
         start, stop, _ = rows.indices(self.shape[0])
         return self.narrow(0, start, max(0, stop - start))
 

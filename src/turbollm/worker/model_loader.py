@@ -94,12 +94,12 @@ def multi_row_products_in_bf16(asked: str, isa: str | None, requested: str,
 
 
 def iter_checkpoint(source: ResolvedModel, dtype: torch.dtype, lazy: bool = False):
-    """(hf_name, tensor) pairs of a checkpoint, whatever its format. lazy: safetensors tensors
-    come as LazyTensors (loader/lazy_tensor.py), read only as far as the model's loaders ask,
-    so that a tensor- or pipeline-parallel rank reads its own slices."""
+    """(hf_name, tensor) pairs of a checkpoint, whatever its format. lazy: safetensors and GGUF
+    tensors come as LazyTensors / LazyGGUFTensors (loader/lazy_tensor.py), read only as far as
+    the model's loaders ask, so that a tensor- or pipeline-parallel rank reads its own slices."""
     if source.kind == "gguf":
         from turbollm.loader.gguf import GGUFCheckpoint
-        return GGUFCheckpoint(source.path).iter_tensors(dtype)
+        return GGUFCheckpoint(source.path).iter_tensors(dtype, lazy=lazy)
     from turbollm.loader.compressed_tensors import iter_compressed_tensors, sparsity_config
     if sparsity_config(source.path) is not None:  # compressed-tensors sparse: dense at load
         return iter_compressed_tensors(source.path, dtype)
