@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 import torch
+from gguf import GGML_QUANT_SIZES
 from safetensors import SafetensorError, safe_open
 
 from turbollm.loader.errors import CheckpointError
@@ -67,7 +67,6 @@ class LazyGGUFTensor:
         self.checkpoint, self.hf_name, self.dtype = checkpoint, hf_name, dtype
         self.ggml_type, self._raw, shape, self._index = checkpoint.raw_rows(hf_name)
         self.shape = torch.Size(shape)
-        from gguf import GGML_QUANT_SIZES
         self._block, self._block_bytes = GGML_QUANT_SIZES[self.ggml_type]
 
     def to(self, dtype: torch.dtype) -> "LazyGGUFTensor":
