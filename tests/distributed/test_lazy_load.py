@@ -90,7 +90,7 @@ def test_a_tensor_parallel_rank_reads_its_gguf_slices(tmp_path, tiny_llama, monk
     path = tiny_gguf(tmp_path / "tiny.gguf")
     ckpt = GGUFCheckpoint(path)
     full = {n: ckpt.get_tensor(n) for n in ckpt.hf_names()}
-    raw_bytes = sum(ckpt.raw_rows(n)[1].nbytes for n in full if "norm" not in n)
+    raw_bytes = sum(ckpt.raw_part(n).nbytes for n in full if "norm" not in n)
     unpacked = []
     for unpack in ("q4_1_unpack", "q8_0_unpack"):
         real = getattr(gguf_native, unpack)

@@ -135,25 +135,33 @@ class GGUFCheckpoint:
             return rope_unpermute_index(rows, cfg["num_key_value_heads"])
         return None
 
-    def raw_rows(self, hf_name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...],
-                                                 np.ndarray | None]:
-        """(ggml type, the file's raw bytes uint8 [rows, bytes_per_row] (a view of the mapped
-        file: nothing read yet), HF shape [out, in], and the file row of each HF row, or None
-        where they are the same)."""
+    def shape(self, hf_name: str) -> tuple[int, ...]:
+        """HF shape of one parameter ([out, in] for a matrix)."""
+        return tuple(self.file.tensors[self._names[hf_name]].shape)
+
+    def raw_part(self, hf_name: str, rows: tuple[int, int] | None = None,
+                 cols: tuple[int, int] | None = None) -> np.ndarray:
+        """Raw bytes uint8 [rows, bytes_per_row] of one parameter in HF row order: HF rows
+        [start, stop) (stop past the end: the rows there are) and columns [first, end) (on
+        quantization-block boundaries, or end at the row's end), all where None. The file is
+        mapped, so only that part is read."""
         info = self.file.tensors[self._names[hf_name]]
         raw = self.file.tensor_bytes(info.name)
-        if len(info.shape) == 1 and GGML_QUANT_SIZES[info.ggml_type][0] == 1:
+        block, block_bytes = GGML_QUANT_SIZES[info.ggml_type]
+        if len(info.shape) == 1 and block == 1:
             raw = raw.reshape(info.shape[0], -1)  # 1-D float tensor: one "row" per element
+        start, stop = (0, raw.shape[0]) if rows is None else (rows[0], min(rows[1], raw.shape[0]))
         index = self._unpermute_index(hf_name, raw.shape[0])
-        return info.ggml_type, raw, info.shape, None if index is None else index.numpy()
+        # Quantization blocks never cross rows, so permuting raw rows equals permuting values.
+        raw = raw[start:stop] if index is None else raw[index.numpy()[start:stop]]
+        if cols is not None:
+            blocks = raw.reshape(raw.shape[0], -1, block_bytes)
+            raw = blocks[:, cols[0] // block:-(-cols[1] // block)].reshape(raw.shape[0], -1)
+        return raw
 
     def raw_tensor(self, hf_name: str) -> tuple[GGMLQuantizationType, np.ndarray, tuple[int, ...]]:
         """(ggml type, raw bytes uint8 [rows, bytes_per_row] in HF row order, HF shape [out, in])."""
-        ggml_type, raw, shape, index = self.raw_rows(hf_name)
-        if index is not None:
-            # Quantization blocks never cross rows, so permuting raw rows equals permuting values.
-            raw = raw[index]
-        return ggml_type, raw, shape
+        return self.ggml_type(hf_name), self.raw_part(hf_name), self.shape(hf_name)
 
     def get_tensor(self, hf_name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """One parameter dequantized to `dtype`, HF shape and row order."""

@@ -18,7 +18,6 @@ import logging
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 from torch import nn
 
@@ -72,16 +71,12 @@ def _rank_arrays(ckpt: GGUFCheckpoint, name: str, layer, shard_id, unpack) -> li
     blocks (a rank's column slice starts and ends on a multiple of 32, checked by the caller),
     read from the mapped file and unpacked alone; rows past the tensor's end (the
     vocab-parallel head's padding) are zeros. The whole tensor for a layer of one process."""
-    ggml_type, raw, _, index = ckpt.raw_rows(name)
     rows, cols = checkpoint_slice(layer, shard_id)
-    start, n = (0, raw.shape[0]) if rows is None else rows
-    stop = min(start + n, raw.shape[0])
-    raw = raw[start:stop] if index is None else raw[index[start:stop]]
-    if cols is not None:
-        blocks = raw.reshape(raw.shape[0], -1, GGML_QUANT_SIZES[ggml_type][1])
-        raw = blocks[:, cols[0] // 32:(cols[0] + cols[1]) // 32].reshape(raw.shape[0], -1)
-    arrays = unpack(ggml_type, np.ascontiguousarray(raw))
-    return [slice_checkpoint_rows(a, (0, n)).contiguous() for a in arrays]
+    raw = ckpt.raw_part(name, None if rows is None else (rows[0], rows[0] + rows[1]),
+                        None if cols is None else (cols[0], cols[0] + cols[1]))
+    arrays = unpack(ckpt.ggml_type(name), np.ascontiguousarray(raw))
+    return [slice_checkpoint_rows(a, None if rows is None else (0, rows[1])).contiguous()
+            for a in arrays]
 
 
 def install_gguf_native(model: nn.Module, ckpt: GGUFCheckpoint) -> dict[str, str]:

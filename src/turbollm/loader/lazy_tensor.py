@@ -65,38 +65,30 @@ class LazyGGUFTensor:
 
     def __init__(self, checkpoint, hf_name: str, dtype: torch.dtype):
         self.checkpoint, self.hf_name, self.dtype = checkpoint, hf_name, dtype
-        self.ggml_type, self._raw, shape, self._index = checkpoint.raw_rows(hf_name)
-        self.shape = torch.Size(shape)
-        self._block, self._block_bytes = GGML_QUANT_SIZES[self.ggml_type]
+        self.ggml_type = checkpoint.ggml_type(hf_name)
+        self.shape = torch.Size(checkpoint.shape(hf_name))
+        self._block = GGML_QUANT_SIZES[self.ggml_type][0]
 
     def to(self, dtype: torch.dtype) -> "LazyGGUFTensor":
         return LazyGGUFTensor(self.checkpoint, self.hf_name, dtype)
 
-    def _rows(self, start: int, stop: int) -> np.ndarray:
-        """Raw bytes of HF rows [start, stop) (the file's rows through the unpermute index)."""
-        if self._index is None:
-            return self._raw[start:stop]
-        return self._raw[self._index[start:stop]]
-
-    def _dequantize(self, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    def _read(self, shape: tuple[int, ...], rows=None, cols=None) -> torch.Tensor:
+        """Rows [start, stop) and columns [first, end) (GGUFCheckpoint.raw_part), dequantized."""
+        raw = self.checkpoint.raw_part(self.hf_name, rows, cols)
         t = dequantize(self.ggml_type, np.ascontiguousarray(raw), shape).to(self.dtype)
         LazyGGUFTensor.elements_read += t.numel()
         return t
 
     def materialize(self) -> torch.Tensor:
-        return self._dequantize(self._rows(0, self.shape[0]), tuple(self.shape))
+        return self._read(tuple(self.shape))
 
     def narrow(self, dim: int, start: int, length: int) -> torch.Tensor:
-        if dim == 0 or len(self.shape) == 1:
-            shape = (length, *self.shape[1:])
-            return self._dequantize(self._rows(start, start + length), shape)
-        rows, cols = self.shape
         end = start + length
-        if start % self._block or (end % self._block and end != cols):
+        if dim == 0 or len(self.shape) == 1:
+            return self._read((length, *self.shape[1:]), rows=(start, end))
+        if start % self._block or (end % self._block and end != self.shape[1]):
             return self.materialize().narrow(dim, start, length)  # not on block boundaries
-        b0, b1 = start // self._block, -(-end // self._block)
-        raw = self._rows(0, rows).reshape(rows, -1, self._block_bytes)[:, b0:b1]
-        return self._dequantize(raw, (rows, length))
+        return self._read((self.shape[0], length), cols=(start, end))
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         """Rows along dim 0 (a slice; past the end: fewer rows, as a tensor would give)."""
