@@ -213,8 +213,8 @@ void e4m3_gemm_scaled_f32(const float *x, int64_t M, const uint8_t *w, const flo
 // rows `ystride` apart. in % 8 == 0.
 // ranks [slots, K]: the real rank of each slot's shard (0: not targeted). The slot rank R is the
 // largest adapter's, and smaller adapters are zero-padded up to it; only each shard's first
-// ranks[s, j] factor rows are read, so a rank-8 adapter costs rank-8 bytes beside a rank-64 one
-// (decode reads every factor each step: the term's cost is its bytes).
+// ranks[s, j] factor rows are read, so a rank-8 adapter costs rank-8 work beside a rank-64 one
+// (beside a rank-64 adapter a rank-1 one cost +71% a token before, +2-13% now: docs/lora.md).
 // Both phases are split over the threads in one parallel region for all T rows: the shrink by
 // (row, up to four A rows of one shard), the expand by output rows, each output row walking
 // every row t with an adapter. (One region per row, as before, cost ~13000 regions a step at 64
