@@ -111,10 +111,13 @@ def test_manager_compiles_off_thread_and_caches(tokenizer):
         t0 = time.perf_counter()
         first = mgr.compile(spec).result(timeout=60)
         cold = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        again = mgr.compile(Spec.json(json.loads(json.dumps(SCHEMA)))).result()
-        warm = time.perf_counter() - t0
-        assert again is first and warm < 1e-3, (cold, warm)
+        warm = float("inf")  # the best of 5 cache hits: one descheduling on a shared VM took
+        for _ in range(5):   # 3 ms (a Zen 4 VM, session 20), a hit itself takes ~30 us
+            t0 = time.perf_counter()
+            again = mgr.compile(Spec.json(json.loads(json.dumps(SCHEMA)))).result()
+            warm = min(warm, time.perf_counter() - t0)
+            assert again is first
+        assert warm < 1e-3, (cold, warm)
         bad = mgr.new_state(Spec.regex("(("))
         bad._compiled.exception(timeout=60)
         assert bad.poll() and bad.error and not bad.ready
