@@ -50,6 +50,11 @@ _int16_activations = True  # KernelConfig.exact_activations turns it off (worker
 # M=8 278 / 149, M=16 503 / 161, M=64 1763 / 488; from ~128 rows torch's oneDNN bf16 GEMM on
 # the widened weight is faster (M=256: 1.27 ms vs ~2 ms).
 AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
+# Row counts whose packed int4/int8 products take the outputs-in-lanes kernels of AVX-512
+# builds (csrc/lowbit_lanes.h) where AMX tiles do not serve and rows need not keep their
+# one-row bits. Zen 4, 2 threads, one int4 linear of SmolLM2 (576 x 576), us row kernels /
+# lanes (session 21): M=1 13 / 26, M=3 28 / 26, M=8 55-83 / 41, M=16 103 / 57, M=64 440 / 194.
+LANES_MIN_ROWS, LANES_MAX_ROWS = 16, 128
 
 
 def exact_activations(on: bool = True) -> None:
@@ -69,6 +74,15 @@ def _tiles(M: int, k: int, group_size: int) -> bool:
             and group_size % 32 == 0 and multi_row.in_bf16() and native.amx() is not None)
 
 
+def _lanes(M: int, k: int, group_size: int) -> bool:
+    """Packed-kernel calls of M rows through the outputs-in-lanes kernels (q4_gemm_lanes /
+    q8_gemm_lanes): int16 activations like the row kernels, summed in another order, so not
+    within row_invariant() (nor with exact_activations)."""
+    return (LANES_MIN_ROWS <= M <= LANES_MAX_ROWS and not multi_row.is_row_invariant()
+            and _int16_activations and k % 32 == 0 and group_size % 32 == 0
+            and k // 32 <= _MAX_A16_BLOCKS and native.lanes() is not None)
+
+
 def _a16(M: int, k: int) -> bool:
     """Packed-kernel calls on int16-rounded activation rows. Row-invariant products
     (layers/prefill_gemm.row_invariant) take them at any row count: they alone sum every
@@ -83,8 +97,11 @@ def _a16(M: int, k: int) -> bool:
 def rounds_activations(x: torch.Tensor, group_size: int, kind: str = "int4") -> bool:
     """True when a packed kernel will see x [M, K] rounded to int16 (see int16_activations)."""
     M, k = x.shape
-    return ((M <= MAX_ROWS_PACKED[kind] or multi_row.is_row_invariant()) and _a16(M, k)
-            and group_size % 32 == 0 and not _tiles(M, k, group_size))
+    if _tiles(M, k, group_size):
+        return False
+    return _lanes(M, k, group_size) or (
+        (M <= MAX_ROWS_PACKED[kind] or multi_row.is_row_invariant()) and _a16(M, k)
+        and group_size % 32 == 0)
 
 
 def int16_activations(x: torch.Tensor) -> torch.Tensor:
@@ -222,11 +239,12 @@ def int4_row_kernel(state: Int4State, M: int, k: int):
     if L is None or not _q4_ok(k, g) or not _on_cpu(state.packed):
         return None
     tiles = _tiles(M, k, g)
-    if M > MAX_ROWS_PACKED["int4"] and not (tiles or _a16(M, k)):
+    if M > MAX_ROWS_PACKED["int4"] and not (tiles or _lanes(M, k, g) or _a16(M, k)):
         return None
     w = (state.packed.data_ptr(), state.scales.data_ptr(), state.offsets.data_ptr(),
          int(state.zero_form))
-    fn = L.q4_gemm_amx if tiles else L.q4_gemm_a16 if _a16(M, k) else L.q4_gemm
+    fn = (L.q4_gemm_amx if tiles else L.q4_gemm_lanes if _lanes(M, k, g)
+          else L.q4_gemm_a16 if _a16(M, k) else L.q4_gemm)
     return RowKernel(lambda x, y: fn(x, M, *w, y, n, k, g), fn, RowKernel.LOWBIT, M, *w, n, k, g)
 
 
@@ -259,10 +277,11 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
     if L is None or not _q8_ok(k, g) or not _on_cpu(state.qweight):
         return None
     tiles = _tiles(M, k, g)
-    if M > MAX_ROWS_PACKED["int8"] and not (tiles or (_a16(M, k) and g % 32 == 0)):
+    if M > MAX_ROWS_PACKED["int8"] and not (tiles or _lanes(M, k, g) or (_a16(M, k) and g % 32 == 0)):
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
-    fn = L.q8_gemm_amx if tiles else L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm
+    fn = (L.q8_gemm_amx if tiles else L.q8_gemm_lanes if _lanes(M, k, g)
+          else L.q8_gemm_a16 if _a16(M, k) and g % 32 == 0 else L.q8_gemm)
     return RowKernel(lambda x, y: fn(x, M, w, s, y, n, k, g), fn, RowKernel.Q8, M, w, s, n, k, g)
 
 

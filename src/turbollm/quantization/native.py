@@ -20,6 +20,11 @@ _SIGNATURES = {
 }
 
 
+_LANES_SIGNATURES = {
+    "q4_gemm_lanes": _SIGNATURES["q4_gemm_a16"],
+    "q8_gemm_lanes": _SIGNATURES["q8_gemm_a16"],
+}
+
 _AMX_SIGNATURES = {
     "q4_gemm_amx": _SIGNATURES["q4_gemm"],
     "q8_gemm_amx": _SIGNATURES["q8_gemm"],
@@ -30,6 +35,19 @@ _AMX_SIGNATURES = {
 def lib():
     """The loaded kernel library, or None where it cannot run here (then torch kernels serve)."""
     return load_library(_SRC, _SIGNATURES)
+
+
+@functools.cache
+def lanes():
+    """The library when it is an AVX-512 build (avx512, amx), which has the outputs-in-lanes
+    kernels for several rows (csrc/lowbit_lanes.h: q4_gemm_lanes, q8_gemm_lanes), else None."""
+    L = lib()
+    if L is None or not hasattr(L, "q4_gemm_lanes"):
+        return None
+    for name, args in _LANES_SIGNATURES.items():
+        fn = getattr(L, name)
+        fn.argtypes, fn.restype = args, None
+    return L
 
 
 @functools.cache

@@ -370,7 +370,9 @@ typedef struct {
     int64_t ncs, ngs;
 } rows_i16;
 
-static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K, int64_t G) {
+// pairs: AVX-512 builds reorder each row for their paired-block dots (see lowbit_avx512.h);
+// 0 keeps column order (lowbit_lanes.h lays the rows out its own way)
+static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K, int64_t G, int pairs) {
     const int64_t nchunks = K / 32, cpg = G / 32;
     rows_i16 r;
     r.ncs = pad8(nchunks);
@@ -383,7 +385,7 @@ static rows_i16 quantize_rows_i16(const float *x, int64_t M, int64_t K, int64_t 
         quantize_row_i16(x + m * K, K, r.xq + m * K, r.xd + m * r.ncs, r.xs + m * r.ncs);
 #ifdef LOWBIT_AVX512
         // pairs of blocks within each group (the whole row at G = 32), as the dots read them
-        pair_order_i16(r.xq + m * K, nchunks, cpg == 1 ? nchunks : cpg);
+        if (pairs) pair_order_i16(r.xq + m * K, nchunks, cpg == 1 ? nchunks : cpg);
 #endif
         for (int64_t c = 0; cpg > 1 && c < nchunks; c++) r.xg[m * r.ngs + c / cpg] += r.xs[m * r.ncs + c];
     }
@@ -771,7 +773,7 @@ static void gemm_a16(const float *x, int64_t M, const uint8_t *w, const void *sh
     }
     const int64_t ng = (K + G - 1) / G, nchunks = K / 32, cpg = G / 32;
     const int64_t w_stride = is_int4 ? K / 2 : K;
-    rows_i16 r = quantize_rows_i16(x, M, K, G);
+    rows_i16 r = quantize_rows_i16(x, M, K, G, 1);
     // two rows of int8 stay on the tiled path: twice int4's bytes per weight, its head (49152 x
     // 576, Q8_0) streams at memory speed there and was 5-15% slower in gemv_blocks_pair
     if (M == 1 || (M == 2 && is_int4)) {
@@ -858,6 +860,10 @@ void q8_dequant(const int8_t *q, const float *scales, float *out, int64_t row0, 
 #pragma omp parallel for schedule(static)
     for (int64_t o = row0; o < row1; o++) q8_widen_row(q, scales, out + (o - row0) * K, o, K, G);
 }
+
+#ifdef LOWBIT_AVX512
+#include "lowbit_lanes.h"  // q4_gemm_lanes, q8_gemm_lanes: 16 outputs per register, several rows
+#endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #include "lowbit_amx.h"  // q4_gemm_amx, q8_gemm_amx: bf16 tiles for several activation rows
