@@ -2,7 +2,8 @@
 AVX-512 builds: right against an fp64 reference on the int16-rounded activations, for every
 shape kind the row kernels are tested with (out not a multiple of the 16-row panels, odd
 block counts, groups of 1-4 blocks and a shorter last group, int8 per channel), and chosen by
-kernels.py for the row counts they serve, never where rows must keep their one-row bits.
+kernels.py for the row counts they serve where multi-row products may leave the row kernels'
+bits, never where rows must keep them (row_invariant, or the multi-row switch off).
 """
 import ctypes
 
@@ -95,7 +96,16 @@ def _expected_int4_kernel(M: int, k: int, g: int):
     return native.lib().q4_gemm_lanes
 
 
-def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not():
+@pytest.fixture
+def multi_row_in_bf16():
+    """prefill_dtype resolved to bf16 (the default where these kernels build)"""
+    old = prefill_gemm.in_bf16()
+    prefill_gemm.use_bf16(True)
+    yield
+    prefill_gemm.use_bf16(old)
+
+
+def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not(multi_row_in_bf16):
     if native.lanes() is None:
         pytest.skip("the kernel library here is not an AVX-512 build (this CPU lacks "
                     "AVX-512 BW/VNNI/BF16/VBMI2)")
@@ -110,10 +120,12 @@ def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not():
             assert torch.equal(kernels.int4_linear(x, st), _q4_lanes(native.lib(), st, x))
             assert kernels.rounds_activations(x, 32)
     assert kernels.int4_row_kernel(st, lo - 1, 576).spec[0] != addr(native.lib().q4_gemm_lanes)
-    with prefill_gemm.row_invariant():
-        for M in (lo, 33):
-            assert kernels.int4_row_kernel(st, M, 576).spec[0] == addr(native.lib().q4_gemm_a16)
     q8 = kernels.int8_pack(torch.randint(-128, 128, (64, 576), dtype=torch.int8),
                            torch.rand(64, 18) * 0.01, 32)
     if not kernels._tiles(33, 576, 32):
         assert kernels.int8_row_kernel(q8, 33, 576).spec[0] == addr(native.lib().q8_gemm_lanes)
+    with prefill_gemm.row_invariant():
+        for M in (lo, 33):
+            assert kernels.int4_row_kernel(st, M, 576).spec[0] == addr(native.lib().q4_gemm_a16)
+    prefill_gemm.use_bf16(False)  # dtype=bfloat16, prefill_dtype=float32: the row kernels' bits
+    assert kernels.int4_row_kernel(st, 33, 576).spec[0] == addr(native.lib().q4_gemm_a16)

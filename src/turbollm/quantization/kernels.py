@@ -76,10 +76,15 @@ def _tiles(M: int, k: int, group_size: int) -> bool:
 
 def _lanes(M: int, k: int, group_size: int) -> bool:
     """Packed-kernel calls of M rows through the outputs-in-lanes kernels (q4_gemm_lanes /
-    q8_gemm_lanes): int16 activations like the row kernels, summed in another order, so not
-    within row_invariant() (nor with exact_activations)."""
+    q8_gemm_lanes): int16 activations like the row kernels, summed in another order. So only
+    where multi-row products may leave the row kernels' bits (layers/prefill_gemm.py's switch,
+    as for the AMX tiles: prefill_dtype resolved to bf16, the default on CPUs with bf16
+    instructions; with dtype=bfloat16 or prefill_dtype=float32 a model's greedy answers stay
+    those of the row kernels on every CPU), never within row_invariant(), and not with
+    exact_activations."""
     return (LANES_MIN_ROWS <= M <= LANES_MAX_ROWS and not multi_row.is_row_invariant()
-            and _int16_activations and k % 32 == 0 and group_size % 32 == 0
+            and multi_row.in_bf16() and _int16_activations and k % 32 == 0
+            and group_size % 32 == 0
             and k // 32 <= _MAX_A16_BLOCKS and native.lanes() is not None)
 
 
