@@ -114,11 +114,15 @@ class SchedulerConfig:
         "token budget of one step (prefill chunks + decodes)"))
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "split long prompts across steps so running decodes never stall"))
+    max_decode_stall: float = field(default=2.0, metadata=_help(
+        "while requests decode, a step that also computes prompt tokens may take at most this "
+        "many times a decode-only step of the same batch: the prompt chunk is sized from the "
+        "engine's measured step times, so streams keep a steady pace while new prompts are "
+        "prefilled (0 = off: prefill_chunk_while_decoding alone). Chunked prefill only"))
     prefill_chunk_while_decoding: int = field(default=64, metadata=_help(
         "most prompt tokens a step computes while other requests are decoding (or 16 per "
-        "decoding request, where that is more): every step delays each running request's next "
-        "token, so a long prompt is cut into short chunks (up to 64 rows take the C decode "
-        "path on CPU; 0 = up to the step budget). Chunked prefill only"))
+        "decoding request, where that is more) until max_decode_stall has step times to go "
+        "by, or always where it is 0 (0 here = up to the step budget). Chunked prefill only"))
     structured_output_backend: str = field(default="xgrammar", metadata=_help(
         "grammar engine for constrained decoding (response_format, guided_*): xgrammar fills "
         "token masks ~20x faster; llguidance compiles lazily", choices=STRUCTURED_OUTPUT_BACKENDS))
@@ -132,6 +136,9 @@ class SchedulerConfig:
         if self.structured_output_backend not in STRUCTURED_OUTPUT_BACKENDS:
             raise ValueError(f"structured_output_backend must be one of "
                              f"{STRUCTURED_OUTPUT_BACKENDS}, got {self.structured_output_backend!r}")
+        if self.max_decode_stall != 0 and not self.max_decode_stall > 1:
+            raise ValueError("max_decode_stall must be > 1 (or 0: off), got "
+                             f"{self.max_decode_stall}")
         if self.prefill_chunk_while_decoding < 0:
             raise ValueError("prefill_chunk_while_decoding must be >= 0, got "
                              f"{self.prefill_chunk_while_decoding}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from turbollm.config import SchedulerConfig
 from turbollm.core.kv_cache_manager import KVCacheManager
 from turbollm.core.request import Request, RequestStatus
+from turbollm.core.stall_budget import StallBudget
 
 # Prompt tokens a step may add per decoding request (see Scheduler._prefill_budget)
 PREFILL_TOKENS_PER_DECODE = 16
@@ -69,6 +70,9 @@ class Scheduler:
         self.running: list[Request] = []  # admission order; the last one is preempted first
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Measured step times that size prompt chunks while others decode (the engine feeds it)
+        self.stall = (StallBudget(config.max_decode_stall)
+                      if config.max_decode_stall and config.enable_chunked_prefill else None)
 
     # ----- intake -----
     def add_request(self, req: Request) -> None:
@@ -130,18 +134,27 @@ class Scheduler:
 
     def _prefill_budget(self) -> int:
         """Prompt tokens this step may compute. While requests decode the whole step delays
-        their next token, so prompts get SchedulerConfig.prefill_chunk_while_decoding tokens,
-        or PREFILL_TOKENS_PER_DECODE per decoding request when that is more: many decode rows
-        already make the step long, and a share that grows with them keeps waiting prompts
-        from starving (64 clients on 2 SPR cores: a fixed 64-token cap took the median time
-        to first token from 2.8 s to 36 s)."""
-        cap = self.config.prefill_chunk_while_decoding
-        if not cap or not self.config.enable_chunked_prefill:
+        their next token, so prompts get what keeps the step within max_decode_stall times a
+        decode-only step (StallBudget, from measured step times). Before any step is timed,
+        or with max_decode_stall = 0: SchedulerConfig.prefill_chunk_while_decoding tokens, or
+        PREFILL_TOKENS_PER_DECODE per decoding request when that is more. Either way the
+        share grows with the decoding batch, which keeps waiting prompts from starving (64
+        clients on 2 SPR cores: a fixed 64-token cap took the median time to first token
+        from 2.8 s to 36 s)."""
+        if not self.config.enable_chunked_prefill:
             return self.config.max_num_batched_tokens
-        decoding = sum(not r.is_prefilling for r in self.running)
+        decoding = [r for r in self.running if not r.is_prefilling]
         if not decoding:
             return self.config.max_num_batched_tokens
-        return max(cap, PREFILL_TOKENS_PER_DECODE * decoding)
+        if self.stall is not None:  # keyed as the engine reports steps: by decode tokens
+            measured = self.stall.tokens(sum(r.num_tokens - r.num_computed_tokens
+                                             + len(r.spec_token_ids) for r in decoding))
+            if measured is not None:
+                return measured
+        cap = self.config.prefill_chunk_while_decoding
+        if not cap:
+            return self.config.max_num_batched_tokens
+        return max(cap, PREFILL_TOKENS_PER_DECODE * len(decoding))
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         skipped: list[Request] = []

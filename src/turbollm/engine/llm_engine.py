@@ -300,9 +300,12 @@ class LLMEngine:
         except Exception as exc:  # fail only this step's requests; the engine goes on
             self._finished_ids.extend(batch.finished_request_ids)  # releasing twice is harmless
             return failed + self._fail_step(so, exc)
+        seconds = time.perf_counter() - t0
         if prefill:
             self.stats.prefill_tokens += prefill
-            self.stats.prefill_seconds += time.perf_counter() - t0
+            self.stats.prefill_seconds += seconds
+        if self.scheduler.stall is not None:
+            self.scheduler.stall.observe(so.total_num_scheduled_tokens - prefill, prefill, seconds)
         new, finished = self.scheduler.update(so, ro.sampled_token_ids)
         self.stats.steps += 1
         if self.config.parallel.world_size > 1:  # seconds in collectives, for bench / metrics

@@ -22,19 +22,31 @@
 #define LANES 16
 #define LANE_ROWS TILE  // activation rows per pass over a panel (8 x 3 accumulators + 2 in 32 zmm)
 
-// The activations as dwords: pair p of block c is (xq[32c + p], xq[32c + p + 16]) for int4
-// (the low and high nibble of byte p), (xq[32c + 2p], xq[32c + 2p + 1]) for int8.
+// The activations as dwords, in the order of the panel's pair vectors (lanes_panel_block):
+// per 4 columns 4k..4k+3 (int8) or per byte group k (int4), the pairs are
+//   int4 (byte j holds column j low, j + 16 high): (4k, 4k+2), (4k+16, 4k+18), (4k+1, 4k+3),
+//        (4k+17, 4k+19), for k = 0..3 of a 32-column block;
+//   int8: (4k, 4k+2), (4k+1, 4k+3), for k = 0..7.
 static int32_t *lanes_pairs(const rows_i16 *r, int64_t M, int64_t K, int is_int4) {
     int32_t *xp = (int32_t *)aligned_alloc(64, M * K * sizeof(int16_t));
     for (int64_t m = 0; m < M; m++) {
         const int16_t *q = r->xq + m * K;
         int16_t *d = (int16_t *)(xp + m * K / 2);
-        if (!is_int4) { memcpy(d, q, K * sizeof(int16_t)); continue; }
-        for (int64_t c = 0; c < K; c += 32)
-            for (int p = 0; p < 16; p++) {
-                d[c + 2 * p] = q[c + p];
-                d[c + 2 * p + 1] = q[c + p + 16];
+        for (int64_t c = 0; c < K; c += 32, d += 32) {
+            const int16_t *b = q + c;
+            for (int k = 0; k < (is_int4 ? 4 : 8); k++) {
+                const int at = 4 * k;
+                int16_t *o = d + (is_int4 ? 8 : 4) * k;
+                if (is_int4) {
+                    const int16_t v[8] = {b[at], b[at + 2], b[at + 16], b[at + 18],
+                                          b[at + 1], b[at + 3], b[at + 17], b[at + 19]};
+                    memcpy(o, v, sizeof(v));
+                } else {
+                    const int16_t v[4] = {b[at], b[at + 2], b[at + 1], b[at + 3]};
+                    memcpy(o, v, sizeof(v));
+                }
             }
+        }
     }
     return xp;
 }
@@ -58,31 +70,27 @@ static inline void lanes_dwords(const uint8_t *const *rows, int64_t at, __m512i 
 }
 
 // Block c of 16 weight rows (absent rows point at zeros) as 16 pair vectors: lane o of vector
-// p holds the int16 pair of row o that activation pair p meets.
+// p holds the int16 pair of row o that activation pair p meets (order: lanes_pairs). A dword
+// of weights splits into pairs by shifts and masks alone: int4 nibbles 0/4 (low nibbles of
+// bytes 0, 2), 4/20, 8/24, 12/28; int8 bytes 0/2 and 1/3 sign-extended.
 static inline void lanes_panel_block(const uint8_t *const *rows, int is_int4, int64_t c,
                                      __m512i *out) {
     __m512i d[4];
     if (is_int4) {
-        // byte j = 4k + i of a row -> (low nibble, high nibble) as the two int16 of its lane
-        const __m512i nib = _mm512_set1_epi32(0x00F0000F), shift = _mm512_set1_epi32(0x00040000);
+        const __m512i nib = _mm512_set1_epi32(0x000F000F);
         lanes_dwords(rows, 16 * c, d);
-        for (int i = 0; i < 4; i++) {
-            const __m512i ctrl = _mm512_add_epi32(_mm512_set1_epi32((int)(0x80008000u | (i << 16) | i)),
-                _mm512_set4_epi32(12 << 16 | 12, 8 << 16 | 8, 4 << 16 | 4, 0));
-            for (int k = 0; k < 4; k++)
-                out[4 * k + i] = _mm512_srlv_epi16(_mm512_and_si512(_mm512_shuffle_epi8(d[k], ctrl), nib), shift);
+        for (int k = 0; k < 4; k++) {
+            out[4 * k] = _mm512_and_si512(d[k], nib);
+            out[4 * k + 1] = _mm512_and_si512(_mm512_srli_epi32(d[k], 4), nib);
+            out[4 * k + 2] = _mm512_and_si512(_mm512_srli_epi32(d[k], 8), nib);
+            out[4 * k + 3] = _mm512_and_si512(_mm512_srli_epi32(d[k], 12), nib);
         }
     } else {
-        // bytes 2h, 2h + 1 of dword k -> the high bytes of two int16, then an arithmetic shift
         for (int half = 0; half < 2; half++) {
             lanes_dwords(rows, 32 * c + 16 * half, d);
-            for (int h = 0; h < 2; h++) {
-                const int lo = 2 * h, hi = 2 * h + 1;
-                const __m512i ctrl = _mm512_add_epi32(
-                    _mm512_set1_epi32((int)((hi << 24) | 0x800000u | (lo << 8) | 0x80u)),
-                    _mm512_set4_epi32(12 << 24 | 12 << 8, 8 << 24 | 8 << 8, 4 << 24 | 4 << 8, 0));
-                for (int k = 0; k < 4; k++)
-                    out[8 * half + 2 * k + h] = _mm512_srai_epi16(_mm512_shuffle_epi8(d[k], ctrl), 8);
+            for (int k = 0; k < 4; k++) {
+                out[8 * half + 2 * k] = _mm512_srai_epi16(_mm512_slli_epi16(d[k], 8), 8);
+                out[8 * half + 2 * k + 1] = _mm512_srai_epi16(d[k], 8);
             }
         }
     }
