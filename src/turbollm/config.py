@@ -114,11 +114,13 @@ class SchedulerConfig:
         "token budget of one step (prefill chunks + decodes)"))
     enable_chunked_prefill: bool = field(default=True, metadata=_help(
         "split long prompts across steps so running decodes never stall"))
-    max_decode_stall: float = field(default=2.0, metadata=_help(
+    max_decode_stall: float = field(default=0.0, metadata=_help(
         "while requests decode, a step that also computes prompt tokens may take at most this "
-        "many times a decode-only step of the same batch: the prompt chunk is sized from the "
-        "engine's measured step times, so streams keep a steady pace while new prompts are "
-        "prefilled (0 = off: prefill_chunk_while_decoding alone). Chunked prefill only"))
+        "many times a decode-only step of the same batch (e.g. 2): the prompt chunk is sized "
+        "from the engine's measured step times, so streams keep a steady pace while new "
+        "prompts are prefilled, at a cost in time to first token and throughput where a prompt "
+        "token costs much of a decode step (2 CPU cores: docs/benchmarks.md). 0 = off: "
+        "prefill_chunk_while_decoding alone. Chunked prefill only"))
     prefill_chunk_while_decoding: int = field(default=64, metadata=_help(
         "most prompt tokens a step computes while other requests are decoding (or 16 per "
         "decoding request, where that is more) until max_decode_stall has step times to go "

@@ -86,7 +86,7 @@ def test_max_decode_stall_is_checked():
 def test_the_engine_times_its_steps_into_the_budget(tiny_llama):
     from turbollm.engine.llm_engine import LLMEngine
     eng = LLMEngine.from_kwargs(model=str(tiny_llama), max_num_batched_tokens=64,
-                                kv_cache_memory="8MiB")
+                                kv_cache_memory="8MiB", max_decode_stall=2.0)
     eng.add_request("a", list(range(3, 10)), SamplingParams(max_tokens=40, ignore_eos=True))
     for _ in range(3):
         eng.step()
