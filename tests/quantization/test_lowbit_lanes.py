@@ -89,13 +89,6 @@ def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call():
     assert torch.equal(_q4_lanes(lib, st, x[20:21].repeat(17, 1))[5], whole[20])
 
 
-def _expected_int4_kernel(M: int, k: int, g: int):
-    """The function int4_row_kernel should pick for M rows here."""
-    if kernels._tiles(M, k, g):
-        return native.amx().q4_gemm_amx  # AMX tiles come first where they serve
-    return native.lib().q4_gemm_lanes
-
-
 @pytest.fixture
 def multi_row_in_bf16():
     """prefill_dtype resolved to bf16 (the default where these kernels build)"""
@@ -112,18 +105,21 @@ def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not(mult
     st = _int4_state(64, 576, 32, False, seed=4)
     addr = native_build.function_address
     lo, hi = kernels.LANES_MIN_ROWS, kernels.LANES_MAX_ROWS
+    if native.amx() is not None:  # AMX tiles and oneDNN's AMX GEMM serve these rows instead
+        for M in (lo, 33, hi):
+            picked = kernels.int4_row_kernel(st, M, 576)
+            assert picked is None or picked.spec[0] != addr(native.lib().q4_gemm_lanes)
+        pytest.skip("this CPU has AMX: the lanes kernels are not chosen (checked above)")
     for M in (lo, 33, hi):
-        picked = kernels.int4_row_kernel(st, M, 576)
-        assert picked.spec[0] == addr(_expected_int4_kernel(M, 576, 32)), M
-        x = torch.randn(M, 576)
-        if not kernels._tiles(M, 576, 32):  # the call int4_linear makes is the lanes kernel's
-            assert torch.equal(kernels.int4_linear(x, st), _q4_lanes(native.lib(), st, x))
-            assert kernels.rounds_activations(x, 32)
+        assert kernels.int4_row_kernel(st, M, 576).spec[0] == addr(native.lib().q4_gemm_lanes)
+        x = torch.randn(M, 576)  # the call int4_linear makes is the lanes kernel's
+        assert torch.equal(kernels.int4_linear(x, st), _q4_lanes(native.lib(), st, x))
+        assert kernels.rounds_activations(x, 32)
+    assert kernels.int4_row_kernel(st, hi + 1, 576) is None  # widened: oneDNN's bf16 GEMM
     assert kernels.int4_row_kernel(st, lo - 1, 576).spec[0] != addr(native.lib().q4_gemm_lanes)
     q8 = kernels.int8_pack(torch.randint(-128, 128, (64, 576), dtype=torch.int8),
                            torch.rand(64, 18) * 0.01, 32)
-    if not kernels._tiles(33, 576, 32):
-        assert kernels.int8_row_kernel(q8, 33, 576).spec[0] == addr(native.lib().q8_gemm_lanes)
+    assert kernels.int8_row_kernel(q8, 33, 576).spec[0] == addr(native.lib().q8_gemm_lanes)
     with prefill_gemm.row_invariant():
         for M in (lo, 33):
             assert kernels.int4_row_kernel(st, M, 576).spec[0] == addr(native.lib().q4_gemm_a16)

@@ -51,10 +51,13 @@ _int16_activations = True  # KernelConfig.exact_activations turns it off (worker
 # the widened weight is faster (M=256: 1.27 ms vs ~2 ms).
 AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
 # Row counts whose packed int4/int8 products take the outputs-in-lanes kernels of AVX-512
-# builds (csrc/lowbit_lanes.h) where AMX tiles do not serve and rows need not keep their
-# one-row bits. Zen 4, 2 threads, one int4 linear of SmolLM2 (576 x 576), us row kernels /
-# lanes (session 21): M=1 13 / 26, M=3 28 / 26, M=8 55-83 / 41, M=16 103 / 57, M=64 440 / 194.
-LANES_MIN_ROWS, LANES_MAX_ROWS = 16, 128
+# builds without AMX (csrc/lowbit_lanes.h) where rows need not keep their one-row bits. Zen 4,
+# 2 threads (session 21, docs/bench/session21/lanes_speed.txt): one int4 linear of SmolLM2
+# with its weights in cache, lanes 1.0-1.6x the row kernels at 4-8 rows, 1.9-2.7x at 16-128;
+# but decode steps of 4 / 8 rows, whose weights stream from memory, took 1.45x / 1.0x the
+# time, and 16 rows 0.85x: from 16. A prompt chunk of 128 tokens 1.45x faster than widened
+# bf16 (oneDNN), of 256 or 512 the same: up to 256.
+LANES_MIN_ROWS, LANES_MAX_ROWS = 16, 256
 
 
 def exact_activations(on: bool = True) -> None:
@@ -65,7 +68,8 @@ def exact_activations(on: bool = True) -> None:
 
 def dispatch_key() -> tuple:
     """The switches that change which kernel a row count gets (callers caching kernels key on it)."""
-    return (_int16_activations, multi_row.in_bf16(), multi_row.is_row_invariant())
+    return (_int16_activations, multi_row.in_bf16(), multi_row.is_row_invariant(),
+            LANES_MIN_ROWS, LANES_MAX_ROWS)
 
 
 def _tiles(M: int, k: int, group_size: int) -> bool:
@@ -76,16 +80,17 @@ def _tiles(M: int, k: int, group_size: int) -> bool:
 
 def _lanes(M: int, k: int, group_size: int) -> bool:
     """Packed-kernel calls of M rows through the outputs-in-lanes kernels (q4_gemm_lanes /
-    q8_gemm_lanes): int16 activations like the row kernels, summed in another order. So only
-    where multi-row products may leave the row kernels' bits (layers/prefill_gemm.py's switch,
-    as for the AMX tiles: prefill_dtype resolved to bf16, the default on CPUs with bf16
-    instructions; with dtype=bfloat16 or prefill_dtype=float32 a model's greedy answers stay
-    those of the row kernels on every CPU), never within row_invariant(), and not with
-    exact_activations."""
+    q8_gemm_lanes), on AVX-512 CPUs without AMX (with AMX, the tiles and oneDNN's AMX GEMM
+    serve these row counts). Their activations are int16 like the row kernels', summed in
+    another order, so only where multi-row products may leave the row kernels' bits
+    (layers/prefill_gemm.py's switch, as for the AMX tiles: prefill_dtype resolved to bf16,
+    the default on CPUs with bf16 instructions; with dtype=bfloat16 or prefill_dtype=float32
+    a model's greedy answers stay those of the row kernels on every CPU), never within
+    row_invariant(), and not with exact_activations."""
     return (LANES_MIN_ROWS <= M <= LANES_MAX_ROWS and not multi_row.is_row_invariant()
             and multi_row.in_bf16() and _int16_activations and k % 32 == 0
-            and group_size % 32 == 0
-            and k // 32 <= _MAX_A16_BLOCKS and native.lanes() is not None)
+            and group_size % 32 == 0 and k // 32 <= _MAX_A16_BLOCKS
+            and native.lanes() is not None and native.amx() is None)
 
 
 def _a16(M: int, k: int) -> bool:
