@@ -1,7 +1,8 @@
 """The outputs-in-lanes kernels (quantization/csrc/lowbit_lanes.h) against the row kernels, on
 this CPU: (1) one int4 G = 32 linear of SmolLM2-135M's shapes, us per call at each row count;
 (2) the bundled model's prompt processing in chunks of C tokens (one 512-token prompt,
-`max_num_batched_tokens = C`), ms per prompt token, lanes on / off alternating by round.
+`max_num_batched_tokens = C`), ms per prompt token, lanes on / off alternating by round;
+(3) its decode steps at batch B (greedy, 32-token prompts), ms per step, lanes on / off.
 `python scripts/lanes_speed.py`; needs an AVX-512 build of the kernels (else it says so)."""
 from __future__ import annotations
 
@@ -71,6 +72,32 @@ def chunk_table(rounds: int = 3) -> None:
               f"| {min(b) / min(a):.2f}x |")
 
 
+def decode_table(rounds: int = 3) -> None:
+    eng = LLMEngine.from_kwargs()
+    lo, rng = kernels.LANES_MIN_ROWS, random.Random(1)
+    print("\n| batch | ms / decode step, lanes (per round) | row kernels | off / on (medians) |"
+          "\n|---|---|---|---|")
+    for batch in (4, 8, 16):
+        ms: dict = {True: [], False: []}
+        for r in range(rounds):
+            for lanes in (True, False):
+                kernels.LANES_MIN_ROWS = 4 if lanes else 10_000
+                for i in range(batch):
+                    eng.add_request(f"d{batch}-{r}-{lanes}-{i}",
+                                    [rng.randrange(100, 30000) for _ in range(32)],
+                                    SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
+                eng.step()  # the prompts
+                t, n = time.perf_counter(), 0
+                while eng.has_unfinished_requests():
+                    eng.step()
+                    n += 1
+                ms[lanes].append((time.perf_counter() - t) / n * 1e3)
+        kernels.LANES_MIN_ROWS = lo
+        on, off = sorted(ms[True]), sorted(ms[False])
+        print(f"| {batch} | {' '.join(f'{v:.1f}' for v in ms[True])} | "
+              f"{' '.join(f'{v:.1f}' for v in ms[False])} | {off[rounds // 2] / on[rounds // 2]:.2f}x |")
+
+
 def main() -> None:
     if native.lanes() is None:
         print("no lanes kernels here: the kernel library is not an AVX-512 build")
@@ -78,6 +105,7 @@ def main() -> None:
     prefill_gemm.use_bf16(True)
     kernel_table()
     chunk_table()
+    decode_table()
 
 
 if __name__ == "__main__":

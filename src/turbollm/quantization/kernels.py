@@ -53,11 +53,11 @@ AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
 # Row counts whose packed int4/int8 products take the outputs-in-lanes kernels of AVX-512
 # builds without AMX (csrc/lowbit_lanes.h) where rows need not keep their one-row bits. Zen 4,
 # 2 threads (session 21, docs/bench/session21/lanes_speed.txt): one int4 linear of SmolLM2
-# with its weights in cache, lanes 1.0-1.6x the row kernels at 4-8 rows, 1.9-2.7x at 16-128;
-# but decode steps of 4 / 8 rows, whose weights stream from memory, took 1.45x / 1.0x the
-# time, and 16 rows 0.85x: from 16. A prompt chunk of 128 tokens 1.45x faster than widened
-# bf16 (oneDNN), of 256 or 512 the same: up to 256.
-LANES_MIN_ROWS, LANES_MAX_ROWS = 16, 256
+# with its weights in cache, lanes 0.9-1.6x the row kernels at 4-8 rows, 1.5-2.7x at 16-128;
+# whole decode steps, whose weights stream from memory: 4 rows the same, 8 rows ~1.2x and 16
+# rows ~1.4x faster: from 8. A prompt chunk of 128 tokens 1.45x faster than widened bf16
+# (oneDNN), of 256 or 512 the same: up to 256.
+LANES_MIN_ROWS, LANES_MAX_ROWS = 8, 256
 
 
 def exact_activations(on: bool = True) -> None:

@@ -168,6 +168,13 @@ static void gemm_lanes(const float *x, int64_t M, const uint8_t *w, const void *
                     mn[g * LANES + o] = o < nl && is_int4 ? row_mn[g] : 0.f;
                 }
             }
+            // the next panel's rows into L2 while this one computes (a decode batch is bound
+            // by reading the weights; the panel walk alone leaves memory idle meanwhile)
+            if (o0 + LANES < N) {
+                const int64_t nn = N - o0 - LANES < LANES ? N - o0 - LANES : LANES;
+                const char *next = (const char *)(w + (o0 + LANES) * w_stride);
+                for (int64_t b = 0; b < nn * w_stride; b += 64) _mm_prefetch(next + b, _MM_HINT_T1);
+            }
             for (int64_t t = 0, m0 = 0; t < ntiles; m0 += tile_rows(M, t++)) {
                 const int mt = tile_rows(M, t);
                 const int32_t *xpm = xp + m0 * K / 2;
