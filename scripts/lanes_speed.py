@@ -93,9 +93,9 @@ def decode_table(rounds: int = 3) -> None:
                     n += 1
                 ms[lanes].append((time.perf_counter() - t) / n * 1e3)
         kernels.LANES_MIN_ROWS = lo
-        on, off = sorted(ms[True]), sorted(ms[False])
+        on, off = sorted(ms[True])[rounds // 2], sorted(ms[False])[rounds // 2]
         print(f"| {batch} | {' '.join(f'{v:.1f}' for v in ms[True])} | "
-              f"{' '.join(f'{v:.1f}' for v in ms[False])} | {off[rounds // 2] / on[rounds // 2]:.2f}x |")
+              f"{' '.join(f'{v:.1f}' for v in ms[False])} | {off / on:.2f}x |")
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ SRC = Path(turbollm.__file__).parent
 LAYERS = [
     # base: plain values, sizing, configuration, and the native-build helper
     {"model_arch", "sizing", "config", "sampling_params", "platform_info", "native_build",
-     "chat", "corpus", "model_presets", "cli_args", "structured_spec"},
+     "chat", "corpus", "model_presets", "cli_args", "cli_errors", "structured_spec"},
     {"core"},         # requests, scheduler, KV block accounting, the worker hand-off: no torch
     {"spec_decode"},  # the speculation controller and n-gram proposals: no torch
     {"distributed"},  # ranks, groups, collectives (torch.distributed, shared memory)

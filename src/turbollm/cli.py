@@ -6,6 +6,8 @@ import logging
 import sys
 import time
 
+from turbollm.cli_errors import run_reporting_errors
+
 
 def _add_generate(sub) -> None:
     from turbollm.cli_args import add_engine_args
@@ -128,13 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"turbollm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_reporting_errors(lambda: args.func(args), f"turbollm {args.command}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from turbollm.cli_errors import run_reporting_errors
 from turbollm.executor.torchrun_rank import check_world, launch_env, serve_rank
 from turbollm.server.cli import SERVE_DESCRIPTION, add_serve_args, run_serve, serve_engine_config
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "?")
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
-    try:
+
+    def run() -> int:
         env = launch_env()
         config = serve_engine_config(args)
         check_world(config, env)  # every rank refuses a mismatch before joining anything
@@ -41,11 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args, launcher="torchrun")
         config.parallel.launcher = "torchrun"
         return serve_rank(config, env)
-    except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        print(f"turbollm.serve (rank {rank}): error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    return run_reporting_errors(run, f"turbollm.serve (rank {rank})")
 
 
 if __name__ == "__main__":

@@ -287,7 +287,8 @@ def int8_row_kernel(state: Int8State, M: int, k: int):
     if L is None or not _q8_ok(k, g) or not _on_cpu(state.qweight):
         return None
     tiles = _tiles(M, k, g)
-    if M > MAX_ROWS_PACKED["int8"] and not (tiles or _lanes(M, k, g) or (_a16(M, k) and g % 32 == 0)):
+    if M > MAX_ROWS_PACKED["int8"] and not (tiles or _lanes(M, k, g)
+                                            or (_a16(M, k) and g % 32 == 0)):
         return None
     w, s = state.qweight.data_ptr(), state.scales.data_ptr()
     fn = (L.q8_gemm_amx if tiles else L.q8_gemm_lanes if _lanes(M, k, g)

@@ -10,8 +10,9 @@
 // activation pair), then one conversion and one FMA for all 16: ~2.3 uops per 64.
 //
 // The weights' own layout (a row's columns together) is unchanged: a 16-row panel is
-// transposed once per call (128-bit loads and in-lane shuffles) into a buffer (the pair vectors of every block), which
-// all activation rows then read. Its cost is shared by the M rows, so this serves M >= a few.
+// transposed once per call (128-bit loads, in-lane unpacks, shifts and masks) into a buffer of
+// the pair vectors of every block, which all activation rows then read. Its cost is shared by
+// the M rows, so this serves M >= a few (kernels.LANES_MIN_ROWS).
 //
 // Arithmetic (one order for every M and tiling): per output o and row m, the exact int32 dot
 // of each block c, converted to fp32 (exact for int4: |15 * 32767 * 32| < 2^24), t = fma(dot,
@@ -52,8 +53,9 @@ static int32_t *lanes_pairs(const rows_i16 *r, int64_t M, int64_t K, int is_int4
 }
 
 // 16 bytes at offset `at` of 16 rows as dword vectors: lane o of d[k] is dword k of row o.
-// Four 128-bit loads per register (rows o, o + 4, o + 8, o + 12 of lane o / 4... arranged so
-// that a 4 x 4 dword transpose in each 128-bit lane leaves the rows in lane order).
+// Register i holds rows i, 4 + i, 8 + i, 12 + i in its 128-bit lanes 0-3 (four loads), so a
+// 4 x 4 dword transpose within each 128-bit lane across the four registers puts row 4l + i in
+// element 4l + i.
 static inline void lanes_dwords(const uint8_t *const *rows, int64_t at, __m512i d[4]) {
 #define LD(o) _mm_loadu_si128((const __m128i *)(rows[o] + at))
 #define QUAD(i) _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4( \
