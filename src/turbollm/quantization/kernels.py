@@ -54,8 +54,8 @@ AMX_MIN_ROWS, AMX_MAX_ROWS = 8, 128
 # builds without AMX (csrc/lowbit_lanes.h) where rows need not keep their one-row bits. Zen 4,
 # 2 threads (session 21, docs/bench/session21/lanes_speed.txt): one int4 linear of SmolLM2
 # with its weights in cache, lanes 0.9-1.6x the row kernels at 4-8 rows, 1.5-2.7x at 16-128;
-# whole decode steps, whose weights stream from memory: 4 rows the same, 8 rows ~1.2x and 16
-# rows ~1.4x faster: from 8. A prompt chunk of 128 tokens 1.45x faster than widened bf16
+# whole decode steps, whose weights stream from memory: 4 rows 0.93x, 8 and 16 rows 1.5x:
+# from 8. A prompt chunk of 128 tokens 1.45x faster than widened bf16
 # (oneDNN), of 256 or 512 the same: up to 256.
 LANES_MIN_ROWS, LANES_MAX_ROWS = 8, 256
 
