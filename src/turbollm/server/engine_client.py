@@ -127,8 +127,18 @@ class EngineClient:
             raise engine_error(EngineOverloadedError("too many requests are waiting; retry later"))
 
     @property
+    def llm(self):
+        """The LLMEngine; while it is not built (loading, or its load failed) a request gets
+        check_accepting's 503, never an AttributeError's 500."""
+        llm = self.engine.engine
+        if llm is None:
+            self.check_accepting()
+            raise APIError(503, "the engine is not running", None, "engine_dead")
+        return llm
+
+    @property
     def tokenizer(self):
-        return self.engine.engine.tokenizer
+        return self.llm.tokenizer
 
     def new_id(self, prefix: str) -> str:
         # Unique per process and unguessable across restarts; never taken from the client.
@@ -148,7 +158,7 @@ class EngineClient:
 
     async def encode(self, prompt: str) -> list[int]:
         """Token ids of a completion prompt (same as the offline LLM)."""
-        return await self.run_tokenizer(self.engine.engine.encode_prompt, prompt)
+        return await self.run_tokenizer(self.llm.encode_prompt, prompt)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
@@ -171,7 +181,7 @@ class EngineClient:
 
     def check_vocab(self, params: SamplingParams) -> None:
         """400 for logit_bias token ids the model does not have (the sampler would drop them)."""
-        vocab = self.engine.engine.arch.vocab_size
+        vocab = self.llm.arch.vocab_size
         if params.logit_bias and max(params.logit_bias) >= vocab:
             raise APIError(400, f"logit_bias token ids must be < {vocab}", "logit_bias",
                            "invalid_value")

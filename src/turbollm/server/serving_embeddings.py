@@ -33,7 +33,7 @@ async def create_embeddings(request: Request, client: EngineClient) -> JSONRespo
     if client.loras.get(model) is not None:
         raise APIError(400, "embeddings come from the base model; a LoRA adapter cannot be "
                        "named here", "model", "unsupported")
-    hidden = client.engine.engine.arch.hidden_size
+    hidden = client.llm.arch.hidden_size
     if req.dimensions is not None and req.dimensions != hidden:
         # cutting a vector short is only meaningful for models trained for it (Matryoshka)
         raise APIError(400, f"dimensions must be the model's hidden size ({hidden}) or left "
