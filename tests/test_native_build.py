@@ -107,4 +107,11 @@ def test_turbollm_info_names_the_cpu_the_variant_and_the_dtype():
     # what the engine built here would log (worker: system ... | prefill_dtype ...)
     from turbollm import LLM
     llm = LLM(kv_cache_memory="64MiB", max_model_len=256)
-    assert lines["prefill_dtype"] == llm.engine.executor.worker.system["prefill_dtype"]
+    system = llm.engine.executor.worker.system
+    assert lines["prefill_dtype"] == system["prefill_dtype"]
+    assert lines["lowbit_multi_row"] == system["lowbit_multi_row"]
+    from turbollm.quantization import native
+    if native.amx() is not None and lines["prefill_dtype"] == "bfloat16":
+        assert lines["lowbit_multi_row"].startswith("amx tiles")
+    elif native.lanes() is not None and lines["prefill_dtype"] == "bfloat16":
+        assert lines["lowbit_multi_row"].startswith("lanes")  # an AVX-512 CPU without AMX

@@ -75,6 +75,10 @@ def _run_info(args) -> int:
     if device == "cpu":
         bf16 = multi_row_products_in_bf16(kc.prefill_dtype, isa, args.dtype, storage, compute)
         info["prefill_dtype"] = "bfloat16" if bf16 else "float32"
+        from turbollm.layers import prefill_gemm
+        from turbollm.quantization import kernels
+        prefill_gemm.use_bf16(bf16)  # this process's switch, as a worker would set it
+        info["lowbit_multi_row"] = kernels.multi_row_kernels()
     width = max(map(len, info))
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")

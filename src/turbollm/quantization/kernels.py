@@ -72,6 +72,18 @@ def dispatch_key() -> tuple:
             LANES_MIN_ROWS, LANES_MAX_ROWS)
 
 
+def multi_row_kernels() -> str:
+    """Which packed int4/int8 kernels serve products of several rows here, under the current
+    switches (the start-up system line and `turbollm info` name it)."""
+    if native.lib() is None:
+        return "torch"
+    if multi_row.in_bf16() and native.amx() is not None:
+        return f"amx tiles {AMX_MIN_ROWS}-{AMX_MAX_ROWS} rows"
+    if multi_row.in_bf16() and _int16_activations and native.lanes() is not None:
+        return f"lanes {LANES_MIN_ROWS}-{LANES_MAX_ROWS} rows"
+    return "int16 row kernels"
+
+
 def _tiles(M: int, k: int, group_size: int) -> bool:
     """Packed-kernel calls of M rows in AMX tiles (q4_gemm_amx / q8_gemm_amx)."""
     return (AMX_MIN_ROWS <= M <= AMX_MAX_ROWS and not multi_row.is_row_invariant() and k % 32 == 0

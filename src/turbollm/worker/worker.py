@@ -75,6 +75,8 @@ class Worker:
         self.system = system_info(device, self.cpu_isa, torch.get_num_threads(),
                                   self.loaded.dtype, self.model.model.compute_dtype)
         self.system["prefill_dtype"] = "bfloat16" if prefill_gemm.in_bf16() else "float32"
+        if device == "cpu":
+            self.system["lowbit_multi_row"] = quant_kernels.multi_row_kernels()
         log.info("system: %s", format_line(self.system))
         self.kv_cache = self.runner = self.drafter = None
         self.max_model_len = self.loaded.max_model_len
