@@ -81,14 +81,6 @@ def test_q8_tiles_equal_the_bf16_product(amx, n, k, g):
         _close(y, x, dense)
 
 
-@pytest.fixture
-def multi_row_bf16():
-    old = prefill_gemm.in_bf16()
-    prefill_gemm.use_bf16(True)
-    yield
-    prefill_gemm.use_bf16(old)
-
-
 def test_rows_of_a_bf16_product_would_fail_the_check(amx):
     torch.manual_seed(1)
     x, w = torch.randn(16, 576), torch.randn(64, 576)

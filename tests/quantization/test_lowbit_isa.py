@@ -59,21 +59,21 @@ def _int4_state(n, k, g, zero_form, seed):
     return kernels.int4_pack_minform(q, s, (-z * s).half().float(), g)
 
 
-def _q4(lib, st: kernels.Int4State, x: torch.Tensor) -> torch.Tensor:
-    """lib.q4_gemm_a16 as kernels.int4_row_kernel calls it"""
+def _q4(lib, st: kernels.Int4State, x: torch.Tensor, fn: str = "q4_gemm_a16") -> torch.Tensor:
+    """lib.<fn> (q4_gemm_a16, or a kernel with its arguments) as int4_row_kernel calls it"""
     (M, k), n = x.shape, st.packed.shape[0]
     y = torch.full((M, n), float("nan"))
-    lib.q4_gemm_a16(x.data_ptr(), M, st.packed.data_ptr(), st.scales.data_ptr(),
-                    st.offsets.data_ptr(), int(st.zero_form), y.data_ptr(), n, k, st.group_size)
+    getattr(lib, fn)(x.data_ptr(), M, st.packed.data_ptr(), st.scales.data_ptr(),
+                     st.offsets.data_ptr(), int(st.zero_form), y.data_ptr(), n, k, st.group_size)
     return y
 
 
-def _q8(lib, st: kernels.Int8State, x: torch.Tensor) -> torch.Tensor:
-    """lib.q8_gemm_a16 as kernels.int8_row_kernel calls it"""
+def _q8(lib, st: kernels.Int8State, x: torch.Tensor, fn: str = "q8_gemm_a16") -> torch.Tensor:
+    """lib.<fn> (q8_gemm_a16, or a kernel with its arguments) as int8_row_kernel calls it"""
     (M, k), n = x.shape, st.qweight.shape[0]
     y = torch.full((M, n), float("nan"))
-    lib.q8_gemm_a16(x.data_ptr(), M, st.qweight.data_ptr(), st.scales.data_ptr(), y.data_ptr(),
-                    n, k, st.group_size)
+    getattr(lib, fn)(x.data_ptr(), M, st.qweight.data_ptr(), st.scales.data_ptr(),
+                     y.data_ptr(), n, k, st.group_size)
     return y
 
 

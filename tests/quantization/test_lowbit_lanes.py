@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from test_lowbit_isa import (INT4_SHAPES, INT8_SHAPES, _assert_near, _int4_reference,
-                             _int4_state, _int8_reference, _lib)
+                             _int4_state, _int8_reference, _lib, _q4, _q8)
 from turbollm import native_build
 from turbollm.layers import prefill_gemm
 from turbollm.quantization import kernels, native
 
 LANE_ISAS = [isa for isa in native_build.ISA_VARIANTS if isa != "avx2"]
 ROWS = [1, 4, 9, 16, 17, 33, 64, 100]
+LANES4, LANES8 = "q4_gemm_lanes", "q8_gemm_lanes"  # called as test_lowbit_isa's _q4 / _q8
 
 
 def _lanes_lib(isa: str):
@@ -26,22 +27,6 @@ def _lanes_lib(isa: str):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = args, None
     return lib
-
-
-def _q4_lanes(lib, st: kernels.Int4State, x: torch.Tensor) -> torch.Tensor:
-    (M, k), n = x.shape, st.packed.shape[0]
-    y = torch.full((M, n), float("nan"))
-    lib.q4_gemm_lanes(x.data_ptr(), M, st.packed.data_ptr(), st.scales.data_ptr(),
-                      st.offsets.data_ptr(), int(st.zero_form), y.data_ptr(), n, k, st.group_size)
-    return y
-
-
-def _q8_lanes(lib, st: kernels.Int8State, x: torch.Tensor) -> torch.Tensor:
-    (M, k), n = x.shape, st.qweight.shape[0]
-    y = torch.full((M, n), float("nan"))
-    lib.q8_gemm_lanes(x.data_ptr(), M, st.qweight.data_ptr(), st.scales.data_ptr(),
-                      y.data_ptr(), n, k, st.group_size)
-    return y
 
 
 @pytest.mark.parametrize("isa", LANE_ISAS)
@@ -62,7 +47,7 @@ def test_q4_gemm_lanes_matches_the_reference(isa, n, k, g, zero_form):
     st = _int4_state(n, k, g, zero_form, seed=n + k + g)
     for m in ROWS:
         x = torch.randn(m, k) * 2
-        _assert_near(_q4_lanes(lib, st, x), _int4_reference(st, x))
+        _assert_near(_q4(lib, st, x, LANES4), _int4_reference(st, x))
 
 
 @pytest.mark.parametrize("isa", LANE_ISAS)
@@ -74,7 +59,7 @@ def test_q8_gemm_lanes_matches_the_reference(isa, n, k, g):
     st = kernels.int8_pack(q, torch.rand(n, k // g) * 0.01 + 1e-4, g)
     for m in ROWS:
         x = torch.randn(m, k)
-        _assert_near(_q8_lanes(lib, st, x), _int8_reference(st, x))
+        _assert_near(_q8(lib, st, x, LANES8), _int8_reference(st, x))
 
 
 def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call():
@@ -85,20 +70,11 @@ def test_a_row_gets_the_same_bits_whatever_else_is_in_the_call():
                     "AVX-512 BW/VNNI/BF16/VBMI2)")
     st = _int4_state(70, 576, 32, False, seed=3)
     x = torch.randn(33, 576)
-    whole = _q4_lanes(lib, st, x)
-    assert torch.equal(_q4_lanes(lib, st, x[20:21].repeat(17, 1))[5], whole[20])
+    whole = _q4(lib, st, x, LANES4)
+    assert torch.equal(_q4(lib, st, x[20:21].repeat(17, 1), LANES4)[5], whole[20])
 
 
-@pytest.fixture
-def multi_row_in_bf16():
-    """prefill_dtype resolved to bf16 (the default where these kernels build)"""
-    old = prefill_gemm.in_bf16()
-    prefill_gemm.use_bf16(True)
-    yield
-    prefill_gemm.use_bf16(old)
-
-
-def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not(multi_row_in_bf16):
+def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not(multi_row_bf16):
     if native.lanes() is None:
         pytest.skip("the kernel library here is not an AVX-512 build (this CPU lacks "
                     "AVX-512 BW/VNNI/BF16/VBMI2)")
@@ -113,7 +89,7 @@ def test_the_row_counts_they_serve_take_them_and_row_invariant_steps_do_not(mult
     for M in (lo, 33, hi):
         assert kernels.int4_row_kernel(st, M, 576).spec[0] == addr(native.lib().q4_gemm_lanes)
         x = torch.randn(M, 576)  # the call int4_linear makes is the lanes kernel's
-        assert torch.equal(kernels.int4_linear(x, st), _q4_lanes(native.lib(), st, x))
+        assert torch.equal(kernels.int4_linear(x, st), _q4(native.lib(), st, x, LANES4))
         assert kernels.rounds_activations(x, 32)
     assert kernels.int4_row_kernel(st, hi + 1, 576) is None  # widened: oneDNN's bf16 GEMM
     assert kernels.int4_row_kernel(st, lo - 1, 576).spec[0] != addr(native.lib().q4_gemm_lanes)

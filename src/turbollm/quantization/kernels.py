@@ -77,9 +77,9 @@ def multi_row_kernels() -> str:
     switches (the start-up system line and `turbollm info` name it)."""
     if native.lib() is None:
         return "torch"
-    if multi_row.in_bf16() and native.amx() is not None:
+    if _tiles(AMX_MIN_ROWS, 32, 32):  # asked as a G = 32 product of the smallest row count
         return f"amx tiles {AMX_MIN_ROWS}-{AMX_MAX_ROWS} rows"
-    if multi_row.in_bf16() and _int16_activations and native.lanes() is not None:
+    if _lanes(LANES_MIN_ROWS, 32, 32):
         return f"lanes {LANES_MIN_ROWS}-{LANES_MAX_ROWS} rows"
     return "int16 row kernels"
 
