@@ -18,7 +18,8 @@ from turbollm.platform_info import cpu_flags
 
 SOURCES = sorted(Path(turbollm.__file__).parent.rglob("csrc/*.c"))
 ZEN3 = frozenset({"avx2", "fma", "f16c", "avx", "sse4_2"})
-ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_vbmi2"}
+ZEN4 = ZEN3 | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi",
+               "avx512_vbmi2"}
 COOPER_LAKE = ZEN4 - {"avx512_vbmi2"}  # BF16 without VBMI2: the avx2 build
 SAPPHIRE_RAPIDS = ZEN4 | {"amx_tile", "amx_int8", "amx_bf16"}
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None,

@@ -36,11 +36,11 @@ _AVX2_FLAGS = frozenset({"avx2", "fma", "f16c"})
 # VBMI2 (16-bit expands: the sparse kernel) comes with BF16 on every such CPU but Cooper Lake,
 # which takes the avx2 build
 _AVX512_FLAGS = _AVX2_FLAGS | {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16",
-                               "avx512_vbmi2"}
+                               "avx512vbmi", "avx512_vbmi2"}
 _AMX_FLAGS = _AVX512_FLAGS | {"amx_tile", "amx_int8", "amx_bf16"}
 _AVX2_CFLAGS = ["-mavx2", "-mfma", "-mf16c"]
 _AVX512_CFLAGS = _AVX2_CFLAGS + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
-                                 "-mavx512bf16", "-mavx512vbmi2"]
+                                 "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2"]
 _AMX_CFLAGS = _AVX512_CFLAGS + ["-mamx-tile", "-mamx-int8", "-mamx-bf16"]
 # name -> (/proc/cpuinfo flags it needs, gcc flags); best first
 ISA_VARIANTS: dict[str, tuple[frozenset, list[str]]] = {
@@ -178,6 +178,7 @@ class RowKernel:
 
     # names, not codes: the codes live in decode_abi.h only
     LOWBIT, Q8, DENSE, SPARSE = "LIN_LOWBIT", "LIN_Q8", "LIN_DENSE", "LIN_SPARSE"
+    SPARSE_Q8 = "LIN_SPARSE_Q8"
     __slots__ = ("call", "spec")
 
     def __init__(self, call, fn, kind: str, *args: int):

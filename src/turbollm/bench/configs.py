@@ -43,6 +43,7 @@ def technique_configs(num_layers: int | None = None) -> list[BenchConfig]:
                                    "draft_layers": draft_layers}),
         # a pruned model's linears read bitmask-compressed at decode (a no-op on a dense one)
         BenchConfig("sparse-bitmask", {"sparsity": "bitmask"}),
+        BenchConfig("int8-sparse-bitmask", {"quantization": "int8", "sparsity": "bitmask"}),
         BenchConfig("dense-weights", {"sparsity": "none"}),
         BenchConfig("lora-r16", {"enable_lora": True}, lora_rank=16),
         BenchConfig("lora-r64", {"enable_lora": True}, lora_rank=64),

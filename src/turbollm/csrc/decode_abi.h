@@ -6,7 +6,7 @@
 
 // A projection, LIN_WORDS words: the function, its call kind (which signature it has), then its
 // bound integer arguments in the function's own order, zero-padded (see cpu_ops.c linear_call).
-enum { LIN_LOWBIT = 0, LIN_Q8 = 1, LIN_DENSE = 2, LIN_SPARSE = 3 };
+enum { LIN_LOWBIT = 0, LIN_Q8 = 1, LIN_DENSE = 2, LIN_SPARSE = 3, LIN_SPARSE_Q8 = 4 };
 enum { LIN_FN = 0, LIN_KIND = 1, LIN_ARGS = 2, LIN_WORDS = 10 };
 
 // A layer, LAYER_WORDS words: norm2 weight, the norm that follows the layer (the next layer's
@@ -53,8 +53,8 @@ enum { EMBED_F32 = 0, EMBED_BF16 = 1, EMBED_F16 = 2, EMBED_NONE = 3 };
 
 // Every name above, as exported to Python
 #define DECODE_ABI_VALUES(X)                                                                    \
-    X(LIN_LOWBIT) X(LIN_Q8) X(LIN_DENSE) X(LIN_SPARSE) X(LIN_FN) X(LIN_KIND) X(LIN_ARGS)        \
-    X(LIN_WORDS)                                                                                \
+    X(LIN_LOWBIT) X(LIN_Q8) X(LIN_DENSE) X(LIN_SPARSE) X(LIN_SPARSE_Q8) X(LIN_FN) X(LIN_KIND)     \
+    X(LIN_ARGS) X(LIN_WORDS)                                                                                \
     X(L_NORM2) X(L_NORM_NEXT) X(L_QKV) X(L_O) X(L_GATE_UP) X(L_DOWN) X(L_K_CACHE) X(L_V_CACHE)  \
     X(L_K_SCALES) X(L_V_SCALES) X(L_CACHE_DTYPE) X(L_LORA_QKV) X(L_LORA_O) X(L_LORA_GATE_UP)     \
     X(L_LORA_DOWN) X(LAYER_WORDS) X(LORA_A) X(LORA_B) X(LORA_RANK) X(LORA_SHARDS) X(LORA_SPANS)  \

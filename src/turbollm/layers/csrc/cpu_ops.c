@@ -340,6 +340,8 @@ typedef void (*q8_fn)(const float *, int64_t, const void *, const void *, float 
 typedef void (*dense_fn)(const float *, int64_t, const void *, float *, int64_t, int64_t);
 typedef void (*sparse_fn)(const float *, int64_t, const void *, const void *, const void *,
                           float *, int64_t, int64_t);
+typedef void (*sparse_q8_fn)(const float *, int64_t, const void *, const void *, const void *,
+                             const void *, float *, int64_t, int64_t);
 typedef void (*write_fn)(const float *, const float *, int64_t, void *, void *, void *, void *,
                          int64_t, const int64_t *, int64_t, int64_t, int64_t);
 typedef void (*attn_fn)(const float *, int64_t, const void *, const void *, const void *,
@@ -360,6 +362,10 @@ static void linear_call(const int64_t *l, const float *x, float *y) {
         case LIN_SPARSE:  // M, values, mask, row offsets, N, K (quantization/csrc/sparse.c)
             ((sparse_fn)l[LIN_FN])(x, a[0], (const void *)a[1], (const void *)a[2],
                                    (const void *)a[3], y, a[4], a[5]);
+            break;
+        case LIN_SPARSE_Q8:  // M, int8 values, mask, row offsets, scales, N, K (sparse.c)
+            ((sparse_q8_fn)l[LIN_FN])(x, a[0], (const void *)a[1], (const void *)a[2],
+                                      (const void *)a[3], (const void *)a[4], y, a[5], a[6]);
             break;
         default:  // M, weight, N, K
             ((dense_fn)l[LIN_FN])(x, a[0], (const void *)a[1], y, a[2], a[3]);
