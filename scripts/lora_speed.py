@@ -6,12 +6,15 @@
 - batch-1 greedy decode tok/s, base vs one adapter;
 - 64 concurrent requests spread over 8 adapters vs the same 64 on the base, output tok/s;
 - with --mixed-ranks: batch-1 decode of rank 1, 16 and 64 adapters loaded together (slots sized
-  for rank 64), each against the base: what a small adapter costs beside a large one.
+  for rank 64), each against the base: what a small adapter costs beside a large one;
+- with --paired R [R ...]: batch-1 decode, one engine per rank, base and adapter in alternating
+  pairs: the median of the pairs' time-per-token overheads (robust to a noisy machine).
 Adapters are random (A, B ~ N(0, 0.02)), written as PEFT directories without peft.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +26,29 @@ def decode_tok_s(llm: LLM, prompts, params, lora) -> float:
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora)
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+
+def paired(ranks: list[int], rounds: int, tokens: int) -> None:
+    """Per rank: batch-1 time-per-token overhead of one adapter, as the median over pairs."""
+    one = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    prompt = ["Write a short story about a lighthouse keeper."]
+    for rank in ranks:
+        llm = LLM("smollm2-135m", enable_lora=True, max_loras=8, kv_cache_memory="512MiB")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_adapter(Path(tmp) / "a", llm.engine.arch, rank, seed=0)
+            adapter = LoRARequest("a", 1, str(Path(tmp) / "a"))
+            llm.engine.add_lora(adapter)
+            decode_tok_s(llm, prompt, one, adapter)  # warm both paths
+            decode_tok_s(llm, prompt, one, None)
+            overheads = []
+            for r in range(rounds):
+                order = (None, adapter) if r % 2 == 0 else (adapter, None)
+                rate = {id(a): decode_tok_s(llm, prompt, one, a) for a in order}
+                overheads.append(rate[id(None)] / rate[id(adapter)] - 1)
+        print(f"rank {rank}: batch-1 time per token vs base, paired median over {rounds}: "
+              f"{statistics.median(overheads) * 100:+.1f}% (pairs: "
+              + " ".join(f"{o * 100:+.1f}" for o in overheads) + ")", flush=True)
+        del llm
 
 
 def mixed_ranks(rounds: int, tokens: int) -> None:
@@ -56,7 +82,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--mixed-ranks", action="store_true",
                     help="only the rank 1 / 16 / 64 comparison")
+    ap.add_argument("--paired", type=int, nargs="+", metavar="RANK",
+                    help="only batch-1 paired overheads at these ranks")
     args = ap.parse_args()
+    if args.paired:
+        paired(args.paired, args.rounds, args.tokens)
+        return
     if args.mixed_ranks:
         mixed_ranks(args.rounds, args.tokens)
         return
