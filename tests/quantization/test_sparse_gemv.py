@@ -58,7 +58,7 @@ def _int8_weight(pattern, width, seed=0):
                     n_m=(2, 4) if pattern == "2:4" else (4, 8))
     # small kept weights that int8 rounds to zero: from_dense stores zeros in their place to
     # keep the fixed layout
-    w[5, :40] *= 1e-3
+    w[5, 16:24] *= 1e-3
     q, s = quantize_int8(w)
     s[3] = 1.0  # the empty row
     return q, s
@@ -66,14 +66,15 @@ def _int8_weight(pattern, width, seed=0):
 
 @pytest.mark.parametrize("pattern, layout", _INT8_CASES)
 @pytest.mark.parametrize("rows", [1, 3, 11])
-@pytest.mark.parametrize("width", [576, 600])  # 600: past the 64-column steps, 24 columns
+@pytest.mark.parametrize("width", [40, 576, 600])  # past the 64-column steps: 40 and 24 columns
 @pytest.mark.parametrize("isa", ISAS)
 def test_int8_values_match_torch(pattern, layout, rows, width, isa):
-    rtol = 2e-4 if isa != "avx2" and layout != "4of8" else 1e-5
     q, s = _int8_weight(pattern, width)
     w = BitmaskWeight.from_dense(q, s)
-    assert w.layout == layout
+    # (40 columns: the empty row and byte are too large a share to fill, so any mask)
+    assert w.layout == (layout if width > 64 else "any")
     assert ((q != 0) & ~_kept(w)).sum() == 0  # every nonzero weight is kept
+    rtol = 2e-4 if isa != "avx2" and w.layout != "4of8" else 1e-5
     x = torch.randn(rows, width, generator=torch.Generator().manual_seed(5))
     want = x @ dequantize_int8(q, s).T
     got = bitmask_linear(x, w, isa)
