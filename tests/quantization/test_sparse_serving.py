@@ -120,6 +120,34 @@ def test_int8_modes(pruned, pruned_24):
                               SparseInt8Method) == served
 
 
+@pytest.mark.parametrize("int8", [False, True])
+def test_rows_past_the_kernel_limit_keep_their_bits_when_row_invariant(int8):
+    # a speculative verification of more rows than the kernel takes (K = 8: 9 rows) must give
+    # each row the bits plain decoding gives it alone, so it stays on the sparse kernel
+    from turbollm.layers.linear import LinearBase
+    from turbollm.layers.prefill_gemm import row_invariant
+    from turbollm.quantization.int8 import Int8LinearMethod
+    torch.manual_seed(0)
+    layer = LinearBase(128, 48, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        w = torch.randn(48, 128)
+        w[torch.rand(48, 128) < 0.5] = 0
+        layer.weight.copy_(w)
+    method = SparseBitmaskMethod
+    if int8:
+        Int8LinearMethod.create_weights(layer, 0)
+        method = SparseInt8Method
+    method.create_weights(layer)
+    x = torch.randn(20, 128)
+    with row_invariant():
+        for rows in (9, 20):
+            alone = torch.cat([layer(x[i:i + 1]) for i in range(rows)])
+            assert torch.equal(layer(x[:rows]), alone)
+    # outside row-invariant steps, 20 rows are a prefill-sized input: the dense weight serves
+    dense = layer.quant_method.dense.apply(layer, x)
+    assert torch.equal(layer(x), dense)
+
+
 def test_method_matches_dense_on_random_sparse_weights():
     from turbollm.layers.linear import LinearBase
     torch.manual_seed(0)

@@ -60,7 +60,7 @@ class BitmaskWeight:
     """W [out, in] as kept values (row-major, padded), a bitmask and row offsets; int8 values
     carry one fp32 scale per row (W[o] = values of row o * scales[o])."""
 
-    values: torch.Tensor  # [nnz + 8] fp32, bf16 or int8
+    values: torch.Tensor  # [nnz + _PAD] fp32, bf16 or int8
     mask: torch.Tensor  # uint8 [out, in / 8], bit b of byte j = column 8j + b
     row_offsets: torch.Tensor  # int64 [out]
     shape: tuple[int, int]
@@ -117,9 +117,9 @@ _GROUPS = {"2of4": (4, 2), "4of8": (8, 4)}
 
 
 def int8_layout(keep: torch.Tensor) -> str:
-    """The fixed layout the kept columns `keep` [out, in] fit: every group holds at most its values, and filling each to
-    them with stored zeros adds at most an eighth (so 2:4 / 4:8 weights whose int8 rounding zeroed
-    a few kept values, not sparser ones); "any" otherwise."""
+    """The fixed layout the kept columns `keep` [out, in] fit: every group holds at most its
+    values, and filling each to them with stored zeros adds at most an eighth (so 2:4 / 4:8
+    weights whose int8 rounding zeroed a few kept values, not sparser ones); "any" otherwise."""
     for layout, (cols, per) in _GROUPS.items():
         counts = keep.reshape(keep.shape[0], -1, cols).sum(-1)
         if bool((counts <= per).all()) and int((per - counts).sum()) * 8 <= per * counts.numel():

@@ -24,11 +24,11 @@ import functools
 import torch
 
 from turbollm.config import SPARSITY_MODES
+from turbollm.layers import prefill_gemm as multi_row
 from turbollm.layers.linear import LinearBase, UnquantizedLinearMethod
 from turbollm.layers.quant_method import QuantMethod
 from turbollm.quantization import kernels, sparse
 from turbollm.quantization.int8 import Int8LinearMethod
-from turbollm.quantization.kernels import _run_row_kernel
 from turbollm.quantization.registry import register
 
 # Below this share of zeros the kept values plus the mask read more than a bf16 row would save
@@ -62,11 +62,14 @@ class SparseBitmaskMethod(QuantMethod):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        kernel = (self.row_kernel(layer, x2.shape[0])
-                  if x2.device.type == "cpu" and x2.dtype == torch.float32 else None)
-        if kernel is None:
+        decode_rows = x2.shape[0] <= _max_rows() or multi_row.is_row_invariant()
+        if (x2.device.type != "cpu" or x2.dtype != torch.float32 or sparse.lib() is None
+                or not decode_rows):
             return self.dense.apply(layer, x)
-        y = _run_row_kernel(kernel, x2, layer.out_features)
+        # in calls of at most the kernel's row limit: each row gets the bits it gets alone, so
+        # a row-invariant step (a speculative verification of more rows than the limit)
+        # reproduces plain decoding
+        y = sparse.bitmask_linear(x2, layer.sparse_weight)
         if layer.bias is not None:
             y = y + layer.bias.to(y.dtype)
         return y.reshape(*shape[:-1], y.shape[-1])
