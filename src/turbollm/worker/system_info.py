@@ -14,7 +14,8 @@ from turbollm.platform_info import cpu_flags
 
 # The /proc/cpuinfo flags our kernels and dtype choice look at.
 FLAGS_THAT_MATTER = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
-                     "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+                     "avx512_bf16", "avx512vbmi", "avx512_vbmi2", "amx_tile", "amx_int8",
+                     "amx_bf16")
 
 
 def cpu_model() -> str:
