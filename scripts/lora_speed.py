@@ -42,9 +42,13 @@ def paired(ranks: list[int], rounds: int, tokens: int) -> None:
             decode_tok_s(llm, prompt, one, None)
             overheads = []
             for r in range(rounds):
-                order = (None, adapter) if r % 2 == 0 else (adapter, None)
-                rate = {id(a): decode_tok_s(llm, prompt, one, a) for a in order}
-                overheads.append(rate[id(None)] / rate[id(adapter)] - 1)
+                if r % 2 == 0:
+                    base = decode_tok_s(llm, prompt, one, None)
+                    lora = decode_tok_s(llm, prompt, one, adapter)
+                else:
+                    lora = decode_tok_s(llm, prompt, one, adapter)
+                    base = decode_tok_s(llm, prompt, one, None)
+                overheads.append(base / lora - 1)
         print(f"rank {rank}: batch-1 time per token vs base, paired median over {rounds}: "
               f"{statistics.median(overheads) * 100:+.1f}% (pairs: "
               + " ".join(f"{o * 100:+.1f}" for o in overheads) + ")", flush=True)

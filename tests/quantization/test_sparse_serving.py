@@ -15,22 +15,23 @@ from turbollm.quantization.sparse_method import (SparseBitmaskMethod, SparseInt8
 pytestmark = pytest.mark.skipif(sparse.lib() is None, reason="no C kernels on this CPU")
 
 
-@pytest.fixture(scope="module")
-def pruned(tiny_llama, tmp_path_factory):
+def _prune(tiny_llama, tmp_path_factory, *how: str):
+    """The tiny model pruned by magnitude as `how` says, stored sparse."""
     from turbollm.cli import main
     out = tmp_path_factory.mktemp("pruned") / "m"
-    assert main(["prune", str(tiny_llama), "--method", "magnitude", "--sparsity", "0.5",
+    assert main(["prune", str(tiny_llama), "--method", "magnitude", *how,
                  "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def pruned(tiny_llama, tmp_path_factory):
+    return _prune(tiny_llama, tmp_path_factory, "--sparsity", "0.5")
 
 
 @pytest.fixture(scope="module")
 def pruned_24(tiny_llama, tmp_path_factory):
-    from turbollm.cli import main
-    out = tmp_path_factory.mktemp("pruned24") / "m"
-    assert main(["prune", str(tiny_llama), "--method", "magnitude", "--pattern", "2:4",
-                 "--out", str(out)]) == 0
-    return out
+    return _prune(tiny_llama, tmp_path_factory, "--pattern", "2:4")
 
 
 def _llm(path, **kw):

@@ -33,19 +33,6 @@ from turbollm.quantization.registry import register
 
 # Below this share of zeros the kept values plus the mask read more than a bf16 row would save
 MIN_ZEROS = 0.3
-# Stored sparsity structures `auto` serves through the bf16 / fp32 kernel. The 8-column kernel
-# (AVX2) pays per mask byte, and every byte of a 2:4 weight holds values: measured on a Sapphire
-# Rapids VM (2 threads, bundled model pruned by magnitude, bf16, session 18) batch-1 decode at
-# 1.15x the dense bf16 weights for 50% unstructured but 0.79x for 2:4, so there N:M checkpoints
-# stay dense unless `bitmask` is asked. The 32-column kernel (AVX-512 VBMI2) costs the same per
-# 32 columns whatever the pattern, and serves both: 2:4 at 1.88x and 50% at 2.10x dense bf16 on
-# a Zen 4 EPYC (session 20, docs/compression.md).
-def auto_structures() -> tuple[str, ...]:
-    if sparse.bf16_columns_per_expand() >= 32:
-        return ("unstructured", "2:4")
-    return ("unstructured",)
-
-
 @register
 class SparseBitmaskMethod(QuantMethod):
     name = "sparse_bitmask"
@@ -87,8 +74,16 @@ class SparseBitmaskMethod(QuantMethod):
 
     @staticmethod
     def serves_by_default(weight: torch.Tensor, structure: str) -> bool:
-        """Whether `auto` puts this method on a stored-sparse checkpoint's `weight`."""
-        return structure in auto_structures()
+        """Whether `auto` puts this method on a stored-sparse checkpoint's `weight`. The
+        8-column kernel (AVX2) pays per mask byte, and every byte of a 2:4 weight holds values:
+        measured on a Sapphire Rapids VM (2 threads, bundled model pruned by magnitude, bf16,
+        session 18) batch-1 decode at 1.15x the dense bf16 weights for 50% unstructured but
+        0.79x for 2:4, so there N:M checkpoints stay dense unless `bitmask` is asked. The
+        32-column kernel (AVX-512 VBMI2) costs the same per 32 columns whatever the pattern, and
+        serves both: 2:4 at 1.88x and 50% at 2.10x dense bf16 on a Zen 4 EPYC (session 20,
+        docs/compression.md)."""
+        return structure == "unstructured" or (structure == "2:4"
+                                               and sparse.bf16_columns_per_expand() >= 32)
 
 
 @register
