@@ -5,7 +5,8 @@
 TinyLlama-1.1B's shape (hidden 2048, 22 layers, 32 heads, 4 KV heads) from the Llama-2-7B
 preset with load_format=dummy. Batch-1 decode tok/s, and aggregate tok/s of a batch of 32, for
 one process with 2 threads, TP=2 with 1 thread per rank, and PP=2 with 2 micro-batches,
-alternating; plus each parallel run's collective / receive time per step.
+alternating; plus each parallel run's collective / receive time per step, and the share of a
+batch-1 generation's time the TP ranks spend in all-reduces.
 """
 from __future__ import annotations
 
@@ -28,6 +29,19 @@ def batch_tok_s(llm, n: int, tokens: int) -> float:
     return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
 
 
+def comm_share(llm, prompt: list[int], tokens: int) -> float | None:
+    """Share of a batch-1 generation's wall time that the ranks spent in tensor-parallel
+    collectives (the wait for the slower rank included), or None in one process."""
+    stats = llm.engine.executor.comm_stats
+    if "tp_comm_seconds" not in stats():
+        return None
+    before = stats()["tp_comm_seconds"]
+    t = time.perf_counter()
+    llm.generate([prompt], SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True),
+                 use_tqdm=False)
+    return (stats()["tp_comm_seconds"] - before) / (time.perf_counter() - t)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--tokens", type=int, default=32)
@@ -41,12 +55,14 @@ def main() -> int:
                "PP=2, 2 micro-batches": LLM(**common, pipeline_parallel_size=2,
                                             cpu_threads_per_worker=1,
                                             pipeline_micro_batches=2)}
-    res = {name: {"batch1": [], "batch32": []} for name in engines}
+    res = {name: {"batch1": [], "batch32": [], "batch1_comm_share": []} for name in engines}
     prompt = list(range(1000, 1032))
     for r in range(args.rounds):
         order = list(engines.items()) if r % 2 == 0 else list(engines.items())[::-1]
         for name, llm in order:
             res[name]["batch1"].append(decode_tok_s(llm, prompt, args.tokens))
+            if name.startswith("TP"):
+                res[name]["batch1_comm_share"].append(comm_share(llm, prompt, args.tokens))
             res[name]["batch32"].append(batch_tok_s(llm, 32, args.tokens))
     for name, llm in engines.items():
         steps, extra = llm.engine.stats.steps, llm.engine.stats.extra

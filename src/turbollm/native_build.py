@@ -14,6 +14,7 @@ without AVX2/FMA/F16C, or no working compiler, gives no library and callers use 
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import hashlib
 import logging
@@ -163,6 +164,20 @@ def load_library(src: Path, signatures: dict[str, list], isa: str | None = None
         fn = getattr(handle, name)
         fn.argtypes, fn.restype = args, None
     return handle
+
+
+def read_abi(handle: ctypes.CDLL, export: str):
+    """The values a library exports through csrc/decode_abi.h's DEFINE_ABI_EXPORT (function
+    `export`), as a read-only namedtuple of ints by name."""
+    fn = getattr(handle, export)
+    fn.argtypes, fn.restype = [PTR, PTR, PTR], None
+    sizes = (ctypes.c_int64 * 2)()
+    fn(sizes, None, None)  # how many values, how many bytes of names
+    values = (ctypes.c_int64 * sizes[0])()
+    names = ctypes.create_string_buffer(sizes[1])
+    fn(sizes, values, names)
+    return collections.namedtuple(export.title().replace("_", ""),
+                                  names.value.decode().split())(*values)
 
 
 def function_address(fn) -> int:

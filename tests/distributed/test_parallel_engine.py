@@ -68,6 +68,11 @@ def test_parallel_logits_and_greedy_text_match_one_process(tiny_llama, single, t
         key = "tp_comm_seconds" if tp > 1 else "pp_wait_seconds"
         assert 0 < extra[key] <= llm.engine.executor.comm_stats()[key]
         assert llm.engine.system["parallel"].startswith(f"tp={tp} pp={pp}")
+        runs = llm.engine.executor.native_decode_runs()
+        if tp > 1:  # the ranks' decode steps ran the one-call C loop, all-reducing from C
+            assert all(r["c_loop"] > 0 for r in runs) and runs[0] == runs[1], runs
+        else:  # a pipeline stage runs the module path
+            assert runs == [{}, {}]
     finally:
         llm.shutdown()
     assert not any(p.is_alive() for p in llm.engine.executor.procs)

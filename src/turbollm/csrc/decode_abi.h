@@ -32,18 +32,32 @@ enum { LORA_A = 0, LORA_B, LORA_RANK, LORA_SHARDS, LORA_SPANS, LORA_IN, LORA_OUT
        LORA_RANKS, LORA_WORDS };
 enum { LORA_KIND_F32 = 0, LORA_KIND_BF16 = 1 };
 
+// A tensor-parallel rank's shared-memory all-reduce (distributed/csrc/shm_collectives.c),
+// AR_WORDS words: the flags (an int64 counter per rank, AR_FLAG_STRIDE words apart), the first
+// slot, this rank, the ranks, the bytes of a slot, the timeout (ns); then what the calls
+// report: the operation that timed out (0: none), nanoseconds spent and calls made.
+enum { AR_FLAGS = 0, AR_SLOTS, AR_RANK, AR_WORLD, AR_SLOT_BYTES, AR_TIMEOUT_NS, AR_FAILED, AR_NS,
+       AR_CALLS, AR_WORDS };
+enum { AR_FLAG_STRIDE = 8 };
+#define SHM_ABI_VALUES(X)                                                                       \
+    X(AR_FLAGS) X(AR_SLOTS) X(AR_RANK) X(AR_WORLD) X(AR_SLOT_BYTES) X(AR_TIMEOUT_NS)              \
+    X(AR_FAILED) X(AR_NS) X(AR_CALLS) X(AR_WORDS) X(AR_FLAG_STRIDE)
+
 // The step, S_WORDS words: h, x, qkv, attn, o, gu, act buffers; T, hidden, inter, H, KVH, D,
 // qkv row stride, q_size, qk_size; cos and sin tables [max_position, D/2], positions, slots;
 // block tables, their width, each row's sequence and context; block size, window; the K/V
 // write and attention functions; token ids, embedding table and its type (EMBED_*), the first
 // layer's norm1 weight (scale and eps are decode_layers' float arguments); each row's LoRA slot
-// (int64 [T], -1: none) or 0 when no row has an adapter. One list (an
+// (int64 [T], -1: none) or 0 when no row has an adapter; on a tensor-parallel rank the
+// all-reduce function and its AR_WORDS words, which the o and down projections' partial sums go
+// through (0, 0 in one process). One list (an
 // X-macro) makes both the enum and the exported names, so no field can miss from Python's view.
 #define DECODE_STEP_FIELDS(X)                                                                   \
     X(S_H) X(S_X) X(S_QKV) X(S_ATTN) X(S_O) X(S_GU) X(S_ACT) X(S_T) X(S_HIDDEN) X(S_INTER)      \
     X(S_HEADS) X(S_KVH) X(S_D) X(S_STRIDE) X(S_QSIZE) X(S_QKSIZE) X(S_COS) X(S_SIN) X(S_POS)    \
     X(S_SLOTS) X(S_TABLES) X(S_MAXB) X(S_SEQ) X(S_CTX) X(S_BS) X(S_WINDOW) X(S_WRITE)          \
-    X(S_ATTEND) X(S_IDS) X(S_EMBED) X(S_EMBED_KIND) X(S_NORM1) X(S_LORA_SLOTS)
+    X(S_ATTEND) X(S_IDS) X(S_EMBED) X(S_EMBED_KIND) X(S_NORM1) X(S_LORA_SLOTS)   \
+    X(S_ALLREDUCE) X(S_ALLREDUCE_CTX)
 #define DECODE_ABI_ENUM_(name) name,
 enum { DECODE_STEP_FIELDS(DECODE_ABI_ENUM_) S_WORDS };
 #undef DECODE_ABI_ENUM_
@@ -59,8 +73,29 @@ enum { EMBED_F32 = 0, EMBED_BF16 = 1, EMBED_F16 = 2, EMBED_NONE = 3 };
     X(L_K_SCALES) X(L_V_SCALES) X(L_CACHE_DTYPE) X(L_LORA_QKV) X(L_LORA_O) X(L_LORA_GATE_UP)     \
     X(L_LORA_DOWN) X(LAYER_WORDS) X(LORA_A) X(LORA_B) X(LORA_RANK) X(LORA_SHARDS) X(LORA_SPANS)  \
     X(LORA_IN) X(LORA_OUT) X(LORA_KIND) X(LORA_RANKS) X(LORA_WORDS) X(LORA_KIND_F32)             \
-    X(LORA_KIND_BF16)                                                                           \
+    X(LORA_KIND_BF16) SHM_ABI_VALUES(X)                                                         \
     DECODE_STEP_FIELDS(X) X(S_WORDS)                                                            \
     X(EMBED_F32) X(EMBED_BF16) X(EMBED_F16) X(EMBED_NONE)
+
+// Defines `void NAME(int64_t *sizes, int64_t *values, char *names)`, which gives Python
+// (native_build.read_abi) the values of LIST (an X-macro of names above) with their names: with
+// values == NULL, sizes[0] = how many there are and sizes[1] = the bytes of their names
+// (space-separated, with the final NUL); else values and names are filled, in the same order.
+#define ABI_ENTRY_(name) {#name, name},
+#define DEFINE_ABI_EXPORT(NAME, LIST)                                                           \
+    void NAME(int64_t *sizes, int64_t *values, char *names) {                                   \
+        static const struct { const char *name; int64_t value; } table[] = {LIST(ABI_ENTRY_)};  \
+        const int64_t count = sizeof table / sizeof table[0];                                   \
+        int64_t bytes = 0;                                                                      \
+        for (int64_t i = 0; i < count; i++) {                                                   \
+            if (values != NULL) {                                                               \
+                values[i] = table[i].value;                                                     \
+                sprintf(names + bytes, i ? " %s" : "%s", table[i].name);                        \
+            }                                                                                   \
+            bytes += (i > 0) + (int64_t)strlen(table[i].name);                                  \
+        }                                                                                       \
+        sizes[0] = count;                                                                       \
+        sizes[1] = bytes + 1;                                                                   \
+    }
 
 #endif

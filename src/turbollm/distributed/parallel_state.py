@@ -12,8 +12,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from turbollm.distributed.shm_allreduce import ShmCollectives
+from turbollm.distributed.shm_allreduce import ShmCollectives, native_abi
 from turbollm.model_arch import ModelArch
+from turbollm.native_build import function_address
 
 
 def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
@@ -99,6 +100,26 @@ class TPGroup:
         c.tp_seconds += time.perf_counter() - t0
         c.tp_calls += 1
         return t
+
+    def native_all_reduce(self) -> tuple[int, torch.Tensor] | None:
+        """(address of the C all-reduce, its context words) for the C decode loop, or None
+        where this group's collectives are not shared memory."""
+        if self.shm is None or self.shm.native is None:
+            return None
+        fn, ctx = self.shm.native
+        return function_address(fn), ctx
+
+    def run_native(self, call) -> None:
+        """call() (C code that all-reduces through native_all_reduce), then raise if a rank did
+        not arrive, and count the time and calls it spent in the all-reduce."""
+        abi = native_abi()
+        ctx = self.shm.native[1]
+        ns, calls = int(ctx[abi.AR_NS]), int(ctx[abi.AR_CALLS])
+        call()
+        self.shm.check_native()
+        c = self.counters
+        c.tp_seconds += (int(ctx[abi.AR_NS]) - ns) / 1e9
+        c.tp_calls += int(ctx[abi.AR_CALLS]) - calls
 
     def all_gather_last(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's t concatenated along the last dimension, in rank order."""

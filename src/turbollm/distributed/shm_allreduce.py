@@ -18,16 +18,24 @@ and the same bits from one run to the next.
 Memory ordering: x86 keeps stores in order (TSO), so a rank that sees a peer's counter see its
 slot data too. Other CPUs would need fences; this class is used on x86 hosts only (see
 `shm_supported`).
+
+fp32 all-reduces run in C (csrc/shm_collectives.c: the same protocol and bits, and the one the
+C decode loop calls between its layers' projections); the operation count is each rank's own
+flag, so the Python and C sides can take turns.
 """
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import time
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from turbollm.native_build import I64, PTR, load_library, read_abi
 
 FLAG_BYTES = 64
 DEFAULT_SLOT_BYTES = 8 * 2**20  # per rank and per set: 8 MiB holds [2048, 1024] fp32 rows
@@ -48,6 +56,19 @@ def create_segment(world_size: int, slot_bytes: int = DEFAULT_SLOT_BYTES
     shm = shared_memory.SharedMemory(create=True, size=segment_bytes(world_size, slot_bytes))
     shm.buf[:world_size * FLAG_BYTES] = bytes(world_size * FLAG_BYTES)
     return shm
+
+
+@functools.cache
+def _native():
+    """(the C library, its AR_* word indexes), or None where it cannot be built or run."""
+    lib = load_library(Path(__file__).parent / "csrc" / "shm_collectives.c",
+                       {"shm_all_reduce_f32": [PTR, PTR, I64]})
+    return None if lib is None else (lib, read_abi(lib, "shm_abi"))
+
+
+def native_abi():
+    """The AR_* word indexes of the C all-reduce's context (csrc/decode_abi.h)."""
+    return _native()[1]
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
@@ -72,17 +93,44 @@ class ShmCollectives:
                                 count=2 * world_size * slot_bytes)
         # slots[set][rank]: [slot_bytes] uint8 views
         self.slots = data.view(2, world_size, slot_bytes)
-        self.op = int(self._flags[rank, 0])
+        self.native = self._native_context(timeout_s)
+
+    def _native_context(self, timeout_s: float):
+        """(the C all-reduce function, its context words: csrc/decode_abi.h AR_*) or None."""
+        if _native() is None:
+            return None
+        lib, abi = _native()
+        ctx = torch.zeros(abi.AR_WORDS, dtype=torch.int64)
+        slots = self.slots.data_ptr()  # the flags come first in the segment
+        ctx[abi.AR_FLAGS], ctx[abi.AR_SLOTS] = slots - self.world * FLAG_BYTES, slots
+        ctx[abi.AR_RANK], ctx[abi.AR_WORLD] = self.rank, self.world
+        ctx[abi.AR_SLOT_BYTES] = self.slot_bytes
+        ctx[abi.AR_TIMEOUT_NS] = int(timeout_s * 1e9)
+        assert FLAG_BYTES == 8 * abi.AR_FLAG_STRIDE
+        return lib.shm_all_reduce_f32, ctx
+
+    @property
+    def op(self) -> int:
+        """Operations done by this rank: its own flag (the C side advances it too)."""
+        return int(self._flags[self.rank, 0])
+
+    def check_native(self) -> None:
+        """Raise if a C all-reduce timed out (a rank did not arrive)."""
+        failed = int(self.native[1][native_abi().AR_FAILED])
+        if failed:
+            flags = self._flags[:, 0]
+            late = [r for r in range(self.world) if flags[r] < failed]
+            raise TimeoutError(f"shared-memory collective: rank(s) {late} did not arrive "
+                               f"within {self.timeout_s:.0f}s")
 
     def close(self) -> None:
-        self.slots = self._flags = None
+        self.slots = self._flags = self.native = None
         self.shm.close()
 
     def _barrier(self) -> None:
         """Publish this rank's operation count; wait until every rank published it."""
-        self.op += 1
-        target = self.op
         flags = self._flags
+        target = int(flags[self.rank, 0]) + 1
         flags[self.rank, 0] = target
         col = flags[:, 0]
         spins = 0
@@ -115,6 +163,11 @@ class ShmCollectives:
 
     def all_reduce_(self, t: torch.Tensor) -> torch.Tensor:
         """t <- sum over ranks of t, in place (t contiguous, on CPU); summed in rank order."""
+        if t.dtype == torch.float32 and self.native is not None:
+            fn, ctx = self.native
+            fn(ctx.data_ptr(), t.data_ptr(), t.numel())
+            self.check_native()
+            return t
         flat = t.view(-1)
         per = self.slot_bytes // t.element_size()
         for a in range(0, flat.numel(), per):
@@ -132,3 +185,4 @@ class ShmCollectives:
         n = flat.numel() * flat.element_size()
         cur = self._publish(flat)
         return [cur[r, :n].view(t.dtype).view(t.shape).clone() for r in range(self.world)]
+

@@ -98,6 +98,10 @@ class RankedExecutor:
         """Each rank's {linear layer: QuantMethod name}, in rank order."""
         return self._call("linear_methods")
 
+    def native_decode_runs(self) -> list[dict[str, int]]:
+        """Each rank's steps in the native decoder's C and Python loops, in rank order."""
+        return self._call("native_decode_runs")
+
     def comm_stats(self) -> dict:
         """Seconds in tensor-parallel collectives and pipeline receives since start (the
         slowest rank's per call, summed), and the calls counted."""

@@ -12,9 +12,9 @@ import pickle
 import traceback
 
 # the methods whose result every rank sends back (num_kv_blocks: the engine takes the minimum;
-# linear_methods: each rank's own); for the rest only the reply rank's result is sent (the
+# linear_methods, native_decode_runs: each rank's own); for the rest only the reply rank's result is sent (the
 # others' would be the same, or empty)
-ALL_RANKS_REPLY = {"num_kv_blocks", "linear_methods"}
+ALL_RANKS_REPLY = {"num_kv_blocks", "linear_methods", "native_decode_runs"}
 
 
 def bind_cores(rank: int, world: int, threads: int) -> list[int] | None:

@@ -6,15 +6,13 @@ kernels use every thread. `usable(x)` says which path a tensor takes.
 """
 from __future__ import annotations
 
-import collections
-import ctypes
 import functools
 from pathlib import Path
 
 import torch
 
 from turbollm.layers import prefill_gemm as multi_row
-from turbollm.native_build import F32, I64, PTR, RowKernel, load_library
+from turbollm.native_build import F32, I64, PTR, RowKernel, load_library, read_abi
 
 _SRC = Path(__file__).parent / "csrc" / "cpu_ops.c"
 _SIGNATURES = {
@@ -30,7 +28,6 @@ _SIGNATURES = {
     "argmax_rows_f32": [PTR, I64, I64, PTR],
     "lora_rows_f32": [PTR, I64, I64, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
     "lora_rows_bf16": [PTR, I64, I64, PTR, PTR, PTR, I64, I64, PTR, PTR, PTR, I64, I64],
-    "decode_abi": [PTR, PTR, PTR],
 }
 # Activation rows up to which dense_linear beats torch, measured on all 120 linears of the 135M
 # model (not cache-resident, as in a real forward), 2 threads: time C / torch at 1, 16, 64, 128,
@@ -56,14 +53,7 @@ def decode_abi():
     """decode_layers' word layout (csrc/decode_abi.h) as the compiled library defines it: a
     read-only namedtuple of ints by name (abi.S_T, abi.LAYER_WORDS, ...), or None without it."""
     L = lib()
-    if L is None:
-        return None
-    sizes = (ctypes.c_int64 * 2)()
-    L.decode_abi(sizes, None, None)  # how many values, how many bytes of names
-    values = (ctypes.c_int64 * sizes[0])()
-    names = ctypes.create_string_buffer(sizes[1])
-    L.decode_abi(sizes, values, names)
-    return collections.namedtuple("DecodeAbi", names.value.decode().split())(*values)
+    return None if L is None else read_abi(L, "decode_abi")
 
 
 def usable(x: torch.Tensor) -> bool:

@@ -15,7 +15,9 @@ speculative verification, a short prompt chunk such as the scheduler cuts while 
 a KV cache the C attention reads, and every projection served by a C kernel at that row count.
 Anything else takes the module path. Row-invariant steps (layers/prefill_gemm.row_invariant)
 take this path at any row count and chunk length: every call here computes each row alone.
-Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
+On a tensor-parallel rank (one pipeline stage) the same calls run on the rank's heads and MLP
+columns, and the o and down projections' partial sums go through the shared-memory all-reduce,
+called from C between them. Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
 kernel, by decode_layers itself (the plan holds each layer's slot tensors, the step each row's
 slot) or, in the Python loop, by LinearLoRA.add_rows: the same C function either way.
 """
@@ -100,6 +102,11 @@ class NativeDecoder:
         self.compute_dtype, self.hidden = model.compute_dtype, model.embed_tokens.weight.shape[1]
         self.embed, self.rotary, self.final_norm = model.embed_tokens, model.rotary, model.norm
         self.model = model  # its lora_context (set by the worker) says when adapters run
+        # a tensor-parallel rank: the o and down projections give partial sums, added over the
+        # ranks by the shared-memory all-reduce (in C, from decode_layers itself)
+        self.tp = model.parallel.tp if model.parallel is not None else None
+        self._all_reduce = self.tp.native_all_reduce() if self.tp is not None else None
+        self.runs = {"c_loop": 0, "python_loop": 0}  # steps taken by each loop, for checks
         # plain lists: attribute access on nn.Modules costs ~1 us each
         self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
@@ -114,6 +121,7 @@ class NativeDecoder:
 
     def usable(self, T: int, kv_caches, meta: AttentionMetadata) -> bool:
         if (self.lib is None or self.compute_dtype != torch.float32
+                or (self.tp is not None and self._all_reduce is None)
                 or (T > MAX_ROWS and not multi_row.is_row_invariant())
                 or self.hidden % 16 or self.head_dim % 16):
             return False
@@ -240,7 +248,9 @@ class NativeDecoder:
         p_x, p_h, p_qkv, p_attn, p_o, p_gu, p_act = ptrs
         p_k, p_v = p_qkv + 4 * q_size, p_qkv + 4 * qk_size
         weight = self.embed.weight
-        kind = _EMBED_KINDS.get(weight.dtype) if weight.is_contiguous() else None
+        # (a vocab-parallel table holds some rows only: its module gathers and all-reduces)
+        kind = (_EMBED_KINDS.get(weight.dtype)
+                if weight.is_contiguous() and type(self.embed) is torch.nn.Embedding else None)
         if kind is None:  # a table C does not read: torch gathers the rows
             h.copy_(self.embed(input_ids))
         tables, seq, ctx = attention_rows(meta, T)
@@ -272,11 +282,20 @@ class NativeDecoder:
             # rows with an adapter: decode_layers adds each projection's LoRA term after it
             row_slots = lora_step.row_slots() if lora_step is not None else None
             w[abi.S_LORA_SLOTS] = 0 if row_slots is None else row_slots.data_ptr()
+            if self._all_reduce is not None:
+                w[abi.S_ALLREDUCE], w[abi.S_ALLREDUCE_CTX] = (self._all_reduce[0],
+                                                              self._all_reduce[1].data_ptr())
             step = array.array("q", w)
-            self.lib.decode_layers(plan[0].data_ptr(), n, step.buffer_info()[0], self.scale,
-                                   plan[1])
+            call = functools.partial(self.lib.decode_layers, plan[0].data_ptr(), n,
+                                     step.buffer_info()[0], self.scale, plan[1])
+            if self.tp is not None:
+                self.tp.run_native(call)  # raises if a rank did not arrive
+            else:
+                call()
+            self.runs["c_loop"] += 1
             return x
         # The same calls from Python (a layer with a qkv bias, LoRA rows, or the C loop off)
+        self.runs["python_loop"] += 1
         lib = self.lib
         if kind is not None:  # else gathered above
             h.copy_(self.embed(input_ids))
@@ -302,6 +321,8 @@ class NativeDecoder:
             k_o(p_attn, p_o)
             if lora_step is not None and o_lin.lora is not None:
                 o_lin.lora.add_rows(attn, o)
+            if self.tp is not None:
+                self.tp.all_reduce_(o)
             lib.add_rms_norm_f32(p_h, p_o, norm2.weight.data_ptr(), p_x, T, hidden, norm2.eps)
             k_gu(p_x, p_gu)
             if lora_step is not None and gu_lin.lora is not None:
@@ -310,6 +331,8 @@ class NativeDecoder:
             k_down(p_act, p_o)
             if lora_step is not None and down_lin.lora is not None:
                 down_lin.lora.add_rows(act, o)
+            if self.tp is not None:
+                self.tp.all_reduce_(o)
             after = self._norm_after(i, n)  # the residual add fused with the following norm
             lib.add_rms_norm_f32(p_h, p_o, after.weight.data_ptr(), p_x, T, hidden, after.eps)
         return x

@@ -103,8 +103,9 @@ class Worker:
         """KernelConfig: native decode per model; activation rounding and GPU tiles are
         process-wide switches of the kernel modules."""
         kc = self.config.kernel
-        # the native C decode step runs a whole model in one process: off for a rank's part
-        self.set_native_decode(kc.native_decode and self.parallel is None)
+        # the native C decode step runs whole models: in one process, or as a tensor-parallel
+        # rank of one stage (models/llama.py LlamaModel._forward_native)
+        self.set_native_decode(kc.native_decode)
         quant_kernels.exact_activations(kc.exact_activations)
         prefill_gemm.use_bf16(self._prefill_in_bf16())
         if kc.tile_config is not None:
@@ -189,6 +190,12 @@ class Worker:
         """How each linear layer computes ({name: QuantMethod name}), for checks and logs."""
         return {n: m.quant_method.name for n, m in self.model.named_modules()
                 if hasattr(m, "quant_method")}
+
+    def native_decode_runs(self) -> dict[str, int]:
+        """Steps the native decoder ran in its C and Python loops (models/native_decode.py;
+        empty before its first step), for checks of which path ran."""
+        decoder = getattr(getattr(self.model, "model", None), "native_decoder", None)
+        return dict(decoder.runs) if decoder is not None else {}
 
     def add_lora(self, req: LoRARequest) -> None:
         """Load an adapter (checked against the model) so requests can name it; a ValueError

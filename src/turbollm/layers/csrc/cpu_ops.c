@@ -348,6 +348,7 @@ typedef void (*attn_fn)(const float *, int64_t, const void *, const void *, cons
                         const void *, int64_t, const int64_t *, int64_t, const int64_t *,
                         const int64_t *, float *, int64_t, int64_t, int64_t, int64_t, int64_t,
                         float, int64_t);
+typedef void (*allreduce_fn)(int64_t *, float *, int64_t);
 
 // A projection's LIN_WORDS words: y = x W^T for M rows
 static void linear_call(const int64_t *l, const float *x, float *y) {
@@ -412,6 +413,9 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
     const int64_t stride = s[S_STRIDE], h2 = D / 2;
     const float *k_new = qkv + s[S_QSIZE], *v_new = qkv + s[S_QKSIZE];
     const int64_t *lora = (const int64_t *)s[S_LORA_SLOTS];  // NULL: no row has an adapter
+    // a tensor-parallel rank sums the row-parallel projections' partial outputs over the ranks
+    const allreduce_fn all_reduce = (allreduce_fn)s[S_ALLREDUCE];
+    int64_t *ar = (int64_t *)s[S_ALLREDUCE_CTX];
     if (s[S_EMBED_KIND] != EMBED_NONE)
         embed_rows(h, (const int64_t *)s[S_IDS], (const void *)s[S_EMBED], s[S_EMBED_KIND], T, hidden);
     rms_norm_f32(h, (const float *)s[S_NORM1], x, T, hidden, eps);
@@ -437,35 +441,22 @@ void decode_layers(const int64_t *layers, int64_t n, const int64_t *s, float sca
                                s[S_WINDOW]);
         linear_call(l + L_O, attn, o);
         lora_call(l[L_LORA_O], attn, T, lora, o);
+        if (all_reduce) all_reduce(ar, o, T * hidden);
         add_rms_norm_f32(h, o, (const float *)l[L_NORM2], x, T, hidden, eps);
         linear_call(l + L_GATE_UP, x, gu);
         lora_call(l[L_LORA_GATE_UP], x, T, lora, gu);
         silu_mul_f32(gu, act, T, s[S_INTER]);
         linear_call(l + L_DOWN, act, o);
         lora_call(l[L_LORA_DOWN], act, T, lora, o);
+        if (all_reduce) {
+            all_reduce(ar, o, T * hidden);
+            if (ar[AR_FAILED]) break;  // a rank is gone: the caller raises
+        }
         // the residual add fused with the norm that follows
         add_rms_norm_f32(h, o, (const float *)l[L_NORM_NEXT], x, T, hidden, eps);
     }
     free(cos);
 }
 
-// decode_abi.h's values with their names, for Python (layers/native_ops.py decode_abi): with
-// values == NULL, sizes[0] = how many there are and sizes[1] = the bytes of their names
-// (space-separated, with the final NUL); else values and names are filled, in the same order.
-void decode_abi(int64_t *sizes, int64_t *values, char *names) {
-#define DECODE_ABI_ENTRY_(name) {#name, name},
-    static const struct { const char *name; int64_t value; } table[] = {
-        DECODE_ABI_VALUES(DECODE_ABI_ENTRY_)};
-#undef DECODE_ABI_ENTRY_
-    const int64_t count = sizeof table / sizeof table[0];
-    int64_t bytes = 0;
-    for (int64_t i = 0; i < count; i++) {
-        if (values != NULL) {
-            values[i] = table[i].value;
-            sprintf(names + bytes, i ? " %s" : "%s", table[i].name);
-        }
-        bytes += (i > 0) + (int64_t)strlen(table[i].name);
-    }
-    sizes[0] = count;
-    sizes[1] = bytes + 1;
-}
+// decode_abi.h's values with their names, for Python (layers/native_ops.py decode_abi)
+DEFINE_ABI_EXPORT(decode_abi, DECODE_ABI_VALUES)
