@@ -268,10 +268,10 @@ class ParallelConfig:
     pipeline_parallel_size: int = field(default=1, metadata=_help(
         "split the layers into this many contiguous stages, one group of processes each",
         aliases=("-pp",)))
-    pipeline_micro_batches: int = field(default=1, metadata=_help(
-        "pipeline parallelism: run each step's sequences as up to this many groups in a row, "
-        "so that stage s + 1 works on one group while stage s works on the next (1 = stages "
-        "take turns; more pays on prefill-heavy steps, not on small decode batches)"))
+    pipeline_micro_batches: int | None = field(default=None, metadata=_help(
+        "pipeline parallelism: steps in flight at once, each over its share of the running "
+        "requests, so that stage s + 1 works on one while stage s works on the next (default: "
+        "the number of stages; 1 = one step at a time, the stages take turns)"))
     cpu_threads_per_worker: int | None = field(default=None, metadata=_help(
         "torch threads of each worker process on CPU (default: the cores this process may use, "
         "divided among the workers, at least 1)"))
@@ -292,7 +292,7 @@ class ParallelConfig:
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.pipeline_micro_batches < 1:
+        if self.pipeline_micro_batches is not None and self.pipeline_micro_batches < 1:
             raise ValueError(f"pipeline_micro_batches must be >= 1, got "
                              f"{self.pipeline_micro_batches}")
         if self.cpu_threads_per_worker is not None and self.cpu_threads_per_worker < 1:
@@ -309,6 +309,13 @@ class ParallelConfig:
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def steps_in_flight(self) -> int:
+        """Engine steps out at once (pipeline_micro_batches; one without pipeline stages)."""
+        if self.pipeline_parallel_size == 1:
+            return 1
+        return self.pipeline_micro_batches or self.pipeline_parallel_size
 
     def threads_per_worker(self) -> int:
         return self.cpu_threads_per_worker or max(1, default_num_threads() // self.world_size)

@@ -54,8 +54,7 @@ def single(tiny_llama):
 
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)], ids=["tp2", "pp2_micro2"])
 def test_parallel_logits_and_greedy_text_match_one_process(tiny_llama, single, tp, pp):
-    """(PP with 2 micro-batches: steps of several sequences run as two groups through the
-    stages; the scored sequence is one group.)"""
+    """(PP with 2 micro-batches: two steps in flight, each over half the running requests.)"""
     _, ref_logits, ref_text = single
     llm = LLM(str(tiny_llama), tensor_parallel_size=tp, pipeline_parallel_size=pp,
               pipeline_micro_batches=2, **ENGINE)
@@ -71,8 +70,9 @@ def test_parallel_logits_and_greedy_text_match_one_process(tiny_llama, single, t
         runs = llm.engine.executor.native_decode_runs()
         if tp > 1:  # the ranks' decode steps ran the one-call C loop, all-reducing from C
             assert all(r["c_loop"] > 0 for r in runs) and runs[0] == runs[1], runs
-        else:  # a pipeline stage runs the module path
+        else:  # a pipeline stage runs the module path; two steps were out at once
             assert runs == [{}, {}]
+            assert llm.engine.steps_in_flight == 2 and llm.engine.stats.overlapped_steps > 0
     finally:
         llm.shutdown()
     assert not any(p.is_alive() for p in llm.engine.executor.procs)

@@ -16,6 +16,14 @@ def test_stage_layers_cover_every_layer_once_and_in_order():
         stage_layers(2, 3, 0)
 
 
+def test_the_last_stage_takes_fewer_layers_for_the_lm_head():
+    # TinyLlama's shape: the head is worth ~1.5 layers, so 12 + 10 (max 12 layers of work)
+    # beats 11 + 11 (12.5)
+    assert [stage_layers(22, 2, r, 1.49) for r in range(2)] == [(0, 12), (12, 22)]
+    # a head worth more than the stage's share still leaves it one layer
+    assert [stage_layers(8, 4, r, 9.0) for r in range(4)] == [(0, 3), (3, 5), (5, 7), (7, 8)]
+
+
 def test_head_split_splits_kv_heads_or_replicates_the_one_a_rank_reads():
     # 4 query heads, 2 KV heads, 2 ranks: one KV head each
     assert [head_split(4, 2, 2, r) for r in range(2)] == [(2, 0, 1), (2, 1, 1)]
@@ -52,27 +60,6 @@ def test_cli_flags_and_short_aliases():
     kw = engine_kwargs(p.parse_args(["-tp", "2", "-pp", "3", "--cpu-threads-per-worker", "1"]))
     assert (kw["tensor_parallel_size"], kw["pipeline_parallel_size"],
             kw["cpu_threads_per_worker"]) == (2, 3, 1)
-
-
-def test_micro_batches_cut_by_tokens_and_merge_back_in_order():
-    from turbollm.core.batch import ModelRunnerOutput, SequenceWork
-    from turbollm.worker.micro_batch import merge_outputs, split_micro_batches
-
-    def seq(n, i):
-        return SequenceWork(f"r{i}", [1] * n, 0, [], 0, True, None, [], [])
-    seqs = [seq(n, i) for i, n in enumerate([1, 1, 1, 1, 60, 30, 30])]
-    for m in (1, 2, 3, 7, 9):
-        groups = split_micro_batches(seqs, m)
-        assert [s for g in groups for s in g] == seqs and all(groups)
-        assert len(groups) == min(m, len(seqs))
-    assert [len(g) for g in split_micro_batches(seqs, 2)] == [5, 2]  # 64 | 60 tokens
-    groups = split_micro_batches(seqs, 2)
-    outs = [ModelRunnerOutput([[i] for i, _ in enumerate(g)], [None] * len(g),
-                              None if k == 0 else [["lp"]] * len(g))
-            for k, g in enumerate(groups)]
-    merged = merge_outputs(groups, outs)
-    assert merged.sampled_token_ids == [[0], [1], [2], [3], [4], [0], [1]]
-    assert merged.prompt_logprobs == [None] * 5 + [["lp"]] * 2
 
 
 def test_bind_cores_gives_each_rank_its_own_group_or_none():

@@ -89,8 +89,14 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     # ----- the step -----
-    def schedule(self) -> SchedulerOutput:
-        """Pick this step's work: running requests first (decodes before prefill chunks)."""
+    def schedule(self, busy: frozenset[str] | set[str] = frozenset(),
+                 max_requests: int | None = None) -> SchedulerOutput:
+        """Pick this step's work: running requests first (decodes before prefill chunks).
+
+        Pipeline parallelism keeps several steps in flight: `busy` are the requests in a step
+        not yet back (they get no work and are never preempted meanwhile), and `max_requests`
+        caps the requests this step takes (running or admitted), so that the work splits
+        into about equal steps that follow each other through the stages."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         scheduled_ids: set[str] = set()
@@ -98,8 +104,10 @@ class Scheduler:
 
         # Decodes are one token each: serving them before any prefill chunk means a long
         # prompt can only take the budget that is left, never stall the running streams.
-        order = [r for r in self.running if not r.is_prefilling]
-        order += [r for r in self.running if r.is_prefilling]
+        order = [r for r in self.running if not r.is_prefilling and r.request_id not in busy]
+        order += [r for r in self.running if r.is_prefilling and r.request_id not in busy]
+        if max_requests is not None:
+            order = order[:max_requests]
         for req in order:
             if budget == 0:
                 break
@@ -113,13 +121,17 @@ class Scheduler:
             if n <= 0:
                 continue
             lookahead = self._lookahead(req, req.num_computed_tokens + n)
+            allocated = True
             while not self.kv.allocate_slots(req, n + lookahead):
-                victim = self._pick_victim(scheduled_ids)
+                victim = self._pick_victim(scheduled_ids | busy)
+                if victim is None:  # only requests in flight hold the blocks: not this step
+                    allocated = False
+                    break
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is req:
                     break
-            if req.status != RequestStatus.RUNNING:
+            if not allocated or req.status != RequestStatus.RUNNING:
                 continue
             self._add(out, req, n)
             scheduled_ids.add(req.request_id)
@@ -129,7 +141,7 @@ class Scheduler:
 
         # Admit waiting requests, unless this step had to preempt (no room anyway).
         if not out.preempted:
-            self._admit_waiting(out, min(budget, prefill_budget))
+            self._admit_waiting(out, min(budget, prefill_budget), max_requests)
         return out
 
     def _prefill_budget(self) -> int:
@@ -156,10 +168,11 @@ class Scheduler:
             return self.config.max_num_batched_tokens
         return max(cap, PREFILL_TOKENS_PER_DECODE * len(decoding))
 
-    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, max_requests: int | None) -> None:
         skipped: list[Request] = []
         loras = self.running_lora_ids()
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and (max_requests is None or len(out.requests) < max_requests)):
             req = self.waiting[0]
             leader = req.prefix_leader
             if leader is not None and not leader.is_finished and leader.is_prefilling:
@@ -210,12 +223,14 @@ class Scheduler:
         out.num_scheduled_tokens.append(n)
         out.block_tables.append(self.kv.block_ids(req.request_id))
 
-    def _pick_victim(self, scheduled_ids: set[str]) -> Request:
-        """The most recently admitted running request not already given work this step."""
+    def _pick_victim(self, spared: set[str]) -> Request | None:
+        """The most recently admitted running request not already given work this step (nor
+        in a step in flight); None when there is none (the current one is a candidate unless
+        it is spared)."""
         for req in reversed(self.running):
-            if req.request_id not in scheduled_ids:
+            if req.request_id not in spared:
                 return req
-        raise AssertionError("no request left to preempt")  # the current one is always a candidate
+        return None
 
     def _preempt(self, req: Request) -> None:
         """Drop a request's KV (recompute later) and put it first in line."""

@@ -17,13 +17,23 @@ from turbollm.model_arch import ModelArch
 from turbollm.native_build import function_address
 
 
-def stage_layers(num_layers: int, pp_size: int, pp_rank: int) -> tuple[int, int]:
-    """[start, end) of the decoder layers of stage `pp_rank`: contiguous, as even as possible,
-    earlier stages taking the remainder (the last stage also runs the norm and LM head)."""
+def stage_layers(num_layers: int, pp_size: int, pp_rank: int, head_layers: float = 0.0
+                 ) -> tuple[int, int]:
+    """[start, end) of the decoder layers of stage `pp_rank`: contiguous, earlier stages taking
+    the remainder. The last stage also runs the norm and LM head, worth `head_layers` layers
+    of work: it takes that many fewer (rounded), so that the stages of pipelined steps take
+    about equal times (the slowest one sets the pace)."""
     if num_layers < pp_size:
         raise ValueError(f"pipeline_parallel_size {pp_size} exceeds the model's {num_layers} "
                          "layers")
-    base, extra = divmod(num_layers, pp_size)
+    last = num_layers // pp_size
+    if pp_size > 1 and head_layers:
+        last = min(max(1, round((num_layers + head_layers) / pp_size - head_layers)),
+                   num_layers - (pp_size - 1))
+    if pp_rank == pp_size - 1:
+        return num_layers - last, num_layers
+    rest = num_layers - last if pp_size > 1 else num_layers
+    base, extra = divmod(rest, max(1, pp_size - 1))
     start = pp_rank * base + min(pp_rank, extra)
     return start, start + base + (1 if pp_rank < extra else 0)
 
@@ -148,6 +158,7 @@ class ParallelState:
     pp_size: int
     tp: TPGroup | None = None
     counters: CommCounters = field(default_factory=CommCounters)
+    _sending: tuple | None = None  # (the last send_next's work, its tensor kept alive)
 
     @property
     def is_first_stage(self) -> bool:
@@ -164,8 +175,14 @@ class ParallelState:
         return self.is_last_stage and self.tp_rank == 0
 
     def send_next(self, t: torch.Tensor) -> None:
-        """Hidden states to the same tensor-parallel rank of the next stage."""
-        dist.send(t.contiguous(), dst=self.rank + self.tp_size)
+        """Hidden states to the same tensor-parallel rank of the next stage. Sent without
+        waiting for the next stage to take them (it may still be on the previous step, with
+        pipelined steps): this stage goes on to its next step meanwhile, and waits for the
+        send only before its next one."""
+        if self._sending is not None:
+            self._sending[0].wait()
+        t = t.contiguous()
+        self._sending = (dist.isend(t, dst=self.rank + self.tp_size), t)
 
     def recv_prev(self, shape, dtype, device) -> torch.Tensor:
         """Hidden states from the same tensor-parallel rank of the previous stage."""

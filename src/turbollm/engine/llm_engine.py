@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field, replace
 
 from turbollm.config import EngineConfig
@@ -30,6 +31,19 @@ POOLINGS = ("mean", "last")  # how embed() pools the final hidden states
 
 
 @dataclass
+class _Step:
+    """A scheduled step between its launch and its landing."""
+
+    so: object  # SchedulerOutput
+    batch: object  # StepBatch
+    num_proposed: list[int]  # each request's proposals to verify
+    prefill_tokens: int
+    started: float
+    output: object = None  # ModelRunnerOutput, once back
+    error: Exception | None = None
+
+
+@dataclass
 class EngineStats:
     """Counters since start, read by /metrics and the benchmarks."""
 
@@ -41,6 +55,8 @@ class EngineStats:
     # decodes shared those steps): the prefill rate a queue wait is predicted from
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
+    # steps sent while another was still in flight (pipeline parallelism's overlap)
+    overlapped_steps: int = 0
     extra: dict = field(default_factory=dict)
 
 
@@ -72,6 +88,10 @@ class LLMEngine:
         self.stats = EngineStats()
         self._finished_ids: list[str] = []  # for the worker, with the next batch
         self._retired_loras: set[int] = set()  # unloaded adapters that requests still run
+        # pipeline parallelism: steps sent whose output is not back yet (see step)
+        self.steps_in_flight = (config.parallel.steps_in_flight
+                                if getattr(self.executor, "pipelines", False) else 1)
+        self._in_flight: deque[_Step] = deque()
         if self.spec is not None and self.spec.measures_step_costs:
             self._measure_step_costs()
         log.info("engine ready: %s on %s (%s), %d KV blocks x %d tokens, max_model_len %d, "
@@ -222,7 +242,7 @@ class LLMEngine:
             self._drop_retired_loras()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def prefill_backlog(self) -> int:
         """Prompt tokens admitted but not yet computed: the waiting requests' and the
@@ -283,24 +303,62 @@ class LLMEngine:
 
     # ----- the step -----
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, advance requests, and report what changed."""
+        """Schedule, run the model once, advance requests, and report what changed.
+
+        Under pipeline parallelism up to `steps_in_flight` steps are out at once, each over its
+        share of the running requests (a request is in one at a time), so that every stage
+        works on one step while the next stage works on another; each call takes the oldest
+        back."""
         failed = self._fail_grammars(self.constrained.poll())
-        so = self.scheduler.schedule()
-        if so.is_empty:
+        while len(self._in_flight) < self.steps_in_flight:
+            launched = self._launch()
+            if launched is None:
+                break
+            self._in_flight.append(launched)
+        if not self._in_flight:
             return failed
-        num_proposed = [len(r.spec_token_ids) for r in so.requests]
+        return failed + self._land(self._in_flight.popleft())
+
+    def _launch(self) -> "_Step | None":
+        """Schedule a step and send it (run it, without pipelining); None if nothing to do."""
+        busy = {r.request_id for step in self._in_flight for r in step.so.requests}
+        share = None
+        if self.steps_in_flight > 1:  # this step's share of the requests (at least one)
+            requests = len(self.scheduler.running) + len(self.scheduler.waiting)
+            share = max(1, math.ceil(requests / self.steps_in_flight))
+        so = self.scheduler.schedule(busy, share)
+        if so.is_empty:
+            return None
         batch = step_batch(so, self._finished_ids)
         self.constrained.fill_bitmasks(so, batch)
         self._finished_ids = []
-        prefill = sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
-                      for r, n in zip(so.requests, so.num_scheduled_tokens))
-        t0 = time.perf_counter()
+        step = _Step(so, batch, [len(r.spec_token_ids) for r in so.requests],
+                     sum(min(n, max(0, r.num_prompt_tokens - r.num_computed_tokens))
+                         for r, n in zip(so.requests, so.num_scheduled_tokens)),
+                     time.perf_counter())
         try:
-            ro = self.executor.execute(batch)
+            if self.steps_in_flight > 1:
+                self.stats.overlapped_steps += bool(self._in_flight)
+                self.executor.submit_execute(batch)
+            else:
+                step.output = self.executor.execute(batch)
         except Exception as exc:  # fail only this step's requests; the engine goes on
+            step.error = exc
+        return step
+
+    def _land(self, step: "_Step") -> list[RequestOutput]:
+        """Take a step's output back and advance its requests."""
+        so, batch = step.so, step.batch
+        if step.output is None and step.error is None:
+            try:
+                step.output = self.executor.collect_execute()
+            except Exception as exc:
+                step.error = exc
+        if step.error is not None:
             self._finished_ids.extend(batch.finished_request_ids)  # releasing twice is harmless
-            return failed + self._fail_step(so, exc)
-        seconds = time.perf_counter() - t0
+            return self._fail_step(so, step.error)
+        ro, prefill = step.output, step.prefill_tokens
+        seconds = time.perf_counter() - step.started
         if prefill:
             self.stats.prefill_tokens += prefill
             self.stats.prefill_seconds += seconds
@@ -319,10 +377,12 @@ class LLMEngine:
         if self._retired_loras and finished:
             self._drop_retired_loras()
         if self.spec is not None:
-            self.spec.observe(so, ro.sampled_token_ids, num_proposed)
+            self.spec.observe(so, ro.sampled_token_ids, step.num_proposed)
             self.spec.forget(released)
-            self.spec.propose(self.scheduler.running)
-        return failed + outs
+            # (not for requests in a step still in flight: their tokens are not back yet)
+            busy = {r.request_id for s in self._in_flight for r in s.so.requests}
+            self.spec.propose([r for r in self.scheduler.running if r.request_id not in busy])
+        return outs
 
     def _fail_grammars(self, reqs: list[Request]) -> list[RequestOutput]:
         """Fail the groups of requests whose grammar did not compile, with the parser's words."""

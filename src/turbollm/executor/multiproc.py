@@ -21,11 +21,13 @@ import pickle
 import socket
 import time
 import weakref
+from collections import deque
 from multiprocessing.connection import wait
 
 import torch.multiprocessing as mp
 
 from turbollm.config import EngineConfig
+from turbollm.core.batch import ModelRunnerOutput, StepBatch
 from turbollm.distributed.shm_allreduce import create_segment, shm_supported
 from turbollm.executor.ranked import RankedExecutor, WorkerProcessError, check_replies
 from turbollm.executor.worker_main import run_worker
@@ -89,6 +91,8 @@ class MultiprocExecutor(RankedExecutor):
         self.reply_rank = self.world - self.tp  # last stage, first tensor-parallel rank
         self.timeout_s = pc.distributed_timeout_s + REPLY_GRACE_S
         self.broken: str | None = None
+        # one entry per step sent by submit_execute: None until its replies are taken back
+        self._in_flight: deque = deque()
         self._init_comm()
         device = config.device.resolved_device()
         self.segments = []
@@ -193,6 +197,13 @@ class MultiprocExecutor(RankedExecutor):
 
     def _call(self, method: str, *args):
         """Run `method(*args)` on every rank's Worker; the replies, in rank order."""
+        self._drain()
+        self._send(method, args)
+        replies = self._collect(method, self.timeout_s)
+        self._count_comm(replies)
+        return [rep[1] for rep in replies]
+
+    def _send(self, method: str, args: tuple) -> None:
         if self.broken is not None:
             raise WorkerProcessError(self.broken)
         data = pickle.dumps((method, args))
@@ -202,9 +213,48 @@ class MultiprocExecutor(RankedExecutor):
             except (OSError, ValueError):
                 self._collect(method, 1.0)  # reports the dead rank
                 raise self._fail(f"tensor/pipeline rank {r} is unreachable")
-        replies = self._collect(method, self.timeout_s)
+
+    # ----- steps in flight (pipeline parallelism) -----
+    # Each rank answers its pipe's calls in order, so the engine may send the next step before
+    # the last stage has answered the previous one: stage s then works on step i + 1 while
+    # stage s + 1 works on step i. Replies are taken back in the order sent; any other call
+    # first takes back (and keeps) the replies of the steps still in flight.
+    pipelines = True
+
+    def submit_execute(self, batch: StepBatch) -> None:
+        """Send a step without waiting for it; collect_execute takes its output back."""
+        self._send("execute", (batch,))
+        self._in_flight.append(None)
+
+    def collect_execute(self) -> ModelRunnerOutput:
+        """The output of the oldest step sent by submit_execute."""
+        reply = self._in_flight.popleft()
+        if reply is None:
+            reply = self._take_step_reply()
+        if isinstance(reply, Exception):
+            raise reply
+        return reply
+
+    def _take_step_reply(self):
+        """The reply rank's output of the oldest step not yet taken back, or the error it
+        raised (failed steps while others are in flight leave the stages out of step: fatal)."""
+        try:
+            replies = self._collect("execute", self.timeout_s)
+        except WorkerProcessError:
+            raise
+        except RuntimeError as exc:
+            if any(r is None for r in self._in_flight):
+                return self._fail(f"{exc}; with other steps in flight the stages are out of "
+                                  "step, so all worker processes were stopped")
+            return exc
         self._count_comm(replies)
-        return [rep[1] for rep in replies]
+        return replies[self.reply_rank][1]
+
+    def _drain(self) -> None:
+        """Take back the replies of every step in flight, keeping them for collect_execute."""
+        for i, reply in enumerate(self._in_flight):
+            if reply is None:
+                self._in_flight[i] = self._take_step_reply()
 
     def shutdown(self) -> None:
         self._finalizer()

@@ -42,6 +42,9 @@ class RankedExecutor:
     world: int
     reply_rank: int  # the last stage's first tensor-parallel rank
     comm_mode: str
+    # whether steps can be sent before the previous one's output is back (submit_execute /
+    # collect_execute: MultiprocExecutor)
+    pipelines = False
 
     def _init_comm(self) -> None:
         self.comm = {"tp_comm_seconds": 0.0, "pp_wait_seconds": 0.0, "parallel_calls": 0}

@@ -126,8 +126,10 @@ class LlamaModel(nn.Module):
         tp = parallel if parallel is not None and parallel.tp is not None else None
         first = parallel is None or parallel.is_first_stage
         last = parallel is None or parallel.is_last_stage
+        # (the last stage's LM head counts as the layers it is worth in weights)
         self.layer_range = (0, arch.num_hidden_layers) if parallel is None else stage_layers(
-            arch.num_hidden_layers, parallel.pp_size, parallel.pp_rank)
+            arch.num_hidden_layers, parallel.pp_size, parallel.pp_rank,
+            arch.vocab_size * arch.hidden_size / arch.linear_params_per_layer())
         # the embedding: on the first stage, and on the last where the LM head is tied to it
         self.embed_tokens = None
         if first or (last and arch.tie_word_embeddings):

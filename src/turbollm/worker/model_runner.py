@@ -15,7 +15,6 @@ from turbollm.layers.sampler import (Sampler, SamplingMetadata, compute_logprobs
 from turbollm.layers.rejection_sampler import verify_greedy, verify_random
 from turbollm.worker.faults import fault_plan_from_env
 from turbollm.worker.flat_batch import SeqChunk, pack_sequences
-from turbollm.worker.micro_batch import merge_outputs, split_micro_batches
 from turbollm.worker.kv_cache import layer_views
 
 # Prompt logprobs: logits rows made at once (x vocab x 4 bytes: 256 rows of a 128K vocabulary
@@ -45,12 +44,8 @@ class ModelRunner:
 
     def __init__(self, model: torch.nn.Module, kv_cache: torch.Tensor, block_size: int,
                  device: str, vocab_size: int, eos_token_ids: list[int],
-                 batch_invariant: str = "seeded", lora=None, samples: bool = True,
-                 micro_batches: int = 1):
+                 batch_invariant: str = "seeded", lora=None, samples: bool = True):
         self.model = model
-        # pipeline parallelism: a step's sequences run as this many groups in a row, so that
-        # stages overlap (worker/micro_batch.py); 1 for one process
-        self.micro_batches = micro_batches
         # False on the tensor-parallel ranks whose tokens the engine does not take: they run
         # every collective (logits included) but skip sampling
         self.samples = samples
@@ -102,14 +97,6 @@ class ModelRunner:
         if self.faults is not None:
             self.faults.before_forward()
         so = step.sequences
-        groups = split_micro_batches(so, self.micro_batches)
-        if len(groups) > 1:  # (no LoRA under pipeline parallelism: the config refuses it)
-            outs = []
-            for g in groups:
-                batch = self.build_batch(g)
-                with multi_row.row_invariant(any(batch.proposals) or self._invariant_step(g)):
-                    outs.append(self._run(g, batch))
-            return merge_outputs(groups, outs)
         batch = self.build_batch(so)
         if self.lora is not None:  # each chunk's rows run with its request's adapter slot
             slots = self.lora.slots_for([s.lora for s in so])

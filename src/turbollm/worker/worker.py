@@ -94,11 +94,6 @@ class Worker:
         lo, hi = self.model.model.layer_range
         return rank_arch(arch, ps.tp_size, ps.tp_rank, hi - lo)
 
-    def _micro_batches(self) -> int:
-        ps = self.parallel
-        return (self.config.parallel.pipeline_micro_batches
-                if ps is not None and ps.pp_size > 1 else 1)
-
     def _apply_kernel_config(self) -> None:
         """KernelConfig: native decode per model; activation rounding and GPU tiles are
         process-wide switches of the kernel modules."""
@@ -168,8 +163,7 @@ class Worker:
         self.runner = ModelRunner(self.model, self.kv_cache, cc.block_size, self.device,
                                   lm.arch.vocab_size, self.eos_token_ids,
                                   self.config.kernel.batch_invariant, self.lora,
-                                  samples=self.parallel is None or self.parallel.is_reply_rank,
-                                  micro_batches=self._micro_batches())
+                                  samples=self.parallel is None or self.parallel.is_reply_rank)
         if self.config.speculative.speculative_method == "draft":
             self.drafter = build_draft_proposer(self.config, lm, self.runner.kv_views,
                                                 self.draft, num_blocks, self.device)
