@@ -151,8 +151,8 @@ def test_self_draft_steps_take_the_c_path_on_its_first_layers(tiny_llama, monkey
     layers_run = []
     forward = NativeDecoder.forward
 
-    def spy(self, input_ids, positions, kv_caches, meta):
-        out = forward(self, input_ids, positions, kv_caches, meta)
+    def spy(self, input_ids, positions, kv_caches, meta, *rest):
+        out = forward(self, input_ids, positions, kv_caches, meta, *rest)
         if out is not None:
             layers_run.append(len(kv_caches))
         return out

@@ -154,47 +154,50 @@ class LlamaModel(nn.Module):
 
     def forward(self, input_ids, positions, kv_caches, meta) -> torch.Tensor:
         """Runs the first len(kv_caches) layers: all of them, or a self-speculation draft's."""
+        if self.parallel is not None:
+            return self._forward_parallel(input_ids, positions, kv_caches, meta)
         # (decode-shaped steps with LoRA rows too: the native decoder adds the adapter terms)
         out = self._forward_native(input_ids, positions, kv_caches, meta)
         if out is not None:
             return out
-        if self.parallel is not None:
-            return self._forward_parallel(input_ids, positions, kv_caches, meta)
         h = self.embed_tokens(input_ids).to(self.compute_dtype)
         rope = self.rotary.cos_sin(positions)  # shared by every layer
         for layer, kv_cache in zip(self.layers, kv_caches):
             h = layer(rope, h, kv_cache, meta)
         return self.norm(h)
 
-    def _forward_native(self, input_ids, positions, kv_caches, meta) -> torch.Tensor | None:
-        """The native decoder's normed hidden states, or None where the step does not qualify
-        (models/native_decode.py) or this is one stage of several (the C loop runs a whole
-        model: tensor-parallel ranks of one stage take it)."""
-        if (not self.native_decode or input_ids.device.type != "cpu"
-                or (self.parallel is not None and self.parallel.pp_size > 1)):
+    def _forward_native(self, input_ids, positions, kv_caches, meta, hidden_in=None):
+        """The native decoder's output (models/native_decode.py), or None where the step does
+        not qualify."""
+        if not self.native_decode or input_ids.device.type != "cpu":
             return None
         if self.native_decoder is None:
             self.native_decoder = NativeDecoder(self)
-        return self.native_decoder.forward(input_ids, positions, kv_caches, meta)
+        return self.native_decoder.forward(input_ids, positions, kv_caches, meta, hidden_in)
 
     def _forward_parallel(self, input_ids, positions, kv_caches, meta) -> torch.Tensor | None:
-        """One rank's part on the module path. kv_caches holds this stage's layers. A stage before the last sends its hidden states on
-        and returns None; every stage after the first receives them ([T, hidden], T known to
-        all: each rank builds the same flat batch from the same StepBatch)."""
+        """One rank's part. kv_caches holds this stage's layers. A stage before the last sends
+        its hidden states on and returns None; every stage after the first receives them
+        ([T, hidden], T known to all: each rank builds the same flat batch from the same
+        StepBatch)."""
         ps = self.parallel
-        if ps.is_first_stage:
-            h = self.embed_tokens(input_ids).to(self.compute_dtype)
-        else:
+        h = None
+        if not ps.is_first_stage:
             h = ps.recv_prev((input_ids.shape[0], self.hidden_size), self.compute_dtype,
                              input_ids.device)
-        rope = self.rotary.cos_sin(positions)
-        lo, hi = self.layer_range
-        for i in range(lo, hi):
-            h = self.layers[i](rope, h, kv_caches[i - lo], meta)
+        out = self._forward_native(input_ids, positions, kv_caches, meta, h)
+        if out is None:  # the module path
+            if h is None:
+                h = self.embed_tokens(input_ids).to(self.compute_dtype)
+            rope = self.rotary.cos_sin(positions)
+            lo, hi = self.layer_range
+            for i in range(lo, hi):
+                h = self.layers[i](rope, h, kv_caches[i - lo], meta)
+            out = self.norm(h) if ps.is_last_stage else h
         if not ps.is_last_stage:
-            ps.send_next(h)
+            ps.send_next(out)
             return None
-        return self.norm(h)
+        return out
 
 
 class LlamaForCausalLM(nn.Module):

@@ -15,9 +15,10 @@ speculative verification, a short prompt chunk such as the scheduler cuts while 
 a KV cache the C attention reads, and every projection served by a C kernel at that row count.
 Anything else takes the module path. Row-invariant steps (layers/prefill_gemm.row_invariant)
 take this path at any row count and chunk length: every call here computes each row alone.
-On a tensor-parallel rank (one pipeline stage) the same calls run on the rank's heads and MLP
-columns, and the o and down projections' partial sums go through the shared-memory all-reduce,
-called from C between them. Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
+On a tensor-parallel rank the same calls run on the rank's heads and MLP columns, and the o and
+down projections' partial sums go through the shared-memory all-reduce, called from C between
+them. A pipeline stage runs its own layers: after the first it starts from the hidden states
+it received, and before the last it returns them unnormed, for the next stage. Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
 kernel, by decode_layers itself (the plan holds each layer's slot tensors, the step each row's
 slot) or, in the Python loop, by LinearLoRA.add_rows: the same C function either way.
 """
@@ -95,11 +96,14 @@ class NativeDecoder:
 
     def __init__(self, model):
         self.lib, self.abi = native_ops.lib(), native_ops.decode_abi()
-        first = model.layers[0].self_attn
+        lo, hi = model.layer_range  # a pipeline stage's layers; all of them in one process
+        first = model.layers[lo].self_attn
         self.num_heads, self.num_kv_heads = first.num_heads, first.num_kv_heads
         self.head_dim, self.q_size, self.kv_size = first.head_dim, first.q_size, first.kv_size
         self.scale, self.window = first.scale, first.sliding_window
-        self.compute_dtype, self.hidden = model.compute_dtype, model.embed_tokens.weight.shape[1]
+        self.compute_dtype, self.hidden = model.compute_dtype, model.hidden_size
+        # (a stage after the first has no embedding and gets its hidden states passed in; one
+        # before the last has no final norm and passes its hidden states on, unnormed)
         self.embed, self.rotary, self.final_norm = model.embed_tokens, model.rotary, model.norm
         self.model = model  # its lora_context (set by the worker) says when adapters run
         # a tensor-parallel rank: the o and down projections give partial sums, added over the
@@ -110,7 +114,7 @@ class NativeDecoder:
         # plain lists: attribute access on nn.Modules costs ~1 us each
         self.layers = [(layer.input_layernorm, layer.self_attn.qkv_proj, layer.self_attn.o_proj,
                         layer.post_attention_layernorm, layer.mlp.gate_up_proj,
-                        layer.mlp.down_proj) for layer in model.layers]
+                        layer.mlp.down_proj) for layer in model.layers[lo:hi]]
         self._kernel_cache: dict = {}
         self._write_calls: dict = {}  # id(cache list) -> (the list, its layers' write calls)
         self._plans: dict = {}  # (row count, kernel switches, id(cache list)) -> C loop words
@@ -191,7 +195,8 @@ class NativeDecoder:
             specs = [getattr(k, "spec", None) for k in ks]
             kp, vp = native_attention.cache_parts(kc), native_attention.cache_parts(vc)
             if (None in specs or any(lin.bias is not None for lin in (qkv, o, gate_up, down))
-                    or norm1.eps != eps or norm2.eps != eps or self.final_norm.eps != eps):
+                    or norm1.eps != eps or norm2.eps != eps
+                    or self._norm_after(len(self.layers) - 1, len(self.layers)).eps != eps):
                 return None
             row = [0] * abi.LAYER_WORDS
             row[abi.L_NORM2] = norm2.weight.data_ptr()
@@ -216,13 +221,18 @@ class NativeDecoder:
         """The norm applied to the residual stream after layer i of n: the next layer's input
         norm, or after the last layer run (of all, or a self-speculation draft's first n) the
         model's final norm."""
-        return self.layers[i + 1][0] if i + 1 < n else self.final_norm
+        if i + 1 < n:
+            return self.layers[i + 1][0]
+        # a stage before the last passes h on unnormed: any norm will do for the unused x
+        return self.final_norm if self.final_norm is not None else self.layers[0][0]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches,
-                meta: AttentionMetadata):
+                meta: AttentionMetadata, hidden_in: torch.Tensor | None = None):
         """Embeddings, decoder layers and final norm of a decode-shaped step: the normed hidden
         states [T, hidden], or None when the step does not qualify (see the module docstring;
-        then the caller runs the module path)."""
+        then the caller runs the module path). A pipeline stage after the first passes the
+        previous stage's hidden states as `hidden_in`; a stage before the last gets its own
+        back unnormed, for the next stage."""
         T, hidden = input_ids.shape[0], self.hidden
         if not self.usable(T, kv_caches, meta):
             return None
@@ -247,12 +257,17 @@ class NativeDecoder:
         x, h = buf[:T * hidden].view(T, hidden), buf[T * hidden:2 * T * hidden].view(T, hidden)
         p_x, p_h, p_qkv, p_attn, p_o, p_gu, p_act = ptrs
         p_k, p_v = p_qkv + 4 * q_size, p_qkv + 4 * qk_size
-        weight = self.embed.weight
-        # (a vocab-parallel table holds some rows only: its module gathers and all-reduces)
-        kind = (_EMBED_KINDS.get(weight.dtype)
-                if weight.is_contiguous() and type(self.embed) is torch.nn.Embedding else None)
-        if kind is None:  # a table C does not read: torch gathers the rows
-            h.copy_(self.embed(input_ids))
+        kind = None
+        if hidden_in is not None:
+            h.copy_(hidden_in)
+        else:
+            weight = self.embed.weight
+            # (a vocab-parallel table holds some rows only: its module gathers and all-reduces)
+            if weight.is_contiguous() and type(self.embed) is torch.nn.Embedding:
+                kind = _EMBED_KINDS.get(weight.dtype)
+            if kind is None:  # a table C does not read: torch gathers the rows
+                h.copy_(self.embed(input_ids))
+        out = x if self.final_norm is not None else h
         tables, seq, ctx = attention_rows(meta, T)
         slots = meta.slot_mapping.contiguous()
         ids, positions = input_ids.contiguous(), positions.contiguous()
@@ -276,7 +291,8 @@ class NativeDecoder:
             w[abi.S_SEQ], w[abi.S_CTX] = seq.data_ptr(), ctx.data_ptr()
             w[abi.S_BS], w[abi.S_WINDOW] = kv_caches[0][0].shape[1], self.window or 0
             w[abi.S_WRITE], w[abi.S_ATTEND] = self._c_calls
-            w[abi.S_IDS], w[abi.S_EMBED] = ids.data_ptr(), weight.data_ptr()
+            w[abi.S_IDS] = ids.data_ptr()
+            w[abi.S_EMBED] = 0 if kind is None else self.embed.weight.data_ptr()
             w[abi.S_EMBED_KIND] = abi.EMBED_NONE if kind is None else getattr(abi, kind)
             w[abi.S_NORM1] = self.layers[0][0].weight.data_ptr()
             # rows with an adapter: decode_layers adds each projection's LoRA term after it
@@ -293,11 +309,11 @@ class NativeDecoder:
             else:
                 call()
             self.runs["c_loop"] += 1
-            return x
+            return out
         # The same calls from Python (a layer with a qkv bias, LoRA rows, or the C loop off)
         self.runs["python_loop"] += 1
         lib = self.lib
-        if kind is not None:  # else gathered above
+        if kind is not None:  # else in h already
             h.copy_(self.embed(input_ids))
         # the buffers as [T, width] tensors: x, h, qkv, attn, o, gu, act
         views = [part.view(T, w) for part, w in
@@ -335,4 +351,4 @@ class NativeDecoder:
                 self.tp.all_reduce_(o)
             after = self._norm_after(i, n)  # the residual add fused with the following norm
             lib.add_rms_norm_f32(p_h, p_o, after.weight.data_ptr(), p_x, T, hidden, after.eps)
-        return x
+        return out
