@@ -26,8 +26,9 @@ needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc"
                                reason="no C compiler on this machine")
 
 
-def test_the_four_libraries_are_found():
-    assert {p.name for p in SOURCES} == {"lowbit.c", "paged_attn.c", "cpu_ops.c", "sparse.c"}
+def test_the_five_libraries_are_found():
+    assert {p.name for p in SOURCES} == {"lowbit.c", "paged_attn.c", "cpu_ops.c", "sparse.c",
+                                         "shm_collectives.c"}
 
 
 @needs_gcc

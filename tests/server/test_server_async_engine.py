@@ -158,7 +158,7 @@ def test_engine_death_fails_streams_and_new_requests(tiny_llama):
                                                                 ignore_eos=True))
         await stream.get()
 
-        def boom():
+        def boom(*args):
             raise RuntimeError("scheduler bug")
         engine.scheduler.schedule = boom
         with pytest.raises(EngineDeadError):

@@ -8,11 +8,11 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from turbollm.config import EngineConfig
-from turbollm.core.batch import step_batch
+from turbollm.core.batch import ModelRunnerOutput, StepBatch, step_batch
 from turbollm.core.kv_cache_manager import KVCacheManager
 from turbollm.core.lora_request import LoRARequest
 from turbollm.core.request import Request, RequestStatus
-from turbollm.core.scheduler import Scheduler
+from turbollm.core.scheduler import Scheduler, SchedulerOutput
 from turbollm.engine.constrained import ConstrainedRequests
 from turbollm.engine.errors import (ContextLengthExceededError, KVCacheBusyError,
                                     ModelBrokenError, RequestValidationError)
@@ -34,12 +34,12 @@ POOLINGS = ("mean", "last")  # how embed() pools the final hidden states
 class _Step:
     """A scheduled step between its launch and its landing."""
 
-    so: object  # SchedulerOutput
-    batch: object  # StepBatch
+    so: SchedulerOutput
+    batch: StepBatch
     num_proposed: list[int]  # each request's proposals to verify
     prefill_tokens: int
     started: float
-    output: object = None  # ModelRunnerOutput, once back
+    output: ModelRunnerOutput | None = None  # once back
     error: Exception | None = None
 
 
@@ -319,14 +319,17 @@ class LLMEngine:
             return failed
         return failed + self._land(self._in_flight.popleft())
 
-    def _launch(self) -> "_Step | None":
+    def _busy(self) -> set[str]:
+        """The requests of the steps in flight."""
+        return {r.request_id for step in self._in_flight for r in step.so.requests}
+
+    def _launch(self) -> _Step | None:
         """Schedule a step and send it (run it, without pipelining); None if nothing to do."""
-        busy = {r.request_id for step in self._in_flight for r in step.so.requests}
         share = None
         if self.steps_in_flight > 1:  # this step's share of the requests (at least one)
             requests = len(self.scheduler.running) + len(self.scheduler.waiting)
             share = max(1, math.ceil(requests / self.steps_in_flight))
-        so = self.scheduler.schedule(busy, share)
+        so = self.scheduler.schedule(self._busy(), share)
         if so.is_empty:
             return None
         batch = step_batch(so, self._finished_ids)
@@ -346,7 +349,7 @@ class LLMEngine:
             step.error = exc
         return step
 
-    def _land(self, step: "_Step") -> list[RequestOutput]:
+    def _land(self, step: _Step) -> list[RequestOutput]:
         """Take a step's output back and advance its requests."""
         so, batch = step.so, step.batch
         if step.output is None and step.error is None:
@@ -380,7 +383,7 @@ class LLMEngine:
             self.spec.observe(so, ro.sampled_token_ids, step.num_proposed)
             self.spec.forget(released)
             # (not for requests in a step still in flight: their tokens are not back yet)
-            busy = {r.request_id for s in self._in_flight for r in s.so.requests}
+            busy = self._busy()
             self.spec.propose([r for r in self.scheduler.running if r.request_id not in busy])
         return outs
 

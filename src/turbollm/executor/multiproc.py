@@ -230,20 +230,21 @@ class MultiprocExecutor(RankedExecutor):
         """The output of the oldest step sent by submit_execute."""
         reply = self._in_flight.popleft()
         if reply is None:
-            reply = self._take_step_reply()
+            reply = self._take_step_reply(others=any(r is None for r in self._in_flight))
         if isinstance(reply, Exception):
             raise reply
         return reply
 
-    def _take_step_reply(self):
+    def _take_step_reply(self, others: bool):
         """The reply rank's output of the oldest step not yet taken back, or the error it
-        raised (failed steps while others are in flight leave the stages out of step: fatal)."""
+        raised (a failed step while `others` are in flight leaves the stages out of step:
+        fatal)."""
         try:
             replies = self._collect("execute", self.timeout_s)
         except WorkerProcessError:
             raise
         except RuntimeError as exc:
-            if any(r is None for r in self._in_flight):
+            if others:
                 return self._fail(f"{exc}; with other steps in flight the stages are out of "
                                   "step, so all worker processes were stopped")
             return exc
@@ -252,9 +253,9 @@ class MultiprocExecutor(RankedExecutor):
 
     def _drain(self) -> None:
         """Take back the replies of every step in flight, keeping them for collect_execute."""
-        for i, reply in enumerate(self._in_flight):
-            if reply is None:
-                self._in_flight[i] = self._take_step_reply()
+        pending = [i for i, reply in enumerate(self._in_flight) if reply is None]
+        for k, i in enumerate(pending):
+            self._in_flight[i] = self._take_step_reply(others=k + 1 < len(pending))
 
     def shutdown(self) -> None:
         self._finalizer()
