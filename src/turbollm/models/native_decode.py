@@ -18,7 +18,8 @@ take this path at any row count and chunk length: every call here computes each 
 On a tensor-parallel rank the same calls run on the rank's heads and MLP columns, and the o and
 down projections' partial sums go through the shared-memory all-reduce, called from C between
 them. A pipeline stage runs its own layers: after the first it starts from the hidden states
-it received, and before the last it returns them unnormed, for the next stage. Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
+it received, and before the last it returns them unnormed, for the next stage.
+Rows with a LoRA adapter (layers/lora.py) get each projection's low-rank term right after its
 kernel, by decode_layers itself (the plan holds each layer's slot tensors, the step each row's
 slot) or, in the Python loop, by LinearLoRA.add_rows: the same C function either way.
 """
