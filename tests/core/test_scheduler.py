@@ -68,6 +68,17 @@ def step_once(sched):
     return out
 
 
+def add_random_requests(sched, seed, n=12):
+    """n requests of random prompts (4-20 tokens) and lengths (10-24 new tokens), added to
+    sched; {id: (prompt, max_tokens)}."""
+    rng = random.Random(seed)
+    specs = {f"r{i}": ([rng.randrange(1, 90) for _ in range(rng.randint(4, 20))],
+                       rng.randint(10, 24)) for i in range(n)}
+    for rid, (p, m) in specs.items():
+        sched.add_request(req(rid, p, m))
+    return specs
+
+
 def expected(prompt, max_tokens):
     toks, out = list(prompt), []
     for _ in range(max_tokens):
@@ -168,12 +179,8 @@ def test_no_chunking_waits_for_budget():
 
 @pytest.mark.parametrize("num_blocks", [12, 16, 24])
 def test_preemption_by_recompute_same_outputs(num_blocks):
-    rng = random.Random(num_blocks)
     s = make_sched(num_blocks=num_blocks, block_size=4, max_seqs=8, budget=64)
-    specs = {f"r{i}": ([rng.randrange(1, 90) for _ in range(rng.randint(4, 20))],
-                       rng.randint(10, 24)) for i in range(12)}
-    for rid, (p, m) in specs.items():
-        s.add_request(req(rid, p, m))
+    specs = add_random_requests(s, seed=num_blocks)
     results, _ = run(s)
     assert s.num_preemptions > 0
     assert results == {rid: expected(p, m) for rid, (p, m) in specs.items()}
@@ -246,12 +253,8 @@ def test_steps_in_flight_split_the_running_requests_and_give_the_same_outputs(nu
     import math
     from collections import deque
 
-    rng = random.Random(num_blocks)
     s = make_sched(num_blocks=num_blocks, block_size=4, max_seqs=8, budget=64)
-    specs = {f"r{i}": ([rng.randrange(1, 90) for _ in range(rng.randint(4, 20))],
-                       rng.randint(10, 24)) for i in range(12)}
-    for rid, (p, m) in specs.items():
-        s.add_request(req(rid, p, m))
+    specs = add_random_requests(s, seed=num_blocks)
     results, in_flight, halves = {}, deque(), 0
     while s.has_unfinished_requests() or in_flight:
         while len(in_flight) < 2:

@@ -34,6 +34,18 @@ def pruned_24(tiny_llama, tmp_path_factory):
     return _prune(tiny_llama, tmp_path_factory, "--pattern", "2:4")
 
 
+def _sparse_layer(n_in: int, n_out: int, zeros: float):
+    """An fp32 linear layer of random weights with about `zeros` of them zero (seed 0)."""
+    from turbollm.layers.linear import LinearBase
+    torch.manual_seed(0)
+    layer = LinearBase(n_in, n_out, bias=False, dtype=torch.float32)
+    with torch.no_grad():
+        w = torch.randn(n_out, n_in)
+        w[torch.rand(n_out, n_in) < zeros] = 0
+        layer.weight.copy_(w)
+    return layer
+
+
 def _llm(path, **kw):
     return LLM(model=str(path), dtype="float32", kv_cache_memory="8MiB", num_threads=1, **kw)
 
@@ -125,15 +137,9 @@ def test_int8_modes(pruned, pruned_24):
 def test_rows_past_the_kernel_limit_keep_their_bits_when_row_invariant(int8):
     # a speculative verification of more rows than the kernel takes (K = 8: 9 rows) must give
     # each row the bits plain decoding gives it alone, so it stays on the sparse kernel
-    from turbollm.layers.linear import LinearBase
     from turbollm.layers.prefill_gemm import row_invariant
     from turbollm.quantization.int8 import Int8LinearMethod
-    torch.manual_seed(0)
-    layer = LinearBase(128, 48, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        w = torch.randn(48, 128)
-        w[torch.rand(48, 128) < 0.5] = 0
-        layer.weight.copy_(w)
+    layer = _sparse_layer(128, 48, zeros=0.5)
     method = SparseBitmaskMethod
     if int8:
         Int8LinearMethod.create_weights(layer, 0)
@@ -150,13 +156,8 @@ def test_rows_past_the_kernel_limit_keep_their_bits_when_row_invariant(int8):
 
 
 def test_method_matches_dense_on_random_sparse_weights():
-    from turbollm.layers.linear import LinearBase
-    torch.manual_seed(0)
-    layer = LinearBase(64, 40, bias=False, dtype=torch.float32)
-    with torch.no_grad():
-        w = torch.randn(40, 64)
-        w[torch.rand(40, 64) < 0.6] = 0
-        layer.weight.copy_(w)
+    layer = _sparse_layer(64, 40, zeros=0.6)
+    w = layer.weight.detach().clone()
     SparseBitmaskMethod.create_weights(layer)
     for rows in (1, 3, 8, 20):  # the kernel up to its row limit, the dense weight past it
         x = torch.randn(rows, 64)

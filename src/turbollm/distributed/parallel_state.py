@@ -30,10 +30,9 @@ def stage_layers(num_layers: int, pp_size: int, pp_rank: int, head_layers: float
     if pp_size > 1 and head_layers:
         last = min(max(1, round((num_layers + head_layers) / pp_size - head_layers)),
                    num_layers - (pp_size - 1))
-    if pp_rank == pp_size - 1:
+    if pp_rank == pp_size - 1:  # (one stage: all layers)
         return num_layers - last, num_layers
-    rest = num_layers - last if pp_size > 1 else num_layers
-    base, extra = divmod(rest, max(1, pp_size - 1))
+    base, extra = divmod(num_layers - last, pp_size - 1)
     start = pp_rank * base + min(pp_rank, extra)
     return start, start + base + (1 if pp_rank < extra else 0)
 

@@ -118,10 +118,14 @@ class ShmCollectives:
         """Raise if a C all-reduce timed out (a rank did not arrive)."""
         failed = int(self.native[1][native_abi().AR_FAILED])
         if failed:
-            flags = self._flags[:, 0]
-            late = [r for r in range(self.world) if flags[r] < failed]
-            raise TimeoutError(f"shared-memory collective: rank(s) {late} did not arrive "
-                               f"within {self.timeout_s:.0f}s")
+            raise self._timeout(failed)
+
+    def _timeout(self, target: int) -> TimeoutError:
+        """The error for an operation (count `target`) that some ranks never reached."""
+        flags = self._flags[:, 0]
+        late = [r for r in range(self.world) if flags[r] < target]
+        return TimeoutError(f"shared-memory collective: rank(s) {late} did not arrive within "
+                            f"{self.timeout_s:.0f}s")
 
     def close(self) -> None:
         self.slots = self._flags = self.native = None
@@ -145,9 +149,7 @@ class ShmCollectives:
                     if deadline is None:
                         deadline = now + self.timeout_s
                     elif now > deadline:
-                        late = [r for r in range(self.world) if col[r] < target]
-                        raise TimeoutError(f"shared-memory collective: rank(s) {late} did not "
-                                           f"arrive within {self.timeout_s:.0f}s")
+                        raise self._timeout(target)
 
     def fits(self, t: torch.Tensor) -> bool:
         return t.numel() * t.element_size() <= self.slot_bytes
