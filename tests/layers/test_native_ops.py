@@ -57,8 +57,10 @@ def test_large_or_non_fp32_inputs_use_torch():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("rows,n,k", [(1, 960, 576), (3, 7, 64), (8, 130, 1536), (16, 33, 72),
                                       (37, 131, 64), (128, 96, 576)])
-def test_dense_linear_matches_torch_reference(rows, n, k, dtype):
+def test_dense_linear_matches_torch_reference(rows, n, k, dtype, monkeypatch):
+    from turbollm.layers import prefill_gemm
     from turbollm.layers.linear import ReplicatedLinear
+    monkeypatch.setattr(prefill_gemm, "_bf16", False)  # (with it, bf16 weights leave C sooner)
     g = torch.Generator().manual_seed(n)
     layer = ReplicatedLinear(k, n, bias=True, dtype=dtype)
     layer.weight.data = torch.randn(n, k, generator=g).to(dtype)
@@ -99,3 +101,28 @@ def test_argmax_rows_leaves_nan_rows_to_torch():
     x[1, 5] = float("nan")
     assert native_ops.argmax_rows(x) is None
     assert native_ops.argmax_rows(x[:1]) == [int(x[0].argmax())]
+
+
+@pytest.mark.parametrize("bf16_gemm", [False, True])
+def test_dense_rows_go_to_the_faster_kernel(bf16_gemm):
+    """Where prefill-sized products run in bf16, bf16 weights leave our C kernel past a few
+    rows (oneDNN's bf16 GEMM is faster there), small layers past 16; else past MAX_DENSE_ROWS.
+    Row-invariant products keep it at any row count, and other weight dtypes keep it."""
+    from turbollm.layers import prefill_gemm
+    small = torch.zeros(576, 576, dtype=torch.bfloat16)
+    large = torch.zeros(2048, 2048, dtype=torch.bfloat16)
+    was = prefill_gemm.in_bf16()
+    prefill_gemm.use_bf16(bf16_gemm)
+    try:
+        limits = {id(small): native_ops.MAX_DENSE_ROWS_BF16_GEMM_SMALL,
+                  id(large): native_ops.MAX_DENSE_ROWS_BF16_GEMM} if bf16_gemm else {}
+        for w in (small, large):
+            limit = limits.get(id(w), native_ops.MAX_DENSE_ROWS)
+            assert native_ops.dense_row_kernel(w, limit) is not None
+            assert native_ops.dense_row_kernel(w, limit + 1) is None
+            assert not native_ops.dense_linear_usable(torch.zeros(limit + 1, w.shape[1]), w)
+            with prefill_gemm.row_invariant():
+                assert native_ops.dense_row_kernel(w, 4 * native_ops.MAX_DENSE_ROWS) is not None
+            assert native_ops.dense_row_kernel(w.float(), native_ops.MAX_DENSE_ROWS) is not None
+    finally:
+        prefill_gemm.use_bf16(was)

@@ -37,6 +37,17 @@ _SIGNATURES = {
 # (prefill_gemm.row_invariant) take it at any row count: it sums each output in one order
 # whatever M, where torch's GEMM blocks by M.
 MAX_DENSE_ROWS = 128
+# Where prefill-sized products run in bf16 (prefill_gemm.in_bf16: a CPU with bf16 instructions,
+# oneDNN's AVX512-BF16 or AMX kernels), torch's bf16 GEMM beats this kernel on bf16 weights
+# from ~16 rows: time C / torch at 8, 16, 32, 64, 128 rows = 1.1-1.2, 1.4-1.5, 1.8-2.0, 2.0-2.2,
+# 2.2-2.5 for 2048-wide layers, 0.5-0.9, 1.0-1.1, 1.3-1.7, 1.5-2.0, 1.8-2.2 for the 135M
+# model's (Zen 4, 2 threads, weights not cache-resident; session 24). So there this kernel
+# serves only decode-sized inputs; layers below SMALL_LAYER values keep it to 16 rows, where
+# the GEMM saves nothing and leaving the C decode loop costs its Python (a 16-row decode step of
+# the 135M model was 0.85-0.99x as fast through the GEMM).
+MAX_DENSE_ROWS_BF16_GEMM = 8
+MAX_DENSE_ROWS_BF16_GEMM_SMALL = 16
+SMALL_LAYER = 1 << 21
 _GEMM_KERNELS = {torch.bfloat16: "bf16_gemm_f32", torch.float32: "f32_gemm_f32",
                  torch.float16: "f16_gemm_f32"}
 # Above this many values torch's multi-threaded kernels win over one C thread.
@@ -97,19 +108,27 @@ def argmax_rows(x: torch.Tensor) -> list[int] | None:
     return None if min(found, default=0) < 0 else found
 
 
+def _rows_ok(weight: torch.Tensor, M: int) -> bool:
+    """Whether this kernel is the faster (or the required, row-invariant) one for M rows."""
+    if multi_row.is_row_invariant():
+        return True
+    if weight.dtype == torch.bfloat16 and multi_row.in_bf16():
+        small = weight.numel() <= SMALL_LAYER
+        return M <= (MAX_DENSE_ROWS_BF16_GEMM_SMALL if small else MAX_DENSE_ROWS_BF16_GEMM)
+    return M <= MAX_DENSE_ROWS
+
+
 def dense_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `dense_linear` takes x (fp32, few rows) with this bf16, fp16 or fp32 weight."""
     return (weight.dtype in _GEMM_KERNELS and x.dtype == torch.float32 and x.dim() == 2
-            and (x.shape[0] <= MAX_DENSE_ROWS or multi_row.is_row_invariant())
-            and x.device.type == "cpu"
+            and _rows_ok(weight, x.shape[0]) and x.device.type == "cpu"
             and x.shape[1] % 8 == 0 and weight.is_contiguous() and lib() is not None)
 
 
 def dense_row_kernel(weight: torch.Tensor, M: int):
     """The C call dense_linear makes for M fp32 rows, as fn(x_ptr, y_ptr) writing fp32
     [M, out]; None where dense_linear does not serve (see dense_linear_usable)."""
-    rows_ok = M <= MAX_DENSE_ROWS or multi_row.is_row_invariant()
-    if (weight.dtype not in _GEMM_KERNELS or not rows_ok or weight.device.type != "cpu"
+    if (weight.dtype not in _GEMM_KERNELS or not _rows_ok(weight, M) or weight.device.type != "cpu"
             or weight.shape[1] % 8 or not weight.is_contiguous() or lib() is None):
         return None
     kernel = getattr(lib(), _GEMM_KERNELS[weight.dtype])
