@@ -212,3 +212,26 @@ def test_admission_refuses_when_the_prompts_ahead_take_too_long(llm_engine):
     assert "600 prompt tokens are ahead" in eng._refusal(0.0)
     eng.max_queue_delay = 0.0  # shedding off: no prediction either
     assert eng._refusal(0.0) is None
+def test_admission_counts_the_prompts_admitted_before_the_engine_took_them(llm_engine):
+    """A burst arriving during one step: the backlog the engine last reported has none of it,
+    so the prompts admitted since (inbox, or added after the report) count as ahead too."""
+    async def go(eng):
+        eng._update_prefill_estimate = lambda: None  # keep the rate and backlog set here
+        eng._prefill_rate = 1000.0  # max_queue_delay 0.5 s = 500 prompt tokens ahead
+        p = SamplingParams(max_tokens=2, ignore_eos=True)
+        got = await asyncio.gather(*(eng.add_request(f"u{i}", list(range(5, 205)), p)
+                                     for i in range(5)), return_exceptions=True)
+        streams = [g for g in got if not isinstance(g, BaseException)]
+        errors = [g for g in got if isinstance(g, BaseException)]
+        # 0, 200 and 400 tokens ahead: admitted; 600 ahead: refused (whichever of them the
+        # engine thread has taken meanwhile)
+        assert len(streams) == 3
+        assert all(isinstance(e, EngineOverloadedError) and "600 prompt tokens" in str(e)
+                   for e in errors)
+        for st in streams:
+            st.abort()
+        return True
+
+    assert run(llm_engine, go, max_queue_delay=0.5)
+
+

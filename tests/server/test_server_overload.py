@@ -22,11 +22,11 @@ def test_overload_sheds_fast_and_keeps_admitted_ttft_short(make_server_fixture):
     unloaded = asyncio.run(overload.unloaded_ttft(shed.base_url, MODEL_NAME, 10, *SHAPE))
     cap = asyncio.run(overload.capacity(shed.base_url, MODEL_NAME, 4, 2.0, *SHAPE))
     rate = 3 * cap
-    got = overload.summary(unloaded, cap, rate, _overload(shed, rate, 4.0))
+    got = overload.summary(unloaded, cap, rate, _overload(shed, rate, 4.0), 4.0)
     # the same load, no shedding, and a queue longer than the load (the default 256 can fill on
     # a slower CPU: 2 of 320 refused on a Zen 4 VM)
     queue = make_server_fixture(ServerConfig(port=0, max_queued_requests=10_000), max_num_seqs=4)
-    queued = overload.summary(unloaded, cap, rate, _overload(queue, rate, 4.0))
+    queued = overload.summary(unloaded, cap, rate, _overload(queue, rate, 4.0), 4.0)
     print(overload.format_summary(got), overload.format_summary(queued))
     assert got["other"] == 0 and got["refused_429"] > 0 and got["admitted"] > 0
     # told at once (the client shares this process and its GIL with the server: a loose bound)

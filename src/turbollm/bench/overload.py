@@ -4,8 +4,9 @@
 
 Three phases against one server child (started with the flags after `--`): the unloaded time
 to first token (requests one at a time), the capacity (requests/s completed by --concurrency
-closed-loop clients), then an open loop (Poisson arrivals) at --multiple x that capacity for
---duration seconds. Reported: how many requests were admitted, how fast the refused ones got
+closed-loop clients; or --capacity, e.g. measured on the same server without its shedding
+flags, whose refusals would lower it), then an open loop (Poisson arrivals) at --multiple x
+that capacity for --duration seconds. Reported: how many requests were admitted, how fast the refused ones got
 their 429, and the admitted requests' time to first token against the unloaded one. The same
 functions drive tests/server/test_server_overload.py against an in-process server.
 """
@@ -106,11 +107,13 @@ def p99(values: list[float]) -> float:
     return float("nan") if found is None else found
 
 
-def summary(unloaded: list[float], cap: float, rate: float, outcomes: list[Outcome]) -> dict:
+def summary(unloaded: list[float], cap: float, rate: float, outcomes: list[Outcome],
+            seconds: float) -> dict:
     admitted = [o.latency_s for o in outcomes if o.status == 200]
     refused = [o.latency_s for o in outcomes if o.status == 429]
     return {"unloaded_ttft_p99_s": p99(unloaded), "capacity_rps": cap, "offered_rps": rate,
             "requests": len(outcomes), "admitted": len(admitted), "refused_429": len(refused),
+            "admitted_rps": len(admitted) / seconds,
             "other": len(outcomes) - len(admitted) - len(refused),
             "refusal_p99_s": p99(refused) if refused else None,
             "admitted_ttft_p50_s": statistics.median(admitted) if admitted else None,
@@ -126,12 +129,12 @@ def format_summary(s: dict) -> str:
     ratio = (s["admitted_ttft_p99_s"] / s["unloaded_ttft_p99_s"]
              if s["admitted_ttft_p99_s"] is not None else float("nan"))
     return "\n".join([
-        "| capacity req/s | offered req/s | requests | admitted | 429 | other | 429 p99 ms | "
-        "unloaded TTFT p99 ms | admitted TTFT p50 / p90 / p99 ms | admitted p99 / unloaded p99 "
-        "| admitted > 2x unloaded p99 |",
+        "| capacity req/s | offered req/s | requests | admitted (req/s) | 429 | other | 429 p99 "
+        "ms | unloaded TTFT p99 ms | admitted TTFT p50 / p90 / p99 ms | admitted p99 / unloaded "
+        "p99 | admitted > 2x unloaded p99 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| {s['capacity_rps']:.2f} | {s['offered_rps']:.2f} | {s['requests']} | "
-        f"{s['admitted']} | {s['refused_429']} | {s['other']} | {ms(s['refusal_p99_s'])} | "
+        f"{s['admitted']} ({s['admitted_rps']:.2f}) | {s['refused_429']} | {s['other']} | {ms(s['refusal_p99_s'])} | "
         f"{ms(s['unloaded_ttft_p99_s'])} | {ms(s['admitted_ttft_p50_s'])} / "
         f"{ms(s['admitted_ttft_p90_s'])} / {ms(s['admitted_ttft_p99_s'])} | {ratio:.2f}x | "
         f"{s['admitted_slow']} |"]) + "\n"
@@ -142,13 +145,15 @@ def run(args) -> int:
     with served(args.engine_args) as (_, url, model):
         shape = (args.input_len, args.output_len)
         unloaded = asyncio.run(unloaded_ttft(url, model, 10, *shape))
-        cap = asyncio.run(capacity(url, model, args.concurrency, args.capacity_seconds, *shape))
+        cap = args.capacity or asyncio.run(
+            capacity(url, model, args.concurrency, args.capacity_seconds, *shape))
         rate = args.multiple * cap
         outcomes = asyncio.run(open_loop(url, model, rate, args.duration, *shape, args.seed))
-        print(f"{args.input_len}-token prompts, {args.output_len}-token answers; capacity from "
-              f"{args.concurrency} closed-loop clients over {args.capacity_seconds:g} s; open "
-              f"loop at {args.multiple:g}x for {args.duration:g} s\n")
-        print(format_summary(summary(unloaded, cap, rate, outcomes)))
+        measured = ("given" if args.capacity else f"from {args.concurrency} closed-loop clients "
+                    f"over {args.capacity_seconds:g} s")
+        print(f"{args.input_len}-token prompts, {args.output_len}-token answers; capacity "
+              f"{measured}; open loop at {args.multiple:g}x for {args.duration:g} s\n")
+        print(format_summary(summary(unloaded, cap, rate, outcomes, args.duration)))
     return 0
 
 
@@ -161,6 +166,9 @@ def add_parser(modes) -> None:
     p.add_argument("--concurrency", type=int, default=8,
                    help="closed-loop clients that measure the capacity")
     p.add_argument("--capacity-seconds", type=float, default=20.0)
+    p.add_argument("--capacity", type=float, default=None,
+                   help="requests/s to take as the capacity instead of measuring it (e.g. as "
+                   "measured on the server without its shedding flags)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)

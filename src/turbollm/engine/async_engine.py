@@ -186,6 +186,10 @@ class AsyncLLMEngine:
         # hence the lock.
         self._queued_lock = threading.Lock()
         self._queued_since: dict[str, float] = {}
+        # Prompt tokens of the requests admitted but not yet added to the engine (the inbox):
+        # the backlog the engine reports after a step does not have them yet, and a burst
+        # that arrives during one long step would otherwise be admitted whole.
+        self._unadded_tokens: dict[str, int] = {}
         # Engine-thread side: ids added to the engine but not yet seen scheduled.
         self._unscheduled: set[str] = set()
         # Written by the engine thread after each step, read by admission: prompt tokens
@@ -237,10 +241,11 @@ class AsyncLLMEngine:
             # The prompts ahead take this long to prefill at the recent rate: a newcomer's
             # first token would come later than that, so it is told now rather than after
             # the oldest request has already waited too long (a burst of long prompts).
-            ahead = self._backlog_tokens / self._prefill_rate
+            tokens = self._backlog_tokens + sum(self._unadded_tokens.values())
+            ahead = tokens / self._prefill_rate
             if ahead > self.max_queue_delay:
-                return (f"{self._backlog_tokens} prompt tokens are ahead (~{ahead:.1f} s of "
-                        f"prefill, more than {self.max_queue_delay:g} s); retry later")
+                return (f"{tokens} prompt tokens are ahead (~{ahead:.1f} s of prefill, more "
+                        f"than {self.max_queue_delay:g} s); retry later")
         return None
 
     @property
@@ -316,6 +321,9 @@ class AsyncLLMEngine:
             if refusal is not None:
                 raise EngineOverloadedError(refusal)
             self._queued_since[request_id] = now
+            if self.max_queue_delay:  # (a text prompt's tokens are not known yet: ~4 chars each)
+                self._unadded_tokens[request_id] = (len(prompt) if isinstance(prompt, list)
+                                                    else len(prompt) // 4 + 1)
         assert self._loop is not None
         fut = self._loop.create_future()
         # The stream exists before the engine sees the request: its first output (or a step
@@ -505,6 +513,8 @@ class AsyncLLMEngine:
                 self._post(self._on_called, fut, result, exc)
             elif cmd[0] == "add":
                 _, rid, prompt, params, arrival, lora = cmd
+                with self._queued_lock:
+                    tokens = self._unadded_tokens.pop(rid, 0)
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival,
                                             lora_request=lora)
@@ -518,6 +528,7 @@ class AsyncLLMEngine:
                     self._post(self._on_added, rid, exc)
                     continue
                 self._unscheduled.add(rid)
+                self._backlog_tokens += tokens  # (until the update after the next step)
                 self._post(self._on_added, rid, None)
             elif cmd[0] == "abort":
                 rid = cmd[1]
