@@ -163,3 +163,38 @@ def test_unload_with_requests_in_flight_loses_none(lora_server, lora_dir):
     lora_server.wait_idle()
     lora_server.assert_no_blocks_held()
     assert c_id not in manager.loaded_ids()  # dropped once its last request finished
+
+
+def test_adapter_files_are_never_read_on_the_engine_thread(tiny_llama, lora_dir, offline,
+                                                           monkeypatch):
+    """A run-time load, and a request naming an adapter the memory LRU dropped, read the files
+    in a thread beside the engine's: a read on its thread would stall every running stream."""
+    import threading
+
+    from turbollm.engine import llm_engine as engine_module
+    from turbollm.worker import lora_manager
+    readers = []
+
+    def recording(read):
+        def wrapper(*args, **kwargs):
+            readers.append(threading.current_thread().name)
+            return read(*args, **kwargs)
+        return wrapper
+    for module in (engine_module, lora_manager):
+        monkeypatch.setattr(module, "load_peft_adapter", recording(module.load_peft_adapter))
+    cfg = ServerConfig(port=0, lora_modules=[f"a={lora_dir / 'a'}"], lora_dir=str(lora_dir))
+    live = start_server(tiny_llama, cfg, enable_lora=True, max_loras=1, max_cpu_loras=1)
+    try:
+        startup = len(readers)  # a, before serving: no stream to stall yet
+        r = httpx.post(live.base_url + "/v1/load_lora_adapter",
+                       json={"lora_name": "b", "lora_path": str(lora_dir / "b")})
+        assert r.status_code == 200, r.text
+        for name in ("b", "a", "b"):  # one slot, one adapter in memory: each evicts the other
+            out = httpx.post(live.base_url + "/v1/completions",
+                             json={"model": name, "prompt": PROMPT, **GREEDY}).json()
+            assert out["choices"][0]["text"] == offline[name]
+        live.wait_idle()
+        assert len(readers) - startup >= 2  # the run-time load, and a after b evicted it
+        assert "turbollm-engine" not in readers[startup:], readers
+    finally:
+        live.stop()

@@ -27,6 +27,7 @@ from turbollm.engine.outputs import RequestOutput
 if TYPE_CHECKING:
     from turbollm.core.lora_request import LoRARequest
     from turbollm.engine.llm_engine import LLMEngine
+    from turbollm.loader.peft_adapter import PeftAdapter
     from turbollm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,10 @@ class AsyncLLMEngine:
         self._backlog_tokens = 0
         self._prefill_rate = 0.0
         self._prefill_seen = (0, 0.0)  # the engine's prefill counters at the last update
+        # Written by the engine thread after each step: the adapters in memory. A request
+        # naming another one has its files read by add_request, in a thread, not by the engine
+        # thread (a read there would stall every running stream).
+        self._resident_loras: frozenset[int] = frozenset()
 
     # ----- lifecycle -----
     def start(self) -> None:
@@ -315,6 +320,9 @@ class AsyncLLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if params.structured_output is not None:
             await self._compile_grammar(params.structured_output)
+        adapter = None
+        if lora_request is not None and lora_request.lora_int_id not in self._resident_loras:
+            adapter = await self.read_adapter(lora_request)
         with self._queued_lock:
             now = time.monotonic()
             refusal = self._refusal(now)
@@ -333,7 +341,7 @@ class AsyncLLMEngine:
         self._pending_adds[request_id] = fut
         self._idle.clear()
         self._inbox.put(("add", request_id, prompt, params, arrival_time or time.monotonic(),
-                         lora_request))
+                         lora_request, adapter))
         if self.state == EngineState.BROKEN:  # died between the check and the put
             self._fail_future(fut, EngineDeadError("the engine is not running"))
         try:
@@ -374,6 +382,12 @@ class AsyncLLMEngine:
                 yield out
         finally:
             stream.abort()
+
+    async def read_adapter(self, lora_request: "LoRARequest") -> "PeftAdapter":
+        """An adapter's files, read in a thread (LLMEngine.read_adapter), for add_lora or a
+        request: the engine thread then only installs them."""
+        self._check_accepting()
+        return await asyncio.to_thread(self.engine.read_adapter, lora_request)
 
     async def call(self, fn: Callable[["LLMEngine"], Any]) -> Any:
         """fn(engine) run on the engine thread between steps (the engine is not thread-safe):
@@ -459,6 +473,7 @@ class AsyncLLMEngine:
         try:
             if self.engine is None:
                 self.engine = self._factory()
+            self._take_snapshot()
             self._post(self._on_loaded)
             idle_step = False
             while not self._stop:
@@ -512,12 +527,12 @@ class AsyncLLMEngine:
                     result, exc = None, e
                 self._post(self._on_called, fut, result, exc)
             elif cmd[0] == "add":
-                _, rid, prompt, params, arrival, lora = cmd
+                _, rid, prompt, params, arrival, lora, adapter = cmd
                 with self._queued_lock:
                     tokens = self._unadded_tokens.pop(rid, 0)
                 try:
                     self.engine.add_request(rid, prompt, params, arrival_time=arrival,
-                                            lora_request=lora)
+                                            lora_request=lora, adapter=adapter)
                 except (RequestValidationError, ValueError) as exc:
                     self._dequeue(rid)
                     self._post(self._on_added, rid, exc)
@@ -565,6 +580,8 @@ class AsyncLLMEngine:
 
     def _take_snapshot(self) -> None:
         e = self.engine
+        if e.config.lora.enable_lora:
+            self._resident_loras = frozenset(e.loaded_lora_ids())
         s = e.scheduler.stats()
         self.snapshot = EngineSnapshot(
             num_running=s.num_running, num_waiting=s.num_waiting, kv_usage=s.kv_usage,

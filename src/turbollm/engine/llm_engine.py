@@ -19,6 +19,7 @@ from turbollm.engine.errors import (ContextLengthExceededError, KVCacheBusyError
 from turbollm.engine.output_processor import OutputProcessor, RequestGroup
 from turbollm.engine.outputs import RequestOutput
 from turbollm.executor.uniproc import make_executor
+from turbollm.loader.peft_adapter import PeftAdapter, load_peft_adapter
 from turbollm.sampling_params import SamplingParams
 from turbollm.spec_decode.proposer import make_speculative_decoder
 from turbollm.spec_decode.step_cost import measure_step_costs
@@ -140,14 +141,16 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | list[int] | None,
                     params: SamplingParams | None = None, arrival_time: float | None = None,
-                    lora_request: LoRARequest | None = None) -> None:
-        """Queue a request (a prompt string or token ids), with the base model or an adapter;
-        raises RequestValidationError."""
+                    lora_request: LoRARequest | None = None,
+                    adapter: PeftAdapter | None = None) -> None:
+        """Queue a request (a prompt string or token ids), with the base model or an adapter
+        (`adapter`: its files as read_adapter read them, if it may not be in memory); raises
+        RequestValidationError."""
         params = params or SamplingParams()
         if self.outputs.has(request_id):
             raise RequestValidationError(f"request id {request_id!r} is already in use")
         if lora_request is not None:
-            self.add_lora(lora_request)
+            self.add_lora(lora_request, adapter)
         text = prompt if isinstance(prompt, str) else None
         ids = self.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt or [])
         max_tokens = self._validate(ids, params)
@@ -204,14 +207,33 @@ class LLMEngine:
                 f"context length of {self.max_model_len} tokens", "max_tokens")
         return params.max_tokens if params.max_tokens is not None else room
 
-    def add_lora(self, lora_request: LoRARequest) -> None:
-        """Load an adapter now (requests naming it load it anyway); RequestValidationError
-        says in one line why it cannot be served."""
+    def _check_lora_enabled(self) -> None:
         if not self.config.lora.enable_lora:
             raise RequestValidationError("this engine serves no LoRA adapters: start it with "
                                          "enable_lora=True (--enable-lora)", "lora_request")
+
+    def read_adapter(self, lora_request: LoRARequest) -> PeftAdapter:
+        """An adapter's files, read and checked against the model. Thread-safe and touching
+        no engine state: a server reads them off the engine thread (a read of a large adapter
+        would stall every running stream) and passes the result to add_lora / add_request."""
+        self._check_lora_enabled()
         try:
-            self.executor.add_lora(lora_request)
+            return load_peft_adapter(lora_request.lora_path, self.arch)
+        except ValueError as exc:
+            raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
+                                         "lora_request") from None
+
+    def loaded_lora_ids(self) -> list[int]:
+        """The adapters in memory: requests naming them read no file."""
+        return self.executor.loaded_lora_ids() if self.config.lora.enable_lora else []
+
+    def add_lora(self, lora_request: LoRARequest, adapter: PeftAdapter | None = None) -> None:
+        """Load an adapter now (requests naming it load it anyway), from its files or from
+        `adapter` (read_adapter's result); RequestValidationError says in one line why it
+        cannot be served."""
+        self._check_lora_enabled()
+        try:
+            self.executor.add_lora(lora_request, adapter)
         except ValueError as exc:
             raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
                                          "lora_request") from None

@@ -28,8 +28,11 @@ class UniProcExecutor:
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
         return self.worker.execute(batch)
 
-    def add_lora(self, req: LoRARequest) -> None:
-        self.worker.add_lora(req)
+    def add_lora(self, req: LoRARequest, adapter=None) -> None:
+        self.worker.add_lora(req, adapter)
+
+    def loaded_lora_ids(self) -> list[int]:
+        return self.worker.loaded_lora_ids()
 
     def remove_lora(self, lora_id: int) -> bool:
         return self.worker.remove_lora(lora_id)

@@ -11,15 +11,16 @@ from turbollm.server.request_body import read_request_model
 
 
 async def load_adapter(request: Request, client: EngineClient) -> Response:
-    """Check the path, load the adapter on the engine thread (a bad adapter is a 400 that
-    says why), then serve it by name."""
+    """Check the path, read the adapter's files in a thread and install it on the engine
+    thread (a bad adapter is a 400 that says why), then serve it by name."""
     body = await read_request_model(request, client.cfg.max_request_bytes_int,
                                     LoadLoRAAdapterRequest)
     loras = client.loras
     path = loras.check_runtime_path(body.lora_path)
     lora = loras.new_request(body.lora_name, path)  # 400 if the name is taken
     try:
-        await client.engine.call(lambda engine: engine.add_lora(lora))
+        adapter = await client.engine.read_adapter(lora)  # (in a thread: streams go on)
+        await client.engine.call(lambda engine: engine.add_lora(lora, adapter))
     except Exception as exc:
         raise engine_error(exc) from None
     loras.check_name(body.lora_name)  # still free after the await? (400 if not)

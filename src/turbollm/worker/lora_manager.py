@@ -77,26 +77,27 @@ class LoRAManager:
         self._slot_owner: list[int | None] = [None] * config.max_loras
         self._slot_last_used = [0] * config.max_loras  # step counter of the last use
         self._steps = 0
-        self.num_loads = 0  # reads of an adapter directory (tests check reloads)
+        self.num_loads = 0  # reads of an adapter directory here (tests check reloads)
 
     # ----- memory level -----
-    def add(self, req: LoRARequest) -> PeftAdapter:
+    def add(self, req: LoRARequest, adapter: PeftAdapter | None = None) -> PeftAdapter:
         """Load (or find loaded) the adapter; raises a one-line ValueError if it cannot be
-        served."""
+        served. `adapter`: its files as read already (off the engine thread), not read again."""
         known = self._requests.get(req.lora_int_id)
         if known is not None and known != req:
             raise ValueError(f"LoRA id {req.lora_int_id} is already {known.lora_name!r} "
                              f"({known.lora_path}); give {req.lora_name!r} another id")
-        adapter = self._loaded.get(req.lora_int_id)
-        if adapter is not None:
+        loaded = self._loaded.get(req.lora_int_id)
+        if loaded is not None:
             self._loaded.move_to_end(req.lora_int_id)
-            return adapter
-        adapter = load_peft_adapter(req.lora_path, self.arch)
+            return loaded
+        if adapter is None:
+            adapter = load_peft_adapter(req.lora_path, self.arch)
+            self.num_loads += 1
         cap = self.config.max_lora_rank
         if cap is not None and adapter.rank > cap:
             raise CheckpointError(req.lora_path, f"LoRA rank {adapter.rank} is above "
                                                  f"max_lora_rank {cap}")
-        self.num_loads += 1
         self._requests[req.lora_int_id] = req
         self._loaded[req.lora_int_id] = adapter
         self._trim(keep=req.lora_int_id)

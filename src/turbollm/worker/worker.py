@@ -21,6 +21,7 @@ from turbollm.config import EngineConfig, default_num_threads
 from turbollm.core.batch import DraftWork, ModelRunnerOutput, StepBatch
 from turbollm.core.lora_request import LoRARequest
 from turbollm.layers import prefill_gemm
+from turbollm.loader.peft_adapter import PeftAdapter
 from turbollm.model_arch import ModelArch
 from turbollm.native_build import select_isa
 from turbollm.quantization import kernels as quant_kernels
@@ -191,12 +192,17 @@ class Worker:
         decoder = getattr(getattr(self.model, "model", None), "native_decoder", None)
         return dict(decoder.runs) if decoder is not None else {}
 
-    def add_lora(self, req: LoRARequest) -> None:
-        """Load an adapter (checked against the model) so requests can name it; a ValueError
-        says in one line why it cannot be served."""
+    def add_lora(self, req: LoRARequest, adapter: PeftAdapter | None = None) -> None:
+        """Load an adapter (checked against the model) so requests can name it, from its
+        files or as `adapter` read them already; a ValueError says in one line why it cannot
+        be served."""
         if self.lora is None:
             raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
-        self.lora.add(req)
+        self.lora.add(req, adapter)
+
+    def loaded_lora_ids(self) -> list[int]:
+        """The adapters held in memory (requests naming them read no file)."""
+        return [] if self.lora is None else self.lora.loaded_ids()
 
     def remove_lora(self, lora_id: int) -> bool:
         """Forget an adapter; requests still naming it load it again."""
