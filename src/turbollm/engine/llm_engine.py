@@ -232,8 +232,12 @@ class LLMEngine:
         `adapter` (read_adapter's result); RequestValidationError says in one line why it
         cannot be served."""
         self._check_lora_enabled()
+        # the adapters of unfinished requests stay in memory (max_cpu_loras or not): a step
+        # would otherwise read one again, stalling every stream in it
+        pinned = frozenset(r.lora_request.lora_int_id for r in self.scheduler.requests.values()
+                           if r.lora_request is not None)
         try:
-            self.executor.add_lora(lora_request, adapter)
+            self.executor.add_lora(lora_request, adapter, pinned)
         except ValueError as exc:
             raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
                                          "lora_request") from None

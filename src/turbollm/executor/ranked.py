@@ -87,7 +87,7 @@ class RankedExecutor:
     def embed(self, token_ids: list[int], block_ids: list[int], pooling: str) -> list[float]:
         return self._reply("embed", token_ids, block_ids, pooling)
 
-    def add_lora(self, req: LoRARequest, adapter=None) -> None:
+    def add_lora(self, req: LoRARequest, adapter=None, pinned=None) -> None:
         raise ValueError("LoRA adapters are not supported with tensor/pipeline parallelism yet")
 
     def loaded_lora_ids(self) -> list[int]:

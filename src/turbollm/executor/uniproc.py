@@ -28,8 +28,8 @@ class UniProcExecutor:
     def execute(self, batch: StepBatch) -> ModelRunnerOutput:
         return self.worker.execute(batch)
 
-    def add_lora(self, req: LoRARequest, adapter=None) -> None:
-        self.worker.add_lora(req, adapter)
+    def add_lora(self, req: LoRARequest, adapter=None, pinned=None) -> None:
+        self.worker.add_lora(req, adapter, pinned)
 
     def loaded_lora_ids(self) -> list[int]:
         return self.worker.loaded_lora_ids()

@@ -74,15 +74,22 @@ class LoRAManager:
         self.rank = config.max_lora_rank or 0  # 0 until the first adapter sets it
         self._loaded: OrderedDict[int, PeftAdapter] = OrderedDict()  # id -> adapter, LRU order
         self._requests: dict[int, LoRARequest] = {}  # id -> how to load it again
+        # Adapters that unfinished requests use (the engine's, as of its last add): kept in
+        # memory whatever max_cpu_loras says, so no request's step reads its adapter again
+        self._pinned: frozenset[int] = frozenset()
         self._slot_owner: list[int | None] = [None] * config.max_loras
         self._slot_last_used = [0] * config.max_loras  # step counter of the last use
         self._steps = 0
         self.num_loads = 0  # reads of an adapter directory here (tests check reloads)
 
     # ----- memory level -----
-    def add(self, req: LoRARequest, adapter: PeftAdapter | None = None) -> PeftAdapter:
+    def add(self, req: LoRARequest, adapter: PeftAdapter | None = None,
+            pinned: frozenset[int] | None = None) -> PeftAdapter:
         """Load (or find loaded) the adapter; raises a one-line ValueError if it cannot be
-        served. `adapter`: its files as read already (off the engine thread), not read again."""
+        served. `adapter`: its files as read already (off the engine thread), not read again.
+        `pinned`: the adapters of the engine's unfinished requests, this one included."""
+        if pinned is not None:
+            self._pinned = frozenset(pinned) | {req.lora_int_id}
         known = self._requests.get(req.lora_int_id)
         if known is not None and known != req:
             raise ValueError(f"LoRA id {req.lora_int_id} is already {known.lora_name!r} "
@@ -90,6 +97,7 @@ class LoRAManager:
         loaded = self._loaded.get(req.lora_int_id)
         if loaded is not None:
             self._loaded.move_to_end(req.lora_int_id)
+            self._trim()  # (adapters whose requests finished may leave now)
             return loaded
         if adapter is None:
             adapter = load_peft_adapter(req.lora_path, self.arch)
@@ -104,13 +112,13 @@ class LoRAManager:
         return adapter
 
     def _trim(self, keep: int | None = None) -> None:
-        """Drop least recently used adapters beyond max_cpu_loras, never one in a slot (nor
-        `keep`, about to go into one)."""
+        """Drop least recently used adapters beyond max_cpu_loras, never one in a slot, one
+        an unfinished request uses (pinned), nor `keep` (about to go into a slot)."""
         while len(self._loaded) > self.config.max_cpu_loras:
-            evict = next((i for i in self._loaded if i not in self._slot_owner and i != keep),
-                         None)
+            evict = next((i for i in self._loaded if i not in self._slot_owner
+                          and i not in self._pinned and i != keep), None)
             if evict is None:
-                break  # the rest sit in slots: kept until they leave them
+                break  # the rest sit in slots or are pinned: kept until that ends
             del self._loaded[evict]
             log.info("LoRA %s evicted from memory (max_cpu_loras %d)",
                      self._requests[evict].lora_name, self.config.max_cpu_loras)

@@ -192,13 +192,14 @@ class Worker:
         decoder = getattr(getattr(self.model, "model", None), "native_decoder", None)
         return dict(decoder.runs) if decoder is not None else {}
 
-    def add_lora(self, req: LoRARequest, adapter: PeftAdapter | None = None) -> None:
+    def add_lora(self, req: LoRARequest, adapter: PeftAdapter | None = None,
+                 pinned: frozenset[int] | None = None) -> None:
         """Load an adapter (checked against the model) so requests can name it, from its
         files or as `adapter` read them already; a ValueError says in one line why it cannot
-        be served."""
+        be served. `pinned`: adapters that must stay in memory (LoRAManager.add)."""
         if self.lora is None:
             raise ValueError("LoRA adapters need enable_lora=True (--enable-lora)")
-        self.lora.add(req, adapter)
+        self.lora.add(req, adapter, pinned)
 
     def loaded_lora_ids(self) -> list[int]:
         """The adapters held in memory (requests naming them read no file)."""
