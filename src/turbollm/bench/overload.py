@@ -8,7 +8,8 @@ closed-loop clients; or --capacity, e.g. measured on the same server without its
 flags, whose refusals would lower it), then an open loop (Poisson arrivals) at --multiple x
 that capacity for --duration seconds. Reported: how many requests were admitted, how fast the
 refused ones got their 429, and the admitted requests' time to first token against the
-unloaded one. The same functions drive tests/server/test_server_overload.py against an in-process server.
+unloaded one. The same functions drive tests/server/test_server_overload.py against an
+in-process server.
 """
 from __future__ import annotations
 

@@ -128,8 +128,9 @@ def dense_linear_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def dense_row_kernel(weight: torch.Tensor, M: int):
     """The C call dense_linear makes for M fp32 rows, as fn(x_ptr, y_ptr) writing fp32
     [M, out]; None where dense_linear does not serve (see dense_linear_usable)."""
-    if (weight.dtype not in _GEMM_KERNELS or not _rows_ok(weight, M) or weight.device.type != "cpu"
-            or weight.shape[1] % 8 or not weight.is_contiguous() or lib() is None):
+    if (weight.dtype not in _GEMM_KERNELS or not _rows_ok(weight, M)
+            or weight.device.type != "cpu" or weight.shape[1] % 8
+            or not weight.is_contiguous() or lib() is None):
         return None
     kernel = getattr(lib(), _GEMM_KERNELS[weight.dtype])
     w, (n, k) = weight.data_ptr(), weight.shape
