@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from turbollm.layers import lora_triton, native_ops
+from turbollm.layers import prefill_gemm as multi_row
 
 
 # Slot dtypes the C row kernel reads: dtype -> (function, the decode ABI's LORA_KIND name)
@@ -40,7 +41,8 @@ _C_KINDS = {torch.float32: ("lora_rows_f32", "LORA_KIND_F32"),
 # Rows up to which the C kernel adds the LoRA term (all rows in one threaded call: decode
 # batches, short prompt chunks); more rows (prefill) go to torch's matmuls per adapter group,
 # where the arithmetic outweighs torch's per-op cost. 64: the most rows the native decode step
-# takes.
+# takes. Row-invariant steps (a seeded request's batch) keep the C kernel at any row count: it
+# computes each row alone, where torch's matmul sums depend on the group's size.
 MAX_C_ROWS = 64
 
 
@@ -206,7 +208,8 @@ class LinearLoRA:
         if step is None:
             return
         # desc exists exactly where C can read these slots (see _describe)
-        if (self.desc is None or x.shape[0] > MAX_C_ROWS or x.dtype != torch.float32
+        too_many = x.shape[0] > MAX_C_ROWS and not multi_row.is_row_invariant()
+        if (self.desc is None or too_many or x.dtype != torch.float32
                 or y.dtype != torch.float32 or x.device.type != "cpu"
                 or not x.is_contiguous() or y.stride(1) != 1):
             self.add_to(x, y)
