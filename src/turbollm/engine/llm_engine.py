@@ -212,6 +212,12 @@ class LLMEngine:
             raise RequestValidationError("this engine serves no LoRA adapters: start it with "
                                          "enable_lora=True (--enable-lora)", "lora_request")
 
+    @staticmethod
+    def _unservable(lora_request: LoRARequest, exc: ValueError) -> RequestValidationError:
+        """The one-line error for an adapter that cannot be served."""
+        return RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
+                                      "lora_request")
+
     def read_adapter(self, lora_request: LoRARequest) -> PeftAdapter:
         """An adapter's files, read and checked against the model. Thread-safe and touching
         no engine state: a server reads them off the engine thread (a read of a large adapter
@@ -220,12 +226,16 @@ class LLMEngine:
         try:
             return load_peft_adapter(lora_request.lora_path, self.arch)
         except ValueError as exc:
-            raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
-                                         "lora_request") from None
+            raise self._unservable(lora_request, exc) from None
 
     def loaded_lora_ids(self) -> list[int]:
         """The adapters in memory: requests naming them read no file."""
-        return self.executor.loaded_lora_ids() if self.config.lora.enable_lora else []
+        return self.executor.loaded_lora_ids()
+
+    def _loras_in_use(self) -> set[int]:
+        """The adapters of unfinished requests."""
+        return {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
+                if r.lora_request is not None}
 
     def add_lora(self, lora_request: LoRARequest, adapter: PeftAdapter | None = None) -> None:
         """Load an adapter now (requests naming it load it anyway), from its files or from
@@ -234,13 +244,10 @@ class LLMEngine:
         self._check_lora_enabled()
         # the adapters of unfinished requests stay in memory (max_cpu_loras or not): a step
         # would otherwise read one again, stalling every stream in it
-        pinned = frozenset(r.lora_request.lora_int_id for r in self.scheduler.requests.values()
-                           if r.lora_request is not None)
         try:
-            self.executor.add_lora(lora_request, adapter, pinned)
+            self.executor.add_lora(lora_request, adapter, frozenset(self._loras_in_use()))
         except ValueError as exc:
-            raise RequestValidationError(f"LoRA adapter {lora_request.lora_name!r}: {exc}",
-                                         "lora_request") from None
+            raise self._unservable(lora_request, exc) from None
         self._retired_loras.discard(lora_request.lora_int_id)
 
     def remove_lora(self, lora_id: int) -> None:
@@ -250,9 +257,7 @@ class LLMEngine:
         self._drop_retired_loras()
 
     def _drop_retired_loras(self) -> None:
-        in_use = {r.lora_request.lora_int_id for r in self.scheduler.requests.values()
-                  if r.lora_request is not None}
-        for lora_id in self._retired_loras - in_use:
+        for lora_id in self._retired_loras - self._loras_in_use():
             self.executor.remove_lora(lora_id)
             self._retired_loras.discard(lora_id)
 
